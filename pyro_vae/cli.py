@@ -1,0 +1,190 @@
+"""`pyro-vae` subcommands: train, evaluate, sample. Parses and validates, calls the library, and
+turns bad input into one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+from .config import Config, load_config_file
+from .errors import InputError
+
+HELP = {
+    "dataset": "digits (default, embedded), mnist, fashion-mnist, kmnist, a folder of images, "
+               "or a .npy/.npz file",
+    "data_dir": "where torchvision datasets are looked for and downloaded (default: data)",
+    "image_size": "resize image-folder data to SIZE x SIZE (default 28)",
+    "channels": "1 (grayscale, default) or 3 (RGB) for image-folder data",
+    "train_size": "use only the first N training examples",
+    "test_size": "use only the first N test examples",
+    "binarize": "none | static (one fixed Bernoulli draw) | dynamic (a fresh draw each epoch; default)",
+    "encoder": "network: mlp (default) | conv",
+    "hidden": "hidden layer sizes, e.g. --hidden 300 300 (default 400)",
+    "z_dim": "latent dimension (default 20)",
+    "prior": "prior p(z): normal (default)",
+    "likelihood": "likelihood p(x|z): bernoulli (default) | gaussian (fixed --sigma)",
+    "sigma": "standard deviation of the gaussian likelihood (default 0.1)",
+    "estimator": "ELBO estimator: mc (Trace_ELBO, default) | analytic (TraceMeanField_ELBO)",
+    "particles": "samples of z per example in the ELBO (default 1)",
+    "epochs": "passes over the training set (default 30)",
+    "batch_size": "examples per step (default 128)",
+    "lr": "Adam learning rate (default 1e-3)",
+    "seed": "random seed (default 0)",
+    "device": "auto (default: cuda if available) | cpu | cuda",
+    "eval_k": "importance samples for the final log p(x) in summary.json (default 100)",
+}
+RESUMABLE = {"epochs", "device"}  # settings that may change when a run is resumed
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit 2), like every other input error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise InputError(f"{message} (see {self.prog} --help)")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field, defaulting to None so we know which ones were given."""
+    hints = typing.get_type_hints(Config)
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if args else hint
+        if typing.get_origin(base) is list:
+            parser.add_argument(flag, type=int, nargs="+", default=None, help=HELP[f.name])
+        else:
+            parser.add_argument(flag, type=base, default=None, metavar=f.name.upper(), help=HELP[f.name])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train a VAE and write a run directory")
+    _add_config_flags(train)
+    train.add_argument("--config", help="YAML or JSON file with the same keys; flags override it")
+    train.add_argument("--out", help="run directory to write (default: runs/<timestamp>)")
+    train.add_argument("--resume", metavar="RUN", help="continue the run in RUN (may raise --epochs)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    evaluate = sub.add_parser("evaluate", help="test ELBO, log p(x), KL, active units -> RUN/eval.json")
+    evaluate.add_argument("run", help="a run directory written by `pyro-vae train`")
+    evaluate.add_argument("--k", type=int, default=5000, help="importance samples per example (default 5000)")
+    evaluate.add_argument("--test-size", type=int, default=None, help="evaluate on the first N test examples")
+    evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+    sample = sub.add_parser("sample", help="samples, reconstructions, traversal, latent map -> PNGs in RUN")
+    sample.add_argument("run", help="a run directory written by `pyro-vae train`")
+    sample.add_argument("--n", type=int, default=64, help="number of samples from the prior (default 64)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sample.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Defaults, then the --config file, then the flags given: the config the run records."""
+    values = load_config_file(args.config) if args.config else {}
+    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
+    return Config.from_dict({**values, **given})
+
+
+def _resume_config(args: argparse.Namespace) -> Config:
+    """The run's own config, with only RESUMABLE settings changed by flags."""
+    from .run_dir import read_config
+
+    recorded, _ = read_config(Path(args.resume))
+    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
+    if args.config:
+        given = {**load_config_file(args.config), **given}
+    changed = sorted(k for k, v in given.items() if k not in RESUMABLE and getattr(recorded, k) != v)
+    if changed:
+        raise InputError(f"cannot resume {args.resume} with changed setting(s) {', '.join(changed)}; "
+                         f"only {', '.join(sorted(RESUMABLE))} may change on resume")
+    return Config.from_dict({**recorded.to_dict(), **{k: given[k] for k in RESUMABLE & set(given)}})
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise InputError(f"--{name} must be a positive integer, got {value}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    if args.resume:
+        result = train(_resume_config(args), out=args.resume, resume=True, progress=not args.quiet)
+    else:
+        result = train(resolve_config(args), out=args.out, progress=not args.quiet)
+    s = result.summary
+    print(f"test ELBO {s['test_elbo']:.2f} nats, log p(x) {s['log_px']:.2f} nats (k={s['k']}), "
+          f"{s['epochs']} epochs in {s['train_seconds']:.1f} s on {s['device']}")
+    print(f"wrote run directory {result.out}")
+
+
+def _load_run(run: str, device_name: str, test_size: int | None = None):
+    """The config, trained VAE and data (as the run saw them) of a run directory."""
+    from .likelihoods import make_likelihood
+    from .run_dir import load_model
+    from .train import prepare_data, resolve_device
+
+    device = resolve_device(device_name)
+    config, vae = load_model(Path(run), device)
+    config.test_size = test_size or config.test_size
+    data = prepare_data(config, make_likelihood(config.likelihood, sigma=config.sigma))
+    return config, vae, data.to(device)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+    from .run_dir import EVAL, write_json
+
+    _positive("k", args.k)
+    _positive("test-size", args.test_size)
+    config, vae, data = _load_run(args.run, args.device, args.test_size)
+    result = evaluate(vae, data.test_x, k=args.k)
+    write_json(Path(args.run) / EVAL, result)
+    print(f"{'metric':<22}{'nats per example':>18}{'std. error':>12}")
+    for name, label in (("test_elbo", "test ELBO"), ("log_px", f"log p(x), k={args.k}"),
+                        ("recon", "E_q log p(x|z)"), ("kl", "KL(q(z|x) || p(z))")):
+        print(f"{label:<22}{result[name]:>18.3f}{result[name + '_se']:>12.3f}")
+    print(f"active units {result['active_units']} of {config.z_dim}; {result['n_examples']} test examples")
+    print(f"wrote {Path(args.run) / EVAL}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from . import plots
+
+    _positive("n", args.n)
+    _, vae, data = _load_run(args.run, args.device)
+    for path in plots.save_figures(vae, data, Path(args.run), seed=args.seed, n_samples=args.n):
+        print(f"wrote {path}")
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `pyro-vae`; returns the exit code (2 for bad input, 1 for a failed run)."""
+    from .train import TrainingError
+
+    try:
+        args = build_parser().parse_args(argv)
+        COMMANDS[args.command](args)
+    except InputError as err:
+        print(f"pyro-vae: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingError as err:
+        print(f"pyro-vae: training failed: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pyro-vae: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Every setting of a run as plain data: one dataclass, read from YAML/JSON and flags, checked once.
+
+The resolved config is what RUN/config.json records, and it is enough to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .data import BINARIZE_MODES
+from .errors import InputError
+from .estimators import ESTIMATORS
+from .likelihoods import LIKELIHOODS
+from .nets import NETWORKS
+from .priors import PRIORS
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class Config:
+    """All settings of a training run (the CLI flags are these names with - for _)."""
+
+    dataset: str = "digits"
+    data_dir: str = "data"
+    image_size: int | None = None
+    channels: int = 1
+    train_size: int | None = None
+    test_size: int | None = None
+    binarize: str = "dynamic"
+    encoder: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [400])
+    z_dim: int = 20
+    prior: str = "normal"
+    likelihood: str = "bernoulli"
+    sigma: float = 0.1
+    estimator: str = "mc"
+    particles: int = 1
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    eval_k: int = 100
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Config:
+        """A checked Config from a mapping of setting names to values (unknown keys refused)."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise InputError(
+                f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(known)}"
+            )
+        hints = typing.get_type_hints(cls)
+        checked = {name: _coerce(name, value, hints[name]) for name, value in values.items()}
+        config = cls(**checked)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise InputError for values outside their allowed set or range."""
+        choices = {
+            "binarize": BINARIZE_MODES, "encoder": tuple(NETWORKS), "prior": tuple(PRIORS),
+            "likelihood": tuple(LIKELIHOODS), "estimator": tuple(ESTIMATORS), "device": DEVICES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(
+                    f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}"
+                )
+        for name in ("z_dim", "particles", "epochs", "batch_size", "eval_k", "channels",
+                     "image_size", "train_size", "test_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if not self.hidden or min(self.hidden) < 1:
+            raise InputError(f"--hidden needs one or more positive layer sizes, got {self.hidden}")
+        for name in ("lr", "sigma"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"--{name} must be a positive number, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Settings from a YAML or JSON file (a mapping of setting names to values)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise InputError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise InputError(f"config file {path} is not valid {path.suffix[1:] or 'YAML'}: "
+                         f"{str(err).splitlines()[0]}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise InputError(f"config file {path} must hold a mapping of settings, got {type(values).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _coerce(name: str, value, hint) -> object:
+    """Check `value` against the type hint of setting `name`; ints are accepted where floats are."""
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise InputError(f"setting {name!r} needs a value, got null")
+    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+    if typing.get_origin(base) is list:
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            raise InputError(f"setting {name!r} needs a list of integers, got {value!r}")
+        return list(items)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise InputError(
+            f"setting {name!r} needs a value of type {base.__name__}, got {value!r} ({type(value).__name__})"
+        )
+    return value

@@ -1,0 +1,99 @@
+"""Evaluation of a trained VAE, per example, in nats (sum over pixels, mean over examples):
+test ELBO and its two terms, importance-sampled log p(x), and active units."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.distributions import kl_divergence
+
+from .estimators import log_weights, traces
+from .model import VAE
+
+MAX_ELEMENTS = 2**24  # particles x examples x pixels per chunk: bounds memory (~64 MB a tensor)
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q[z_u]) > 0.01
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _examples_per_chunk(x: Tensor, particles: int) -> int:
+    return max(1, MAX_ELEMENTS // max(1, particles * x[0].numel()))
+
+
+@torch.no_grad()
+def iwae_log_px(
+    model: Callable, guide: Callable, x: Tensor, k: int, max_elements: int = MAX_ELEMENTS
+) -> Tensor:
+    """Per-example IWAE estimate log p(x) ~ logsumexp_k(log w_k) - log k, with w_k = p(x, z_k) /
+    q(z_k|x); computed in chunks of particles and examples so memory stays bounded. Shape (N,)."""
+    per_pixel = max(1, x[0].numel())
+    k_chunk = max(1, min(k, max_elements // per_pixel))
+    n_chunk = max(1, max_elements // (k_chunk * per_pixel))
+    out = []
+    for rows in _chunks(x.shape[0], n_chunk):
+        acc = torch.full((rows.stop - rows.start,), -math.inf, device=x.device)
+        for ks in _chunks(k, k_chunk):
+            lw = log_weights(model, guide, x[rows], ks.stop - ks.start)
+            acc = torch.logaddexp(acc, lw.logsumexp(0))
+        out.append(acc - math.log(k))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def elbo_terms(
+    model: Callable, guide: Callable, x: Tensor, samples: int = 1
+) -> dict[str, Tensor]:
+    """Per-example ELBO = recon - kl: recon = E_q[log p(x|z)] (Monte Carlo over `samples`), and
+    kl = KL(q(z|x) || p(z)) in closed form where torch has it, else Monte Carlo. Shapes (N,)."""
+    recon, kl = [], []
+    for rows in _chunks(x.shape[0], _examples_per_chunk(x, samples)):
+        model_trace, guide_trace = traces(model, guide, x[rows], samples)
+        r = torch.zeros((), device=x.device)
+        k = torch.zeros((), device=x.device)
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if site["is_observed"]:
+                r = r + site["log_prob"]
+                continue
+            q = guide_trace.nodes[name]
+            try:
+                k = k + kl_divergence(q["fn"], site["fn"])
+            except NotImplementedError:
+                k = k + q["log_prob"] - site["log_prob"]
+        n = rows.stop - rows.start
+        recon.append(r.expand(samples, n).mean(0))
+        kl.append(k.expand(samples, n).mean(0))
+    recon_t, kl_t = torch.cat(recon), torch.cat(kl)
+    return {"elbo": recon_t - kl_t, "recon": recon_t, "kl": kl_t}
+
+
+@torch.no_grad()
+def active_units(vae: VAE, x: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
+    """Number of latent units u with Var_x(E_q[z_u | x]) > threshold (Burda et al. 2016)."""
+    means = torch.cat([vae.posterior(x[rows]).mean for rows in _chunks(x.shape[0], 4096)])
+    return int((means.var(0) > threshold).sum()) if len(means) > 1 else 0
+
+
+def _mean_se(values: Tensor) -> tuple[float, float]:
+    n = values.numel()
+    se = float(values.std() / math.sqrt(n)) if n > 1 else float("nan")
+    return float(values.mean()), se
+
+
+@torch.no_grad()
+def evaluate(vae: VAE, x: Tensor, k: int = 5000, elbo_samples: int = 10) -> dict[str, float]:
+    """All evaluation metrics on x, in nats per example, with standard errors over examples."""
+    terms = elbo_terms(vae.model, vae.guide, x, samples=elbo_samples)
+    log_px = iwae_log_px(vae.model, vae.guide, x, k)
+    result: dict[str, float] = {}
+    for name, values in (("test_elbo", terms["elbo"]), ("log_px", log_px),
+                         ("kl", terms["kl"]), ("recon", terms["recon"])):
+        result[name], result[f"{name}_se"] = _mean_se(values)
+    result.update(active_units=active_units(vae, x), k=k, n_examples=int(x.shape[0]))
+    return result

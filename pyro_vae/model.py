@@ -1,0 +1,69 @@
+"""The VAE as a Pyro program: model() is p(z) p(x|z), guide() is q(z|x).
+
+Sites: latent "z", observation "x", both inside the data plate "data" (dim -1). Nothing about
+training lives here, so both functions run under any Pyro handler (trace, Predictive, Importance,
+MCMC on z).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+from pyro.nn import PyroModule
+from torch import Tensor, nn
+
+from .likelihoods import Likelihood, make_likelihood
+from .nets import make_networks
+from .priors import make_prior
+
+
+class VAE(PyroModule):
+    """p(x, z) = p(z) p(x|z) with p(x|z) = likelihood(decoder(z)); q(z|x) = N(encoder(x))."""
+
+    def __init__(
+        self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module, likelihood: Likelihood
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.prior = prior
+        self.likelihood = likelihood
+
+    def model(self, x: Tensor | None = None, n: int | None = None) -> Tensor:
+        """p(z) p(x|z) for a batch x (N, C, H, W); with x=None it generates n examples."""
+        with pyro.plate("data", n if x is None else x.shape[0]):
+            z = pyro.sample("z", self.prior())
+            return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+
+    def guide(self, x: Tensor, n: int | None = None) -> Tensor:
+        """q(z|x) = N(z; mu(x), diag sigma(x)^2), reparameterized: z = mu + sigma * eps."""
+        with pyro.plate("data", x.shape[0]):
+            loc, scale = self.encoder(x)
+            return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def posterior(self, x: Tensor) -> dist.Distribution:
+        """q(z|x) as a distribution, without running Pyro (for plots and diagnostics)."""
+        loc, scale = self.encoder(x)
+        return dist.Normal(loc, scale).to_event(1)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """The mean of p(x|z): what a picture of a decoded z shows."""
+        return self.likelihood.mean(self.decoder(z))
+
+
+def build_vae(
+    x_shape: Sequence[int],
+    encoder: str = "mlp",
+    hidden: Sequence[int] = (400,),
+    z_dim: int = 20,
+    prior: str = "normal",
+    likelihood: str = "bernoulli",
+    **options,
+) -> VAE:
+    """A VAE from registry names; `options` go to the prior and likelihood factories (e.g. sigma)."""
+    lik = make_likelihood(likelihood, **options)
+    c, h, w = x_shape
+    enc, dec = make_networks(encoder, x_shape, hidden, z_dim, (c * lik.params_per_pixel, h, w))
+    return VAE(enc, dec, make_prior(prior, z_dim, **options), lik)

@@ -1,0 +1,110 @@
+"""Encoder and decoder networks. Encoders map x (..., C, H, W) to the parameters (loc, scale) of a
+diagonal Gaussian q(z|x); decoders map z (..., z_dim) to the raw parameters of p(x|z), shaped like
+the image (..., C', H, W). Any number of leading batch dimensions is allowed (particle plates)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .errors import InputError
+
+MIN_SCALE = 1e-4  # floor on q's standard deviation, so that log q stays finite
+
+
+def _mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """Linear layers with ReLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _gaussian_params(h: Tensor) -> tuple[Tensor, Tensor]:
+    """Split the last dimension into loc and scale = softplus(raw) + MIN_SCALE."""
+    loc, raw = h.chunk(2, dim=-1)
+    return loc, F.softplus(raw) + MIN_SCALE
+
+
+class MLPEncoder(nn.Module):
+    """x -> flatten -> MLP(hidden) -> (loc, scale) of q(z|x)."""
+
+    def __init__(self, x_shape: Sequence[int], hidden: Sequence[int], z_dim: int):
+        super().__init__()
+        self.net = _mlp([math.prod(x_shape), *hidden, 2 * z_dim])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return _gaussian_params(self.net(x.flatten(-3)))
+
+
+class MLPDecoder(nn.Module):
+    """z -> MLP(reversed hidden) -> raw likelihood parameters shaped `out_shape`."""
+
+    def __init__(self, z_dim: int, hidden: Sequence[int], out_shape: Sequence[int]):
+        super().__init__()
+        self.out_shape = tuple(out_shape)
+        self.net = _mlp([z_dim, *reversed(hidden), math.prod(out_shape)])
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z).unflatten(-1, self.out_shape)
+
+
+class ConvEncoder(nn.Module):
+    """Two stride-2 convolutions (32, 64 channels), then MLP(hidden) -> (loc, scale) of q(z|x)."""
+
+    def __init__(self, x_shape: Sequence[int], hidden: Sequence[int], z_dim: int):
+        super().__init__()
+        c, h, w = x_shape
+        self.conv = nn.Sequential(
+            nn.Conv2d(c, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(), nn.Flatten()
+        )
+        with torch.no_grad():
+            flat = self.conv(torch.zeros(1, c, h, w)).shape[-1]
+        self.head = _mlp([flat, *hidden, 2 * z_dim])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        batch = x.shape[:-3]
+        h = F.relu(self.conv(x.reshape(-1, *x.shape[-3:])))
+        return _gaussian_params(self.head(h).reshape(*batch, -1))
+
+
+class ConvDecoder(nn.Module):
+    """MLP(reversed hidden) -> 64 x ceil(H/4) x ceil(W/4) -> two stride-2 transposed convolutions
+    -> crop to `out_shape`."""
+
+    def __init__(self, z_dim: int, hidden: Sequence[int], out_shape: Sequence[int]):
+        super().__init__()
+        c, h, w = out_shape
+        self.out_shape = tuple(out_shape)
+        self.grid = (64, math.ceil(h / 4), math.ceil(w / 4))
+        self.head = nn.Sequential(_mlp([z_dim, *reversed(hidden), math.prod(self.grid)]), nn.ReLU())
+        self.deconv = nn.Sequential(
+            nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(32, c, 4, 2, 1)
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        batch = z.shape[:-1]
+        out = self.deconv(self.head(z).reshape(-1, *self.grid))
+        c, h, w = self.out_shape
+        return out[..., :h, :w].reshape(*batch, c, h, w)
+
+
+NETWORKS = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder)}
+
+
+def make_networks(
+    kind: str, x_shape: Sequence[int], hidden: Sequence[int], z_dim: int, out_shape: Sequence[int]
+) -> tuple[nn.Module, nn.Module]:
+    """The (encoder, decoder) pair of architecture `kind` ('mlp' or 'conv')."""
+    if kind not in NETWORKS:
+        raise InputError(f"unknown encoder {kind!r}: choose one of {', '.join(NETWORKS)}")
+    if kind == "conv" and len(x_shape) == 3 and min(x_shape[1:]) < 4:
+        raise InputError(f"--encoder conv needs images of at least 4x4 pixels, got {tuple(x_shape)}")
+    enc_cls, dec_cls = NETWORKS[kind]
+    return enc_cls(x_shape, hidden, z_dim), dec_cls(z_dim, hidden, out_shape)
