@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -52,8 +53,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        base = args[0] if args else hint
+        union = isinstance(hint, types.UnionType)
+        base = next(a for a in typing.get_args(hint) if a is not type(None)) if union else hint
         if typing.get_origin(base) is list:
             parser.add_argument(flag, type=int, nargs="+", default=None, help=HELP[f.name])
         else:

@@ -53,12 +53,13 @@ def traces(model: Callable, guide: Callable, x: Tensor, num_particles: int):
 
 def log_weights(model: Callable, guide: Callable, x: Tensor, num_particles: int) -> Tensor:
     """log w_k(x) = log p(x, z_k) - log q(z_k|x), z_k ~ q(z|x): shape (num_particles, N), one
-    column per example, unscaled (so any plate scaling is applied after a logsumexp, not before)."""
+    column per example, without any poutine.scale or subsampling factor (a scaled bound applies its
+    scale after the logsumexp, not before)."""
     model_trace, guide_trace = traces(model, guide, x, num_particles)
     shape = (num_particles, x.shape[0])
     log_w = torch.zeros(shape, device=x.device)
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         for site in trace.nodes.values():
             if site["type"] == "sample" and (sign > 0 or not site["is_observed"]):
-                log_w = log_w + sign * site["log_prob"].expand(shape)
+                log_w = log_w + sign * site["unscaled_log_prob"].expand(shape)
     return log_w

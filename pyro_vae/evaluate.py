@@ -49,7 +49,8 @@ def elbo_terms(
     model: Callable, guide: Callable, x: Tensor, samples: int = 1
 ) -> dict[str, Tensor]:
     """Per-example ELBO = recon - kl: recon = E_q[log p(x|z)] (Monte Carlo over `samples`), and
-    kl = KL(q(z|x) || p(z)) in closed form where torch has it, else Monte Carlo. Shapes (N,)."""
+    kl = KL(q(z|x) || p(z)) in closed form where torch has it, else Monte Carlo; unscaled (any
+    poutine.scale, e.g. a KL weight, is ignored: these are the true terms). Shapes (N,)."""
     recon, kl = [], []
     for rows in _chunks(x.shape[0], _examples_per_chunk(x, samples)):
         model_trace, guide_trace = traces(model, guide, x[rows], samples)
@@ -59,13 +60,13 @@ def elbo_terms(
             if site["type"] != "sample":
                 continue
             if site["is_observed"]:
-                r = r + site["log_prob"]
+                r = r + site["unscaled_log_prob"]
                 continue
             q = guide_trace.nodes[name]
             try:
                 k = k + kl_divergence(q["fn"], site["fn"])
             except NotImplementedError:
-                k = k + q["log_prob"] - site["log_prob"]
+                k = k + q["unscaled_log_prob"] - site["unscaled_log_prob"]
         n = rows.stop - rows.start
         recon.append(r.expand(samples, n).mean(0))
         kl.append(k.expand(samples, n).mean(0))

@@ -1,0 +1,22 @@
+"""Shared fixtures: a small trained run on the embedded digits, made once per test session."""
+
+import pyro
+import pytest
+
+from pyro_vae.cli import main
+
+QUICK = ["--train-size", "400", "--test-size", "120", "--eval-k", "20", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """A 3-epoch digits run directory written by the CLI."""
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    assert main(["train", "--epochs", "3", "--out", str(out), *QUICK]) == 0
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro():
+    pyro.clear_param_store()
+    yield

@@ -1,0 +1,97 @@
+"""Per-example IWAE log p(x), ELBO terms and active units on a trained digits VAE."""
+
+import math
+
+import pyro
+import pytest
+import torch
+
+from pyro_vae.estimators import log_weights
+from pyro_vae.evaluate import active_units, elbo_terms, iwae_log_px
+from pyro_vae.run_dir import load_model
+from pyro_vae.train import prepare_data
+
+
+@pytest.fixture(scope="module")
+def trained(digits_run):
+    config, vae = load_model(digits_run)
+    data = prepare_data(config, vae.likelihood)
+    return vae, data.test_x[:60]
+
+
+def test_iwae_with_one_sample_equals_the_elbo_in_expectation(trained):
+    vae, x = trained
+    pyro.set_rng_seed(0)
+    iwae1 = torch.stack([iwae_log_px(vae.model, vae.guide, x, k=1) for _ in range(200)])  # (R, N)
+    elbo = elbo_terms(vae.model, vae.guide, x, samples=2000)["elbo"]  # analytic KL, 2000 samples
+    # per example: the mean of 200 single-sample bounds vs a 2000-sample ELBO
+    diff = iwae1.mean(0) - elbo
+    se = (iwae1.var(0) / iwae1.shape[0]).sqrt()
+    assert (diff.abs() < 5 * se + 1e-3).float().mean() > 0.9
+    assert abs(diff.mean()) < 4 * float(se.pow(2).mean().sqrt()) / math.sqrt(len(x))
+
+
+def test_iwae_rises_with_k_on_average(trained):
+    vae, x = trained
+    pyro.set_rng_seed(1)
+    means = []
+    for k in (1, 10, 100, 1000):
+        estimates = torch.stack([iwae_log_px(vae.model, vae.guide, x, k=k) for _ in range(5)])
+        means.append(float(estimates.mean()))
+    assert means == sorted(means)
+    assert means[-1] > means[0]
+
+
+def test_chunking_keeps_the_estimate_and_its_shape(trained):
+    vae, x = trained
+    pyro.set_rng_seed(2)
+    whole = torch.stack([iwae_log_px(vae.model, vae.guide, x, k=64) for _ in range(20)])
+    chunked = torch.stack([
+        iwae_log_px(vae.model, vae.guide, x, k=64, max_elements=7 * x[0].numel()) for _ in range(20)
+    ])
+    assert chunked.shape == whole.shape == (20, len(x))
+    se = math.sqrt(float(whole.var(0).mean() + chunked.var(0).mean()) / (20 * len(x)))
+    assert abs(float(whole.mean() - chunked.mean())) < 4 * se
+
+
+def test_log_weights_are_per_example_log_joint_minus_log_q(trained):
+    vae, x = trained
+    pyro.set_rng_seed(3)
+    drawn = {}
+
+    def guide(x):
+        drawn["z"] = vae.guide(x)
+        return drawn["z"]
+
+    lw = log_weights(vae.model, guide, x[:5], num_particles=3)
+    z = drawn["z"]
+    assert lw.shape == (3, 5) and z.shape == (3, 5, vae.prior().event_shape[0])
+    q = vae.posterior(x[:5])
+    expected = vae.prior().log_prob(z) + vae.likelihood(vae.decoder(z)).log_prob(x[:5]) - q.log_prob(z)
+    assert torch.allclose(lw, expected, atol=1e-4)
+
+
+def test_kl_term_is_the_closed_form_gaussian_kl(trained):
+    vae, x = trained
+    q = vae.posterior(x)
+    loc, scale = q.base_dist.loc, q.base_dist.scale
+    closed_form = 0.5 * (scale**2 + loc**2 - 1 - 2 * scale.log()).sum(-1)
+    assert torch.allclose(elbo_terms(vae.model, vae.guide, x)["kl"], closed_form, atol=1e-4)
+
+
+def test_active_units_counts_latents_whose_posterior_mean_varies(trained):
+    vae, x = trained
+
+    class Encoder(torch.nn.Module):
+        def forward(self, x):
+            n = x.shape[:-3]
+            mean = torch.zeros(*n, 4)
+            mean[..., 0] = x.flatten(-3).sum(-1)  # varies a lot across examples
+            mean[..., 1] = 0.001 * x.flatten(-3).sum(-1)  # variance ~1e-6 * Var(sum) < 0.01
+            return mean, torch.ones(*n, 4)
+
+    vae.encoder, original = Encoder(), vae.encoder
+    try:
+        assert active_units(vae, x) == 1
+    finally:
+        vae.encoder = original
