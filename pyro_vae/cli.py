@@ -11,7 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .config import Config, load_config_file
-from .errors import InputError
+from .errors import InputError, TrainingError
 
 HELP = {
     "dataset": "digits (default, embedded), mnist, fashion-mnist, kmnist, a folder of images, "
@@ -25,9 +25,14 @@ HELP = {
     "encoder": "network: mlp (default) | conv",
     "hidden": "hidden layer sizes, e.g. --hidden 300 300 (default 400)",
     "z_dim": "latent dimension (default 20)",
-    "prior": "prior p(z): normal (default)",
-    "likelihood": "likelihood p(x|z): bernoulli (default) | gaussian (fixed --sigma)",
-    "sigma": "standard deviation of the gaussian likelihood (default 0.1)",
+    "prior": "prior p(z): normal (N(0, I), default) | learned (diagonal Gaussian) | mog (mixture of "
+             "Gaussians) | vamp (VampPrior)",
+    "prior_components": "mixture components K of the mog (default 10) and vamp (default 500) priors",
+    "likelihood": "likelihood p(x|z): bernoulli (default) | continuous-bernoulli | gaussian (fixed --sigma) "
+                  "| gaussian-learned | laplace (fixed --sigma) | laplace-learned",
+    "sigma": "fixed scale of the gaussian (standard deviation) and laplace likelihoods (default 0.1)",
+    "sigma_mode": "scale of gaussian-learned and laplace-learned: shared (one learned scalar, default) | "
+                  "pixel (per pixel, from the decoder)",
     "estimator": "ELBO estimator: mc (Trace_ELBO, default) | analytic (TraceMeanField_ELBO)",
     "particles": "samples of z per example in the ELBO (default 1)",
     "epochs": "passes over the training set (default 30)",
@@ -36,8 +41,11 @@ HELP = {
     "seed": "random seed (default 0)",
     "device": "auto (default: cuda if available) | cpu | cuda",
     "eval_k": "importance samples for the final log p(x) in summary.json (default 100)",
+    "checkpoint_every": "also checkpoint every M minutes inside an epoch (default 10; 0: epoch ends only)",
+    "clip_grad": "clip the gradient norm to this value (default: no clipping)",
 }
-RESUMABLE = {"epochs", "device"}  # settings that may change when a run is resumed
+# settings that may change when a run is resumed: they do not change the model or the data
+RESUMABLE = {"epochs", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,14 +70,16 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.")
+    parser = _Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.",
+                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = sub.add_parser("train", help="train a VAE and write a run directory")
+    train = sub.add_parser("train", help="train a VAE and write a run directory", allow_abbrev=False)
     _add_config_flags(train)
     train.add_argument("--config", help="YAML or JSON file with the same keys; flags override it")
     train.add_argument("--out", help="run directory to write (default: runs/<timestamp>)")
     train.add_argument("--resume", metavar="RUN", help="continue the run in RUN (may raise --epochs)")
+    train.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     evaluate = sub.add_parser("evaluate", help="test ELBO, log p(x), KL, active units -> RUN/eval.json")
@@ -119,7 +129,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         result = train(_resume_config(args), out=args.resume, resume=True, progress=not args.quiet)
     else:
-        result = train(resolve_config(args), out=args.out, progress=not args.quiet)
+        result = train(resolve_config(args), out=args.out, progress=not args.quiet,
+                       overwrite=args.overwrite)
     s = result.summary
     print(f"test ELBO {s['test_elbo']:.2f} nats, log p(x) {s['log_px']:.2f} nats (k={s['k']}), "
           f"{s['epochs']} epochs in {s['train_seconds']:.1f} s on {s['device']}")
@@ -169,8 +180,9 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `pyro-vae`; returns the exit code (2 for bad input, 1 for a failed run)."""
-    from .train import TrainingError
+    """Entry point of `pyro-vae`; returns the exit code: 2 for bad input, 1 for a numerical fault,
+    128 + signal number when SIGINT (130) or SIGTERM (143) stopped training."""
+    from .train import Interrupted
 
     try:
         args = build_parser().parse_args(argv)
@@ -178,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"pyro-vae: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"pyro-vae: {err}", file=sys.stderr)
+        return 128 + err.signum
     except TrainingError as err:
         print(f"pyro-vae: training failed: {err}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ import yaml
 from .data import BINARIZE_MODES
 from .errors import InputError
 from .estimators import ESTIMATORS
-from .likelihoods import LIKELIHOODS
+from .likelihoods import LIKELIHOODS, SIGMA_MODES
 from .nets import NETWORKS
 from .priors import PRIORS
 
@@ -38,8 +38,10 @@ class Config:
     hidden: list[int] = field(default_factory=lambda: [400])
     z_dim: int = 20
     prior: str = "normal"
+    prior_components: int | None = None
     likelihood: str = "bernoulli"
     sigma: float = 0.1
+    sigma_mode: str = "shared"
     estimator: str = "mc"
     particles: int = 1
     epochs: int = 30
@@ -48,6 +50,8 @@ class Config:
     seed: int = 0
     device: str = "auto"
     eval_k: int = 100
+    checkpoint_every: float = 10.0
+    clip_grad: float | None = None
 
     @classmethod
     def from_dict(cls, values: dict) -> Config:
@@ -68,7 +72,8 @@ class Config:
         """Raise InputError for values outside their allowed set or range."""
         choices = {
             "binarize": BINARIZE_MODES, "encoder": tuple(NETWORKS), "prior": tuple(PRIORS),
-            "likelihood": tuple(LIKELIHOODS), "estimator": tuple(ESTIMATORS), "device": DEVICES,
+            "likelihood": tuple(LIKELIHOODS), "sigma_mode": SIGMA_MODES, "estimator": tuple(ESTIMATORS),
+            "device": DEVICES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -76,12 +81,17 @@ class Config:
                     f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}"
                 )
         for name in ("z_dim", "particles", "epochs", "batch_size", "eval_k", "channels",
-                     "image_size", "train_size", "test_size"):
+                     "image_size", "train_size", "test_size", "prior_components"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         if not self.hidden or min(self.hidden) < 1:
             raise InputError(f"--hidden needs one or more positive layer sizes, got {self.hidden}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise InputError(f"--clip-grad must be a positive gradient norm, got {self.clip_grad}")
+        if not self.checkpoint_every >= 0:
+            raise InputError(f"--checkpoint-every must be >= 0 minutes (0: only at epoch ends), "
+                             f"got {self.checkpoint_every}")
         for name in ("lr", "sigma"):
             if not getattr(self, name) > 0:
                 raise InputError(f"--{name} must be a positive number, got {getattr(self, name)}")
@@ -100,7 +110,7 @@ def load_config_file(path: str | Path) -> dict:
     try:
         values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise InputError(f"config file {path} is not valid {path.suffix[1:] or 'YAML'}: "
+        raise InputError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                          f"{str(err).splitlines()[0]}") from None
     if values is None:
         return {}

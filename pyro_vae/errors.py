@@ -6,3 +6,8 @@ class InputError(ValueError):
 
     The message says what was wrong and what to do; it is printed as one line, without a traceback.
     """
+
+
+class TrainingError(RuntimeError):
+    """Training could not go on (interrupted, or a numerical fault); the run directory keeps the
+    last good checkpoint and the message says how to continue."""

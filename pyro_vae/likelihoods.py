@@ -4,15 +4,20 @@ it accepts and refuses data outside it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .errors import InputError
 
 IMAGE_DIMS = 3  # (C, H, W): the event of p(x|z)
+SIGMA_MODES = ("shared", "pixel")  # how gaussian-learned and laplace-learned learn their scale
+SCALE_FLOOR = 1e-3  # learned scale = softplus(raw) + SCALE_FLOOR
+CB_WINDOW = 0.2  # |logit| below which the continuous Bernoulli uses its Taylor series
 
 
 class Likelihood(nn.Module):
@@ -58,33 +63,139 @@ class Bernoulli(Likelihood):
         return bool(torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1)
 
 
-class Gaussian(Likelihood):
-    """p(x|z) = N(x; decoder(z), sigma^2 I) with fixed sigma: log p = -||x - x_hat||^2 / (2 sigma^2)
+class ContinuousBernoulliLogits(dist.ContinuousBernoulli):
+    """torch's continuous Bernoulli, given logits eta (`logits=`), with its log density, mean and
+    inverse CDF computed from eta itself. torch's versions go through clamped probabilities and
+    lose accuracy once |eta| > ~16 in float32 (log C then stops growing like log |eta|), which
+    decoders reach on pixels that are exactly 0 or 1."""
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """log p(x) = x eta - softplus(eta) + log C(eta) = x log lambda + (1 - x) log(1 - lambda) + log C."""
+        if self._validate_args:
+            self._validate_sample(value)
+        return value * self.logits - F.softplus(self.logits) + cb_log_normalizer(self.logits)
+
+    @property
+    def mean(self) -> Tensor:
+        """E[x] = 1 / (1 - e^-eta) - 1 / eta (for eta >= 0; 1 - mean(-eta) below), and the series
+        1/2 + eta/12 - eta^3/720 for |eta| < CB_WINDOW."""
+        a = self.logits.abs()
+        small = a < CB_WINDOW
+        safe = torch.where(small, torch.full_like(a, CB_WINDOW), a)
+        upper = -1 / torch.expm1(-safe) - 1 / safe  # the mean for logit +|eta|
+        e = torch.where(small, self.logits, torch.zeros_like(a))
+        return torch.where(small, 0.5 + e / 12 - e**3 / 720,
+                           torch.where(self.logits >= 0, upper, 1 - upper))
+
+    def icdf(self, value: Tensor) -> Tensor:
+        """F^-1(u) = log1p(u expm1(eta)) / eta, evaluated as 1 - g(|eta|, 1 - u) for eta > 0 and
+        g(|eta|, u) below, g(a, w) = log1p(w expm1(-a)) / -a (no overflow); g -> w as a -> 0."""
+        a = self.logits.abs().clamp_min(1e-6)
+        positive = self.logits > 0
+        w = torch.where(positive, 1 - value, value)
+        g = torch.log1p(w * torch.expm1(-a)) / -a
+        return torch.where(positive, 1 - g, g)
+
+
+def cb_log_normalizer(logits: Tensor) -> Tensor:
+    """log C of the continuous Bernoulli (Loaiza-Ganem & Cunningham 2019), lambda = sigmoid(eta):
+    C = 2 artanh(1 - 2 lambda) / (1 - 2 lambda) = eta / tanh(eta / 2). Outside the window
+    |eta| < CB_WINDOW (|lambda - 1/2| < ~0.05) it is log |eta| - log tanh(|eta| / 2); inside, the
+    Taylor series log(u coth u) + log 2 = log 2 + u^2/3 - 7 u^4/90 + 62 u^6/2835 (u = eta / 2, next
+    term below 1e-10 there), which is exact and smooth through lambda = 1/2 where the closed form is 0/0."""
+    a = logits.abs()
+    small = a < CB_WINDOW
+    safe = torch.where(small, torch.full_like(a, CB_WINDOW), a)
+    u2 = (torch.where(small, logits, torch.zeros_like(logits)) / 2) ** 2
+    series = math.log(2.0) + u2 * (1 / 3 + u2 * (-7 / 90 + u2 * 62 / 2835))
+    return torch.where(small, series, safe.log() - torch.tanh(safe / 2).log())
+
+
+class ContinuousBernoulli(Likelihood):
+    """p(x|z) = prod_i C(lambda_i) lambda_i^x_i (1 - lambda_i)^(1 - x_i) on [0, 1], lambda = sigmoid(logits):
+    the Bernoulli made a normalized density on grey values (Loaiza-Ganem & Cunningham 2019). Its
+    mean is not lambda; pictures show the mean."""
+
+    name = "continuous-bernoulli"
+    support = "[0, 1]"
+
+    def forward(self, out: Tensor) -> dist.Distribution:
+        return ContinuousBernoulliLogits(logits=out).to_event(IMAGE_DIMS)
+
+    def in_support(self, x: Tensor) -> bool:
+        return bool(torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1)
+
+
+class LocScale(Likelihood):
+    """p(x|z) = family(x; loc = decoder(z), scale), one mechanism for the Gaussian and the Laplace.
+    The scale is fixed (`sigma`), or learned (`learn`): 'shared', one scalar for every pixel, or
+    'pixel', a second decoder channel per image channel. A learned scale is softplus(raw) +
+    SCALE_FLOOR, so it cannot collapse to 0 and drive the log density to infinity; it starts near
+    softplus(0) = 0.69."""
+
+    family: Callable[..., dist.Distribution]  # dist.Normal or dist.Laplace, set by the subclass
+
+    def __init__(self, sigma: float = 0.1, learn: str | None = None):
+        super().__init__()
+        self.learn = learn
+        if learn is None:
+            if not sigma > 0:
+                raise InputError(f"--sigma must be positive, got {sigma}")
+            self.sigma = float(sigma)
+        elif learn not in SIGMA_MODES:
+            raise InputError(f"unknown --sigma-mode {learn!r}: choose one of {', '.join(SIGMA_MODES)}")
+        else:
+            self.name = f"{self.name}-learned"
+            if learn == "shared":
+                self.raw_scale = nn.Parameter(torch.zeros(()))
+            else:
+                self.params_per_pixel = 2
+
+    def loc_scale(self, out: Tensor) -> tuple[Tensor, Tensor | float]:
+        """The location and scale of p(x|z) from the decoder output."""
+        if self.learn is None:
+            return out, self.sigma
+        if self.learn == "shared":
+            return out, F.softplus(self.raw_scale) + SCALE_FLOOR
+        loc, raw = out.chunk(2, dim=-IMAGE_DIMS)
+        return loc, F.softplus(raw) + SCALE_FLOOR
+
+    def forward(self, out: Tensor) -> dist.Distribution:
+        loc, scale = self.loc_scale(out)
+        return self.family(loc, scale).to_event(IMAGE_DIMS)
+
+    def mean(self, out: Tensor) -> Tensor:
+        return self.loc_scale(out)[0]
+
+
+class Gaussian(LocScale):
+    """p(x|z) = N(x; decoder(z), sigma^2 I). With fixed sigma: log p = -||x - x_hat||^2 / (2 sigma^2)
     - (D/2) log(2 pi sigma^2) — squared error plus the constant, so values are true log densities."""
 
     name = "gaussian"
+    family = dist.Normal
 
-    def __init__(self, sigma: float = 0.1):
-        super().__init__()
-        if not sigma > 0:
-            raise InputError(f"--sigma must be positive, got {sigma}")
-        self.sigma = float(sigma)
 
-    def forward(self, out: Tensor) -> dist.Distribution:
-        return dist.Normal(out, self.sigma).to_event(IMAGE_DIMS)
+class Laplace(LocScale):
+    """p(x|z) = prod_i exp(-|x_i - x_hat_i| / b) / (2 b): absolute error plus its constant; the scale
+    b (`sigma`, or learned) is not the standard deviation, which is sqrt(2) b."""
 
-    def mean(self, out: Tensor) -> Tensor:
-        return out
+    name = "laplace"
+    family = dist.Laplace
 
 
 LIKELIHOODS: dict[str, Callable[..., Likelihood]] = {
     "bernoulli": lambda **_: Bernoulli(),
+    "continuous-bernoulli": lambda **_: ContinuousBernoulli(),
     "gaussian": lambda sigma=0.1, **_: Gaussian(sigma),
+    "gaussian-learned": lambda sigma_mode="shared", **_: Gaussian(learn=sigma_mode),
+    "laplace": lambda sigma=0.1, **_: Laplace(sigma),
+    "laplace-learned": lambda sigma_mode="shared", **_: Laplace(learn=sigma_mode),
 }
 
 
 def make_likelihood(name: str, **options) -> Likelihood:
-    """The likelihood `name`; factories take the options they need (e.g. `sigma`)."""
+    """The likelihood `name`; factories take the options they need (`sigma`, `sigma_mode`)."""
     if name not in LIKELIHOODS:
         raise InputError(f"unknown likelihood {name!r}: choose one of {', '.join(LIKELIHOODS)}")
     return LIKELIHOODS[name](**options)

@@ -62,8 +62,10 @@ def build_vae(
     likelihood: str = "bernoulli",
     **options,
 ) -> VAE:
-    """A VAE from registry names; `options` go to the prior and likelihood factories (e.g. sigma)."""
+    """A VAE from registry names. `options` go to the likelihood and prior factories (e.g. sigma,
+    sigma_mode, prior_components); the prior also gets the guide's encoder and the data shape."""
     lik = make_likelihood(likelihood, **options)
     c, h, w = x_shape
     enc, dec = make_networks(encoder, x_shape, hidden, z_dim, (c * lik.params_per_pixel, h, w))
-    return VAE(enc, dec, make_prior(prior, z_dim, **options), lik)
+    p_z = make_prior(prior, z_dim, encoder=enc, x_shape=tuple(x_shape), **options)
+    return VAE(enc, dec, p_z, lik)

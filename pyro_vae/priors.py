@@ -1,15 +1,45 @@
 """Prior registry: name -> factory of a module whose call returns p(z), a distribution with
-event shape (z_dim,). Adding a prior is one entry here plus its tests."""
+event shape (z_dim,) and batch shape () on the module's device. Adding a prior is one entry here
+plus its tests.
+
+Factories receive keyword options: `z_dim`, the guide's `encoder` and the data shape `x_shape`
+(for the VampPrior), and `prior_components` (None: the prior's own default); each takes the
+ones it needs.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pyro.distributions as dist
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .errors import InputError
+
+MIN_SCALE = 1e-4  # floor on every learned prior standard deviation, so that log p(z) stays finite
+DEFAULT_COMPONENTS = {"mog": 10, "vamp": 500}  # K when --prior-components is not given
+
+
+def _raw_scale(scale: float, shape: Sequence[int]) -> Tensor:
+    """The unconstrained value r with softplus(r) + MIN_SCALE = scale, filled into `shape`."""
+    target = torch.tensor(scale - MIN_SCALE)
+    return torch.full(tuple(shape), float(target + torch.log(-torch.expm1(-target))))
+
+
+def _scale(raw: Tensor) -> Tensor:
+    """A positive standard deviation from an unconstrained parameter: softplus(raw) + MIN_SCALE."""
+    return F.softplus(raw) + MIN_SCALE
+
+
+def _components(prior: str, k: int | None) -> int:
+    """The number of mixture components: `k`, or the prior's default when k is None."""
+    if k is None:
+        return DEFAULT_COMPONENTS[prior]
+    if k < 1:
+        raise InputError(f"--prior-components must be a positive integer, got {k}")
+    return int(k)
 
 
 class StandardNormal(nn.Module):
@@ -24,8 +54,77 @@ class StandardNormal(nn.Module):
         return dist.Normal(self.loc, self.scale).to_event(1)
 
 
+class LearnedNormal(nn.Module):
+    """p(z) = N(mu, diag sigma^2) with mu and sigma = softplus(r) + MIN_SCALE learned; starts at N(0, I).
+    The KL from a diagonal Gaussian q(z|x) stays in closed form."""
+
+    def __init__(self, z_dim: int):
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(z_dim))
+        self.raw_scale = nn.Parameter(_raw_scale(1.0, (z_dim,)))
+
+    def forward(self) -> dist.Distribution:
+        return dist.Normal(self.loc, _scale(self.raw_scale)).to_event(1)
+
+
+def _mixture(logits: Tensor, loc: Tensor, scale: Tensor) -> dist.Distribution:
+    """sum_k softmax(logits)_k N(z; loc_k, diag scale_k^2), loc and scale of shape (K, z_dim)."""
+    return dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+
+
+class MixtureOfGaussians(nn.Module):
+    """p(z) = sum_k pi_k N(z; mu_k, diag sigma_k^2), K components with learned weights pi = softmax(logits),
+    means (initialised from N(0, I), so the components start spread out) and diagonal scales (start at 1).
+    No closed-form KL from q(z|x): `analytic` estimators fall back to Monte Carlo on this site."""
+
+    def __init__(self, z_dim: int, components: int | None = None):
+        super().__init__()
+        k = _components("mog", components)
+        self.logits = nn.Parameter(torch.zeros(k))
+        self.loc = nn.Parameter(torch.randn(k, z_dim))
+        self.raw_scale = nn.Parameter(_raw_scale(1.0, (k, z_dim)))
+
+    def forward(self) -> dist.Distribution:
+        return _mixture(self.logits, self.loc, _scale(self.raw_scale))
+
+
+class VampPrior(nn.Module):
+    """VampPrior (Tomczak & Welling 2018): p(z) = 1/K sum_k q(z | u_k), the uniform mixture of the
+    guide's posteriors at K learned pseudo-inputs u_k in data space, shape (K, C, H, W). The
+    pseudo-inputs pass through the guide's own `encoder` (the same module, so the two are trained
+    together). They start as uniform noise on [0, 1], the range of the built-in datasets;
+    `init_from(x)` starts them at data instead. No closed-form KL from q(z|x)."""
+
+    def __init__(self, encoder: nn.Module, x_shape: Sequence[int],
+                 components: int | None = None):
+        super().__init__()
+        k = _components("vamp", components)
+        self.encoder = encoder
+        self.pseudo_inputs = nn.Parameter(torch.rand(k, *x_shape))
+
+    @torch.no_grad()
+    def init_from(self, x: Tensor, generator: torch.Generator | None = None) -> None:
+        """Set the pseudo-inputs to K examples of `x` (N, C, H, W) drawn at random (with replacement
+        when N < K)."""
+        k = self.pseudo_inputs.shape[0]
+        if x.shape[1:] != self.pseudo_inputs.shape[1:]:
+            raise InputError(f"pseudo-inputs have shape {tuple(self.pseudo_inputs.shape[1:])}, "
+                             f"data examples {tuple(x.shape[1:])}")
+        index = (torch.randperm(x.shape[0], generator=generator)[:k] if x.shape[0] >= k
+                 else torch.randint(x.shape[0], (k,), generator=generator))
+        self.pseudo_inputs.copy_(x[index.to(x.device)])
+
+    def forward(self) -> dist.Distribution:
+        loc, scale = self.encoder(self.pseudo_inputs)
+        return _mixture(loc.new_zeros(loc.shape[0]), loc, scale)
+
+
 PRIORS: dict[str, Callable[..., nn.Module]] = {
     "normal": lambda z_dim, **_: StandardNormal(z_dim),
+    "learned": lambda z_dim, **_: LearnedNormal(z_dim),
+    "mog": lambda z_dim, prior_components=None, **_: MixtureOfGaussians(z_dim, prior_components),
+    "vamp": lambda z_dim, encoder, x_shape, prior_components=None, **_: VampPrior(
+        encoder, x_shape, prior_components),
 }
 
 

@@ -68,21 +68,39 @@ def save_checkpoint(path: Path, state: dict) -> None:
     _atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
+CHECKPOINT_KEYS = {"model", "optimizer", "epoch", "batch", "step", "epoch_generator", "epoch_total",
+                   "metrics", "rng"}
+
+
+def remove_stale_temp_files(run: Path) -> None:
+    """Delete temp files that a process killed while writing (kill -9) left behind."""
+    for tmp in Path(run).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     """A checkpoint loaded with weights_only=True (tensors and plain containers, nothing else)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path} does not exist: the run has no checkpoint yet; train it first")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise InputError(
-            f"{path} holds objects that a weights-only load refuses ({str(err).splitlines()[0][:120]}); "
-            "it was not written by pyro-vae and was not loaded"
-        ) from None
+        refused = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), None)
+        if refused:  # a class or function reference: the file wants to run code when loaded
+            raise InputError(
+                f"{path} holds objects that a weights-only load refuses ({refused}); it was not "
+                "written by pyro-vae and was not loaded"
+            ) from None
+        raise InputError(f"{path} is corrupt or truncated (not a readable checkpoint); "
+                         "restore it from a backup or train again") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
         raise InputError(f"{path} is corrupt or truncated ({type(err).__name__}); "
                          "restore it from a backup or train again") from None
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+        raise InputError(f"{path} is not a pyro-vae checkpoint (missing "
+                         f"{', '.join(sorted(CHECKPOINT_KEYS - set(state or {})))}); train again")
+    return state
 
 
 def read_config(run: Path) -> tuple[Config, tuple[int, int, int]]:
@@ -109,6 +127,7 @@ def build_from_config(config: Config, x_shape: tuple[int, ...]) -> VAE:
     return build_vae(
         x_shape, encoder=config.encoder, hidden=config.hidden, z_dim=config.z_dim,
         prior=config.prior, likelihood=config.likelihood, sigma=config.sigma,
+        sigma_mode=config.sigma_mode, prior_components=config.prior_components,
     )
 
 

@@ -4,12 +4,22 @@ and minibatches, evaluate, checkpoint, summarize.
 Training uses Pyro's ELBO as a differentiable loss and a torch optimizer over the VAE's
 parameters (not pyro.optim). The loss of a step is -ELBO summed over the batch divided by the batch
 size: nats per example, like every number this package reports.
+
+A run survives interruption: a checkpoint (model, optimizer, every random-number state, position
+inside the epoch, metrics) is written atomically at the end of every epoch, every
+`checkpoint_every` minutes, and when SIGINT/SIGTERM arrives (after the current step). Resuming
+from any of them gives, on CPU, bit-identical parameters and metrics to an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+import signal
+import threading
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,30 +31,36 @@ from tqdm.auto import tqdm
 from . import plots
 from .config import Config
 from .data import Dataset, batch_indices, binarize, load_dataset
-from .errors import InputError
+from .errors import InputError, TrainingError
 from .estimators import make_estimator
 from .evaluate import elbo_terms, evaluate
+from .faults import NumericalFault, is_validation_error, locate_nonfinite
 from .likelihoods import Likelihood, make_likelihood
+from .rng import get_rng_state, set_rng_state
 from .run_dir import (
     CHECKPOINT,
     CONFIG,
     METRICS,
     SUMMARY,
-    append_jsonl,
     build_from_config,
     config_record,
     load_checkpoint,
-    read_jsonl,
+    remove_stale_temp_files,
     save_checkpoint,
     write_json,
     write_jsonl,
 )
 
-POSTFIX_EVERY = 10  # steps between progress-bar loss updates (each one syncs with the device)
+POSTFIX_EVERY = 10  # steps between progress-bar loss updates
 
 
-class TrainingError(RuntimeError):
-    """Training produced a non-finite loss; the run directory keeps the last good checkpoint."""
+class Interrupted(TrainingError):
+    """SIGINT or SIGTERM arrived; a checkpoint was written after the step in progress."""
+
+    def __init__(self, signum: int, out: Path, step: int):
+        self.signum, self.out, self.step = signum, out, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint "
+                         f"saved; resume with: pyro-vae train --resume {out}")
 
 
 @dataclass
@@ -81,92 +97,154 @@ def prepare_data(config: Config, likelihood: Likelihood) -> Dataset:
     return data
 
 
-def new_run_dir(out: str | Path | None) -> Path:
-    """`out`, or runs/<timestamp>; refuses a directory that already holds files."""
+def check_run_dir(out: str | Path | None, overwrite: bool = False) -> Path:
+    """`out`, or runs/<timestamp>. A non-empty directory is refused, except a pyro-vae run with
+    `overwrite` (it is emptied only once the new run is ready to start)."""
     path = Path(out) if out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise InputError(f"{path} already exists and is not empty; choose another --out, "
-                         "or continue that run with --resume")
+        if not (overwrite and (path / CONFIG).is_file()):
+            what = "holds another run" if (path / CONFIG).is_file() else "is not an empty directory"
+            hint = "pass --overwrite to replace it, " if (path / CONFIG).is_file() else ""
+            raise InputError(f"{path} already exists and {what}; {hint}choose another --out, "
+                             "or continue that run with --resume")
     return path
 
 
+@contextmanager
+def _stop_requests():
+    """Turn SIGINT/SIGTERM into a request to stop after the current step (a second one stops at
+    once). Yields a one-item list holding the signal number, or 0."""
+    requested = [0]
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested[0]:
+            raise KeyboardInterrupt
+        requested[0] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def train(
-    config: Config, out: str | Path | None = None, resume: bool = False, progress: bool = True
+    config: Config, out: str | Path | None = None, resume: bool = False, progress: bool = True,
+    overwrite: bool = False,
 ) -> RunResult:
     """Train a VAE as `config` says and write the run directory (see DESIGN.md). With resume=True,
     `out` is an existing run whose checkpoint is continued up to config.epochs."""
     config.validate()
     device = resolve_device(config.device)
-    pyro.set_rng_seed(config.seed)
-    out_dir = Path(out) if resume else new_run_dir(out)
+    out_dir = Path(out) if resume else check_run_dir(out, overwrite)
+    state = load_checkpoint(out_dir / CHECKPOINT, device) if resume else None
 
+    pyro.set_rng_seed(config.seed)
     data = prepare_data(config, make_likelihood(config.likelihood, sigma=config.sigma)).to(device)
     vae = build_from_config(config, data.shape).to(device)
     elbo = make_estimator(config.estimator, config.particles)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
     generator = torch.Generator(device).manual_seed(config.seed)
-    start_epoch, step = 1, 0
-    metrics: list[dict] = []
+    epoch, step, batch, metrics = 1, 0, 0, []
+    epoch_total = torch.zeros((), device=device)
 
-    if resume:
-        state = load_checkpoint(out_dir / CHECKPOINT, device)
+    if state is not None:
         vae.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"].cpu())
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu())
-        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
-        metrics = [row for row in read_jsonl(out_dir / METRICS) if row["epoch"] < start_epoch]
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr  # --lr may change on resume
+        epoch, step, batch = int(state["epoch"]), int(state["step"]), int(state["batch"])
+        generator.set_state(state["epoch_generator"].cpu())
+        epoch_total = state["epoch_total"].to(device)
+        metrics = list(state["metrics"])
+        remove_stale_temp_files(out_dir)
         write_jsonl(out_dir / METRICS, metrics)
     else:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)  # only reached with --overwrite on a pyro-vae run
+        out_dir.mkdir(parents=True)
         write_json(out_dir / CONFIG, config_record(config, data.shape))
 
+    params = [p for p in vae.parameters() if p.requires_grad]
     n_train = data.train_x.shape[0]
     n_batches = math.ceil(n_train / config.batch_size)
-    started = time.perf_counter()
-    for epoch in range(start_epoch, config.epochs + 1):
-        epoch_start = time.perf_counter()
-        vae.train()
-        x_epoch = binarize(data.train_x, generator) if config.binarize == "dynamic" else data.train_x
-        total = torch.zeros((), device=device)
-        bar = tqdm(batch_indices(n_train, config.batch_size, generator, device), total=n_batches,
-                   desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
-        for i, idx in enumerate(bar):
-            x = x_epoch[idx]
-            loss = elbo.differentiable_loss(vae.model, vae.guide, x) / x.shape[0]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * x.shape[0]
-            step += 1
-            if i % POSTFIX_EVERY == 0:
-                bar.set_postfix(loss=f"{loss.item():.2f}")
-        train_loss = float(total) / n_train
-        if not math.isfinite(train_loss):
-            raise TrainingError(
-                f"the training loss became {train_loss} in epoch {epoch} (by step {step}); the last "
-                f"good checkpoint is in {out_dir}; lower --lr and try again"
-            )
-        vae.eval()
-        row = {
-            "epoch": epoch,
-            "step": step,
-            "train_loss": train_loss,
-            "test_elbo": float(elbo_terms(vae.model, vae.guide, data.test_x)["elbo"].mean()),
-            "seconds": time.perf_counter() - epoch_start,
-        }
-        metrics.append(row)
-        append_jsonl(out_dir / METRICS, row)
+    started = last_save = time.perf_counter()
+
+    def checkpoint(epoch_state: torch.Tensor) -> None:
+        """Save everything needed to continue at (epoch, batch) exactly as if never stopped."""
         save_checkpoint(out_dir / CHECKPOINT, {
             "model": vae.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "step": step, "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-            **({"cuda_rng": torch.cuda.get_rng_state()} if device.type == "cuda" else {}),
+            "batch": batch, "step": step, "epoch_generator": epoch_state,
+            "epoch_total": epoch_total, "metrics": metrics, "rng": get_rng_state(device),
         })
-        if progress:
-            tqdm.write(f"epoch {epoch}: train loss {train_loss:.2f}, test ELBO "
-                       f"{row['test_elbo']:.2f} nats ({row['seconds']:.1f} s)")
+
+    with _stop_requests() as stop, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # we stop on NaN ourselves
+        while epoch <= config.epochs:
+            epoch_start = time.perf_counter()
+            vae.train()
+            epoch_state = generator.get_state()  # everything random in this epoch starts here
+            x_epoch = binarize(data.train_x, generator) if config.binarize == "dynamic" else data.train_x
+            order = list(batch_indices(n_train, config.batch_size, generator, device))
+            if state is not None:  # resuming: random states as they were at the checkpoint
+                set_rng_state(state["rng"], device)
+                state = None
+            bar = tqdm(order[batch:], total=n_batches, initial=batch, disable=not progress,
+                       desc=f"epoch {epoch}/{config.epochs}", leave=False)
+            for idx in bar:
+                x = x_epoch[idx]
+                try:
+                    loss = elbo.differentiable_loss(vae.model, vae.guide, x) / x.shape[0]
+                except ValueError as err:  # Pyro's check of distribution parameters (NaN/inf)
+                    if not is_validation_error(err):
+                        raise
+                    loss = torch.tensor(math.nan, device=device)
+                optimizer.zero_grad(set_to_none=True)
+                if loss.requires_grad:
+                    loss.backward()
+                grads = [p.grad for p in params if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm(grads)
+                if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                    raise NumericalFault(
+                        f"{locate_nonfinite(vae, x, loss)} at step {step + 1} (epoch {epoch}); this "
+                        f"step was not applied and the last good checkpoint is in {out_dir}. Lower "
+                        f"--lr (now {config.lr:g}) or clip gradients with --clip-grad (e.g. 10), then "
+                        f"continue with: pyro-vae train --resume {out_dir} --lr ..."
+                    )
+                if config.clip_grad:
+                    torch.nn.utils.clip_grads_with_norm_(params, config.clip_grad, grad_norm)
+                optimizer.step()
+                epoch_total += loss.detach() * x.shape[0]
+                step, batch = step + 1, batch + 1
+                if batch % POSTFIX_EVERY == 1:
+                    bar.set_postfix(loss=f"{loss.item():.2f}")
+                if stop[0]:
+                    checkpoint(epoch_state)
+                    raise Interrupted(stop[0], out_dir, step)
+                if config.checkpoint_every and time.perf_counter() - last_save > 60 * config.checkpoint_every:
+                    checkpoint(epoch_state)
+                    last_save = time.perf_counter()
+
+            vae.eval()
+            row = {
+                "epoch": epoch,
+                "step": step,
+                "train_loss": float(epoch_total) / n_train,
+                "test_elbo": float(elbo_terms(vae.model, vae.guide, data.test_x)["elbo"].mean()),
+                "seconds": time.perf_counter() - epoch_start,
+            }
+            metrics.append(row)
+            epoch, batch, epoch_total = epoch + 1, 0, torch.zeros((), device=device)
+            checkpoint(generator.get_state())
+            last_save = time.perf_counter()
+            write_jsonl(out_dir / METRICS, metrics)
+            if progress:
+                tqdm.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.2f}, test ELBO "
+                           f"{row['test_elbo']:.2f} nats ({row['seconds']:.1f} s)")
 
     vae.eval()
     final = evaluate(vae, data.test_x, k=config.eval_k)

@@ -1,0 +1,60 @@
+"""Numerical faults in training: find where a NaN or infinity first appears, and say so."""
+
+from __future__ import annotations
+
+import pyro
+import torch
+from pyro import poutine
+from torch import Tensor
+
+from .errors import TrainingError
+from .model import VAE
+
+
+class NumericalFault(TrainingError):
+    """The loss or a gradient became NaN or infinite; the message names where and what to do."""
+
+
+def is_validation_error(err: ValueError) -> bool:
+    """Whether `err` is Pyro/torch refusing non-finite distribution parameters or log-densities."""
+    text = str(err)
+    return "Expected parameter" in text or "Error while computing log_prob" in text
+
+
+def _finite(t) -> bool:
+    return not torch.is_tensor(t) or bool(torch.isfinite(t).all())
+
+
+@torch.no_grad()
+def _nonfinite_site(vae: VAE, x: Tensor) -> str | None:
+    """The first sample site (guide, then model) whose parameters, value or log-density is
+    not finite when the batch is run again, or None."""
+    with pyro.validation_enabled(False):
+        guide_trace = poutine.trace(vae.guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+    for who, trace in (("guide", guide_trace), ("model", model_trace)):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            fn = site["fn"]
+            while hasattr(fn, "base_dist"):
+                fn = fn.base_dist
+            params = [getattr(fn, k, None) for k in getattr(fn, "arg_constraints", {})]
+            if not all(_finite(p) for p in params):
+                return f"the parameters of the {who}'s sample site {name!r}"
+            if not _finite(site["value"]):
+                return f"the value of the {who}'s sample site {name!r}"
+            if not _finite(site["fn"].log_prob(site["value"])):
+                return f"the log-density of the {who}'s sample site {name!r}"
+    return None
+
+
+def locate_nonfinite(vae: VAE, x: Tensor, loss: Tensor) -> str:
+    """A phrase naming where the non-finite loss or gradient first appeared."""
+    if not _finite(loss):
+        site = _nonfinite_site(vae, x)
+        return f"non-finite loss ({site or 'not reproduced on a second run of the batch'})"
+    for name, p in vae.named_parameters():
+        if p.grad is not None and not _finite(p.grad):
+            return f"non-finite gradient (first in parameter {name!r})"
+    return "non-finite gradient norm"

@@ -1,0 +1,119 @@
+"""Walks the catalogue of bad inputs in docs/errors.md: each row's command must end with exit
+code 2, one line on stderr containing the quoted text, no traceback, and nothing written."""
+
+import gzip
+import os
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pyro_vae.cli import main
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+ROW = re.compile(r"^\| (\d+) \| (.+?) \| `pyro-vae (.+?)` \| `(.+?)` \|$")
+CATALOGUE = [m.groups() for m in map(ROW.match, DOC.read_text().splitlines()) if m]
+
+
+class _Payload:
+    """Unpickling this runs `touch MARKER` — what a crafted checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+def _write_idx(path: Path, array: np.ndarray, cut: int = 0) -> None:
+    raw = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">u4").tobytes() + array.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(raw[: len(raw) - cut] if cut else raw))
+
+
+def _idx_dir(root: Path, cut: int = 0, magic: bytes | None = None) -> None:
+    images = np.zeros((4, 28, 28), np.uint8)
+    labels = np.zeros(4, np.uint8)
+    for stem in ("train", "t10k"):
+        _write_idx(root / f"{stem}-images-idx3-ubyte.gz", images, cut)
+        _write_idx(root / f"{stem}-labels-idx1-ubyte.gz", labels)
+    if magic is not None:
+        path = root / "train-images-idx3-ubyte.gz"
+        path.write_bytes(gzip.compress(magic + gzip.decompress(path.read_bytes())[4:]))
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory, digits_run):
+    """The files the catalogue names, in one folder."""
+    f = tmp_path_factory.mktemp("fixtures")
+    np.save(f / "strings.npy", np.array(["a", "b", "c"]))
+    np.save(f / "onedim.npy", np.linspace(0, 1, 10, dtype=np.float32))
+    np.save(f / "fivedim.npy", np.zeros((10, 1, 1, 4, 4), np.float32))
+    np.save(f / "empty.npy", np.zeros((0, 4, 4), np.float32))
+    np.save(f / "nan.npy", np.full((20, 4, 4), np.nan, np.float32))
+    np.save(f / "out_of_range.npy", np.full((20, 4, 4), 2.0, np.float32))
+    np.save(f / "tiny.npy", np.zeros((20, 3, 3), np.float32))
+    np.savez(f / "wrong_keys.npz", images=np.zeros((10, 4, 4), np.float32))
+    (f / "corrupt.npy").write_bytes(b"\x93NUMPY garbage" * 3)
+    (f / "bad.yaml").write_text("epochs: [1\n")
+    (f / "list.yaml").write_text("- epochs\n- 3\n")
+    (f / "unknown_key.yaml").write_text("epoch: 3\n")
+    (f / "wrong_type.json").write_text('{"epochs": "3"}')
+    _idx_dir(f / "idx_truncated", cut=100)
+    _idx_dir(f / "idx_bad_magic", magic=b"\x01\x02\x08\x03")
+    (f / "images_broken" / "cats").mkdir(parents=True)
+    Image.new("L", (8, 8)).save(f / "images_broken" / "cats" / "good.png")
+    (f / "images_broken" / "cats" / "bad.png").write_bytes(b"not a png at all")
+    (f / "images_flat").mkdir()
+    Image.new("L", (8, 8)).save(f / "images_flat" / "lonely.png")
+    (f / "taken").mkdir()
+    (f / "taken" / "notes.txt").write_text("someone's files")
+    shutil.copytree(digits_run, f / "run_ok")
+    for name in ("run_no_checkpoint", "run_corrupt", "run_truncated", "run_evil", "run_foreign",
+                 "run_bad_config"):
+        shutil.copytree(digits_run, f / name)
+    (f / "run_no_checkpoint" / "checkpoint.pt").unlink()
+    (f / "run_corrupt" / "checkpoint.pt").write_bytes(os.urandom(2000))
+    ckpt = (f / "run_truncated" / "checkpoint.pt").read_bytes()
+    (f / "run_truncated" / "checkpoint.pt").write_bytes(ckpt[: len(ckpt) // 2])
+    torch.save({"model": _Payload(f / "PWNED")}, f / "run_evil" / "checkpoint.pt")
+    torch.save({"weights": torch.zeros(3)}, f / "run_foreign" / "checkpoint.pt")
+    (f / "run_bad_config" / "config.json").write_text("{ not json")
+    return f
+
+
+def test_the_catalogue_has_at_least_20_distinct_bad_inputs():
+    assert len(CATALOGUE) >= 20
+    assert [int(row[0]) for row in CATALOGUE] == list(range(1, len(CATALOGUE) + 1))
+
+
+@pytest.mark.parametrize("number, what, command, expected", CATALOGUE, ids=[r[1] for r in CATALOGUE])
+def test_bad_input(number, what, command, expected, fixtures, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    before = {p: p.stat().st_mtime_ns for p in fixtures.rglob("*")}
+    argv = [a.replace("FIXTURES", str(fixtures)) for a in shlex.split(command)]
+    out = tmp_path / "out"
+    if argv[0] == "train" and "--out" not in argv and "--resume" not in argv:
+        argv += ["--out", str(out)]
+    assert main([*argv, "--quiet"] if argv[0] == "train" else argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyro-vae: error: ") and err.count("\n") == 1, err
+    assert expected in err, err
+    assert "Traceback" not in err
+    assert not out.exists()
+    after = {p: p.stat().st_mtime_ns for p in fixtures.rglob("*")}
+    assert after == before, "a bad input changed files"
+    assert not (fixtures / "PWNED").exists()
+
+
+def test_the_crafted_checkpoint_would_run_code_if_loaded_unsafely(fixtures, tmp_path):
+    """Proof that row 47's payload is real: an unsafe load runs it (and only here, on purpose)."""
+    marker = tmp_path / "PWNED"
+    torch.save({"model": _Payload(marker)}, tmp_path / "evil.pt")
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.exists()

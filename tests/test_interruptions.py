@@ -1,0 +1,200 @@
+"""Runs survive interruption: SIGINT/SIGTERM checkpoint and exit 130/143, kill -9 leaves a
+loadable checkpoint, resuming from any checkpoint (epoch end, mid-epoch) is bit-identical on CPU,
+and a NaN stops training with the step and the site named, keeping the last good checkpoint."""
+
+import importlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyro_vae import run_dir
+from pyro_vae.cli import main
+
+train_module = importlib.import_module("pyro_vae.train")  # the module (pyro_vae.train is the function)
+
+# 1000 examples in batches of 4: 250 steps an epoch, long enough to interrupt in the middle
+SLOW = ["--train-size", "1000", "--test-size", "50", "--batch-size", "4", "--hidden", "32",
+        "--eval-k", "5", "--quiet"]
+FAST = ["--train-size", "200", "--test-size", "50", "--batch-size", "32", "--hidden", "32",
+        "--eval-k", "5", "--quiet"]
+
+
+def _state(run: Path):
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("seconds")  # wall time differs; everything else must not
+    return ckpt["model"], rows
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    model_a, rows_a = _state(a)
+    model_b, rows_b = _state(b)
+    assert rows_a == rows_b
+    assert model_a.keys() == model_b.keys()
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    summary_a, summary_b = (json.loads((r / "summary.json").read_text()) for r in (a, b))
+    assert summary_a["log_px"] == summary_b["log_px"] and summary_a["steps"] == summary_b["steps"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Reference runs trained without interruption."""
+    root = tmp_path_factory.mktemp("straight")
+    assert main(["train", "--epochs", "4", "--out", str(root / "fast4"), *FAST]) == 0
+    assert main(["train", "--epochs", "2", "--out", str(root / "slow2"), *SLOW]) == 0
+    return root
+
+
+def test_four_epochs_equal_two_plus_two_resumed(straight, tmp_path):
+    assert main(["train", "--epochs", "2", "--out", str(tmp_path / "run"), *FAST]) == 0
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "4", "--quiet"]) == 0
+    _assert_same_run(straight / "fast4", tmp_path / "run")
+
+
+def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(straight, tmp_path, monkeypatch):
+    saved = []
+    real_save = run_dir.save_checkpoint
+
+    def save_and_keep(path, state):
+        real_save(path, state)
+        if state["epoch"] == 2 and state["batch"] == 3 and not saved:
+            shutil.copytree(path.parent, tmp_path / "crashed")
+            saved.append(state["step"])
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_and_keep)
+    # checkpoint after every step (a minute is 60 s; this is a millionth of one)
+    assert main(["train", "--epochs", "4", "--checkpoint-every", "1e-6",
+                 "--out", str(tmp_path / "run"), *FAST]) == 0
+    monkeypatch.undo()
+    assert saved == [7 + 3]  # ceil(200 / 32) = 7 steps in epoch 1, then 3 into epoch 2
+    assert main(["train", "--resume", str(tmp_path / "crashed"), "--quiet"]) == 0
+    _assert_same_run(straight / "fast4", tmp_path / "crashed")
+
+
+def _start(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pyro_vae", "train", "--epochs", "2",
+                             "--out", str(out), *SLOW, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_first_epoch(proc: subprocess.Popen, out: Path) -> None:
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, "training ended or hung before epoch 1"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_mid_epoch_checkpoints_and_resumes_bit_identically(straight, tmp_path, signum, code):
+    out = tmp_path / "run"
+    proc = _start(out)
+    _wait_for_first_epoch(proc, out)
+    time.sleep(0.3)  # into epoch 2 (250 steps of ~5 ms)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert f"resume with: pyro-vae train --resume {out}" in err and "Traceback" not in err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and 0 < ckpt["batch"] < 250, "the signal did not land mid-epoch"
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    _assert_same_run(straight / "slow2", out)
+
+
+def test_kill_9_always_leaves_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, "--checkpoint-every", "1e-6")  # rewrite the checkpoint after every step
+    _wait_for_first_epoch(proc, out)
+    for _ in range(5):
+        time.sleep(0.05)
+        state = run_dir.load_checkpoint(out / "checkpoint.pt")  # never half-written
+        assert state["step"] >= 250
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    state = run_dir.load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == 2 and state["step"] >= 250
+    assert main(["train", "--resume", str(out), "--checkpoint-every", "0", "--quiet"]) == 0
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_a_nan_in_the_decoder_stops_training_naming_the_step_and_site(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    real_forward = torch.nn.Sequential.forward
+
+    def poisoned(self, x):
+        y = real_forward(self, x)
+        if y.shape[-1] == 64 and self.training:  # the decoder's last layer (8x8 pixels)
+            calls["n"] += 1
+            if calls["n"] >= 10:  # from the 10th training step on
+                y = y * float("nan")
+        return y
+
+    monkeypatch.setattr(torch.nn.Sequential, "forward", poisoned)
+    assert main(["train", "--epochs", "3", "--out", str(out), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "at step 10 (epoch 2)" in err and "model's sample site 'x'" in err
+    assert "--lr" in err and "--clip-grad" in err
+    state = run_dir.load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == 2 and state["batch"] == 0 and state["step"] == 7  # end of epoch 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_nan_gradient_is_reported_with_its_parameter(tmp_path, capsys, monkeypatch):
+    real_build = train_module.build_from_config
+
+    def build_with_bad_gradient(config, x_shape):
+        vae = real_build(config, x_shape)
+        bias = vae.encoder.net[0].bias
+        bias.register_hook(lambda g: g * float("inf"))
+        return vae
+
+    monkeypatch.setattr(train_module, "build_from_config", build_with_bad_gradient)
+    assert main(["train", "--epochs", "1", "--out", str(tmp_path / "run"), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite gradient (first in parameter 'encoder.net.0.bias')" in err
+    assert "at step 1 (epoch 1)" in err
+
+
+def _norms_at_optimizer_steps(monkeypatch) -> list[float]:
+    """Record the gradient norm each time Adam takes a step."""
+    norms = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.stack([g.norm() for g in grads]).norm()))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    return norms
+
+
+def test_clip_grad_bounds_the_gradient_norm(tmp_path, monkeypatch):
+    unclipped = _norms_at_optimizer_steps(monkeypatch)
+    assert main(["train", "--epochs", "1", "--out", str(tmp_path / "a"), *FAST]) == 0
+    monkeypatch.undo()
+    clipped = _norms_at_optimizer_steps(monkeypatch)
+    assert main(["train", "--epochs", "1", "--clip-grad", "0.5", "--out", str(tmp_path / "b"), *FAST]) == 0
+    assert len(clipped) == len(unclipped) == 7
+    assert max(unclipped) > 0.5  # without clipping the bound is exceeded...
+    assert max(clipped) <= 0.5 + 1e-4  # ...with it, never
+
+
+def test_overwrite_replaces_a_run_and_resume_may_change_the_learning_rate(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--out", str(out), *FAST]) == 0
+    assert main(["train", "--epochs", "1", "--z-dim", "3", "--out", str(out), *FAST]) == 2
+    assert main(["train", "--epochs", "1", "--z-dim", "3", "--overwrite", "--out", str(out), *FAST]) == 0
+    assert json.loads((out / "config.json").read_text())["z_dim"] == 3
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--lr", "1e-4", "--quiet"]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == 1e-4
