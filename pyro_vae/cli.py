@@ -99,8 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> Config:
     """Defaults, then the --config file, then the flags given: the config the run records."""
     values = load_config_file(args.config) if args.config else {}
-    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
-    return Config.from_dict({**values, **given})
+    return Config.from_dict({**values, **_flags_given(args)})
+
+
+def _flags_given(args: argparse.Namespace) -> dict:
+    """The Config settings given as flags (the others are None)."""
+    return {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
 
 
 def _resume_config(args: argparse.Namespace) -> Config:
@@ -108,7 +112,7 @@ def _resume_config(args: argparse.Namespace) -> Config:
     from .run_dir import read_config
 
     recorded, _ = read_config(Path(args.resume))
-    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name) is not None}
+    given = _flags_given(args)
     if args.config:
         given = {**load_config_file(args.config), **given}
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE and getattr(recorded, k) != v)
@@ -139,14 +143,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _load_run(run: str, device_name: str, test_size: int | None = None):
     """The config, trained VAE and data (as the run saw them) of a run directory."""
-    from .likelihoods import make_likelihood
     from .run_dir import load_model
     from .train import prepare_data, resolve_device
 
     device = resolve_device(device_name)
     config, vae = load_model(Path(run), device)
     config.test_size = test_size or config.test_size
-    data = prepare_data(config, make_likelihood(config.likelihood, sigma=config.sigma))
+    data = prepare_data(config)
     return config, vae, data.to(device)
 
 

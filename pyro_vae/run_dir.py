@@ -85,16 +85,13 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
         raise InputError(f"{path} does not exist: the run has no checkpoint yet; train it first")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
         refused = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), None)
-        if refused:  # a class or function reference: the file wants to run code when loaded
+        if isinstance(err, pickle.UnpicklingError) and refused:  # the file wants to run code
             raise InputError(
                 f"{path} holds objects that a weights-only load refuses ({refused}); it was not "
                 "written by pyro-vae and was not loaded"
             ) from None
-        raise InputError(f"{path} is corrupt or truncated (not a readable checkpoint); "
-                         "restore it from a backup or train again") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
         raise InputError(f"{path} is corrupt or truncated ({type(err).__name__}); "
                          "restore it from a backup or train again") from None
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):

@@ -35,7 +35,7 @@ from .errors import InputError, TrainingError
 from .estimators import make_estimator
 from .evaluate import elbo_terms, evaluate
 from .faults import NumericalFault, is_validation_error, locate_nonfinite
-from .likelihoods import Likelihood, make_likelihood
+from .likelihoods import make_likelihood
 from .rng import get_rng_state, set_rng_state
 from .run_dir import (
     CHECKPOINT,
@@ -81,10 +81,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_data(config: Config, likelihood: Likelihood) -> Dataset:
+def prepare_data(config: Config) -> Dataset:
     """The dataset as training sees it. 'static' binarizes train and test once (fixed seed);
     'dynamic' keeps train as probabilities (redrawn each epoch) and binarizes test once; 'none'
-    uses the values as they are. The data must lie in the likelihood's support."""
+    uses the values as they are. The data must lie in the support of config.likelihood."""
     data = load_dataset(config.dataset, config.data_dir, config.train_size, config.test_size,
                         config.image_size, config.channels)
     if config.binarize != "none":
@@ -92,6 +92,7 @@ def prepare_data(config: Config, likelihood: Likelihood) -> Dataset:
         test_x = binarize(data.test_x, gen)
         train_x = binarize(data.train_x, gen) if config.binarize == "static" else data.train_x
         data = Dataset(data.name, train_x, test_x, data.train_y, data.test_y)
+    likelihood = make_likelihood(config.likelihood, sigma=config.sigma, sigma_mode=config.sigma_mode)
     likelihood.check(data.train_x)
     likelihood.check(data.test_x)
     return data
@@ -144,7 +145,7 @@ def train(
     state = load_checkpoint(out_dir / CHECKPOINT, device) if resume else None
 
     pyro.set_rng_seed(config.seed)
-    data = prepare_data(config, make_likelihood(config.likelihood, sigma=config.sigma)).to(device)
+    data = prepare_data(config).to(device)
     vae = build_from_config(config, data.shape).to(device)
     elbo = make_estimator(config.estimator, config.particles)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)

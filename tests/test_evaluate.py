@@ -15,7 +15,7 @@ from pyro_vae.train import prepare_data
 @pytest.fixture(scope="module")
 def trained(digits_run):
     config, vae = load_model(digits_run)
-    data = prepare_data(config, vae.likelihood)
+    data = prepare_data(config)
     return vae, data.test_x[:60]
 
 
