@@ -7,6 +7,7 @@ import argparse
 import sys
 import types
 import typing
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     128 + signal number when SIGINT (130) or SIGTERM (143) stopped training."""
     from .train import Interrupted
 
+    warnings.formatwarning = lambda message, category, *_, **__: f"pyro-vae: warning: {message}\n"
     try:
         args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)

@@ -8,13 +8,16 @@ unbiased for the same ELBO and differ only in variance.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
+from torch.distributions import kl_divergence
 
 from .errors import InputError
 
@@ -63,3 +66,35 @@ def log_weights(model: Callable, guide: Callable, x: Tensor, num_particles: int)
             if site["type"] == "sample" and (sign > 0 or not site["is_observed"]):
                 log_w = log_w + sign * site["unscaled_log_prob"].expand(shape)
     return log_w
+
+
+def analytic_kl_sites(model: Callable, guide: Callable, x: Tensor) -> dict[str, bool]:
+    """For each latent site of the guide, whether torch has KL(q || p) in closed form for it, i.e.
+    whether TraceMeanField_ELBO uses the analytic KL there (it falls back to Monte Carlo, log q - log p
+    at the sampled z, where it has not)."""
+    model_trace, guide_trace = traces(model, guide, x[:1], 1)
+    sites = {}
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+            try:
+                kl_divergence(site["fn"], model_trace.nodes[name]["fn"])
+                sites[name] = True
+            except NotImplementedError:
+                sites[name] = False
+    return sites
+
+
+def check_analytic_kl(estimator: str | ELBO, model: Callable, guide: Callable, x: Tensor) -> dict | None:
+    """With the `analytic` estimator: warn (once per call) naming every latent site whose KL is
+    estimated by Monte Carlo instead, and return the record {"analytic_kl_sites": [...],
+    "monte_carlo_kl_sites": [...]} for the run's summary; None for other estimators."""
+    if estimator != "analytic":
+        return None
+    sites = analytic_kl_sites(model, guide, x)
+    fallback = [name for name, analytic in sites.items() if not analytic]
+    if fallback:
+        warnings.warn(
+            f"--estimator analytic: torch has no closed-form KL(q || p) for latent site(s) "
+            f"{', '.join(repr(n) for n in fallback)}; there the KL term is estimated by Monte Carlo "
+            "(log q - log p at the sampled z), as with --estimator mc", UserWarning, stacklevel=2)
+    return {"analytic_kl_sites": [n for n, a in sites.items() if a], "monte_carlo_kl_sites": fallback}

@@ -32,7 +32,7 @@ from . import plots
 from .config import Config
 from .data import Dataset, batch_indices, binarize, load_dataset
 from .errors import InputError, TrainingError
-from .estimators import make_estimator
+from .estimators import check_analytic_kl, make_estimator
 from .evaluate import elbo_terms, evaluate
 from .faults import NumericalFault, is_validation_error, locate_nonfinite
 from .likelihoods import make_likelihood
@@ -148,6 +148,7 @@ def train(
     data = prepare_data(config).to(device)
     vae = build_from_config(config, data.shape).to(device)
     elbo = make_estimator(config.estimator, config.particles)
+    kl_record = check_analytic_kl(config.estimator, vae.model, vae.guide, data.test_x)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
     generator = torch.Generator(device).manual_seed(config.seed)
     epoch, step, batch, metrics = 1, 0, 0, []
@@ -257,6 +258,7 @@ def train(
         "train_seconds": time.perf_counter() - started,
         "device": str(device),
         "n_train": n_train,
+        **(kl_record or {}),
     }
     write_json(out_dir / SUMMARY, summary)
     plots.save_figures(vae, data, out_dir, metrics, seed=config.seed)
