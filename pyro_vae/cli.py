@@ -22,13 +22,17 @@ HELP = {
     "channels": "1 (grayscale, default) or 3 (RGB) for image-folder data",
     "train_size": "use only the first N training examples",
     "test_size": "use only the first N test examples",
-    "binarize": "none | static (one fixed Bernoulli draw) | dynamic (a fresh draw each epoch; default)",
+    "binarize": "none | static (one fixed Bernoulli draw) | dynamic (a fresh draw each epoch); default: "
+                "dynamic for the bernoulli likelihood, none for the continuous ones",
+    "model": "vae (default) | ae (deterministic autoencoder baseline: reconstruction loss only, no ELBO)",
     "encoder": "network: mlp (default) | conv",
     "hidden": "hidden layer sizes, e.g. --hidden 300 300 (default 400)",
     "z_dim": "latent dimension (default 20)",
     "prior": "prior p(z): normal (N(0, I), default) | learned (diagonal Gaussian) | mog (mixture of "
              "Gaussians) | vamp (VampPrior)",
     "prior_components": "mixture components K of the mog (default 10) and vamp (default 500) priors",
+    "prior_init": "VampPrior pseudo-inputs start as: noise (uniform on [0, 1], default) | data (random "
+                  "training examples)",
     "likelihood": "likelihood p(x|z): bernoulli (default) | continuous-bernoulli | gaussian (fixed --sigma) "
                   "| gaussian-learned | laplace (fixed --sigma) | laplace-learned",
     "sigma": "fixed scale of the gaussian (standard deviation) and laplace likelihoods (default 0.1)",
@@ -36,6 +40,10 @@ HELP = {
                   "pixel (per pixel, from the decoder)",
     "estimator": "ELBO estimator: mc (Trace_ELBO, default) | analytic (TraceMeanField_ELBO)",
     "particles": "samples of z per example in the ELBO (default 1)",
+    "beta": "KL weight: the latent site is scaled by BETA (poutine.scale), -ELBO_beta = -E_q log p(x|z) "
+            "+ BETA KL (default 1: the ELBO)",
+    "kl_anneal": "raise the KL weight linearly from 0 to --beta over the first EPOCHS epochs "
+                 "(default 0: off)",
     "epochs": "passes over the training set (default 30)",
     "batch_size": "examples per step (default 128)",
     "lr": "Adam learning rate (default 1e-3)",
@@ -137,8 +145,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         result = train(resolve_config(args), out=args.out, progress=not args.quiet,
                        overwrite=args.overwrite)
     s = result.summary
-    print(f"test ELBO {s['test_elbo']:.2f} nats, log p(x) {s['log_px']:.2f} nats (k={s['k']}), "
-          f"{s['epochs']} epochs in {s['train_seconds']:.1f} s on {s['device']}")
+    measured = (f"test reconstruction log p(x|z) {s['recon']:.2f} nats, squared error {s['mse']:.2f}"
+                if s.get("model") == "ae" else
+                f"test ELBO {s['test_elbo']:.2f} nats, log p(x) {s['log_px']:.2f} nats (k={s['k']})")
+    print(f"{measured}, {s['epochs']} epochs in {s['train_seconds']:.1f} s on {s['device']}")
     print(f"wrote run directory {result.out}")
 
 
@@ -163,10 +173,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     config, vae, data = _load_run(args.run, args.device, args.test_size)
     result = evaluate(vae, data.test_x, k=args.k)
     write_json(Path(args.run) / EVAL, result)
-    print(f"{'metric':<22}{'nats per example':>18}{'std. error':>12}")
-    for name, label in (("test_elbo", "test ELBO"), ("log_px", f"log p(x), k={args.k}"),
-                        ("recon", "E_q log p(x|z)"), ("kl", "KL(q(z|x) || p(z))")):
+    rows = ((("recon", "log p(x | code)"), ("mse", "squared error (sum)")) if vae.is_autoencoder else
+            (("test_elbo", "test ELBO"), ("log_px", f"log p(x), k={args.k}"),
+             ("recon", "E_q log p(x|z)"), ("kl", "KL(q(z|x) || p(z))")))
+    print(f"{'metric':<22}{'per example':>18}{'std. error':>12}")
+    for name, label in rows:
         print(f"{label:<22}{result[name]:>18.3f}{result[name + '_se']:>12.3f}")
+    if vae.is_autoencoder:
+        print("an autoencoder has no ELBO and no estimate of log p(x): compare reconstructions only")
     print(f"active units {result['active_units']} of {config.z_dim}; {result['n_examples']} test examples")
     print(f"wrote {Path(args.run) / EVAL}")
 

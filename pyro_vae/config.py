@@ -17,10 +17,13 @@ from .data import BINARIZE_MODES
 from .errors import InputError
 from .estimators import ESTIMATORS
 from .likelihoods import LIKELIHOODS, SIGMA_MODES
+from .model import MODELS
 from .nets import NETWORKS
 from .priors import PRIORS
 
 DEVICES = ("auto", "cpu", "cuda")
+PRIOR_INITS = ("noise", "data")
+MIXTURE_PRIORS = ("mog", "vamp")  # the priors that take --prior-components
 
 
 @dataclass
@@ -33,17 +36,21 @@ class Config:
     channels: int = 1
     train_size: int | None = None
     test_size: int | None = None
-    binarize: str = "dynamic"
+    binarize: str | None = None  # None: 'dynamic' for a discrete likelihood, else 'none'
+    model: str = "vae"
     encoder: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [400])
     z_dim: int = 20
     prior: str = "normal"
     prior_components: int | None = None
+    prior_init: str = "noise"
     likelihood: str = "bernoulli"
     sigma: float = 0.1
     sigma_mode: str = "shared"
     estimator: str = "mc"
     particles: int = 1
+    beta: float = 1.0
+    kl_anneal: int = 0
     epochs: int = 30
     batch_size: int = 128
     lr: float = 1e-3
@@ -52,6 +59,10 @@ class Config:
     eval_k: int = 100
     checkpoint_every: float = 10.0
     clip_grad: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.binarize is None:
+            self.binarize = "dynamic" if _discrete(self.likelihood) else "none"
 
     @classmethod
     def from_dict(cls, values: dict) -> Config:
@@ -73,7 +84,7 @@ class Config:
         choices = {
             "binarize": BINARIZE_MODES, "encoder": tuple(NETWORKS), "prior": tuple(PRIORS),
             "likelihood": tuple(LIKELIHOODS), "sigma_mode": SIGMA_MODES, "estimator": tuple(ESTIMATORS),
-            "device": DEVICES,
+            "device": DEVICES, "model": MODELS, "prior_init": PRIOR_INITS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -92,12 +103,49 @@ class Config:
         if not self.checkpoint_every >= 0:
             raise InputError(f"--checkpoint-every must be >= 0 minutes (0: only at epoch ends), "
                              f"got {self.checkpoint_every}")
-        for name in ("lr", "sigma"):
+        for name in ("lr", "sigma", "beta"):
             if not getattr(self, name) > 0:
                 raise InputError(f"--{name} must be a positive number, got {getattr(self, name)}")
+        if self.kl_anneal < 0:
+            raise InputError(f"--kl-anneal must be a number of epochs >= 0, got {self.kl_anneal}")
+        self._validate_combination()
+
+    def _validate_combination(self) -> None:
+        """Raise InputError for settings that are valid alone but make no sense together."""
+        if self.binarize != "none" and not _discrete(self.likelihood):
+            raise InputError(
+                f"--binarize {self.binarize} makes binary data, but likelihood {self.likelihood!r} is a "
+                "density for continuous values (on 0/1 data it grows without bound); use --binarize none "
+                "with it, or --likelihood bernoulli for binary data")
+        if self.sigma_mode != "shared" and not self.likelihood.endswith("-learned"):
+            raise InputError(f"--sigma-mode {self.sigma_mode} applies to a learned scale; use it with "
+                             "--likelihood gaussian-learned or laplace-learned")
+        if self.prior_components is not None and self.prior not in MIXTURE_PRIORS:
+            raise InputError(f"--prior-components applies to the mixture priors "
+                             f"({', '.join(MIXTURE_PRIORS)}), not to --prior {self.prior}")
+        if self.prior_init != "noise" and self.prior != "vamp":
+            raise InputError(f"--prior-init {self.prior_init} sets the VampPrior's pseudo-inputs; use it "
+                             "with --prior vamp")
+        if self.model == "ae":
+            vae_only = {"prior": "normal", "estimator": "mc", "particles": 1, "beta": 1.0, "kl_anneal": 0}
+            changed = [k for k, v in vae_only.items() if getattr(self, k) != v]
+            if changed:
+                raise InputError(
+                    f"--model ae is a deterministic autoencoder: it has no prior, no KL and no ELBO, so "
+                    f"{', '.join('--' + k.replace('_', '-') for k in changed)} cannot apply; drop "
+                    f"{'it' if len(changed) == 1 else 'them'} or use --model vae")
+        if (self.beta != 1.0 or self.kl_anneal) and self.estimator.startswith("iwae"):
+            raise InputError(f"--beta and --kl-anneal weight the KL term of an ELBO; the importance-"
+                             f"weighted bound ({self.estimator}) has no separate KL term; use --estimator "
+                             "mc, analytic or stl")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _discrete(likelihood: str) -> bool:
+    """Whether the likelihood named is a probability mass function (unknown names: False)."""
+    return likelihood in LIKELIHOODS and LIKELIHOODS[likelihood]().discrete
 
 
 def load_config_file(path: str | Path) -> dict:

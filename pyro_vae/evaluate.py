@@ -89,7 +89,10 @@ def _mean_se(values: Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def evaluate(vae: VAE, x: Tensor, k: int = 5000, elbo_samples: int = 10) -> dict[str, float]:
-    """All evaluation metrics on x, in nats per example, with standard errors over examples."""
+    """All evaluation metrics on x, in nats per example, with standard errors over examples (for an
+    autoencoder: its reconstruction error, see evaluate_autoencoder)."""
+    if vae.is_autoencoder:
+        return evaluate_autoencoder(vae, x)
     terms = elbo_terms(vae.model, vae.guide, x, samples=elbo_samples)
     log_px = iwae_log_px(vae.model, vae.guide, x, k)
     result: dict[str, float] = {}
@@ -97,4 +100,20 @@ def evaluate(vae: VAE, x: Tensor, k: int = 5000, elbo_samples: int = 10) -> dict
                          ("kl", terms["kl"]), ("recon", terms["recon"])):
         result[name], result[f"{name}_se"] = _mean_se(values)
     result.update(active_units=active_units(vae, x), k=k, n_examples=int(x.shape[0]))
+    return result
+
+
+@torch.no_grad()
+def evaluate_autoencoder(vae: VAE, x: Tensor) -> dict[str, float | None]:
+    """The deterministic autoencoder's reconstruction error per example: recon = log p(x | decoder(c(x)))
+    in nats and mse = ||x - mean of p(x|z)||^2 summed over pixels. It has no ELBO and no estimate of
+    log p(x): those are None."""
+    recon = elbo_terms(vae.model, vae.guide, x)["recon"]
+    mse = torch.cat([(vae.decode(vae.posterior(x[rows]).mean) - x[rows]).square().flatten(1).sum(1)
+                     for rows in _chunks(x.shape[0], 4096)])
+    result: dict[str, float | None] = {"model": "ae", "test_elbo": None, "test_elbo_se": None,
+                                       "log_px": None, "log_px_se": None}
+    for name, values in (("recon", recon), ("mse", mse)):
+        result[name], result[f"{name}_se"] = _mean_se(values)
+    result.update(active_units=active_units(vae, x), n_examples=int(x.shape[0]))
     return result

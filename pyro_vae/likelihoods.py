@@ -25,6 +25,7 @@ class Likelihood(nn.Module):
 
     name = "likelihood"
     support = "(-inf, inf)"
+    discrete = False  # a probability mass function (True) or a density (False)
     params_per_pixel = 1  # decoder output channels per image channel
 
     def forward(self, out: Tensor) -> dist.Distribution:
@@ -52,6 +53,7 @@ class Bernoulli(Likelihood):
 
     name = "bernoulli"
     support = "[0, 1]"
+    discrete = True
 
     def forward(self, out: Tensor) -> dist.Distribution:
         return dist.Bernoulli(logits=out, validate_args=False).to_event(IMAGE_DIMS)

@@ -11,9 +11,12 @@ from collections.abc import Sequence
 
 import pyro
 import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
+from .errors import InputError
 from .likelihoods import Likelihood, make_likelihood
 from .nets import make_networks
 from .priors import make_prior
@@ -21,6 +24,8 @@ from .priors import make_prior
 
 class VAE(PyroModule):
     """p(x, z) = p(z) p(x|z) with p(x|z) = likelihood(decoder(z)); q(z|x) = N(encoder(x))."""
+
+    is_autoencoder = False
 
     def __init__(
         self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module, likelihood: Likelihood
@@ -40,17 +45,54 @@ class VAE(PyroModule):
     def guide(self, x: Tensor, n: int | None = None) -> Tensor:
         """q(z|x) = N(z; mu(x), diag sigma(x)^2), reparameterized: z = mu + sigma * eps."""
         with pyro.plate("data", x.shape[0]):
-            loc, scale = self.encoder(x)
-            return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            return pyro.sample("z", self.posterior(x))
 
     def posterior(self, x: Tensor) -> dist.Distribution:
         """q(z|x) as a distribution, without running Pyro (for plots and diagnostics)."""
         loc, scale = self.encoder(x)
         return dist.Normal(loc, scale).to_event(1)
 
+    def sample_latents(self, n: int) -> Tensor:
+        """n draws of z from the prior p(z): what `decode` turns into generated images."""
+        return self.prior().sample((n,))
+
     def decode(self, z: Tensor) -> Tensor:
         """The mean of p(x|z): what a picture of a decoded z shows."""
         return self.likelihood.mean(self.decoder(z))
+
+
+MODELS = ("vae", "ae")  # a VAE, or the deterministic autoencoder baseline
+
+
+class FlatLatent(nn.Module):
+    """The autoencoder's 'prior': p(z) proportional to 1 on R^z_dim, log p(z) = 0 (improper; it cannot
+    be sampled). It makes the ELBO of a point-mass guide exactly the reconstruction log-likelihood."""
+
+    def __init__(self, z_dim: int):
+        super().__init__()
+        self.z_dim = z_dim
+
+    def forward(self) -> dist.Distribution:
+        return dist.ImproperUniform(constraints.real, (), (self.z_dim,))
+
+
+class AutoEncoder(VAE):
+    """The deterministic autoencoder baseline, still a Pyro program: the guide is a point mass at the
+    code c(x) (the encoder's loc), the model's z has a flat density, so -ELBO = -log p(x | decoder(c(x))),
+    the reconstruction loss alone. No prior, no KL, no bound on log p(x); `sample_latents` draws
+    N(0, I) noise, to show what decoding random codes gives without a prior to match."""
+
+    is_autoencoder = True
+
+    def posterior(self, x: Tensor) -> dist.Distribution:
+        """The point mass q(z|x) = delta(z - c(x))."""
+        loc, _ = self.encoder(x)
+        return dist.Delta(loc, event_dim=1)
+
+    def sample_latents(self, n: int) -> Tensor:
+        """n draws of N(0, I) noise in code space."""
+        z_dim = self.prior.z_dim
+        return torch.randn(n, z_dim, device=next(self.decoder.parameters()).device)
 
 
 def build_vae(
@@ -60,12 +102,18 @@ def build_vae(
     z_dim: int = 20,
     prior: str = "normal",
     likelihood: str = "bernoulli",
+    model: str = "vae",
     **options,
 ) -> VAE:
-    """A VAE from registry names. `options` go to the likelihood and prior factories (e.g. sigma,
-    sigma_mode, prior_components); the prior also gets the guide's encoder and the data shape."""
+    """A VAE (or, with model='ae', the AutoEncoder) from registry names. `options` go to the likelihood
+    and prior factories (e.g. sigma, sigma_mode, prior_components); the prior also gets the guide's
+    encoder and the data shape."""
     lik = make_likelihood(likelihood, **options)
     c, h, w = x_shape
     enc, dec = make_networks(encoder, x_shape, hidden, z_dim, (c * lik.params_per_pixel, h, w))
+    if model not in MODELS:
+        raise InputError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+    if model == "ae":
+        return AutoEncoder(enc, dec, FlatLatent(z_dim), lik)
     p_z = make_prior(prior, z_dim, encoder=enc, x_shape=tuple(x_shape), **options)
     return VAE(enc, dec, p_z, lik)

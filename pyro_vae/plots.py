@@ -45,11 +45,14 @@ def _save_grid(grid: Tensor, path: Path, title: str, xlabel: str = "", ylabel: s
 
 @torch.no_grad()
 def plot_samples(vae: VAE, path: Path, n: int = 64, seed: int = 0) -> Path:
-    """x = mean of p(x|z) for z ~ p(z): what the model generates from its prior."""
+    """x = mean of p(x|z) for z ~ p(z): what the model generates from its prior (for an autoencoder,
+    which has no prior: z ~ N(0, I) noise)."""
     torch.manual_seed(seed)
-    z = vae.prior().sample((n,))
+    z = vae.sample_latents(n)
     cols = int(n**0.5)
-    return _save_grid(image_grid(vae.decode(z).cpu(), n // cols, cols), path, "samples from the prior")
+    title = ("decoded N(0, I) noise (an autoencoder has no prior)" if vae.is_autoencoder
+             else "samples from the prior")
+    return _save_grid(image_grid(vae.decode(z).cpu(), n // cols, cols), path, title)
 
 
 @torch.no_grad()
@@ -107,13 +110,16 @@ def plot_latent_map(vae: VAE, x: Tensor, labels: Tensor | None, path: Path) -> P
 
 
 def plot_curves(metrics: list[dict], path: Path) -> Path:
-    """Train ELBO (= -train loss) and test ELBO per epoch, in nats per example."""
+    """Train ELBO (= -train loss) and test ELBO per epoch, in nats per example (for an autoencoder:
+    the reconstruction log-likelihood, train and test)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [m["epoch"] for m in metrics]
-    ax.plot(epochs, [-m["train_loss"] for m in metrics], marker=".", label="train ELBO")
-    ax.plot(epochs, [m["test_elbo"] for m in metrics], marker=".", label="test ELBO")
+    ae = metrics[0].get("test_elbo") is None
+    key, name = ("test_recon", "log p(x|z)") if ae else ("test_elbo", "ELBO")
+    ax.plot(epochs, [-m["train_loss"] for m in metrics], marker=".", label=f"train {name}")
+    ax.plot(epochs, [m[key] for m in metrics], marker=".", label=f"test {name}")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("ELBO (nats per example)")
+    ax.set_ylabel(f"{name} (nats per example)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -124,7 +124,7 @@ def build_from_config(config: Config, x_shape: tuple[int, ...]) -> VAE:
     return build_vae(
         x_shape, encoder=config.encoder, hidden=config.hidden, z_dim=config.z_dim,
         prior=config.prior, likelihood=config.likelihood, sigma=config.sigma,
-        sigma_mode=config.sigma_mode, prior_components=config.prior_components,
+        sigma_mode=config.sigma_mode, prior_components=config.prior_components, model=config.model,
     )
 
 

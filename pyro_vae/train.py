@@ -35,7 +35,9 @@ from .errors import InputError, TrainingError
 from .estimators import check_analytic_kl, make_estimator
 from .evaluate import elbo_terms, evaluate
 from .faults import NumericalFault, is_validation_error, locate_nonfinite
+from .kl_weight import kl_weight, scale_latents
 from .likelihoods import make_likelihood
+from .model import VAE
 from .rng import get_rng_state, set_rng_state
 from .run_dir import (
     CHECKPOINT,
@@ -96,6 +98,12 @@ def prepare_data(config: Config) -> Dataset:
     likelihood.check(data.train_x)
     likelihood.check(data.test_x)
     return data
+
+
+def init_prior(vae: VAE, config: Config, data: Dataset) -> None:
+    """With --prior-init data, start the VampPrior's pseudo-inputs at random training examples."""
+    if config.prior_init == "data":
+        vae.prior.init_from(data.train_x, torch.Generator().manual_seed(config.seed))
 
 
 def check_run_dir(out: str | Path | None, overwrite: bool = False) -> Path:
@@ -166,6 +174,7 @@ def train(
         remove_stale_temp_files(out_dir)
         write_jsonl(out_dir / METRICS, metrics)
     else:
+        init_prior(vae, config, data)
         if out_dir.exists():
             shutil.rmtree(out_dir)  # only reached with --overwrite on a pyro-vae run
         out_dir.mkdir(parents=True)
@@ -199,8 +208,10 @@ def train(
                        desc=f"epoch {epoch}/{config.epochs}", leave=False)
             for idx in bar:
                 x = x_epoch[idx]
+                weight = kl_weight(config.beta, config.kl_anneal, step, n_batches)
                 try:
-                    loss = elbo.differentiable_loss(vae.model, vae.guide, x) / x.shape[0]
+                    loss = elbo.differentiable_loss(scale_latents(vae.model, weight),
+                                                    scale_latents(vae.guide, weight), x) / x.shape[0]
                 except ValueError as err:  # Pyro's check of distribution parameters (NaN/inf)
                     if not is_validation_error(err):
                         raise
@@ -232,21 +243,27 @@ def train(
                     last_save = time.perf_counter()
 
             vae.eval()
+            test = elbo_terms(vae.model, vae.guide, data.test_x)
             row = {
                 "epoch": epoch,
                 "step": step,
                 "train_loss": float(epoch_total) / n_train,
-                "test_elbo": float(elbo_terms(vae.model, vae.guide, data.test_x)["elbo"].mean()),
+                "test_elbo": None if vae.is_autoencoder else float(test["elbo"].mean()),
+                "test_recon": float(test["recon"].mean()),
                 "seconds": time.perf_counter() - epoch_start,
             }
+            if config.beta != 1.0 or config.kl_anneal:
+                row["kl_weight"] = weight
             metrics.append(row)
             epoch, batch, epoch_total = epoch + 1, 0, torch.zeros((), device=device)
             checkpoint(generator.get_state())
             last_save = time.perf_counter()
             write_jsonl(out_dir / METRICS, metrics)
             if progress:
-                tqdm.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.2f}, test ELBO "
-                           f"{row['test_elbo']:.2f} nats ({row['seconds']:.1f} s)")
+                tested = (f"test reconstruction log p(x|z) {row['test_recon']:.2f}" if vae.is_autoencoder
+                          else f"test ELBO {row['test_elbo']:.2f}")
+                tqdm.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.2f}, {tested} nats "
+                           f"({row['seconds']:.1f} s)")
 
     vae.eval()
     final = evaluate(vae, data.test_x, k=config.eval_k)
