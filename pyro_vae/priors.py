@@ -9,6 +9,7 @@ ones it needs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import pyro.distributions as dist
@@ -67,9 +68,25 @@ class LearnedNormal(nn.Module):
         return dist.Normal(self.loc, _scale(self.raw_scale)).to_event(1)
 
 
+class DiagonalNormalMixture(dist.MixtureSameFamily):
+    """A mixture of diagonal Gaussians whose log_prob needs no (..., K, z_dim) tensor: with
+    precisions P = 1/scale^2, sum_d (z_d - mu_kd)^2 P_kd = z^2 . P_k - 2 z . (mu_k P_k) + mu_k^2 . P_k,
+    three contractions over d (matrix products), then a logsumexp over the K components."""
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        normal = self.component_distribution.base_dist
+        precision = normal.scale.pow(-2)  # (..., K, D)
+        quad = (torch.einsum("...d,...kd->...k", z.pow(2), precision)
+                - 2 * torch.einsum("...d,...kd->...k", z, normal.loc * precision)
+                + (normal.loc.pow(2) * precision).sum(-1))
+        log_norm = -0.5 * normal.loc.shape[-1] * math.log(2 * math.pi) - normal.scale.log().sum(-1)
+        log_weights = torch.log_softmax(self.mixture_distribution.logits, -1)
+        return torch.logsumexp(log_weights + log_norm - 0.5 * quad, -1)
+
+
 def _mixture(logits: Tensor, loc: Tensor, scale: Tensor) -> dist.Distribution:
     """sum_k softmax(logits)_k N(z; loc_k, diag scale_k^2), loc and scale of shape (K, z_dim)."""
-    return dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+    return DiagonalNormalMixture(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
 
 
 class MixtureOfGaussians(nn.Module):
