@@ -1,5 +1,5 @@
-"""`pyro-vae` subcommands: train, evaluate, sample. Parses and validates, calls the library, and
-turns bad input into one line on stderr with exit code 2."""
+"""`pyro-vae` subcommands: train, evaluate, sample, compare, diagnose. Parses and validates, calls the
+library, and turns bad input into one line on stderr with exit code 2."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ HELP = {
     "sigma": "fixed scale of the gaussian (standard deviation) and laplace likelihoods (default 0.1)",
     "sigma_mode": "scale of gaussian-learned and laplace-learned: shared (one learned scalar, default) | "
                   "pixel (per pixel, from the decoder)",
-    "estimator": "ELBO estimator: mc (Trace_ELBO, default) | analytic (TraceMeanField_ELBO)",
+    "estimator": "ELBO estimator: mc (Trace_ELBO, default) | analytic (TraceMeanField_ELBO) | iwae "
+                 "(importance-weighted bound, K = --particles) | stl (sticking the landing) | iwae-dreg "
+                 "(IWAE with doubly reparameterized gradients)",
     "particles": "samples of z per example in the ELBO (default 1)",
     "beta": "KL weight: the latent site is scaled by BETA (poutine.scale), -ELBO_beta = -E_q log p(x|z) "
             "+ BETA KL (default 1: the ELBO)",
@@ -52,9 +54,14 @@ HELP = {
     "eval_k": "importance samples for the final log p(x) in summary.json (default 100)",
     "checkpoint_every": "also checkpoint every M minutes inside an epoch (default 10; 0: epoch ends only)",
     "clip_grad": "clip the gradient norm to this value (default: no clipping)",
+    "workers": "read an image-folder dataset batch by batch with N DataLoader worker processes instead of "
+               "holding it on the device (default 0: on the device)",
+    "cuda_graph": "off (default) | on: capture the training step as one CUDA graph and replay it (GPU, "
+                  "one process; experimental)",
 }
 # settings that may change when a run is resumed: they do not change the model or the data
-RESUMABLE = {"epochs", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir"}
+RESUMABLE = {"epochs", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir", "workers",
+             "cuda_graph"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,7 +109,34 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=64, help="number of samples from the prior (default 64)")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     sample.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    _add_compare_parser(sub)
+    _add_diagnose_parser(sub)
     return parser
+
+
+def _add_compare_parser(sub) -> None:
+    compare = sub.add_parser("compare", help="ELBO estimators side by side: value spread, gradient "
+                             "variance and SNR, time -> compare.json, compare.md, PNGs", allow_abbrev=False)
+    compare.add_argument("run", nargs="?", help="a run directory written by `pyro-vae train`")
+    compare.add_argument("--config", help="compare on a fresh model from this YAML/JSON file, not a run")
+    compare.add_argument("--out", help="where to write (default: RUN; required with --config)")
+    compare.add_argument("--estimators", nargs="+", metavar="NAME[:K]", default=None,
+                         help="estimators to compare, NAME or NAME:K (e.g. mc iwae:50); default: all")
+    compare.add_argument("--particles-list", type=int, nargs="+", default=[1, 5, 50], metavar="K",
+                         help="particles K for each bare NAME (default 1 5 50)")
+    compare.add_argument("--repeats", type=int, default=100, help="draws per estimator (default 100)")
+    compare.add_argument("--batch-size", type=int, default=64, help="test examples in the batch (default 64)")
+    compare.add_argument("--k-ref", type=int, default=1000,
+                         help="importance samples for the reference log p(x) (default 1000)")
+    compare.add_argument("--train-epochs", type=int, default=0, metavar="N",
+                         help="also train the network from its initialization with each estimator for "
+                              "N epochs and report the final log p(x) (default 0: off)")
+    compare.add_argument("--pretrain-epochs", type=int, default=0, metavar="N",
+                         help="with --config: train the fresh model N epochs before measuring (default 0)")
+    compare.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    compare.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                         help="auto (default) | cpu | cuda")
+    compare.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -145,6 +179,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         result = train(resolve_config(args), out=args.out, progress=not args.quiet,
                        overwrite=args.overwrite)
     s = result.summary
+    if not s:  # a process of a multi-process run other than rank 0: rank 0 reports
+        return
     measured = (f"test reconstruction log p(x|z) {s['recon']:.2f} nats, squared error {s['mse']:.2f}"
                 if s.get("model") == "ae" else
                 f"test ELBO {s['test_elbo']:.2f} nats, log p(x) {s['log_px']:.2f} nats (k={s['k']})")
@@ -194,7 +230,57 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample}
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import CompareOptions, compare_estimators
+
+    options = CompareOptions(
+        particles=args.particles_list, repeats=args.repeats, batch_size=args.batch_size, k_ref=args.k_ref,
+        train_epochs=args.train_epochs, pretrain_epochs=args.pretrain_epochs, seed=args.seed,
+        device=args.device, progress=not args.quiet,
+    )
+    if args.estimators:
+        options.estimators = args.estimators
+    result = compare_estimators(args.run, args.config, args.out, options)
+    print((result.out / "compare.md").read_text(), end="")
+    for path in result.paths:
+        print(f"wrote {path}")
+
+
+def _add_diagnose_parser(sub) -> None:
+    diag = sub.add_parser("diagnose", help="how good is q(z|x)? log p(x), ELBO gaps, NUTS on z, PSIS k-hat "
+                          "-> RUN/diagnose.json, .md, PNGs", allow_abbrev=False)
+    diag.add_argument("run", help="a run directory written by `pyro-vae train`")
+    diag.add_argument("--n-examples", type=int, default=100,
+                      help="test examples, drawn at random (default 100)")
+    diag.add_argument("--mcmc-examples", type=int, default=5,
+                      help="of those, how many get NUTS on z (default 5; 0: no MCMC)")
+    diag.add_argument("--k", type=int, default=5000, help="importance samples per example (default 5000)")
+    diag.add_argument("--svi-steps", type=int, default=500, help="SVI steps fitting each q* (default 500)")
+    diag.add_argument("--num-samples", type=int, default=500, help="NUTS draws per chain (default 500)")
+    diag.add_argument("--warmup", type=int, default=500, help="NUTS warm-up steps per chain (default 500)")
+    diag.add_argument("--chains", type=int, default=2, help="NUTS chains, run one after another (default 2)")
+    diag.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    diag.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    diag.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_diagnose(args: argparse.Namespace) -> None:
+    from .diagnostics import diagnose, write_report
+
+    for name in ("n-examples", "k", "svi-steps", "num-samples", "warmup", "chains"):
+        _positive(name, getattr(args, name.replace("-", "_")))
+    _, vae, data = _load_run(args.run, args.device)
+    result = diagnose(vae, data.test_x, n_examples=args.n_examples, mcmc_examples=args.mcmc_examples,
+                      k=args.k, svi_steps=args.svi_steps, num_samples=args.num_samples, warmup=args.warmup,
+                      chains=args.chains, seed=args.seed, progress=not args.quiet)
+    paths = write_report(result, Path(args.run))
+    print((Path(args.run) / "diagnose.md").read_text(), end="")
+    for path in paths:
+        print(f"wrote {path}")
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample, "compare": cmd_compare,
+            "diagnose": cmd_diagnose}
 
 
 def main(argv: list[str] | None = None) -> int:

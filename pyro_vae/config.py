@@ -24,6 +24,7 @@ from .priors import PRIORS
 DEVICES = ("auto", "cpu", "cuda")
 PRIOR_INITS = ("noise", "data")
 MIXTURE_PRIORS = ("mog", "vamp")  # the priors that take --prior-components
+CUDA_GRAPH_MODES = ("off", "on")
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Config:
     eval_k: int = 100
     checkpoint_every: float = 10.0
     clip_grad: float | None = None
+    workers: int = 0
+    cuda_graph: str = "off"
 
     def __post_init__(self) -> None:
         if self.binarize is None:
@@ -84,7 +87,7 @@ class Config:
         choices = {
             "binarize": BINARIZE_MODES, "encoder": tuple(NETWORKS), "prior": tuple(PRIORS),
             "likelihood": tuple(LIKELIHOODS), "sigma_mode": SIGMA_MODES, "estimator": tuple(ESTIMATORS),
-            "device": DEVICES, "model": MODELS, "prior_init": PRIOR_INITS,
+            "device": DEVICES, "model": MODELS, "prior_init": PRIOR_INITS, "cuda_graph": CUDA_GRAPH_MODES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -108,6 +111,11 @@ class Config:
                 raise InputError(f"--{name} must be a positive number, got {getattr(self, name)}")
         if self.kl_anneal < 0:
             raise InputError(f"--kl-anneal must be a number of epochs >= 0, got {self.kl_anneal}")
+        if self.workers < 0:
+            raise InputError(f"--workers must be a number of processes >= 0, got {self.workers}")
+        if self.cuda_graph == "on" and self.device == "cpu":
+            raise InputError("--cuda-graph on captures the step for a CUDA GPU; use it with --device cuda "
+                             "(or auto on a machine with a GPU), or leave it off")
         self._validate_combination()
 
     def _validate_combination(self) -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Dataset as TorchDataset
 
 from .errors import InputError
 
@@ -201,34 +203,90 @@ def _image_folder(root: Path, image_size: int, channels: int) -> Dataset:
     """A folder of images in torchvision's ImageFolder layout (one subfolder per class), resized to
     image_size x image_size and converted to `channels` (1: grayscale, 3: RGB). A folder with
     `train/` and `test/` subfolders gives the split; otherwise a fixed 10% is held out."""
+    train, test = image_folder_parts(root, image_size, channels)
+    (train_x, train_y), (test_x, test_y) = read_images(train, root), read_images(test, root)
+    return Dataset(root.name, train_x, test_x, train_y, test_y)
+
+
+def read_images(part: TorchDataset, root: Path) -> tuple[Tensor, Tensor]:
+    """All (image, label) items of a part of an image folder as float32 images in [0, 1] and labels."""
+    try:
+        pairs = [part[i] for i in range(len(part))]
+    except (FileNotFoundError, OSError, RuntimeError) as err:
+        raise InputError(f"cannot read images from {root}: {err}; use one subfolder per class "
+                         "holding readable image files") from None
+    x = torch.stack([p[0] for p in pairs]).float() / 255.0
+    return x, torch.tensor([p[1] for p in pairs], dtype=torch.int64)
+
+
+def image_folder_parts(
+    root: Path, image_size: int = 28, channels: int = 1
+) -> tuple[TorchDataset, TorchDataset]:
+    """The train and test parts of an image folder, read lazily: items are (uint8 image (C, H, W),
+    label). `train/` and `test/` subfolders give the split; otherwise a fixed HELD_OUT_FRACTION of the
+    images (the same every time) is held out."""
     from torchvision import datasets, transforms
 
     steps = [transforms.Resize((image_size, image_size))]
     if channels == 1:
         steps.insert(0, transforms.Grayscale(num_output_channels=1))
     elif channels == 3:
-        steps.insert(0, transforms.Lambda(lambda im: im.convert("RGB")))
+        steps.insert(0, transforms.Lambda(_rgb))
     else:
         raise InputError(f"--channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     transform = transforms.Compose([*steps, transforms.PILToTensor()])
 
-    def read(folder: Path) -> tuple[Tensor, Tensor]:
+    def open_folder(folder: Path) -> TorchDataset:
         try:
-            items = datasets.ImageFolder(str(folder), transform=transform)
-            pairs = [items[i] for i in range(len(items))]
+            return datasets.ImageFolder(str(folder), transform=transform)
         except (FileNotFoundError, OSError, RuntimeError) as err:
-            raise InputError(
-                f"cannot read images from {folder}: {err}; use one subfolder per class "
-                "holding readable image files"
-            ) from None
-        x = torch.stack([p[0] for p in pairs]).float() / 255.0
-        return x, torch.tensor([p[1] for p in pairs], dtype=torch.int64)
+            raise InputError(f"cannot read images from {folder}: {err}; use one subfolder per class "
+                             "holding readable image files") from None
 
     if (root / "train").is_dir() and (root / "test").is_dir():
-        (train_x, train_y), (test_x, test_y) = read(root / "train"), read(root / "test")
-        return Dataset(root.name, train_x, test_x, train_y, test_y)
-    x, y = read(root)
-    return _split(root.name, x, y, HELD_OUT_FRACTION)
+        return open_folder(root / "train"), open_folder(root / "test")
+    items = open_folder(root)
+    train, test = _split_indices(root.name, len(items), HELD_OUT_FRACTION)
+    return Subset(items, train.tolist()), Subset(items, test.tolist())
+
+
+def _rgb(image):
+    """A PIL image as RGB (a module-level function, so DataLoader workers can pickle the transform)."""
+    return image.convert("RGB")
+
+
+class ImageStream:
+    """Training images read from disk batch by batch by DataLoader worker processes, for image folders
+    too large to hold on the device. Which images make up each batch is decided by the caller (the
+    same global batches as on-device training), so any sampler - one process's share of each
+    global batch, say - is a list of index lists."""
+
+    def __init__(self, images: TorchDataset, workers: int):
+        self.images, self.workers = images, workers
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, index_lists: list[list[int]], device: torch.device) -> Iterator[Tensor]:
+        """The images of each list of indices, read ahead by the workers, as float32 (B, C, H, W) in
+        [0, 1] on `device` (copied as uint8, from pinned memory on CUDA)."""
+        loader = DataLoader(_ImagesOnly(self.images), batch_sampler=index_lists, num_workers=self.workers,
+                            pin_memory=device.type == "cuda")
+        for x in loader:
+            yield x.to(device, non_blocking=True).float() / 255.0
+
+
+class _ImagesOnly(TorchDataset):
+    """The images of a dataset of (image, label) pairs."""
+
+    def __init__(self, items: TorchDataset):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.items[i][0]
 
 
 def _array_file(path: Path) -> Dataset:
@@ -280,13 +338,18 @@ def _labels(array: np.ndarray | None, n: int) -> Tensor | None:
 
 def _split(name: str, x: Tensor, y: Tensor | None, test_fraction: float) -> Dataset:
     """A fixed random split (same permutation every time) into train and held-out test."""
-    if len(x) < 2:
-        raise InputError(f"dataset {name!r} has {len(x)} example(s); need at least 2 to split")
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    n_test = max(1, round(len(x) * test_fraction))
-    test, train = order[:n_test], order[n_test:]
+    train, test = _split_indices(name, len(x), test_fraction)
     pick = lambda t, i: None if t is None else t[i]  # noqa: E731
     return Dataset(name, x[train], x[test], pick(y, train), pick(y, test))
+
+
+def _split_indices(name: str, n: int, test_fraction: float) -> tuple[Tensor, Tensor]:
+    """(train, test) indices of a fixed random split of range(n) (the same permutation every time)."""
+    if n < 2:
+        raise InputError(f"dataset {name!r} has {n} example(s); need at least 2 to split")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    n_test = max(1, round(n * test_fraction))
+    return order[n_test:], order[:n_test]
 
 
 def _check_finite(data: Dataset) -> None:

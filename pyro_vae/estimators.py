@@ -4,6 +4,8 @@
 `analytic` is TraceMeanField_ELBO: where torch knows KL(q || p) in closed form it is used instead
 (for a diagonal Gaussian q and N(0, I) prior: 1/2 sum(sigma^2 + mu^2 - 1 - log sigma^2)); both are
 unbiased for the same ELBO and differ only in variance.
+`iwae` is the importance-weighted bound log (1/K) sum_k w_k per example, `stl` the ELBO with the
+score term dropped, `iwae-dreg` IWAE with doubly reparameterized gradients (all three in iwae.py).
 """
 
 from __future__ import annotations
@@ -11,20 +13,17 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
-import pyro
-import torch
-from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import kl_divergence
 
 from .errors import InputError
+from .iwae import IWAE, MAX_PLATE_NESTING, STL, DReG, particle_traces, weights
 
-MAX_PLATE_NESTING = 1  # the data plate; particle plates go to the left of it
-PARTICLE_DIM = -MAX_PLATE_NESTING - 1
-
-ESTIMATORS: dict[str, type[ELBO]] = {"mc": Trace_ELBO, "analytic": TraceMeanField_ELBO}
+ESTIMATORS: dict[str, type[ELBO]] = {
+    "mc": Trace_ELBO, "analytic": TraceMeanField_ELBO, "iwae": IWAE, "stl": STL, "iwae-dreg": DReG,
+}
 
 
 def make_estimator(estimator: str | ELBO = "mc", particles: int = 1) -> ELBO:
@@ -46,9 +45,7 @@ def make_estimator(estimator: str | ELBO = "mc", particles: int = 1) -> ELBO:
 def traces(model: Callable, guide: Callable, x: Tensor, num_particles: int):
     """Guide and model traces with `num_particles` vectorized samples of z per example; every
     site's log_prob has shape (num_particles, N)."""
-    with pyro.plate("particles", num_particles, dim=PARTICLE_DIM):
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    model_trace, guide_trace = particle_traces(model, guide, num_particles, x)
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
     return model_trace, guide_trace
@@ -58,14 +55,7 @@ def log_weights(model: Callable, guide: Callable, x: Tensor, num_particles: int)
     """log w_k(x) = log p(x, z_k) - log q(z_k|x), z_k ~ q(z|x): shape (num_particles, N), one
     column per example, without any poutine.scale or subsampling factor (a scaled bound applies its
     scale after the logsumexp, not before)."""
-    model_trace, guide_trace = traces(model, guide, x, num_particles)
-    shape = (num_particles, x.shape[0])
-    log_w = torch.zeros(shape, device=x.device)
-    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-        for site in trace.nodes.values():
-            if site["type"] == "sample" and (sign > 0 or not site["is_observed"]):
-                log_w = log_w + sign * site["unscaled_log_prob"].expand(shape)
-    return log_w
+    return weights(model, guide, num_particles, x).log_w
 
 
 def analytic_kl_sites(model: Callable, guide: Callable, x: Tensor) -> dict[str, bool]:

@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,11 +27,14 @@ from pathlib import Path
 
 import pyro
 import torch
+from pyro.infer import trace_elbo, trace_mean_field_elbo
+from torch import Tensor
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from . import plots
-from .config import Config
-from .data import Dataset, batch_indices, binarize, load_dataset
+from . import distributed, plots
+from .config import DEVICES, Config
+from .data import Dataset, ImageStream, batch_indices, binarize, image_folder_parts, load_dataset, read_images
 from .errors import InputError, TrainingError
 from .estimators import check_analytic_kl, make_estimator
 from .evaluate import elbo_terms, evaluate
@@ -54,6 +58,7 @@ from .run_dir import (
 )
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates
+FAULT_CHECK_EVERY = 100  # steps between checks for a non-finite step (each waits for the device)
 
 
 class Interrupted(TrainingError):
@@ -78,6 +83,8 @@ def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA if available else CPU; 'cuda' without a GPU is an input error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in DEVICES:
+        raise InputError(f"unknown device {name!r}: choose one of {', '.join(DEVICES)}")
     if name == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
     return torch.device(name)
@@ -98,6 +105,39 @@ def prepare_data(config: Config) -> Dataset:
     likelihood.check(data.train_x)
     likelihood.check(data.test_x)
     return data
+
+
+def prepare_stream(config: Config) -> tuple[ImageStream, Dataset]:
+    """With --workers N: the training images of an image folder as an ImageStream that N worker
+    processes read batch by batch, and the Dataset with the test images loaded whole (binarized once,
+    as prepare_data does) and no training images in memory (train_x is empty)."""
+    root = Path(config.dataset)
+    if not root.is_dir():
+        raise InputError(f"--workers {config.workers} streams the images of a folder, and {config.dataset!r} "
+                         "is not one; leave --workers at 0 (the data then lives on the device)")
+    if config.binarize == "static" or config.prior_init == "data":
+        what = "--binarize static" if config.binarize == "static" else "--prior-init data"
+        raise InputError(f"{what} needs the training images in memory; with --workers use --binarize "
+                         "dynamic or none and --prior-init noise, or leave --workers at 0")
+    train, test = image_folder_parts(root, config.image_size or 28, config.channels)
+    train = Subset(train, range(min(config.train_size or len(train), len(train))))
+    test_x, test_y = read_images(Subset(test, range(min(config.test_size or len(test), len(test)))), root)
+    if config.binarize != "none":
+        test_x = binarize(test_x, torch.Generator().manual_seed(config.seed))
+    make_likelihood(config.likelihood, sigma=config.sigma, sigma_mode=config.sigma_mode).check(test_x)
+    return ImageStream(train, config.workers), Dataset(root.name, test_x[:0], test_x, None, test_y)
+
+
+def _streamed(stream: ImageStream, order: list[Tensor], start: int, ranks: distributed.Ranks,
+              device: torch.device, key: tuple[int, ...] | None) -> Iterator[Tensor]:
+    """The batches order[start:] (this process's share of each) read by the stream's workers; with a
+    key, binarized, batch b by a generator seeded from (key, b), so a resumed epoch draws the same."""
+    lists = [ranks.shard(idx).tolist() for idx in order[start:]]
+    for b, x in enumerate(stream.batches(lists, device), start):
+        if key is None:
+            yield x
+        else:
+            yield binarize(x, torch.Generator(device).manual_seed(hash((*key, b)) & (2**63 - 1)))
 
 
 def init_prior(vae: VAE, config: Config, data: Dataset) -> None:
@@ -141,6 +181,151 @@ def _stop_requests():
             signal.signal(s, h)
 
 
+@contextmanager
+def _scalars_stay_on_device():
+    """Inside Pyro's Trace_ELBO and TraceMeanField_ELBO, turn torch_item (a Python float, which
+    waits for the device) into a detached tensor and skip warn_if_nan (a host-side check; the step
+    checks finiteness itself). differentiable_loss keeps its value and gradient: it returns
+    loss + (surrogate - surrogate.detach()) instead of loss + (surrogate - float(surrogate))."""
+    saved = []
+    for module in (trace_elbo, trace_mean_field_elbo):
+        for name, replacement in (("torch_item", _detached), ("warn_if_nan", _unchecked)):
+            if hasattr(module, name):
+                saved.append((module, name, getattr(module, name)))
+                setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
+def _detached(x):
+    """torch_item without the host sync: a number as it is, a tensor detached."""
+    return x.detach() if torch.is_tensor(x) else x
+
+
+def _unchecked(value, *args, **kwargs):
+    """warn_if_nan that checks nothing."""
+    return value
+
+
+class SVIStep:
+    """One SVI step with no host sync: loss = loss_fn(x, ...) (-ELBO per example), backward, optional
+    gradient-norm clipping, fused Adam. A step whose loss or gradient norm is not finite is not
+    applied, and neither is any later one (Adam's on-device `found_inf`, which stays set), so the
+    model stays as it was before the first bad step until `fault()` (one host sync, called every so
+    often) reports it. Pyro's validation runs on the first step only (model/guide structure and
+    distribution arguments); later steps skip it, and non-finite values are caught by the check."""
+
+    def __init__(self, loss_fn: Callable[..., Tensor], optimizer: torch.optim.Optimizer,
+                 params: list[Tensor], clip_grad: float | None, device: torch.device):
+        self.loss_fn, self.optimizer, self.params, self.clip_grad = loss_fn, optimizer, params, clip_grad
+        self.skipped = torch.zeros((), device=device)  # steps not applied, from the first bad one on
+        self.optimizer.found_inf = torch.zeros((), device=device)  # read by fused Adam's step
+        self.validate = True
+
+    def __call__(self, x: Tensor, *args) -> Tensor:
+        """Run the step on batch x (args go to loss_fn); returns the loss, detached, on the device."""
+        with pyro.validation_enabled(self.validate), _scalars_stay_on_device():
+            try:
+                loss = self.loss_fn(x, *args)
+            except ValueError as err:  # Pyro's check of distribution parameters (NaN/inf)
+                if not is_validation_error(err):
+                    raise
+                loss = torch.full((), math.nan, device=x.device)
+        self.validate = False
+        self.optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        nonfinite = torch.isfinite(loss.detach() + grad_norm).logical_not_()  # NaN or inf in either
+        found_inf = self.optimizer.found_inf
+        torch.maximum(found_inf, nonfinite, out=found_inf)
+        self.skipped.add_(found_inf)
+        if self.clip_grad:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_grad, grad_norm)
+        self.optimizer.step()
+        return loss.detach()
+
+    def fault(self, reduce: Callable[[Tensor], Tensor] = lambda t: t) -> int:
+        """The number of steps not applied, counting the first bad one (0: none); `reduce` combines
+        it over processes (all call it together). Waits for the device."""
+        return int(reduce(self.skipped))
+
+    def gradients(self, x: Tensor, *args) -> Tensor:
+        """Run batch x again at the current parameters: the loss, and the gradients in .grad; no step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with pyro.validation_enabled(False), _scalars_stay_on_device():
+            loss = self.loss_fn(x, *args)
+        if loss.requires_grad:
+            loss.backward()
+        return loss.detach()
+
+
+class CUDAGraphStep:
+    """An SVIStep captured as one CUDA graph and replayed: a step is then one copy of the batch into
+    the graph's input buffer and one graph launch, with no Python, no Pyro tracing and no per-kernel
+    launch cost. The step is captured once the same batch shape and arguments have come WARMUP times
+    in a row (eager steps before, on a side stream, as CUDA graph capture wants); a step the graph
+    cannot stand for runs eagerly: a batch of another shape (an epoch's last, shorter batch) or other
+    arguments (a KL weight still warming up; once it settles, the step is captured again). z is
+    drawn by CUDA's graph-safe Philox generator: same distribution as eager mode, other draws. If
+    capture fails, training goes on eagerly, with a warning."""
+
+    WARMUP = 3
+
+    def __init__(self, step: SVIStep):
+        self.step = step
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key = self.last = None  # (shape, args) of the graph, and of the step before
+        self.repeats, self.failed = 0, False
+        self.side = torch.cuda.Stream()
+
+    def __call__(self, x: Tensor, *args) -> Tensor:
+        """SVIStep.__call__, replayed from the graph where it can be."""
+        key = (tuple(x.shape), args)
+        if self.graph is not None and key == self.key:
+            self.x.copy_(x)
+            self.graph.replay()
+            return self.loss.clone()
+        self.repeats = self.repeats + 1 if key == self.last else 1
+        self.last = key
+        if self.repeats > self.WARMUP and not self.failed:
+            return self._capture(x, *args)
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            loss = self.step(x, *args)
+        torch.cuda.current_stream().wait_stream(self.side)
+        return loss
+
+    def _capture(self, x: Tensor, *args) -> Tensor:
+        """Capture the step on batch x (nothing runs during capture), then replay it once."""
+        self.graph, self.x = None, x.clone()  # a graph captured before goes, with its buffers
+        graph = torch.cuda.CUDAGraph()
+        self.step.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph
+        try:
+            with torch.cuda.graph(graph):
+                self.loss = self.step(self.x, *args)
+        except RuntimeError as err:
+            self.failed = True
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            warnings.warn(f"--cuda-graph on: capturing the training step failed ({reason}); training goes "
+                          "on without the graph", UserWarning, stacklevel=2)
+            return self.step(x, *args)
+        self.graph, self.key = graph, (tuple(x.shape), args)
+        graph.replay()
+        return self.loss.clone()
+
+    def fault(self, reduce: Callable[[Tensor], Tensor] = lambda t: t) -> int:
+        """As SVIStep.fault (the graph updates the same counter)."""
+        return self.step.fault(reduce)
+
+    def gradients(self, x: Tensor, *args) -> Tensor:
+        """As SVIStep.gradients, eagerly."""
+        return self.step.gradients(x, *args)
+
+
 def train(
     config: Config, out: str | Path | None = None, resume: bool = False, progress: bool = True,
     overwrite: bool = False,
@@ -148,50 +333,96 @@ def train(
     """Train a VAE as `config` says and write the run directory (see DESIGN.md). With resume=True,
     `out` is an existing run whose checkpoint is continued up to config.epochs."""
     config.validate()
-    device = resolve_device(config.device)
+    ranks, device = distributed.start(resolve_device(config.device))
+    progress = progress and ranks.is_main
+    if config.batch_size < ranks.world_size:
+        raise InputError(f"--batch-size {config.batch_size} is the global batch, shared by "
+                         f"{ranks.world_size} processes; make it at least the number of processes")
+    if config.cuda_graph == "on" and (device.type != "cuda" or ranks.active):
+        raise InputError("--cuda-graph on needs a CUDA GPU and a single process; "
+                         f"this run has {device.type} and {ranks.world_size} process(es): leave it off")
     out_dir = Path(out) if resume else check_run_dir(out, overwrite)
     state = load_checkpoint(out_dir / CHECKPOINT, device) if resume else None
 
     pyro.set_rng_seed(config.seed)
-    data = prepare_data(config).to(device)
+    stream, data = prepare_stream(config) if config.workers else (None, prepare_data(config))
+    data = data.to(device)
     vae = build_from_config(config, data.shape).to(device)
     elbo = make_estimator(config.estimator, config.particles)
     kl_record = check_analytic_kl(config.estimator, vae.model, vae.guide, data.test_x)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr)
+    capturable = config.cuda_graph == "on"  # Adam's state on the device, as a CUDA graph needs
+    optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr, fused=True, capturable=capturable)
     generator = torch.Generator(device).manual_seed(config.seed)
     epoch, step, batch, metrics = 1, 0, 0, []
     epoch_total = torch.zeros((), device=device)
 
     if state is not None:
         vae.load_state_dict(state["model"])
+        for group in state["optimizer"]["param_groups"]:  # --lr and --cuda-graph may change on resume;
+            group.update(lr=config.lr, fused=True, capturable=capturable)  # older runs used plain Adam
         optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr  # --lr may change on resume
         epoch, step, batch = int(state["epoch"]), int(state["step"]), int(state["batch"])
         generator.set_state(state["epoch_generator"].cpu())
-        epoch_total = state["epoch_total"].to(device)
+        if ranks.is_main:  # the epoch's loss so far (summed over processes) is counted once
+            epoch_total = state["epoch_total"].to(device)
         metrics = list(state["metrics"])
-        remove_stale_temp_files(out_dir)
-        write_jsonl(out_dir / METRICS, metrics)
+        if ranks.is_main:
+            remove_stale_temp_files(out_dir)
+            write_jsonl(out_dir / METRICS, metrics)
     else:
         init_prior(vae, config, data)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # only reached with --overwrite on a pyro-vae run
-        out_dir.mkdir(parents=True)
-        write_json(out_dir / CONFIG, config_record(config, data.shape))
+        ranks.barrier()  # every process has checked the run directory before rank 0 fills it
+        if ranks.is_main:
+            if out_dir.exists():
+                shutil.rmtree(out_dir)  # only reached with --overwrite on a pyro-vae run
+            out_dir.mkdir(parents=True)
+            write_json(out_dir / CONFIG, config_record(config, data.shape))
+    if ranks.active:  # each process draws its own z; model and data order are the same in all
+        pyro.set_rng_seed(config.seed + ranks.rank)
 
     params = [p for p in vae.parameters() if p.requires_grad]
-    n_train = data.train_x.shape[0]
-    n_batches = math.ceil(n_train / config.batch_size)
+    n_train = len(stream) if stream else data.train_x.shape[0]
+    n_batches = math.ceil(n_train / config.batch_size) - ranks.drops_last(n_train, config.batch_size)
     started = last_save = time.perf_counter()
+
+    def loss_fn(x: Tensor, weight: float, per: float) -> Tensor:
+        """-ELBO with KL weight `weight`, summed over the examples of x, divided by `per`: the
+        examples in x, or with W processes, those in the step's global batch divided by W."""
+        return elbo.differentiable_loss(scale_latents(vae.model, weight),
+                                        scale_latents(vae.guide, weight), x) / per
+
+    svi_step = SVIStep(ranks.data_parallel(loss_fn, vae, device), optimizer, params, config.clip_grad, device)
+    if config.cuda_graph == "on":
+        svi_step = CUDAGraphStep(svi_step)
+
+    def check_fault() -> None:
+        """Raise NumericalFault naming the first step of this epoch that was not applied, if any."""
+        skipped = svi_step.fault(ranks.max)
+        if not skipped:
+            return
+        idx, bad_step = order[batch - skipped], step - skipped
+        x = x_epoch[ranks.shard(idx)] if stream is None else \
+            next(_streamed(stream, [idx], 0, ranks, device, None))  # read again, not binarized
+        weight = kl_weight(config.beta, config.kl_anneal, bad_step, n_batches)
+        loss = svi_step.gradients(x, weight, len(idx) / ranks.world_size)  # the model is as that step saw it
+        raise NumericalFault(
+            f"{locate_nonfinite(vae, x, loss)} at step {bad_step + 1} (epoch {epoch}); this "
+            f"step was not applied and the last good checkpoint is in {out_dir}. Lower "
+            f"--lr (now {config.lr:g}) or clip gradients with --clip-grad (e.g. 10), then "
+            f"continue with: pyro-vae train --resume {out_dir} --lr ..."
+        )
 
     def checkpoint(epoch_state: torch.Tensor) -> None:
         """Save everything needed to continue at (epoch, batch) exactly as if never stopped."""
-        save_checkpoint(out_dir / CHECKPOINT, {
-            "model": vae.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "batch": batch, "step": step, "epoch_generator": epoch_state,
-            "epoch_total": epoch_total, "metrics": metrics, "rng": get_rng_state(device),
-        })
+        check_fault()
+        total, rng = ranks.sum(epoch_total), ranks.gather(get_rng_state(device))
+        if ranks.is_main:
+            save_checkpoint(out_dir / CHECKPOINT, {
+                "model": vae.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "batch": batch, "step": step, "epoch_generator": epoch_state,
+                "epoch_total": total, "metrics": metrics, "rng": rng[0],
+                **({"rng_ranks": rng} if ranks.active else {}),
+            })
 
     with _stop_requests() as stop, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # we stop on NaN ourselves
@@ -201,53 +432,43 @@ def train(
             epoch_state = generator.get_state()  # everything random in this epoch starts here
             x_epoch = binarize(data.train_x, generator) if config.binarize == "dynamic" else data.train_x
             order = list(batch_indices(n_train, config.batch_size, generator, device))
+            order = order[:n_batches]  # with several processes, a last batch too small to share goes
             if state is not None:  # resuming: random states as they were at the checkpoint
-                set_rng_state(state["rng"], device)
+                if (rng := ranks.rng_state(state)) is not None:
+                    set_rng_state(rng, device)
                 state = None
-            bar = tqdm(order[batch:], total=n_batches, initial=batch, disable=not progress,
-                       desc=f"epoch {epoch}/{config.epochs}", leave=False)
-            for idx in bar:
-                x = x_epoch[idx]
+            key = (config.seed, epoch, ranks.rank) if config.binarize == "dynamic" else None
+            xs = (x_epoch[ranks.shard(idx)] for idx in order[batch:]) if stream is None else \
+                _streamed(stream, order, batch, ranks, device, key)
+            bar = tqdm(zip(order[batch:], xs, strict=True), total=n_batches, initial=batch,
+                       disable=not progress, desc=f"epoch {epoch}/{config.epochs}", leave=False)
+            for idx, x in bar:
+                per = len(idx) / ranks.world_size
                 weight = kl_weight(config.beta, config.kl_anneal, step, n_batches)
-                try:
-                    loss = elbo.differentiable_loss(scale_latents(vae.model, weight),
-                                                    scale_latents(vae.guide, weight), x) / x.shape[0]
-                except ValueError as err:  # Pyro's check of distribution parameters (NaN/inf)
-                    if not is_validation_error(err):
-                        raise
-                    loss = torch.tensor(math.nan, device=device)
-                optimizer.zero_grad(set_to_none=True)
-                if loss.requires_grad:
-                    loss.backward()
-                grads = [p.grad for p in params if p.grad is not None]
-                grad_norm = torch.nn.utils.get_total_norm(grads)
-                if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
-                    raise NumericalFault(
-                        f"{locate_nonfinite(vae, x, loss)} at step {step + 1} (epoch {epoch}); this "
-                        f"step was not applied and the last good checkpoint is in {out_dir}. Lower "
-                        f"--lr (now {config.lr:g}) or clip gradients with --clip-grad (e.g. 10), then "
-                        f"continue with: pyro-vae train --resume {out_dir} --lr ..."
-                    )
-                if config.clip_grad:
-                    torch.nn.utils.clip_grads_with_norm_(params, config.clip_grad, grad_norm)
-                optimizer.step()
-                epoch_total += loss.detach() * x.shape[0]
+                loss = svi_step(x, weight, per)
+                epoch_total += loss * per
                 step, batch = step + 1, batch + 1
-                if batch % POSTFIX_EVERY == 1:
+                if progress and batch % POSTFIX_EVERY == 1:
                     bar.set_postfix(loss=f"{loss.item():.2f}")
-                if stop[0]:
+                if step % FAULT_CHECK_EVERY == 0:
+                    check_fault()
+                minutes = (time.perf_counter() - last_save) / 60
+                due = bool(config.checkpoint_every) and minutes > config.checkpoint_every
+                signum, due = ranks.agree(step, stop[0], due)  # with several processes: the same step
+                if signum:
                     checkpoint(epoch_state)
-                    raise Interrupted(stop[0], out_dir, step)
-                if config.checkpoint_every and time.perf_counter() - last_save > 60 * config.checkpoint_every:
+                    raise Interrupted(signum, out_dir, step)
+                if due:
                     checkpoint(epoch_state)
                     last_save = time.perf_counter()
 
+            check_fault()
             vae.eval()
             test = elbo_terms(vae.model, vae.guide, data.test_x)
             row = {
                 "epoch": epoch,
                 "step": step,
-                "train_loss": float(epoch_total) / n_train,
+                "train_loss": float(ranks.sum(epoch_total)) / n_train,
                 "test_elbo": None if vae.is_autoencoder else float(test["elbo"].mean()),
                 "test_recon": float(test["recon"].mean()),
                 "seconds": time.perf_counter() - epoch_start,
@@ -258,13 +479,17 @@ def train(
             epoch, batch, epoch_total = epoch + 1, 0, torch.zeros((), device=device)
             checkpoint(generator.get_state())
             last_save = time.perf_counter()
-            write_jsonl(out_dir / METRICS, metrics)
+            if ranks.is_main:
+                write_jsonl(out_dir / METRICS, metrics)
             if progress:
                 tested = (f"test reconstruction log p(x|z) {row['test_recon']:.2f}" if vae.is_autoencoder
                           else f"test ELBO {row['test_elbo']:.2f}")
                 tqdm.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.2f}, {tested} nats "
                            f"({row['seconds']:.1f} s)")
 
+    ranks.barrier()  # the last checkpoint is written
+    if not ranks.is_main:  # rank 0 evaluates and writes the summary and figures
+        return RunResult(out_dir, metrics, {})
     vae.eval()
     final = evaluate(vae, data.test_x, k=config.eval_k)
     summary = {
@@ -274,6 +499,7 @@ def train(
         "train_loss": metrics[-1]["train_loss"] if metrics else None,
         "train_seconds": time.perf_counter() - started,
         "device": str(device),
+        "processes": ranks.world_size,
         "n_train": n_train,
         **(kl_record or {}),
     }

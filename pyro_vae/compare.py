@@ -1,0 +1,397 @@
+"""Estimator comparison: on one fixed model and one fixed test batch, for each ELBO estimator and
+number of particles K, measure
+
+* the estimate: R independent draws of every example's bound, in nats: mean, per-example standard
+  deviation of one draw, and bias against a high-k IWAE reference log p(x);
+* the gradient of the training loss (-bound per example, averaged over the batch): per-parameter
+  variance and signal-to-noise ratio SNR = |mean| / std over R draws (Rainforth et al. 2018),
+  averaged over the encoder's parameters (q) and over the rest (decoder, learned prior and scale: p);
+* the wall time of one loss + backward;
+* optionally, the final test log p(x) when each estimator trains the same network from the same
+  initialization for the same number of epochs.
+
+Every measurement of an estimator starts from the same seed, so a result does not depend on which
+other estimators were compared with it. Writes compare.json, compare.md and two PNG figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyro
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .config import Config, load_config_file
+from .errors import InputError
+from .estimators import ESTIMATORS, check_analytic_kl, log_weights, make_estimator
+from .evaluate import elbo_terms, iwae_log_px
+from .model import VAE
+from .run_dir import build_from_config, load_model, read_config, write_json
+
+JSON, MARKDOWN = "compare.json", "compare.md"
+SNR_FIGURE, ESTIMATES_FIGURE = "compare_snr.png", "compare_estimates.png"
+TRAIN_DIR = "compare-train"  # where --train-epochs writes one run per estimator
+PRETRAINED_DIR = "model"  # where --pretrain-epochs writes the model it measures
+
+
+def _se(values: Tensor) -> float | None:
+    """Standard error of the mean over examples (None for one example)."""
+    return float(values.std() / math.sqrt(len(values))) if len(values) > 1 else None
+
+
+def _elbo(log_w: Tensor) -> Tensor:
+    """ELBO estimate per example: mean_k log w_k."""
+    return log_w.mean(0)
+
+
+def _iwae(log_w: Tensor) -> Tensor:
+    """IWAE_K per example: logsumexp_k log w_k - log K."""
+    return log_w.logsumexp(0) - math.log(log_w.shape[0])
+
+
+# The bound each estimator estimates, as one draw per example from K particles: the ELBO mean_k log w_k,
+# the same ELBO with the KL in closed form (E_q log p(x|z) - KL), or IWAE_K = logsumexp_k log w_k - log K.
+BOUNDS: dict[str, Callable[[Callable, Callable, Tensor, int], Tensor]] = {
+    "mc": lambda model, guide, x, k: _elbo(log_weights(model, guide, x, k)),
+    "stl": lambda model, guide, x, k: _elbo(log_weights(model, guide, x, k)),
+    "analytic": lambda model, guide, x, k: elbo_terms(model, guide, x, samples=k)["elbo"],
+    "iwae": lambda model, guide, x, k: _iwae(log_weights(model, guide, x, k)),
+    "iwae-dreg": lambda model, guide, x, k: _iwae(log_weights(model, guide, x, k)),
+}
+
+
+@dataclass
+class CompareOptions:
+    """What to compare and how hard to look (the `pyro-vae compare` flags)."""
+
+    estimators: list[str] = field(default_factory=lambda: list(ESTIMATORS))  # NAME or NAME:K
+    particles: list[int] = field(default_factory=lambda: [1, 5, 50])  # K for a bare NAME
+    repeats: int = 100
+    batch_size: int = 64
+    k_ref: int = 1000
+    train_epochs: int = 0
+    pretrain_epochs: int = 0
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise InputError for values outside their range."""
+        for name in ("batch_size", "k_ref"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got "
+                                 f"{getattr(self, name)}")
+        if self.repeats < 2:
+            raise InputError(f"--repeats must be at least 2 (a standard deviation needs two draws), "
+                             f"got {self.repeats}")
+        for name in ("train_epochs", "pretrain_epochs"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.particles or min(self.particles) < 1:
+            raise InputError(f"--particles-list needs positive integers, got {self.particles}")
+        parse_specs(self.estimators, self.particles)
+
+
+def parse_specs(estimators: Sequence[str], particles: Sequence[int]) -> list[tuple[str, int]]:
+    """(name, K) pairs in order, without repeats: 'iwae:50' is iwae with K=50, a bare 'iwae' is iwae
+    with each K in `particles`."""
+    specs: list[tuple[str, int]] = []
+    for item in estimators:
+        name, colon, k = item.partition(":")
+        if name not in BOUNDS:
+            raise InputError(f"unknown estimator {name!r} in --estimators: choose one of "
+                             f"{', '.join(BOUNDS)}, optionally as NAME:K (e.g. iwae:50)")
+        if colon and not (k.isdigit() and int(k) >= 1):
+            raise InputError(f"--estimators {item!r}: the number of particles after ':' must be a "
+                             "positive integer, e.g. iwae:50")
+        for kk in [int(k)] if colon else particles:
+            if (name, kk) not in specs:
+                specs.append((name, kk))
+    if not specs:
+        raise InputError("--estimators needs at least one estimator")
+    return specs
+
+
+@torch.no_grad()
+def estimate_stats(name: str, k: int, vae: VAE, x: Tensor, repeats: int, log_px: Tensor) -> dict:
+    """R draws b_rn of every example's bound: mean over r and n (and its standard error over draws),
+    per-example std sqrt(mean_n var_r b_rn), bias mean - mean_n log p(x_n), and the R batch means."""
+    draws = torch.stack([BOUNDS[name](vae.model, vae.guide, x, k) for _ in range(repeats)])  # (R, N)
+    batch_means = draws.mean(1)
+    mean = float(batch_means.mean())
+    return {
+        "value_mean": mean,
+        "value_mean_se": float(batch_means.std() / math.sqrt(repeats)),
+        "value_std": float(draws.var(0).mean().sqrt()),
+        "bias": mean - float(log_px.mean()),
+        "batch_means": batch_means.tolist(),
+    }
+
+
+def parameter_groups(vae: VAE) -> dict[str, list[torch.nn.Parameter]]:
+    """'encoder': the guide's network; 'decoder': every other trained parameter (decoder network, and
+    a learned prior or likelihood scale where the model has one)."""
+    encoder = {id(p) for p in vae.encoder.parameters()}
+    params = [p for p in vae.parameters() if p.requires_grad]
+    return {"encoder": [p for p in params if id(p) in encoder],
+            "decoder": [p for p in params if id(p) not in encoder]}
+
+
+def _flat_grad(params: list[torch.nn.Parameter]) -> Tensor:
+    """All the parameters' gradients in one vector (zeros for a parameter the loss did not reach)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so a wall-clock time covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gradient_stats(elbo: pyro.infer.ELBO, vae: VAE, x: Tensor, repeats: int, progress: bool = False,
+                   desc: str = "gradients") -> dict:
+    """R draws g_r of the gradient of loss = -bound/N (as in a training step): per group, the
+    per-parameter variance var_r(g) and SNR |mean_r g| / std_r g, each averaged over the group's
+    parameters (those with std > 0); and the median wall time of one loss + backward, in ms."""
+    groups = parameter_groups(vae)
+    sums = {g: torch.zeros(sum(p.numel() for p in ps), dtype=torch.float64, device=x.device)
+            for g, ps in groups.items()}
+    squares = {g: s.clone() for g, s in sums.items()}
+    times = []
+    for r in tqdm(range(repeats + 1), desc=desc, leave=False, disable=not progress):
+        vae.zero_grad(set_to_none=True)
+        _sync(x.device)
+        start = time.perf_counter()
+        (elbo.differentiable_loss(vae.model, vae.guide, x) / x.shape[0]).backward()
+        _sync(x.device)
+        if r == 0:
+            continue  # a warm-up step: first-call costs are not part of the time or the statistics
+        times.append(time.perf_counter() - start)
+        for g, ps in groups.items():
+            flat = _flat_grad(ps).double()
+            sums[g] += flat
+            squares[g] += flat.square()
+    vae.zero_grad(set_to_none=True)
+    result: dict = {"ms_per_step": 1000 * float(torch.tensor(times).median())}
+    for g in groups:
+        mean = sums[g] / repeats
+        var = ((squares[g] - repeats * mean.square()) / (repeats - 1)).clamp(min=0)
+        varying = var > 0
+        snr = mean[varying].abs() / var[varying].sqrt()
+        result[g] = {"grad_var": float(var.mean()), "snr": float(snr.mean()) if varying.any() else math.nan,
+                     "n_params": int(var.numel())}
+    return result
+
+
+def measure(vae: VAE, x: Tensor, specs: Sequence[tuple[str, int]], repeats: int, k_ref: int,
+            seed: int = 0, progress: bool = False) -> dict:
+    """The comparison on one model and batch: the reference log p(x) and one row per (name, K)."""
+    pyro.set_rng_seed(seed)
+    log_px = iwae_log_px(vae.model, vae.guide, x, k_ref)
+    record: dict = {"n_examples": int(x.shape[0]), "repeats": repeats, "k_ref": k_ref, "seed": seed,
+                    "device": str(x.device), "log_px_ref": float(log_px.mean()), "log_px_ref_se": _se(log_px)}
+    if any(name == "analytic" for name, _ in specs):
+        record["analytic_kl"] = check_analytic_kl("analytic", vae.model, vae.guide, x)
+    rows = []
+    for name, k in tqdm(specs, desc="estimators", disable=not progress):
+        pyro.set_rng_seed(seed)
+        row = {"estimator": name, "particles": k, **estimate_stats(name, k, vae, x, repeats, log_px)}
+        pyro.set_rng_seed(seed)
+        row.update(gradient_stats(make_estimator(name, k), vae, x, repeats, progress, f"{name} K={k}"))
+        rows.append(row)
+    record["estimators"] = rows
+    return record
+
+
+def _read_config(run: Path | None, config_file: Path | None, device: torch.device) -> Config:
+    """The config of the run, or of the config file (on `device`)."""
+    if config_file is not None:
+        return Config.from_dict({**load_config_file(config_file), "device": device.type})
+    return read_config(run)[0]
+
+
+def _model(run: Path | None, config_file: Path | None, config: Config, out: Path, options: CompareOptions,
+           device: torch.device) -> tuple[VAE, Tensor, str]:
+    """The model to measure, the test batch, and a description of the model."""
+    from .train import prepare_data, train
+
+    if config_file is not None and not options.pretrain_epochs:
+        pyro.set_rng_seed(config.seed)  # the initialization `pyro-vae train` starts from
+        data = prepare_data(config).to(device)
+        vae = build_from_config(config, data.shape).to(device).eval()
+        return vae, data.test_x[: options.batch_size], f"{config_file}, untrained"
+    if config_file is not None:
+        run = out / PRETRAINED_DIR
+        train(dataclasses.replace(config, epochs=options.pretrain_epochs), out=run,
+              progress=options.progress, overwrite=True)
+    config, vae = load_model(run, device)
+    data = prepare_data(config).to(device)
+    described = f"{run}" + (f", trained {options.pretrain_epochs} epochs" if config_file else "")
+    return vae, data.test_x[: options.batch_size], described
+
+
+def train_each(config: Config, specs: Sequence[tuple[str, int]], epochs: int, out: Path, k_ref: int,
+               x: Tensor, progress: bool = True) -> dict[str, dict]:
+    """Train the config's network from its initialization (same seed) with each estimator for `epochs`
+    epochs; per 'name K' label, the final log p(x) (IWAE, k_ref) on the batch x and the run's summary."""
+    from .train import train
+
+    results = {}
+    for name, k in specs:
+        run = out / TRAIN_DIR / f"{name}-K{k}"
+        cfg = dataclasses.replace(config, estimator=name, particles=k, epochs=epochs, device=x.device.type)
+        summary = train(cfg, out=run, progress=progress, overwrite=True).summary
+        _, vae = load_model(run, x.device)
+        pyro.set_rng_seed(cfg.seed)
+        log_px = iwae_log_px(vae.model, vae.guide, x, k_ref)
+        results[f"{name} {k}"] = {
+            "epochs": epochs, "run": str(run), "log_px": float(log_px.mean()),
+            "log_px_se": _se(log_px),
+            "test_elbo": summary.get("test_elbo"), "train_seconds": summary.get("train_seconds"),
+        }
+    return results
+
+
+@dataclass
+class CompareResult:
+    """Where the comparison was written, and what it measured."""
+
+    out: Path
+    record: dict
+    paths: list[Path]
+
+
+def compare_estimators(run: str | Path | None = None, config_file: str | Path | None = None,
+                       out: str | Path | None = None, options: CompareOptions | None = None) -> CompareResult:
+    """Compare estimators on a trained run (RUN) or on a fresh model from a config file (then `out`
+    is required); write compare.json, compare.md and the figures to `out` (default: RUN)."""
+    from .train import resolve_device
+
+    options = options or CompareOptions()
+    options.validate()
+    if (run is None) == (config_file is None):
+        raise InputError("compare needs either a run directory or --config FILE (not both)")
+    if config_file is not None and out is None:
+        raise InputError("compare --config needs --out DIR: where to write the comparison")
+    if options.pretrain_epochs and config_file is None:
+        raise InputError("--pretrain-epochs applies to --config (a fresh model); a run is already trained")
+    specs = parse_specs(options.estimators, options.particles)
+    device = resolve_device(options.device)
+    out_dir = Path(out if out is not None else run)
+    run, config_file = Path(run) if run else None, Path(config_file) if config_file else None
+    config = _read_config(run, config_file, device)
+    if getattr(config, "model", "vae") != "vae":
+        raise InputError(f"{run or config_file} is an autoencoder (model {config.model!r}): it has no ELBO "
+                         "to estimate; compare a VAE")
+    if options.train_epochs:  # refuse a bad pairing (an estimator the config cannot train with) up front
+        for name, k in specs:
+            dataclasses.replace(config, estimator=name, particles=k, epochs=options.train_epochs).validate()
+    vae, x, described = _model(run, config_file, config, out_dir, options, device)
+    record = {"model": described, "dataset": config.dataset,
+              **measure(vae, x, specs, options.repeats, options.k_ref, options.seed, options.progress)}
+    if options.train_epochs:
+        final = train_each(config, specs, options.train_epochs, out_dir, options.k_ref, x, options.progress)
+        for row in record["estimators"]:
+            row["final"] = final[f"{row['estimator']} {row['particles']}"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / JSON, record)
+    (out_dir / MARKDOWN).write_text(markdown(record))
+    paths = [out_dir / JSON, out_dir / MARKDOWN, plot_snr(record, out_dir / SNR_FIGURE),
+             plot_estimates(record, out_dir / ESTIMATES_FIGURE)]
+    return CompareResult(out_dir, record, paths)
+
+
+def markdown(record: dict) -> str:
+    """The comparison as a Markdown table, with a line saying what was measured and how."""
+    final = any("final" in row for row in record["estimators"])
+    header = ["estimator", "K", "bound (nats)", "std of one draw (nats)", "bias vs log p(x) (nats)",
+              "encoder grad var", "encoder SNR", "decoder grad var", "decoder SNR", "ms/step"]
+    if final:
+        epochs = next(row["final"]["epochs"] for row in record["estimators"])
+        header.append(f"log p(x) after {epochs} epochs (nats)")
+    lines = [
+        f"Model: {record['model']} ({record['dataset']}); {record['n_examples']} test examples, "
+        f"{record['repeats']} draws per estimator, seed {record['seed']}, device {record['device']}. "
+        f"Reference log p(x) = {record['log_px_ref']:.2f} nats (IWAE, k={record['k_ref']}).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in record["estimators"]:
+        cells = [row["estimator"], str(row["particles"]),
+                 f"{row['value_mean']:.2f} ± {row['value_mean_se']:.2f}", f"{row['value_std']:.2f}",
+                 f"{row['bias']:.2f}", f"{row['encoder']['grad_var']:.2e}", f"{row['encoder']['snr']:.3f}",
+                 f"{row['decoder']['grad_var']:.2e}", f"{row['decoder']['snr']:.3f}",
+                 f"{row['ms_per_step']:.1f}"]
+        if final:
+            cells.append(f"{row['final']['log_px']:.2f} ± {row['final']['log_px_se']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "bound: mean over draws and examples ± its standard error over draws; std of one draw: "
+        "per-example standard deviation of a single estimate; bias: bound − reference (the reference "
+        "is itself a lower bound, so every bias is ≤ 0 up to noise). Gradients of the training loss "
+        "(−bound per example, averaged over the batch): variance per parameter and SNR = |mean| / std "
+        "per parameter, averaged over the encoder's (q) and the decoder's (p) parameters. ms/step: "
+        "median wall time of one loss + backward.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_snr(record: dict, path: Path) -> Path:
+    """Encoder and decoder gradient SNR against the number of particles K, one line per estimator."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    names = dict.fromkeys(row["estimator"] for row in record["estimators"])
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("v", "-."), ("D", "-"), ("x", "--")]
+    for ax, group in zip(axes, ("encoder", "decoder"), strict=True):
+        for i, name in enumerate(names):
+            rows = sorted((r for r in record["estimators"] if r["estimator"] == name),
+                          key=lambda r: r["particles"])
+            marker, line = styles[i % len(styles)]
+            ax.plot([r["particles"] for r in rows], [r[group]["snr"] for r in rows], marker=marker,
+                    linestyle=line, fillstyle="none", label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("particles K")
+        ax.set_ylabel("gradient SNR (|mean| / std, averaged)")
+        ax.set_title(f"{group} parameters")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_estimates(record: dict, path: Path) -> Path:
+    """The distribution of each estimator's batch-mean estimate over draws, against the reference."""
+    plt = _pyplot()
+    rows = record["estimators"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows)), 4.5))
+    ax.boxplot([r["batch_means"] for r in rows],
+               tick_labels=[f"{r['estimator']}\nK={r['particles']}" for r in rows])
+    ax.axhline(record["log_px_ref"], color="k", linestyle="--", linewidth=1,
+               label=f"log p(x), IWAE k={record['k_ref']}")
+    ax.set_ylabel("estimate (nats per example, batch mean)")
+    ax.set_title(f"{record['repeats']} draws on {record['n_examples']} test examples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

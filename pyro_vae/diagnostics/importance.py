@@ -1,0 +1,69 @@
+"""Importance weights w = p(x, z) / q(z|x), z ~ q(z|x), kept for every draw: the log p(x) estimate,
+its Monte Carlo error, the ELBO, and the Pareto k-hat that says whether the estimate can be trusted.
+
+The IWAE estimate log p(x) ~ log (1/k) sum_k w_k is consistent, but its error is governed by the
+tail of the weights. PSIS (Vehtari, Simpson, Gelman, Yao & Gabry 2024) fits a generalized Pareto
+distribution to the largest weights; its shape k-hat estimates 1/alpha, where alpha is the number of
+finite moments of w. Above k-hat = 0.7 the estimate is not to be trusted, whatever its k.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..estimators import log_weights
+from ..evaluate import MAX_ELEMENTS
+
+KHAT_GOOD = 0.5  # below: the importance-sampled estimate converges at the usual rate
+KHAT_THRESHOLD = 0.7  # above: not to be trusted (Vehtari et al. 2024)
+
+
+@torch.no_grad()
+def importance_log_weights(
+    model: Callable, guide_for: Callable[[slice], Callable], x: Tensor, k: int,
+    max_elements: int = MAX_ELEMENTS, progress: bool = False, desc: str = "importance weights",
+) -> Tensor:
+    """log w_{kn} = log p(x_n, z_k) - log q(z_k|x_n), z_k ~ q(z|x_n), shape (k, N), computed in
+    chunks of examples and draws. `guide_for(rows)` is the guide for the examples x[rows] (a guide
+    with per-example parameters needs to know which ones it is given)."""
+    per_pixel = max(1, x[0].numel())
+    k_chunk = max(1, min(k, max_elements // per_pixel))
+    n_chunk = max(1, max_elements // (k_chunk * per_pixel))
+    out = torch.empty(k, x.shape[0], dtype=x.dtype, device=x.device)
+    jobs = [(slice(i, min(i + n_chunk, x.shape[0])), slice(j, min(j + k_chunk, k)))
+            for i in range(0, x.shape[0], n_chunk) for j in range(0, k, k_chunk)]
+    for rows, draws in tqdm(jobs, desc=desc, disable=not progress, leave=False):
+        out[draws, rows] = log_weights(model, guide_for(rows), x[rows], draws.stop - draws.start)
+    return out
+
+
+def log_px_estimate(log_w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per example: log p(x) ~ logsumexp_k(log w_k) - log k, and its delta-method Monte Carlo standard
+    error sd_k(w_k / mean w) / sqrt(k) (itself unreliable where k-hat > 0.7). Shapes (N,)."""
+    k = log_w.shape[0]
+    log_px = log_w.logsumexp(0) - math.log(k)
+    relative = torch.exp(log_w - log_px)  # w_k / mean(w), mean 1
+    return log_px, relative.std(0) / math.sqrt(k) if k > 1 else torch.full_like(log_px, math.nan)
+
+
+def elbo_estimate(log_w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per example: ELBO = E_q[log w] ~ mean_k log w_k, and its standard error sd_k(log w) / sqrt(k)."""
+    k = log_w.shape[0]
+    return log_w.mean(0), log_w.std(0) / math.sqrt(k) if k > 1 else torch.full_like(log_w[0], math.nan)
+
+
+def pareto_khat(log_w: Tensor) -> Tensor:
+    """Per example, the PSIS shape estimate k-hat of the weights' upper tail (ArviZ `psislw`, draws
+    independent so r_eff = 1). Shape (N,)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # arviz announces its 1.0 refactor on import; psislw warns on k > 0.7
+        import arviz as az
+
+        _, khat = az.psislw(log_w.T.double().cpu().numpy(), reff=1.0)
+    return torch.as_tensor(khat, dtype=torch.float64)

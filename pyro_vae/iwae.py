@@ -1,0 +1,229 @@
+"""Per-example importance weights, and the estimators built on them as pyro.infer.ELBO objects:
+the importance-weighted bound (IWAE) and two lower-variance reparameterized gradients (STL, DReG).
+
+With K particles z_k ~ q(z|x) per example, drawn by reparameterization z_k = z(eps_k; phi), and
+log w_k = log p_theta(x, z_k) - log q_phi(z_k|x):
+
+* `IWAE`  the bound IWAE_K(x) = log (1/K) sum_k w_k (Burda et al. 2016): K=1 is an ELBO sample,
+  and E[IWAE_K] rises with K towards log p(x). Gradient: autograd through z_k.
+* `STL`   the ELBO (1/K) sum_k log w_k, with log q evaluated at stopped variational parameters
+  ("sticking the landing", Roeder et al. 2017): the score term grad_phi log q, zero in
+  expectation, is dropped; the estimator's variance vanishes where q(z|x) = p(z|x).
+* `DReG`  the IWAE bound with the doubly reparameterized gradient (Tucker et al. 2018):
+  decoder sum_k w~_k grad_theta log w_k, encoder sum_k w~_k^2 (d log w_k / d z_k)(d z_k / d phi),
+  w~ = softmax_k(log w). At K=1 it is STL.
+
+The bound is per example: the logsumexp over particles runs inside the data plate, and the scale of
+the sites (N/n from a subsampled plate, or a poutine.scale) multiplies each example's bound after
+the logsumexp, so a scaled minibatch bound is unbiased for the full-data one. Pyro's
+RenyiELBO(alpha=0) scales before the logsumexp and takes it over the whole batch (pyro#3104).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions.util import detach, scale_and_mask
+from pyro.infer import ELBO
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+MAX_PLATE_NESTING = 1  # the data plate; particle plates go to the left of it
+PARTICLE_DIM = -MAX_PLATE_NESTING - 1
+
+
+def particle_traces(model: Callable, guide: Callable, num_particles: int, *args,
+                    **kwargs) -> tuple[Trace, Trace]:
+    """Model and guide traces with `num_particles` vectorized draws of every latent site per example
+    (a plate at PARTICLE_DIM, left of the data plate); log probs are not computed yet."""
+    with pyro.plate("particles", num_particles, dim=PARTICLE_DIM):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return model_trace, guide_trace
+
+
+@dataclass
+class Weights:
+    """One draw of K particles per example: log w (K, N), unscaled; the same sum with each site's
+    log density times its scale, as Trace_ELBO sums them; the scale shared by every site (None where
+    the sites disagree, e.g. a KL weight); the guide's latent values (K, N, *event) and whether all
+    of them are reparameterized."""
+
+    log_w: Tensor
+    scaled_log_w: Tensor
+    scale: Tensor | float | None
+    latents: list[Tensor]
+    reparameterized: bool
+
+
+def _sample_sites(trace: Trace) -> list[dict]:
+    """The trace's sample sites, without the plates' subsample sites."""
+    return [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
+
+
+def _log_prob(site: dict, stop_params: bool = False) -> Tensor:
+    """log fn(value), masked as the site says but not scaled; stop_params: at detached parameters."""
+    fn = detach(site["fn"]) if stop_params else site["fn"]
+    return scale_and_mask(fn.log_prob(site["value"]), 1.0, site["mask"])
+
+
+def _common_scale(sites: list[dict], device: torch.device) -> Tensor | float | None:
+    """The scale every site shares (1.0, N/n under subsampling, or a poutine.scale), else None."""
+    scale = sites[0]["scale"]
+    for site in sites[1:]:
+        if site["scale"] is not scale and not torch.equal(
+            torch.as_tensor(site["scale"], device=device), torch.as_tensor(scale, device=device)
+        ):
+            return None
+    return scale
+
+
+def weights(model: Callable, guide: Callable, num_particles: int, *args, stop_q_params: bool = False,
+            **kwargs) -> Weights:
+    """log w_k(x) = log p(x, z_k) - log q(z_k|x) for z_k ~ q(z|x), shape (num_particles, N);
+    stop_q_params=True evaluates log q at detached variational parameters (z keeps its path to them).
+    Every sample site must be per example, i.e. inside the data plate at dim -1."""
+    model_trace, guide_trace = particle_traces(model, guide, num_particles, *args, **kwargs)
+    model_sites = _sample_sites(model_trace)
+    latent_sites = [s for s in _sample_sites(guide_trace) if not s["is_observed"]]
+    for site in model_sites + latent_sites:
+        if not any(frame.dim == -1 for frame in site["cond_indep_stack"]):
+            raise ValueError(
+                f"sample site {site['name']!r} is outside the data plate: per-example importance weights "
+                "need every sample site inside the plate at dim -1 (one latent per example)"
+            )
+    terms = [(_log_prob(s), s["scale"]) for s in model_sites]
+    terms += [(-_log_prob(s, stop_q_params), s["scale"]) for s in latent_sites]
+    log_w = sum(lp for lp, _ in terms)
+    shape = (num_particles, log_w.shape[-1])
+    return Weights(
+        log_w=log_w.expand(shape),
+        scaled_log_w=sum(lp * scale for lp, scale in terms).expand(shape),
+        scale=_common_scale(model_sites + latent_sites, log_w.device),
+        latents=[s["value"] for s in latent_sites],
+        reparameterized=all(s["fn"].has_rsample for s in latent_sites),
+    )
+
+
+class _PerExampleBound(ELBO):
+    """A bound b(x) computed per example; the loss is -sum_n scale_n b(x_n), and its gradient is the
+    gradient of a per-example surrogate that subclasses define. Particles are always vectorized (the
+    `vectorize_particles` argument is accepted for Pyro's signature); the data plate must be the only
+    plate (max_plate_nesting=1)."""
+
+    stop_q_params = False
+
+    def __init__(self, num_particles: int = 1, max_plate_nesting: int = MAX_PLATE_NESTING,
+                 vectorize_particles: bool = True, **kwargs):
+        if max_plate_nesting != MAX_PLATE_NESTING:
+            raise ValueError(f"{type(self).__name__} supports max_plate_nesting={MAX_PLATE_NESTING} "
+                             "(the data plate) only")
+        if num_particles < 1:
+            raise ValueError(f"num_particles must be a positive integer, got {num_particles}")
+        super().__init__(num_particles=num_particles, max_plate_nesting=MAX_PLATE_NESTING,
+                         vectorize_particles=True, **kwargs)
+
+    def _get_trace(self, model, guide, args, kwargs) -> tuple[Trace, Trace]:
+        """Model and guide traces of one vectorized draw of all particles."""
+        return particle_traces(model, guide, self.num_particles, *args, **kwargs)
+
+    def bound_and_surrogate(self, w: Weights) -> tuple[Tensor, Tensor]:
+        """Per example and scaled, shape (N,): the bound's value, and the function whose gradient
+        is used."""
+        raise NotImplementedError
+
+    def shared_scale(self, w: Weights) -> Tensor | float:
+        """The one scale of every site, which multiplies a bound taken after a logsumexp."""
+        if w.scale is None:
+            raise ValueError(f"{type(self).__name__} needs every sample site to have the same scale (it "
+                             "multiplies each example's bound after the logsumexp); a poutine.scale on "
+                             "some sites only, such as a KL weight beta != 1, has no importance-weighted "
+                             "meaning: use --estimator mc, analytic or stl with it")
+        return w.scale
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        """-sum_n scale_n b(x_n): its value is the bound's, its gradient the estimator's."""
+        w = weights(model, guide, self.num_particles, *args, stop_q_params=self.stop_q_params, **kwargs)
+        if not w.reparameterized:
+            raise ValueError(f"{type(self).__name__} needs reparameterized latent sites in the guide "
+                             "(rsample); use Trace_ELBO (--estimator mc) for discrete latents")
+        value, surrogate = self.bound_and_surrogate(w)
+        if surrogate is not value:
+            value = value.detach() + (surrogate - surrogate.detach())
+        return -value.sum()
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """-sum_n scale_n b(x_n) as a float, without gradients."""
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """The loss, after backpropagating the estimator's gradient into every parameter."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward(retain_graph=self.retain_graph)
+        return float(loss)
+
+
+def _iwae(log_w: Tensor) -> Tensor:
+    """IWAE_K = logsumexp_k(log w_k) - log K, per example."""
+    return log_w.logsumexp(0) - math.log(log_w.shape[0])
+
+
+class IWAE(_PerExampleBound):
+    """Importance-weighted bound IWAE_K(x) = log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x)
+    (Burda et al. 2016), per example, with the plain reparameterized gradient.
+
+    Tighter than the ELBO for K > 1, but its encoder gradient's signal-to-noise ratio falls like
+    1/sqrt(K) (Rainforth et al. 2018); `DReG` has the same value and a better encoder gradient.
+    Assumes every latent site is per example and reparameterized (checked).
+    """
+
+    def bound_and_surrogate(self, w: Weights) -> tuple[Tensor, Tensor]:
+        value = self.shared_scale(w) * _iwae(w.log_w)
+        return value, value
+
+
+class STL(_PerExampleBound):
+    """The ELBO (1/K) sum_k [log p(x, z_k) - log q_phi'(z_k|x)] with phi' = stop_gradient(phi) inside
+    log q, while z_k = z(eps_k; phi) keeps its reparameterized path: "sticking the landing" (Roeder
+    et al. 2017).
+
+    Unbiased for the ELBO's gradient because the dropped score term has zero mean under q. Its
+    variance vanishes where q(z|x) is the exact posterior; far from it, it can be larger than the
+    full gradient's. Assumes reparameterized, per-example latent sites (checked).
+    """
+
+    stop_q_params = True
+
+    def bound_and_surrogate(self, w: Weights) -> tuple[Tensor, Tensor]:
+        value = w.scaled_log_w.mean(0)  # linear in log w: each site keeps its own scale, as in Trace_ELBO
+        return value, value
+
+
+class DReG(_PerExampleBound):
+    """The IWAE bound with doubly reparameterized gradients (Tucker et al. 2018):
+    decoder grad = sum_k w~_k grad_theta log w_k (IWAE's); encoder grad = sum_k w~_k^2 (d log w_k/d z_k)
+    (d z_k/d phi), with w~ = softmax_k(log w) held constant and log q at stopped parameters.
+
+    One backward pass: the surrogate sum_k w~_k log w_k gives the decoder's gradient, and a hook on
+    each latent value z_k multiplies the gradient arriving there by w~_k, giving the encoder's.
+    Assumes the guide's latent sites do not depend on one another (true for the VAE's single "z"):
+    a site computed from another would receive the factor w~ twice. At K=1 this is STL.
+    """
+
+    stop_q_params = True
+
+    def bound_and_surrogate(self, w: Weights) -> tuple[Tensor, Tensor]:
+        scale = self.shared_scale(w)
+        w_tilde = torch.softmax(w.log_w.detach(), dim=0)
+        for z in w.latents:
+            if z.requires_grad:
+                factor = w_tilde.reshape(w_tilde.shape + (1,) * (z.dim() - w_tilde.dim()))
+                z.register_hook(lambda grad, factor=factor: grad * factor)
+        return scale * _iwae(w.log_w), scale * (w_tilde * w.log_w).sum(0)

@@ -1,0 +1,115 @@
+"""`pyro-vae compare`: what it writes, that it is reproducible, and that bad input is refused."""
+
+import json
+import math
+import shutil
+
+import pytest
+
+from pyro_vae.cli import main
+
+SMALL = ["--repeats", "4", "--batch-size", "16", "--k-ref", "50", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def compared(digits_run, tmp_path_factory):
+    """A copy of the session's digits run, compared with every estimator at K = 1 and 4."""
+    run = tmp_path_factory.mktemp("compare") / "run"
+    shutil.copytree(digits_run, run)
+    assert main(["compare", str(run), "--particles-list", "1", "4", *SMALL]) == 0
+    return run, json.loads((run / "compare.json").read_text())
+
+
+def test_compare_writes_json_markdown_and_figures_into_the_run(compared):
+    run, record = compared
+    for name in ("compare.json", "compare.md", "compare_snr.png", "compare_estimates.png"):
+        assert (run / name).stat().st_size > 0
+    specs = [(row["estimator"], row["particles"]) for row in record["estimators"]]
+    assert specs == [(name, k) for name in ("mc", "analytic", "iwae", "stl", "iwae-dreg") for k in (1, 4)]
+    for row in record["estimators"]:
+        numbers = [row["value_mean"], row["value_std"], row["bias"], row["ms_per_step"],
+                   *(row[g][m] for g in ("encoder", "decoder") for m in ("grad_var", "snr"))]
+        assert all(math.isfinite(v) for v in numbers), row
+        assert row["value_mean"] < 0 and row["value_std"] > 0 and len(row["batch_means"]) == 4
+    assert record["n_examples"] == 16 and record["k_ref"] == 50
+    assert record["analytic_kl"] == {"analytic_kl_sites": ["z"], "monte_carlo_kl_sites": []}
+    table = (run / "compare.md").read_text()
+    assert "| estimator | K | bound (nats) |" in table
+    assert sum(line.startswith("| iwae-dreg | ") for line in table.splitlines()) == 2
+
+
+def test_iwae_and_dreg_share_values_and_decoder_gradients_but_not_encoder_gradients(compared):
+    """Same seed, same draws: DReG changes only the encoder's gradient; at K=1 IWAE is the ELBO."""
+    _, record = compared
+    rows = {(r["estimator"], r["particles"]): r for r in record["estimators"]}
+    iwae, dreg = rows["iwae", 4], rows["iwae-dreg", 4]
+    assert dreg["batch_means"] == iwae["batch_means"]
+    assert dreg["decoder"]["grad_var"] == pytest.approx(iwae["decoder"]["grad_var"], rel=1e-4)
+    assert dreg["encoder"]["grad_var"] != pytest.approx(iwae["encoder"]["grad_var"], rel=1e-2)
+    assert rows["iwae", 1]["batch_means"] == pytest.approx(rows["mc", 1]["batch_means"], rel=1e-6)
+
+
+def test_compare_is_reproducible_and_a_row_does_not_depend_on_the_others(compared, tmp_path):
+    run, record = compared
+    argv = ["compare", str(run), "--estimators", "stl:4", "iwae-dreg:4", "--out", str(tmp_path), *SMALL]
+    assert main(argv) == 0
+    again = json.loads((tmp_path / "compare.json").read_text())
+    before = {(r["estimator"], r["particles"]): r for r in record["estimators"]}
+    assert again["log_px_ref"] == record["log_px_ref"]
+    for row in again["estimators"]:
+        old = before[row["estimator"], row["particles"]]
+        for key in ("value_mean", "value_std", "bias", "batch_means", "encoder", "decoder"):
+            assert row[key] == old[key], key
+
+
+def test_compare_on_a_config_trains_each_estimator_and_reports_its_final_log_px(tmp_path):
+    config = tmp_path / "small.yaml"
+    config.write_text("train_size: 100\ntest_size: 20\nhidden: [32]\nz_dim: 4\nbatch_size: 50\neval_k: 2\n")
+    out = tmp_path / "out"
+    argv = ["compare", "--config", str(config), "--out", str(out), "--estimators", "mc", "iwae:2",
+            "--train-epochs", "1", "--repeats", "3", "--batch-size", "8", "--k-ref", "10", "--quiet"]
+    assert main(argv) == 0
+    record = json.loads((out / "compare.json").read_text())
+    assert "untrained" in record["model"]
+    for row in record["estimators"]:
+        final = row["final"]
+        assert final["epochs"] == 1 and math.isfinite(final["log_px"])
+        assert (out / "compare-train" / f"{row['estimator']}-K{row['particles']}" / "checkpoint.pt").is_file()
+    assert "log p(x) after 1 epochs (nats)" in (out / "compare.md").read_text()
+
+
+BAD = [
+    (["--estimators", "magic"], "unknown estimator 'magic' in --estimators"),
+    (["--estimators", "iwae:0"], "the number of particles after ':' must be a positive integer"),
+    (["--estimators", "iwae:x"], "the number of particles after ':' must be a positive integer"),
+    (["--repeats", "1"], "--repeats must be at least 2"),
+    (["--k-ref", "0"], "--k-ref must be a positive integer"),
+    (["--particles-list", "0"], "--particles-list needs positive integers"),
+    (["--pretrain-epochs", "2"], "--pretrain-epochs applies to --config"),
+    (["--config", "CONFIG"], "either a run directory or --config FILE (not both)"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+]
+
+
+@pytest.mark.parametrize("flags, expected", BAD, ids=[b[1] for b in BAD])
+def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(flags, expected, digits_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    flags = [str(tmp_path / "c.yaml") if f == "CONFIG" else f for f in flags]
+    (tmp_path / "c.yaml").write_text("epochs: 1\n")
+    assert main(["compare", str(digits_run), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyro-vae: error: ") and err.count("\n") == 1 and expected in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["compare"], "either a run directory or --config FILE"),
+    (["compare", "--config", "c.yaml"], "compare --config needs --out DIR"),
+    (["compare", "no-such-run"], "is not a pyro-vae run directory"),
+])
+def test_compare_needs_one_model_source(argv, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("epochs: 1\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err

@@ -1,0 +1,276 @@
+"""The estimators of the registry: what each one estimates, in expectation, and what its gradient is.
+
+Tolerances are standard errors over repeated draws (z-scores of 4 to 4.5: a false failure is rarer
+than 1 in 10,000). The gradient references are brute force on a one-latent linear-Gaussian model:
+Gauss-Hermite quadrature where the integrand is a polynomial (the ELBO), and a hundred thousand
+float64 draws through a closed-form log w where it is not (IWAE).
+"""
+
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from torch import nn
+
+from pyro_vae import build_vae
+from pyro_vae.compare import gradient_stats
+from pyro_vae.config import Config
+from pyro_vae.estimators import ESTIMATORS, make_estimator
+from pyro_vae.run_dir import load_model
+from pyro_vae.train import prepare_data, train
+
+Z = 4.5  # z-score bound for one comparison among a handful
+
+
+class Tiny(nn.Module):
+    """p(z) = N(0, 1), p(x|z) = N(a z + b, I) on R^2; q(z|x) = N(c.x + d, exp(s)^2). The guide is
+    deliberately off the exact posterior, so the IWAE weights vary. `size` subsamples the data plate."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([1.5, -0.8]))
+        self.b = nn.Parameter(torch.tensor([0.3, 0.1]))
+        self.c = nn.Parameter(torch.tensor([0.2, 0.1]))
+        self.d = nn.Parameter(torch.tensor(0.9))
+        self.s = nn.Parameter(torch.tensor(0.0))
+
+    def model(self, x, size=None):
+        with pyro.plate("data", x.shape[0], subsample_size=size) as idx:
+            z = pyro.sample("z", dist.Normal(torch.zeros(1), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z * self.a + self.b, 1.0).to_event(1), obs=x[idx])
+
+    def guide(self, x, size=None):
+        with pyro.plate("data", x.shape[0], subsample_size=size) as idx:
+            loc = (x[idx] * self.c).sum(-1, keepdim=True) + self.d
+            pyro.sample("z", dist.Normal(loc, self.s.exp()).to_event(1))
+
+    def log_w(self, x, eps):
+        """log p(x, z) - log q(z|x) at z = loc(x) + exp(s) eps, in closed form; eps (..., N)."""
+        loc, scale = x @ self.c + self.d, self.s.exp()
+        z = loc + scale * eps
+        log_lik = dist.Normal(z[..., None] * self.a + self.b, 1.0).log_prob(x).sum(-1)
+        return dist.Normal(0.0, 1.0).log_prob(z) + log_lik - dist.Normal(loc, scale).log_prob(z)
+
+
+X0 = torch.tensor([[1.0, -1.0], [-0.5, 2.0]])
+
+
+def _grad(module, loss):
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(module.parameters()))])
+
+
+def _gradient_draws(estimator, tiny, copies=2000, repeats=40, seed=0):
+    """`repeats` draws of the loss gradient on X0, each the mean over `copies` independent draws."""
+    x = X0.repeat(copies, 1)
+    pyro.set_rng_seed(seed)
+    return torch.stack([_grad(tiny, estimator.differentiable_loss(tiny.model, tiny.guide, x) / copies)
+                        for _ in range(repeats)])
+
+
+def _assert_unbiased(draws, reference, reference_se=0.0):
+    se = (draws.var(0) / len(draws) + reference_se**2).sqrt()
+    z = (draws.mean(0) - reference) / se
+    assert z.abs().max() < Z, f"z-scores {z.numpy().round(2)}"
+
+
+@pytest.fixture(scope="module")
+def trained(digits_run):
+    """The session's trained digits VAE and 48 test images."""
+    config, vae = load_model(digits_run)
+    return vae, prepare_data(config).test_x[:48]
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    """An untrained small VAE with many latent units on 48 digits: the decoder barely uses z, so the
+    KL term's Monte Carlo noise is a large share of the ELBO estimate's."""
+    torch.manual_seed(0)
+    return build_vae((1, 8, 8), hidden=[32], z_dim=32), prepare_data(Config(test_size=48)).test_x
+
+
+def _bounds(estimator, vae, x, calls, seed, copies=1):
+    """`calls` draws of the bound per example, each averaged over `copies` independent draws of the
+    batch x (one call on x repeated: fewer calls, the same information about the mean)."""
+    pyro.set_rng_seed(seed)
+    xs = x.repeat(copies, *([1] * (x.dim() - 1)))
+    return -torch.tensor([estimator.loss(vae.model, vae.guide, xs) for _ in range(calls)],
+                         dtype=torch.float64) / len(xs)
+
+
+def _z(a, b):
+    """z-score of mean(a) - mean(b) for independent draws."""
+    return float(a.mean() - b.mean()) / math.sqrt(float(a.var()) / len(a) + float(b.var()) / len(b))
+
+
+def test_registry_has_the_five_estimators():
+    assert set(ESTIMATORS) == {"mc", "analytic", "iwae", "stl", "iwae-dreg"}
+
+
+def test_mc_and_analytic_agree_in_mean_and_analytic_has_the_lower_variance(fresh):
+    vae, x = fresh
+    calls = 60
+    mc = _bounds(make_estimator("mc"), vae, x, calls, seed=0)
+    analytic = _bounds(make_estimator("analytic"), vae, x, calls, seed=1)
+    assert abs(_z(mc, analytic)) < 4
+    # with equal variances, the log of the ratio of two sample variances has sd ~ sqrt(2/(R-1) * 2)
+    assert math.log(float(mc.var() / analytic.var())) > 4 * math.sqrt(4 / (calls - 1))
+
+
+def test_iwae_with_one_particle_is_the_elbo(fresh):
+    vae, x = fresh
+    iwae, mc = make_estimator("iwae", 1), make_estimator("mc", 1)
+    for seed in range(3):  # draw for draw, at the same z ...
+        assert _bounds(iwae, vae, x, 1, seed) == pytest.approx(_bounds(mc, vae, x, 1, seed), rel=1e-6)
+    # ... and so in expectation, on independent draws
+    iwae_draws = _bounds(iwae, vae, x, 20, seed=10, copies=5)
+    assert abs(_z(iwae_draws, _bounds(mc, vae, x, 20, seed=11, copies=5))) < Z
+
+
+def test_iwae_is_non_decreasing_in_k_on_average(fresh):
+    vae, x = fresh
+    bounds = [_bounds(make_estimator("iwae", k), vae, x, 20, seed=k) for k in (1, 3, 10, 50)]
+    for smaller, larger in zip(bounds[:-1], bounds[1:], strict=True):
+        assert _z(larger, smaller) > -Z
+    assert _z(bounds[-1], bounds[0]) > Z  # and it does rise
+
+
+def test_iwae_scaled_minibatch_bound_is_unbiased_for_the_full_data_bound():
+    """With a subsampled data plate (scale N/n), E[minibatch bound] = sum_n E[IWAE_K(x_n)], the scale
+    applied after the per-example logsumexp (scaling inside it, as RenyiELBO does, is biased)."""
+    tiny = Tiny()
+    data = torch.randn(12, 2, generator=torch.Generator().manual_seed(0)) * 1.5
+    iwae = make_estimator("iwae", 4)
+    pyro.set_rng_seed(0)
+    with torch.no_grad():
+        full = torch.tensor([-iwae.loss(tiny.model, tiny.guide, data) for _ in range(100)])
+        mini = torch.tensor([-iwae.loss(tiny.model, tiny.guide, data, 3) for _ in range(500)])
+    se = math.sqrt(float(full.var()) / len(full) + float(mini.var()) / len(mini))
+    assert abs(float(full.mean() - mini.mean())) < Z * se, (float(full.mean()), float(mini.mean()), se)
+
+
+def _hermite(n):
+    """Nodes and weights of E_{eps ~ N(0, 1)}[f(eps)] ~ sum_i w_i f(t_i) (exact for degree < 2n)."""
+    t, w = np.polynomial.hermite_e.hermegauss(n)
+    return torch.tensor(t, dtype=torch.float32), torch.tensor(w / math.sqrt(2 * math.pi), dtype=torch.float32)
+
+
+def test_stl_gradient_is_unbiased_for_the_elbo_gradient():
+    tiny = Tiny()
+    t, w = _hermite(8)  # log w is quadratic in eps: quadrature is exact
+    elbo = (w[:, None] * tiny.log_w(X0, t[:, None])).sum()
+    reference = _grad(tiny, -elbo)
+    _assert_unbiased(_gradient_draws(make_estimator("stl"), tiny), reference)
+
+
+def test_stl_and_dreg_encoder_gradients_vanish_when_q_is_the_exact_posterior():
+    """At q(z|x) = p(z|x), log w = log p(x) for every z: the path derivative is 0 draw by draw, while
+    the full gradient still carries the score term (zero only in expectation)."""
+    tiny = Tiny()
+    with torch.no_grad():  # the linear-Gaussian posterior: precision 1 + |a|^2, mean a.(x - b) / precision
+        precision = 1 + tiny.a.square().sum()
+        tiny.c.copy_(tiny.a / precision)
+        tiny.d.copy_(-(tiny.a * tiny.b).sum() / precision)
+        tiny.s.copy_(-0.5 * precision.log())
+    encoder = slice(4, 8)  # c, d, s
+    mc = _gradient_draws(make_estimator("mc"), tiny, copies=10, repeats=10)[:, encoder]
+    assert mc.std(0).min() > 1e-3
+    for estimator in (make_estimator("stl"), make_estimator("iwae-dreg", 3)):
+        grads = _gradient_draws(estimator, tiny, copies=10, repeats=10)[:, encoder]
+        assert grads.abs().max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def iwae3_gradient():
+    """The gradient of -sum_n IWAE_3(x_n) on X0 by brute force: the mean of 100,000 float64
+    reparameterized gradients of the closed-form bound, with its standard error (10 batches)."""
+    tiny = Tiny().double()
+    generator = torch.Generator().manual_seed(123)
+    batches = []
+    for _ in range(10):
+        eps = torch.randn(10_000, 3, 1, generator=generator, dtype=torch.float64)
+        log_w = tiny.log_w(X0.double(), eps)  # (draws, K, N)
+        batches.append(_grad(tiny, -(log_w.logsumexp(1) - math.log(3)).mean(0).sum()))
+    batches = torch.stack(batches)
+    return batches.mean(0).float(), (batches.std(0) / math.sqrt(len(batches))).float()
+
+
+@pytest.mark.parametrize("name", ["iwae", "iwae-dreg"])
+def test_iwae_and_dreg_gradients_are_unbiased_for_the_iwae_gradient(name, iwae3_gradient):
+    reference, reference_se = iwae3_gradient
+    _assert_unbiased(_gradient_draws(make_estimator(name, 3), Tiny()), reference, reference_se)
+
+
+def test_dreg_with_one_particle_is_stl():
+    tiny = Tiny()
+    stl = _gradient_draws(make_estimator("stl"), tiny, copies=5, repeats=3)
+    dreg = _gradient_draws(make_estimator("iwae-dreg", 1), tiny, copies=5, repeats=3)
+    assert torch.allclose(stl, dreg, rtol=1e-5, atol=1e-6)
+
+
+def test_dreg_lowers_the_encoder_gradient_variance_at_large_k_and_keeps_the_decoder_gradient(trained):
+    vae, x = trained
+    repeats = 12
+    stats = {}
+    for name in ("iwae", "iwae-dreg"):
+        pyro.set_rng_seed(0)
+        stats[name] = gradient_stats(make_estimator(name, 50), vae, x[:16], repeats)
+    iwae, dreg = stats["iwae"], stats["iwae-dreg"]
+    # same draws, same decoder gradient (both are sum_k w~_k grad_theta log w_k)
+    assert dreg["decoder"]["grad_var"] == pytest.approx(iwae["decoder"]["grad_var"], rel=1e-4)
+    ratio = iwae["encoder"]["grad_var"] / dreg["encoder"]["grad_var"]
+    assert math.log(ratio) > 4 * math.sqrt(4 / (repeats - 1))
+    assert dreg["encoder"]["snr"] > iwae["encoder"]["snr"]
+
+
+class _ScaleZ(poutine.messenger.Messenger):
+    """Multiply the log density of the site "z" only by `scale` (a KL weight)."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def _process_message(self, msg):
+        if msg["name"] == "z":
+            msg["scale"] = msg["scale"] * self.scale
+
+
+def test_stl_keeps_per_site_scales_and_iwae_refuses_them():
+    """A KL weight scales the latent site only: STL's value is then Trace_ELBO's weighted ELBO at the
+    same draw; the importance-weighted bound has no such weighting and says so."""
+    tiny = Tiny()
+    model, guide = _ScaleZ(3.0)(tiny.model), _ScaleZ(3.0)(tiny.guide)
+    values = {}
+    for name in ("mc", "stl"):
+        pyro.set_rng_seed(0)
+        values[name] = make_estimator(name).loss(model, guide, X0)
+    pyro.set_rng_seed(0)
+    assert values["stl"] == pytest.approx(values["mc"], rel=1e-6)
+    assert values["stl"] != pytest.approx(make_estimator("stl").loss(tiny.model, tiny.guide, X0), rel=1e-3)
+    for name in ("iwae", "iwae-dreg"):
+        with pytest.raises(ValueError, match="same scale"):
+            make_estimator(name, 2).differentiable_loss(model, guide, X0)
+
+
+def test_a_latent_outside_the_data_plate_is_refused():
+    def model(x):
+        shift = pyro.sample("shift", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(shift, 1.0), obs=x[:, 0])
+
+    def guide(x):
+        pyro.sample("shift", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="'shift' is outside the data plate"):
+        make_estimator("iwae", 2).loss(model, guide, X0)
+
+
+@pytest.mark.parametrize("name", ["iwae", "stl", "iwae-dreg"])
+def test_each_new_estimator_trains_a_vae(name, tmp_path):
+    config = Config(train_size=100, test_size=20, epochs=1, batch_size=50, eval_k=2, estimator=name,
+                    particles=3, seed=0)
+    summary = train(config, out=tmp_path / name, progress=False).summary
+    assert math.isfinite(summary["train_loss"]) and math.isfinite(summary["log_px"])
