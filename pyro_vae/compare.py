@@ -33,6 +33,7 @@ from .errors import InputError
 from .estimators import ESTIMATORS, check_analytic_kl, log_weights, make_estimator
 from .evaluate import elbo_terms, iwae_log_px
 from .model import VAE
+from .plots import save_figure
 from .run_dir import build_from_config, load_model, read_config, write_json
 
 JSON, MARKDOWN = "compare.json", "compare.md"
@@ -373,10 +374,7 @@ def plot_snr(record: dict, path: Path) -> Path:
         ax.set_ylabel("gradient SNR (|mean| / std, averaged)")
         ax.set_title(f"{group} parameters")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_estimates(record: dict, path: Path) -> Path:
@@ -391,7 +389,4 @@ def plot_estimates(record: dict, path: Path) -> Path:
     ax.set_ylabel("estimate (nats per example, batch mean)")
     ax.set_title(f"{record['repeats']} draws on {record['n_examples']} test examples")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -37,10 +37,7 @@ def _save_grid(grid: Tensor, path: Path, title: str, xlabel: str = "", ylabel: s
     ax.set_ylabel(ylabel)
     ax.set_xticks([])
     ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -103,6 +100,11 @@ def plot_latent_map(vae: VAE, x: Tensor, labels: Tensor | None, path: Path) -> P
     ax.set_xlabel(f"{axis} 1")
     ax.set_ylabel(f"{axis} 2")
     ax.set_title("test posterior means E_q[z|x]")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out `fig`, write it to `path` as a PNG (120 dpi), close it; returns path."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -121,10 +123,7 @@ def plot_curves(metrics: list[dict], path: Path) -> Path:
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{name} (nats per example)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_figures(

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Ellipse  # noqa: E402
 
+from ..plots import save_figure
 from ..run_dir import write_json  # noqa: E402
 from .diagnosis import R_HAT_OK, Diagnosis  # noqa: E402
 from .importance import KHAT_GOOD, KHAT_THRESHOLD  # noqa: E402
@@ -111,10 +112,7 @@ def plot_khat(khat: torch.Tensor, khat_q_star: torch.Tensor, path: Path) -> Path
     ax.set_xlabel("PSIS k̂ of the weights p(x, z) / proposal(z)")
     ax.set_ylabel("test examples")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_posterior(diagnosis: Diagnosis, path: Path) -> Path:
@@ -135,10 +133,7 @@ def plot_posterior(diagnosis: Diagnosis, path: Path) -> Path:
         ax.set_ylabel(f"z_{v}")
         ax.set_title(f"test example {e['index']}", fontsize=9)
     axes[0][0].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(diagnosis: Diagnosis, run: Path) -> list[Path]:
