@@ -117,3 +117,17 @@ def test_the_crafted_checkpoint_would_run_code_if_loaded_unsafely(fixtures, tmp_
     torch.save({"model": _Payload(marker)}, tmp_path / "evil.pt")
     torch.load(tmp_path / "evil.pt", weights_only=False)
     assert marker.exists()
+
+
+def test_any_random_bytes_as_a_checkpoint_are_refused_as_input(tmp_path):
+    """Bytes that are not a zip fall to the legacy unpickler, which fails in many ways (IndexError,
+    KeyError, struct.error, ...): every one must become the one-line InputError."""
+    from pyro_vae.errors import InputError
+    from pyro_vae.run_dir import load_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    rng = np.random.default_rng(0)
+    for size in [1, 2, 7, 64, 2000] * 60:
+        path.write_bytes(rng.bytes(size))
+        with pytest.raises(InputError, match="corrupt or truncated|a weights-only load refuses"):
+            load_checkpoint(path)
