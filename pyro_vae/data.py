@@ -271,9 +271,21 @@ class ImageStream:
         """The images of each list of indices, read ahead by the workers, as float32 (B, C, H, W) in
         [0, 1] on `device` (copied as uint8, from pinned memory on CUDA)."""
         loader = DataLoader(_ImagesOnly(self.images), batch_sampler=index_lists, num_workers=self.workers,
-                            pin_memory=device.type == "cuda")
+                            collate_fn=_stack_or_complain, pin_memory=device.type == "cuda")
         for x in loader:
+            if isinstance(x, str):
+                raise UnreadableImage(x)
             yield x.to(device, non_blocking=True).float() / 255.0
+
+
+class UnreadableImage(InputError):
+    """An image of a streamed folder could not be read (found by a worker, mid-epoch)."""
+
+
+def _stack_or_complain(items: list[Tensor | str]) -> Tensor | str:
+    """The batch's images stacked, or, if one could not be read, what was wrong with it (a message
+    travels from a worker process intact, where an exception would arrive wrapped in its traceback)."""
+    return next((item for item in items if isinstance(item, str)), None) or torch.stack(items)
 
 
 class _ImagesOnly(TorchDataset):
@@ -285,8 +297,20 @@ class _ImagesOnly(TorchDataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> Tensor:
-        return self.items[i][0]
+    def __getitem__(self, i: int) -> Tensor | str:
+        """Image i, or a message naming its file if it cannot be read."""
+        try:
+            return self.items[i][0]
+        except (OSError, ValueError, RuntimeError) as err:  # PIL's UnidentifiedImageError is an OSError
+            return f"cannot read image {_source(self.items, i)} ({err})"
+
+
+def _source(items: TorchDataset, i: int) -> str:
+    """The file behind item i of an ImageFolder, or of Subsets of one."""
+    while isinstance(items, Subset):
+        items, i = items.dataset, items.indices[i]
+    samples = getattr(items, "samples", None)
+    return samples[i][0] if samples is not None else f"number {i}"
 
 
 def _array_file(path: Path) -> Dataset:

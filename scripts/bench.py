@@ -7,8 +7,8 @@ the ratio to the reference, the time of one epoch, peak memory; optionally IWAE 
 
 Rows: `reference` (plain PyTorch, torch.optim.Adam with its defaults: the baseline of every ratio),
 `reference, fused Adam` (the same with Adam(fused=True), as pyro-vae uses), `reference, compiled`
-(torch.compile; on CUDA, or on CPU with --compile), `pyro-vae` (train.SVIStep, the step `pyro-vae
-train` runs) and, on CUDA, `pyro-vae, CUDA graph` (train.CUDAGraphStep, `--cuda-graph on`). Each row
+(torch.compile; on CUDA, or on CPU with --compile), `pyro-vae` (step.SVIStep, the step `pyro-vae
+train` runs) and, on CUDA, `pyro-vae, CUDA graph` (step.CUDAGraphStep, `--cuda-graph on`). Each row
 draws batches by index from data on the device, as training does. The ratio is the row's time per
 step over the reference's: below 1 is faster. Timings on a shared machine are noisy; the repeats of
 all rows are interleaved so that they share the noise: a row's ratio is the median, over repeats, of
@@ -40,7 +40,7 @@ from pyro_vae.errors import InputError  # noqa: E402
 from pyro_vae.estimators import make_estimator  # noqa: E402
 from pyro_vae.evaluate import iwae_log_px  # noqa: E402
 from pyro_vae.model import build_vae  # noqa: E402
-from pyro_vae.train import CUDAGraphStep, SVIStep  # noqa: E402
+from pyro_vae.step import CUDAGraphStep, SVIStep  # noqa: E402
 
 Step = Callable[[Tensor], Tensor]
 

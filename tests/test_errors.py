@@ -69,6 +69,9 @@ def fixtures(tmp_path_factory, digits_run):
     (f / "images_broken" / "cats").mkdir(parents=True)
     Image.new("L", (8, 8)).save(f / "images_broken" / "cats" / "good.png")
     (f / "images_broken" / "cats" / "bad.png").write_bytes(b"not a png at all")
+    (f / "images_ok" / "cats").mkdir(parents=True)
+    for i in range(6):
+        Image.new("L", (8, 8), 40 * i).save(f / "images_ok" / "cats" / f"{i}.png")
     (f / "images_flat").mkdir()
     Image.new("L", (8, 8)).save(f / "images_flat" / "lonely.png")
     (f / "taken").mkdir()

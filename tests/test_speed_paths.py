@@ -1,8 +1,6 @@
-"""The fast training step (train.SVIStep) computes what the plain Pyro step computes, never waits for
+"""The fast training step (step.SVIStep) computes what the plain Pyro step computes, never waits for
 the device (so it can run ahead of a GPU, and be captured in a CUDA graph), and never applies a
 non-finite step, reporting it later with the step and the site named."""
-
-import importlib
 
 import pyro
 import pytest
@@ -12,9 +10,7 @@ from torch.overrides import TorchFunctionMode
 from pyro_vae.cli import main
 from pyro_vae.estimators import make_estimator
 from pyro_vae.model import build_vae
-
-train_module = importlib.import_module("pyro_vae.train")  # the module (pyro_vae.train is the function)
-SVIStep = train_module.SVIStep
+from pyro_vae.step import CUDAGraphStep, SVIStep
 
 X_SHAPE = (1, 8, 8)
 # what makes the host wait for a CUDA device: a Python value read from a tensor, or a result whose size
@@ -147,7 +143,7 @@ def _cuda_steps(graph: bool):
     elbo = make_estimator("mc")
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3, fused=True, capturable=graph)
     step = SVIStep(_loss_fn(vae, elbo), optimizer, list(vae.parameters()), None, device)
-    return vae, (train_module.CUDAGraphStep(step) if graph else step)
+    return vae, (CUDAGraphStep(step) if graph else step)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -162,7 +158,7 @@ def test_the_cuda_graph_step_trains_like_the_eager_step():
         vae, step = _cuda_steps(graph)
         losses[graph] = torch.stack([step(x, 1.0) for x in batches]).cpu()
     assert step.graph is not None
-    warm = train_module.CUDAGraphStep.WARMUP
+    warm = CUDAGraphStep.WARMUP
     assert torch.equal(losses[True][:warm], losses[False][:warm])
     tail = {g: v[-100:] for g, v in losses.items()}
     se = (tail[True].var() / 100 + tail[False].var() / 100).sqrt()

@@ -1,0 +1,162 @@
+"""One SVI training step, fast: no host sync, fused Adam, non-finite steps caught on the device, and
+optionally the whole step captured as one CUDA graph. `train.train` runs it; `scripts/bench.py` times
+it against a hand-written PyTorch step."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import pyro
+import torch
+from pyro.infer import trace_elbo, trace_mean_field_elbo
+from torch import Tensor
+
+from .faults import is_validation_error
+
+
+@contextmanager
+def _scalars_stay_on_device():
+    """Inside Pyro's Trace_ELBO and TraceMeanField_ELBO, turn torch_item (a Python float, which
+    waits for the device) into a detached tensor and skip warn_if_nan (a host-side check; the step
+    checks finiteness itself). differentiable_loss keeps its value and gradient: it returns
+    loss + (surrogate - surrogate.detach()) instead of loss + (surrogate - float(surrogate))."""
+    saved = []
+    for module in (trace_elbo, trace_mean_field_elbo):
+        for name, replacement in (("torch_item", _detached), ("warn_if_nan", _unchecked)):
+            if hasattr(module, name):
+                saved.append((module, name, getattr(module, name)))
+                setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
+def _detached(x):
+    """torch_item without the host sync: a number as it is, a tensor detached."""
+    return x.detach() if torch.is_tensor(x) else x
+
+
+def _unchecked(value, *args, **kwargs):
+    """warn_if_nan that checks nothing."""
+    return value
+
+
+class SVIStep:
+    """One SVI step with no host sync: loss = loss_fn(x, ...) (-ELBO per example), backward, optional
+    gradient-norm clipping, fused Adam. A step whose loss or gradient norm is not finite is not
+    applied, and neither is any later one (Adam's on-device `found_inf`, which stays set), so the
+    model stays as it was before the first bad step until `fault()` (one host sync, called every so
+    often) reports it. Pyro's validation runs on the first step only (model/guide structure and
+    distribution arguments); later steps skip it, and non-finite values are caught by the check."""
+
+    def __init__(self, loss_fn: Callable[..., Tensor], optimizer: torch.optim.Optimizer,
+                 params: list[Tensor], clip_grad: float | None, device: torch.device):
+        self.loss_fn, self.optimizer, self.params, self.clip_grad = loss_fn, optimizer, params, clip_grad
+        self.skipped = torch.zeros((), device=device)  # steps not applied, from the first bad one on
+        self.optimizer.found_inf = torch.zeros((), device=device)  # read by fused Adam's step
+        self.validate = True
+
+    def __call__(self, x: Tensor, *args) -> Tensor:
+        """Run the step on batch x (args go to loss_fn); returns the loss, detached, on the device."""
+        with pyro.validation_enabled(self.validate), _scalars_stay_on_device():
+            try:
+                loss = self.loss_fn(x, *args)
+            except ValueError as err:  # Pyro's check of distribution parameters (NaN/inf)
+                if not is_validation_error(err):
+                    raise
+                loss = torch.full((), math.nan, device=x.device)
+        self.validate = False
+        self.optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        nonfinite = torch.isfinite(loss.detach() + grad_norm).logical_not_()  # NaN or inf in either
+        found_inf = self.optimizer.found_inf
+        torch.maximum(found_inf, nonfinite, out=found_inf)
+        self.skipped.add_(found_inf)
+        if self.clip_grad:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_grad, grad_norm)
+        self.optimizer.step()
+        return loss.detach()
+
+    def fault(self, reduce: Callable[[Tensor], Tensor] = lambda t: t) -> int:
+        """The number of steps not applied, counting the first bad one (0: none); `reduce` combines
+        it over processes (all call it together). Waits for the device."""
+        return int(reduce(self.skipped))
+
+    def gradients(self, x: Tensor, *args) -> Tensor:
+        """Run batch x again at the current parameters: the loss, and the gradients in .grad; no step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with pyro.validation_enabled(False), _scalars_stay_on_device():
+            loss = self.loss_fn(x, *args)
+        if loss.requires_grad:
+            loss.backward()
+        return loss.detach()
+
+
+class CUDAGraphStep:
+    """An SVIStep captured as one CUDA graph and replayed: a step is then one copy of the batch into
+    the graph's input buffer and one graph launch, with no Python, no Pyro tracing and no per-kernel
+    launch cost. The step is captured once the same batch shape and arguments have come WARMUP times
+    in a row (eager steps before, on a side stream, as CUDA graph capture wants); a step the graph
+    cannot stand for runs eagerly: a batch of another shape (an epoch's last, shorter batch) or other
+    arguments (a KL weight still warming up; once it settles, the step is captured again). z is
+    drawn by CUDA's graph-safe Philox generator: same distribution as eager mode, other draws. If
+    capture fails, training goes on eagerly, with a warning."""
+
+    WARMUP = 3
+
+    def __init__(self, step: SVIStep):
+        self.step = step
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key = self.last = None  # (shape, args) of the graph, and of the step before
+        self.repeats, self.failed = 0, False
+        self.side = torch.cuda.Stream()
+
+    def __call__(self, x: Tensor, *args) -> Tensor:
+        """SVIStep.__call__, replayed from the graph where it can be."""
+        key = (tuple(x.shape), args)
+        if self.graph is not None and key == self.key:
+            self.x.copy_(x)
+            self.graph.replay()
+            return self.loss.clone()
+        self.repeats = self.repeats + 1 if key == self.last else 1
+        self.last = key
+        if self.repeats > self.WARMUP and not self.failed:
+            return self._capture(x, *args)
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            loss = self.step(x, *args)
+        torch.cuda.current_stream().wait_stream(self.side)
+        return loss
+
+    def _capture(self, x: Tensor, *args) -> Tensor:
+        """Capture the step on batch x (nothing runs during capture), then replay it once."""
+        self.graph, self.x = None, x.clone()  # a graph captured before goes, with its buffers
+        graph = torch.cuda.CUDAGraph()
+        self.step.optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the graph
+        try:
+            with torch.cuda.graph(graph):
+                self.loss = self.step(self.x, *args)
+        except RuntimeError as err:
+            self.failed = True
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            warnings.warn(f"--cuda-graph on: capturing the training step failed ({reason}); training goes "
+                          "on without the graph", UserWarning, stacklevel=2)
+            return self.step(x, *args)
+        self.graph, self.key = graph, (tuple(x.shape), args)
+        graph.replay()
+        return self.loss.clone()
+
+    def fault(self, reduce: Callable[[Tensor], Tensor] = lambda t: t) -> int:
+        """As SVIStep.fault (the graph updates the same counter)."""
+        return self.step.fault(reduce)
+
+    def gradients(self, x: Tensor, *args) -> Tensor:
+        """As SVIStep.gradients, eagerly."""
+        return self.step.gradients(x, *args)
