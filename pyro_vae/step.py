@@ -48,7 +48,7 @@ def _unchecked(value, *args, **kwargs):
 
 class SVIStep:
     """One SVI step with no host sync: loss = loss_fn(x, ...) (-ELBO per example), backward, optional
-    gradient-norm clipping, fused Adam. A step whose loss or gradient norm is not finite is not
+    gradient-norm clipping, fused Adam. A step whose loss or any gradient is not finite is not
     applied, and neither is any later one (Adam's on-device `found_inf`, which stays set), so the
     model stays as it was before the first bad step until `fault()` (one host sync, called every so
     often) reports it. Pyro's validation runs on the first step only (model/guide structure and
@@ -59,6 +59,7 @@ class SVIStep:
         self.loss_fn, self.optimizer, self.params, self.clip_grad = loss_fn, optimizer, params, clip_grad
         self.skipped = torch.zeros((), device=device)  # steps not applied, from the first bad one on
         self.optimizer.found_inf = torch.zeros((), device=device)  # read by fused Adam's step
+        self.one = torch.ones((), device=device)
         self.validate = True
 
     def __call__(self, x: Tensor, *args) -> Tensor:
@@ -74,13 +75,16 @@ class SVIStep:
         self.optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        nonfinite = torch.isfinite(loss.detach() + grad_norm).logical_not_()  # NaN or inf in either
+        grads = [p.grad for p in self.params if p.grad is not None]
         found_inf = self.optimizer.found_inf
-        torch.maximum(found_inf, nonfinite, out=found_inf)
-        self.skipped.add_(found_inf)
+        torch.maximum(found_inf, torch.isfinite(loss.detach()).logical_not_(), out=found_inf)
         if self.clip_grad:
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+            torch.maximum(found_inf, torch.isfinite(grad_norm).logical_not_(), out=found_inf)
             torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_grad, grad_norm)
+        elif grads:  # one pass over the gradients that sets found_inf on NaN or inf (times 1: unchanged)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, self.one)
+        self.skipped.add_(found_inf)
         self.optimizer.step()
         return loss.detach()
 
