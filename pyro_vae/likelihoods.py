@@ -9,7 +9,9 @@ from collections.abc import Callable
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions.util import sum_rightmost
 from torch import Tensor, nn
+from torch.distributions.utils import broadcast_all
 from torch.nn import functional as F
 
 from .errors import InputError
@@ -56,13 +58,25 @@ class Bernoulli(Likelihood):
     discrete = True
 
     def forward(self, out: Tensor) -> dist.Distribution:
-        return dist.Bernoulli(logits=out, validate_args=False).to_event(IMAGE_DIMS)
+        return BernoulliImage(dist.Bernoulli(logits=out, validate_args=False), IMAGE_DIMS)
 
     def mean(self, out: Tensor) -> Tensor:
         return torch.sigmoid(out)
 
     def in_support(self, x: Tensor) -> bool:
         return bool(torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1)
+
+
+class BernoulliImage(dist.Independent):
+    """Independent(Bernoulli(logits), 3) with log p(x|z) = -sum_pixels BCE(logits, x): the sum is taken
+    before the sign flips, so the per-pixel tensor is not negated (nor its gradient, in backward).
+    Bit for bit the same values as Independent.log_prob; a faster pass over the image."""
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """No support check, as in the base Bernoulli here: grey values are the relaxation."""
+        logits, value = broadcast_all(self.base_dist.logits, value)
+        nll = F.binary_cross_entropy_with_logits(logits, value, reduction="none")
+        return -sum_rightmost(nll, self.reinterpreted_batch_ndims)
 
 
 class ContinuousBernoulliLogits(dist.ContinuousBernoulli):

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
+from torch.distributions import Normal, register_kl
 from torch.nn import functional as F
 
 from .errors import InputError
@@ -52,7 +53,26 @@ class StandardNormal(nn.Module):
         self.register_buffer("scale", torch.ones(z_dim))
 
     def forward(self) -> dist.Distribution:
-        return dist.Normal(self.loc, self.scale).to_event(1)
+        return UnitNormal(self.loc, self.scale).to_event(1)
+
+
+class UnitNormal(dist.Normal):
+    """N(0, 1) elementwise (loc and scale must be 0 and 1), with the terms that vanish left out:
+    log p(z) = -z^2/2 - log sqrt(2 pi), and KL(N(mu, s^2) || N(0, 1)) = (s^2 + mu^2 - 1 - log s^2)/2.
+    Bit for bit what Normal computes at loc 0 and scale 1, in fewer operations (forward and backward)."""
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return -(value**2) / 2 - math.log(math.sqrt(2 * math.pi))
+
+
+@register_kl(Normal, UnitNormal)
+def _kl_normal_unit_normal(p: Normal, q: UnitNormal) -> Tensor:
+    """KL(N(mu, s^2) || N(0, 1)) = (s^2 + mu^2 - 1 - log s^2) / 2, as torch's Normal-Normal formula
+    computes it when q's loc is 0 and scale 1."""
+    var = p.scale.pow(2)
+    return 0.5 * (var + p.loc.pow(2) - 1 - var.log())
 
 
 class LearnedNormal(nn.Module):

@@ -291,3 +291,20 @@ def test_classes_are_the_registry_entries():
     assert isinstance(make_likelihood("gaussian-learned"), Gaussian)
     assert isinstance(make_likelihood("laplace-learned"), Laplace)
     assert make_likelihood("gaussian-learned").name == "gaussian-learned"
+
+
+def test_the_bernoulli_image_log_prob_is_independent_bernoullis_bit_for_bit():
+    """BernoulliImage sums the per-pixel BCE before flipping its sign; values and gradients must be
+    exactly those of Independent(Bernoulli(logits), 3), with particles broadcast against the data."""
+    import pyro.distributions as dist
+
+    torch.manual_seed(0)
+    logits = (torch.randn(5, 16, 1, 8, 8) * 6).requires_grad_()
+    x = torch.cat([(torch.rand(8, 1, 8, 8) < 0.5).float(), torch.rand(8, 1, 8, 8)])  # binary and grey
+    fast = make_likelihood("bernoulli")(logits)
+    plain = dist.Bernoulli(logits=logits, validate_args=False).to_event(3)
+    assert type(fast).__name__ == "BernoulliImage" and fast.event_shape == plain.event_shape
+    a, b = fast.log_prob(x), plain.log_prob(x)
+    assert a.shape == (5, 16) and torch.equal(a, b)
+    assert torch.equal(*(torch.autograd.grad(v.sum(), logits)[0] for v in (a, b)))
+    assert type(fast.expand([2, 5, 16])).__name__ == "BernoulliImage"

@@ -307,3 +307,23 @@ def test_every_prior_and_likelihood_give_a_finite_differentiable_loss(
         grads = [p.grad for p in part.parameters()]
         assert all(g is not None for g in grads)
         assert not grads or sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_the_standard_normal_prior_computes_what_normal_computes_bit_for_bit():
+    """UnitNormal drops the terms that vanish at loc 0, scale 1; log p(z), KL(q || p) and their gradients
+    must stay exactly torch's Normal values, also on particle-shaped z."""
+    from torch.distributions import kl_divergence
+
+    def values_and_grads(prior):
+        torch.manual_seed(0)
+        mu, s = torch.randn(64, 20).requires_grad_(), (torch.rand(64, 20) + 0.01).requires_grad_()
+        z = mu + s * torch.randn(5, 64, 20) * 4  # particles, and values far in the tails
+        q, p = pyro.distributions.Normal(mu, s).to_event(1), prior.expand([64])
+        log_p, kl = p.log_prob(z), kl_divergence(q, p)
+        return (log_p, kl, *torch.autograd.grad(log_p.sum() + kl.sum(), (mu, s)))
+
+    unit = make_prior("normal", z_dim=20)()
+    plain = pyro.distributions.Normal(torch.zeros(20), torch.ones(20)).to_event(1)
+    assert type(unit.base_dist).__name__ == "UnitNormal"
+    for a, b in zip(values_and_grads(unit), values_and_grads(plain), strict=True):
+        assert torch.equal(a, b)
