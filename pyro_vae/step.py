@@ -60,6 +60,7 @@ class SVIStep:
         self.skipped = torch.zeros((), device=device)  # steps not applied, from the first bad one on
         self.optimizer.found_inf = torch.zeros((), device=device)  # read by fused Adam's step
         self.one = torch.ones((), device=device)
+        self.one_dtype = len({p.dtype for p in params}) <= 1  # AMP's check takes one dtype at a time
         self.validate = True
 
     def __call__(self, x: Tensor, *args) -> Tensor:
@@ -78,10 +79,11 @@ class SVIStep:
         grads = [p.grad for p in self.params if p.grad is not None]
         found_inf = self.optimizer.found_inf
         torch.maximum(found_inf, torch.isfinite(loss.detach()).logical_not_(), out=found_inf)
-        if self.clip_grad:
+        if self.clip_grad or not self.one_dtype:
             grad_norm = torch.nn.utils.get_total_norm(grads)
             torch.maximum(found_inf, torch.isfinite(grad_norm).logical_not_(), out=found_inf)
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_grad, grad_norm)
+            if self.clip_grad:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_grad, grad_norm)
         elif grads:  # one pass over the gradients that sets found_inf on NaN or inf (times 1: unchanged)
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, self.one)
         self.skipped.add_(found_inf)

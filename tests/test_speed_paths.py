@@ -44,10 +44,11 @@ def _loss_fn(vae, elbo):
     return lambda x, weight: elbo.differentiable_loss(vae.model, vae.guide, x) / x.shape[0]
 
 
+@pytest.mark.parametrize("clip", [None, 10.0])
 @pytest.mark.parametrize("estimator", ["mc", "analytic"])
-def test_the_step_never_waits_for_the_device(estimator):
+def test_the_step_never_waits_for_the_device(estimator, clip):
     vae, elbo, optimizer, data = _setup(estimator)
-    step = SVIStep(_loss_fn(vae, elbo), optimizer, list(vae.parameters()), 10.0, torch.device("cpu"))
+    step = SVIStep(_loss_fn(vae, elbo), optimizer, list(vae.parameters()), clip, torch.device("cpu"))
     step(data[0], 1.0)  # the first step runs Pyro's validation, which reads values on the host
     with _RecordSyncs() as mode:
         for x in data[1:]:
@@ -103,6 +104,30 @@ def test_a_non_finite_step_is_not_applied_nor_any_after_it():
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
     assert all(torch.equal(optimizer.state[p]["exp_avg"], m) for p, m in zip(params, moments, strict=True))
     assert all(int(optimizer.state[p]["step"]) == 2 for p in params)
+
+
+@pytest.mark.parametrize("clip", [None, 10.0])
+def test_a_non_finite_gradient_under_a_finite_loss_is_not_applied(clip):
+    """The gradient check, not the loss check, must catch it: by the fused non-finite pass without
+    clipping, by the gradient norm with it."""
+    vae, elbo, optimizer, data = _setup("mc")
+    params = list(vae.parameters())
+    plain = _loss_fn(vae, elbo)
+    poison = {"on": False}
+
+    def loss_fn(x, weight):
+        loss = plain(x, weight)
+        if poison["on"]:
+            loss.register_hook(lambda g: g * float("nan"))  # the backward pass turns NaN
+        return loss
+
+    step = SVIStep(loss_fn, optimizer, params, clip, torch.device("cpu"))
+    step(data[0], 1.0)
+    before = [p.detach().clone() for p in params]
+    poison["on"] = True
+    assert torch.isfinite(step(data[1], 1.0))
+    assert step.fault() == 1
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
 
 
 FAST = ["--train-size", "200", "--test-size", "50", "--batch-size", "32", "--hidden", "32",
