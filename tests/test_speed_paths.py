@@ -2,6 +2,9 @@
 the device (so it can run ahead of a GPU, and be captured in a CUDA graph), and never applies a
 non-finite step, reporting it later with the step and the site named."""
 
+import contextlib
+import types
+
 import pyro
 import pytest
 import torch
@@ -193,3 +196,111 @@ def test_the_cuda_graph_step_trains_like_the_eager_step():
     step(batches[0] * float("nan"), 1.0)  # replayed, and not applied
     assert step.fault() == 1
     assert all(torch.equal(p, b) for p, b in zip(vae.parameters(), before, strict=True))
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on the CPU: capture records the step's work, replay redoes it."""
+
+    capturing = None
+
+    def __init__(self):
+        self.work, self.replays = None, 0
+
+    def replay(self):
+        self.replays += 1
+        self.work()
+
+
+@contextlib.contextmanager
+def _fake_capture(graph):
+    _FakeGraph.capturing = graph
+    try:
+        yield
+    finally:
+        _FakeGraph.capturing = None
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+class _RecordingStep:
+    """Stands in for SVIStep: its result is x.sum() + the args; under capture it runs nothing and
+    leaves the work to the graph, reading x (the graph's input buffer) when replayed."""
+
+    def __init__(self):
+        self.calls = []
+        self.optimizer = types.SimpleNamespace(zero_grad=lambda set_to_none: None)
+
+    def __call__(self, x, *args):
+        out = torch.zeros(())
+
+        def work():
+            out.copy_(x.sum() + sum(args))
+
+        if _FakeGraph.capturing is None:
+            work()
+            self.calls.append("eager")
+        else:
+            _FakeGraph.capturing.work = work
+            self.calls.append("capture")
+        return out
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _fake_capture)
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", _FakeStream)
+
+
+def test_the_cuda_graph_step_captures_replays_and_falls_back_as_documented(fake_cuda):
+    """The logic of CUDAGraphStep, on the CPU with a stand-in graph: eager until the same batch shape
+    and arguments have come WARMUP times, then one capture and replays that read each new batch;
+    another shape runs eagerly and keeps the graph; changed arguments are captured again once they
+    settle."""
+    inner = _RecordingStep()
+    step = CUDAGraphStep(inner)
+    warm = CUDAGraphStep.WARMUP
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.rand(4, 3, generator=gen) for _ in range(12)]
+
+    for i, x in enumerate(xs):
+        assert float(step(x, 1.0)) == pytest.approx(float(x.sum() + 1.0))
+        assert inner.calls == ["eager"] * min(i + 1, warm) + ["capture"] * (i >= warm)
+    graph = step.graph
+    assert graph.replays == len(xs) - warm
+
+    short = torch.rand(2, 3, generator=gen)
+    assert float(step(short, 1.0)) == pytest.approx(float(short.sum() + 1.0))
+    assert inner.calls[-1] == "eager" and step.graph is graph
+    step(xs[0], 1.0)
+    assert graph.replays == len(xs) - warm + 1  # back to the captured shape: replayed, not captured again
+
+    calls = len(inner.calls)
+    for i, x in enumerate(xs):  # a KL weight that changes every step never settles: all eager
+        assert float(step(x, 0.01 * (i + 1))) == pytest.approx(float(x.sum() + 0.01 * (i + 1)))
+    assert inner.calls[calls:] == ["eager"] * len(xs) and step.graph is graph
+    calls = len(inner.calls)
+    for x in xs[:warm + 2]:  # it settles at 0.5: captured again, then replayed
+        assert float(step(x, 0.5)) == pytest.approx(float(x.sum() + 0.5))
+    assert inner.calls[calls:] == ["eager"] * warm + ["capture"]
+    assert step.graph is not graph and step.key == ((4, 3), (0.5,)) and step.graph.replays == 2
+
+
+def test_a_failed_capture_warns_once_and_training_goes_on_eagerly(fake_cuda, monkeypatch):
+    def refuse(graph):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    inner = _RecordingStep()
+    step = CUDAGraphStep(inner)
+    xs = [torch.full((4, 3), float(i)) for i in range(10)]
+    with pytest.warns(UserWarning, match="capturing the training step failed") as caught:
+        results = [float(step(x, 1.0)) for x in xs]
+    assert len(caught) == 1
+    assert results == [float(x.sum() + 1.0) for x in xs]
+    assert inner.calls == ["eager"] * len(xs) and step.graph is None
