@@ -325,5 +325,9 @@ def test_the_standard_normal_prior_computes_what_normal_computes_bit_for_bit():
     unit = make_prior("normal", z_dim=20)()
     plain = pyro.distributions.Normal(torch.zeros(20), torch.ones(20)).to_event(1)
     assert type(unit.base_dist).__name__ == "UnitNormal"
+    from torch.distributions.kl import _dispatch_kl  # the short formula is the one torch picks
+
+    from pyro_vae.priors import _kl_normal_unit_normal
+    assert _dispatch_kl(pyro.distributions.Normal, type(unit.base_dist)) is _kl_normal_unit_normal
     for a, b in zip(values_and_grads(unit), values_and_grads(plain), strict=True):
         assert torch.equal(a, b)
