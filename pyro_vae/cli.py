@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--k", type=int, default=5000, help="importance samples per example (default 5000)")
     evaluate.add_argument("--test-size", type=int, default=None, help="evaluate on the first N test examples")
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sample = sub.add_parser("sample", help="samples, reconstructions, traversal, latent map -> PNGs in RUN")
     sample.add_argument("run", help="a run directory written by `pyro-vae train`")
@@ -207,7 +208,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _positive("k", args.k)
     _positive("test-size", args.test_size)
     config, vae, data = _load_run(args.run, args.device, args.test_size)
-    result = evaluate(vae, data.test_x, k=args.k)
+    result = evaluate(vae, data.test_x, k=args.k, progress=not args.quiet)
     write_json(Path(args.run) / EVAL, result)
     rows = ((("recon", "log p(x | code)"), ("mse", "squared error (sum)")) if vae.is_autoencoder else
             (("test_elbo", "test ELBO"), ("log_px", f"log p(x), k={args.k}"),

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 from torch.distributions import kl_divergence
+from tqdm.auto import tqdm
 
 from .estimators import log_weights, traces
 from .model import VAE
@@ -25,23 +26,28 @@ def _examples_per_chunk(x: Tensor, particles: int) -> int:
     return max(1, MAX_ELEMENTS // max(1, particles * x[0].numel()))
 
 
-@torch.no_grad()
-def iwae_log_px(
-    model: Callable, guide: Callable, x: Tensor, k: int, max_elements: int = MAX_ELEMENTS
-) -> Tensor:
-    """Per-example IWAE estimate log p(x) ~ logsumexp_k(log w_k) - log k, with w_k = p(x, z_k) /
-    q(z_k|x); computed in chunks of particles and examples so memory stays bounded. Shape (N,)."""
+def importance_chunks(x: Tensor, k: int, max_elements: int = MAX_ELEMENTS) -> list[tuple[slice, slice]]:
+    """(examples, draws) slices that cover x's examples x k draws, examples outermost; a chunk holds
+    at most max_elements draws x examples x pixels (and at least one draw of one example)."""
     per_pixel = max(1, x[0].numel())
     k_chunk = max(1, min(k, max_elements // per_pixel))
     n_chunk = max(1, max_elements // (k_chunk * per_pixel))
-    out = []
-    for rows in _chunks(x.shape[0], n_chunk):
-        acc = torch.full((rows.stop - rows.start,), -math.inf, device=x.device)
-        for ks in _chunks(k, k_chunk):
-            lw = log_weights(model, guide, x[rows], ks.stop - ks.start)
-            acc = torch.logaddexp(acc, lw.logsumexp(0))
-        out.append(acc - math.log(k))
-    return torch.cat(out)
+    return [(rows, draws) for rows in _chunks(x.shape[0], n_chunk) for draws in _chunks(k, k_chunk)]
+
+
+@torch.no_grad()
+def iwae_log_px(
+    model: Callable, guide: Callable, x: Tensor, k: int, max_elements: int = MAX_ELEMENTS,
+    progress: bool = False,
+) -> Tensor:
+    """Per-example IWAE estimate log p(x) ~ logsumexp_k(log w_k) - log k, with w_k = p(x, z_k) /
+    q(z_k|x); computed in chunks of particles and examples so memory stays bounded. Shape (N,)."""
+    log_sum = torch.full((x.shape[0],), -math.inf, device=x.device)
+    chunks = importance_chunks(x, k, max_elements)
+    for rows, draws in tqdm(chunks, desc=f"log p(x), k={k}", disable=not progress, leave=False):
+        lw = log_weights(model, guide, x[rows], draws.stop - draws.start)
+        log_sum[rows] = torch.logaddexp(log_sum[rows], lw.logsumexp(0))
+    return log_sum - math.log(k)
 
 
 @torch.no_grad()
@@ -88,13 +94,15 @@ def _mean_se(values: Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate(vae: VAE, x: Tensor, k: int = 5000, elbo_samples: int = 10) -> dict[str, float]:
+def evaluate(vae: VAE, x: Tensor, k: int = 5000, elbo_samples: int = 10,
+             progress: bool = False) -> dict[str, float]:
     """All evaluation metrics on x, in nats per example, with standard errors over examples (for an
-    autoencoder: its reconstruction error, see evaluate_autoencoder)."""
+    autoencoder: its reconstruction error, see evaluate_autoencoder); `progress` shows a bar over the
+    importance-sampling chunks, the long part."""
     if vae.is_autoencoder:
         return evaluate_autoencoder(vae, x)
     terms = elbo_terms(vae.model, vae.guide, x, samples=elbo_samples)
-    log_px = iwae_log_px(vae.model, vae.guide, x, k)
+    log_px = iwae_log_px(vae.model, vae.guide, x, k, progress=progress)
     result: dict[str, float] = {}
     for name, values in (("test_elbo", terms["elbo"]), ("log_px", log_px),
                          ("kl", terms["kl"]), ("recon", terms["recon"])):

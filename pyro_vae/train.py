@@ -374,7 +374,7 @@ def train(
     if not ranks.is_main:  # rank 0 evaluates and writes the summary and figures
         return RunResult(out_dir, metrics, {})
     vae.eval()
-    final = evaluate(vae, data.test_x, k=config.eval_k)
+    final = evaluate(vae, data.test_x, k=config.eval_k, progress=progress)
     summary = {
         **final,
         "epochs": metrics[-1]["epoch"] if metrics else 0,

@@ -70,6 +70,13 @@ def test_evaluate_writes_eval_json_with_the_requested_k(digits_run, capsys):
     assert "log p(x), k=50" in out and "eval.json" in out
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_evaluate_shows_its_progress_unless_quiet(digits_run, capsys, quiet):
+    argv = ["evaluate", str(digits_run), "--k", "30", "--test-size", "20", "--device", "cpu"]
+    assert main(argv + ["--quiet"] * quiet) == 0
+    assert ("log p(x), k=30" in capsys.readouterr().err) != quiet
+
+
 def test_sample_writes_the_figures(digits_run, capsys):
     for figure in FIGURES[:4]:
         (digits_run / figure).unlink()

@@ -97,3 +97,19 @@ def test_active_units_counts_latents_whose_posterior_mean_varies(trained):
         assert active_units(vae, x) == 1
     finally:
         vae.encoder = original
+
+
+@pytest.mark.parametrize("n, k, budget", [(7, 16, 5 * 64), (7, 16, 64), (3, 1000, 10**9), (10, 3, 2 * 3 * 64),
+                                          (5, 9, 10)])
+def test_importance_chunks_cover_every_example_and_draw_once_within_the_budget(n, k, budget):
+    """The plan that iwae_log_px and the diagnostics share: every (draw, example) cell exactly once,
+    and no chunk over the budget unless one draw of one example is already over it."""
+    from pyro_vae.evaluate import importance_chunks
+
+    x = torch.zeros(n, 1, 8, 8)
+    seen = torch.zeros(k, n, dtype=torch.int64)
+    for rows, draws in importance_chunks(x, k, budget):
+        seen[draws, rows] += 1
+        size = (rows.stop - rows.start) * (draws.stop - draws.start) * 64
+        assert size <= budget or size == 64
+    assert torch.equal(seen, torch.ones(k, n, dtype=torch.int64))

@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..estimators import log_weights
-from ..evaluate import MAX_ELEMENTS
+from ..evaluate import MAX_ELEMENTS, importance_chunks
 
 KHAT_GOOD = 0.5  # below: the importance-sampled estimate converges at the usual rate
 KHAT_THRESHOLD = 0.7  # above: not to be trusted (Vehtari et al. 2024)
@@ -32,13 +32,9 @@ def importance_log_weights(
     """log w_{kn} = log p(x_n, z_k) - log q(z_k|x_n), z_k ~ q(z|x_n), shape (k, N), computed in
     chunks of examples and draws. `guide_for(rows)` is the guide for the examples x[rows] (a guide
     with per-example parameters needs to know which ones it is given)."""
-    per_pixel = max(1, x[0].numel())
-    k_chunk = max(1, min(k, max_elements // per_pixel))
-    n_chunk = max(1, max_elements // (k_chunk * per_pixel))
     out = torch.empty(k, x.shape[0], dtype=x.dtype, device=x.device)
-    jobs = [(slice(i, min(i + n_chunk, x.shape[0])), slice(j, min(j + k_chunk, k)))
-            for i in range(0, x.shape[0], n_chunk) for j in range(0, k, k_chunk)]
-    for rows, draws in tqdm(jobs, desc=desc, disable=not progress, leave=False):
+    chunks = importance_chunks(x, k, max_elements)
+    for rows, draws in tqdm(chunks, desc=desc, disable=not progress, leave=False):
         out[draws, rows] = log_weights(model, guide_for(rows), x[rows], draws.stop - draws.start)
     return out
 
