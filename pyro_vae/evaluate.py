@@ -22,17 +22,18 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _examples_per_chunk(x: Tensor, particles: int) -> int:
-    return max(1, MAX_ELEMENTS // max(1, particles * x[0].numel()))
+def example_chunks(x: Tensor, particles: int, max_elements: int = MAX_ELEMENTS) -> list[slice]:
+    """Slices of x's examples, each holding at most max_elements particles x examples x pixels (and at
+    least one example)."""
+    return _chunks(x.shape[0], max(1, max_elements // max(1, particles * x[0].numel())))
 
 
 def importance_chunks(x: Tensor, k: int, max_elements: int = MAX_ELEMENTS) -> list[tuple[slice, slice]]:
     """(examples, draws) slices that cover x's examples x k draws, examples outermost; a chunk holds
     at most max_elements draws x examples x pixels (and at least one draw of one example)."""
-    per_pixel = max(1, x[0].numel())
-    k_chunk = max(1, min(k, max_elements // per_pixel))
-    n_chunk = max(1, max_elements // (k_chunk * per_pixel))
-    return [(rows, draws) for rows in _chunks(x.shape[0], n_chunk) for draws in _chunks(k, k_chunk)]
+    k_chunk = max(1, min(k, max_elements // max(1, x[0].numel())))
+    return [(rows, draws) for rows in example_chunks(x, k_chunk, max_elements)
+            for draws in _chunks(k, k_chunk)]
 
 
 @torch.no_grad()
@@ -58,7 +59,7 @@ def elbo_terms(
     kl = KL(q(z|x) || p(z)) in closed form where torch has it, else Monte Carlo; unscaled (any
     poutine.scale, e.g. a KL weight, is ignored: these are the true terms). Shapes (N,)."""
     recon, kl = [], []
-    for rows in _chunks(x.shape[0], _examples_per_chunk(x, samples)):
+    for rows in example_chunks(x, samples):
         model_trace, guide_trace = traces(model, guide, x[rows], samples)
         r = torch.zeros((), device=x.device)
         k = torch.zeros((), device=x.device)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..estimators import make_estimator
-from ..evaluate import MAX_ELEMENTS
+from ..evaluate import MAX_ELEMENTS, example_chunks
 from ..model import VAE
 
 FAMILIES = ("diagonal", "full-rank")
@@ -89,10 +89,9 @@ def fit_optimal_guide(
         q = vae.posterior(x) if start is None else start.distribution()
         q_star = PerExampleGaussian(q.mean, q.stddev, family)
     elbo = make_estimator("mc", particles)
-    n, per_chunk = x.shape[0], max(1, max_elements // (particles * max(1, x[0].numel())))
+    n = x.shape[0]
     with frozen(vae):
-        for begin in range(0, n, per_chunk):
-            rows = slice(begin, min(begin + per_chunk, n))
+        for rows in example_chunks(x, particles, max_elements):
             # a fresh Adam per chunk: the other rows get zero gradients and so do not move
             optimizer = torch.optim.Adam(q_star.parameters(), lr=lr)
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
