@@ -1,0 +1,172 @@
+"""The contract a model/guide pair meets, and what the library learns from it by tracing.
+
+A *program* is a Pyro model p(z) p(x|z) and guide q(z|x), given as two callables taking the batch x
+(N, C, H, W) as first argument, or as one object with `.model` and `.guide` methods (our `VAE`,
+Pyro's example VAE, a user's class). The contract:
+
+* every per-example sample site lies inside one data plate of size N at dim -1;
+* the model has one observed site (any name): the data, `obs=x` (any reshape of x, e.g. (N, 784));
+* the latent sites are the guide's unobserved sample sites (any names, one or several), each also
+  sampled in the model; nothing else is sampled in the guide;
+* parameters reach Pyro's param store the Pyro way (`pyro.module`, `pyro.param`, `PyroModule`), so
+  they appear as param sites in the traces.
+
+Nothing here relies on site names: `Program.sites` finds them from one trace. What a figure needs
+beyond this (decoding a z into a picture) is read from the observed site's distribution: its
+`.mean`, reshaped to the shape of x. An object may offer more, used when present:
+`is_autoencoder` (a point-mass guide, no bound on log p(x)) and `sample_latents(n)` (draws of z
+where the model's prior cannot be sampled, as for the autoencoder's flat prior).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from pyro import poutine
+from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Sites:
+    """The names of a program's sites, as its traces show them."""
+
+    latent: tuple[str, ...]  # the guide's unobserved sample sites, in the order the guide samples them
+    observed: str  # the model's observed site
+
+
+class Program:
+    """A model/guide pair seen through Pyro's handlers: its sites, parameters, posterior means and
+    decoded pictures, for any site names (see the module's docstring for the contract)."""
+
+    def __init__(self, model: Callable, guide: Callable, owner: object | None = None):
+        self.model, self.guide = model, guide
+        self.owner = owner if owner is not None else getattr(model, "__self__", None)
+        self._sites: Sites | None = None
+
+    @classmethod
+    def of(cls, program: object, guide: Callable | None = None) -> Program:
+        """A Program from (model, guide) callables, or from one object with .model and .guide."""
+        if isinstance(program, Program):
+            return program
+        if guide is not None:
+            return cls(program, guide)
+        model, guide = getattr(program, "model", None), getattr(program, "guide", None)
+        if not (callable(model) and callable(guide)):
+            raise InputError(f"{type(program).__name__} is not a model/guide pair: pass model and guide "
+                             "callables, or an object with .model(x) and .guide(x) methods")
+        return cls(model, guide, owner=program)
+
+    @property
+    def is_autoencoder(self) -> bool:
+        """Whether the guide is a point mass (an autoencoder): then there is no ELBO or log p(x)."""
+        return bool(getattr(self.owner, "is_autoencoder", False))
+
+    def traces(self, x: Tensor) -> tuple[Trace, Trace]:
+        """One model trace replayed on one guide trace, for the batch x."""
+        guide_trace = poutine.trace(self.guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(x)
+        return model_trace, guide_trace
+
+    def sites(self, x: Tensor) -> Sites:
+        """The latent and observed site names, found by tracing model and guide on x[:2] once (and
+        checked against the contract: an InputError names what does not fit)."""
+        if self._sites is None:
+            self._sites = self._find_sites(x[:2])
+        return self._sites
+
+    def _find_sites(self, x: Tensor) -> Sites:
+        model_trace, guide_trace = self.traces(x)
+        latent = tuple(name for name, site in _samples(guide_trace) if not site["is_observed"])
+        observed = [name for name, site in _samples(model_trace) if site["is_observed"]]
+        if len(observed) != 1:
+            raise InputError(f"the model must have exactly one observed sample site (obs=x); it has "
+                             f"{len(observed)}: {', '.join(map(repr, observed)) or 'none'}")
+        if not latent:
+            raise InputError("the guide samples no latent site: nothing to infer")
+        for name in latent:
+            if name not in model_trace.nodes:
+                raise InputError(f"latent site {name!r} is sampled in the guide but not in the model")
+        for trace in (model_trace, guide_trace):
+            for name, site in _samples(trace):
+                if name in latent or name == observed[0]:
+                    _check_per_example(name, site, x.shape[0])
+        return Sites(latent, observed[0])
+
+    def parameters(self, x: Tensor) -> dict[str, Tensor]:
+        """The pair's trainable tensors by param-store name: the param sites of one model and one
+        guide trace on x[:2] (unconstrained, the tensors an optimizer steps)."""
+        model_trace, guide_trace = self.traces(x[:2])
+        params = {}
+        for trace in (guide_trace, model_trace):
+            for name, site in trace.nodes.items():
+                if site["type"] == "param":
+                    params.setdefault(name, site["value"].unconstrained())
+        return params
+
+    @torch.no_grad()
+    def posterior_means(self, x: Tensor) -> Tensor:
+        """E_q[z|x] for every latent site, flattened and concatenated per example: shape (N, D). Where a
+        guide distribution has no closed-form mean, the drawn z stands in (one sample)."""
+        guide_trace = poutine.trace(self.guide).get_trace(x)
+        means = []
+        for name in self.sites(x).latent:
+            site = guide_trace.nodes[name]
+            try:
+                mean = site["fn"].mean
+            except NotImplementedError:
+                mean = site["value"]
+            means.append(mean.expand(site["value"].shape).reshape(x.shape[0], -1))
+        return torch.cat(means, dim=-1)
+
+    @torch.no_grad()
+    def decode(self, x_like: Tensor, latents: dict[str, Tensor] | None = None) -> Tensor:
+        """The mean of p(x|z) with the latent sites set to `latents` (drawn from the model's prior
+        where not given), shaped like x_like, whose first dimension is the number of pictures."""
+        model = poutine.condition(self.model, data=latents) if latents else self.model
+        trace = poutine.trace(model).get_trace(x_like)
+        site = trace.nodes[self.sites(x_like).observed]
+        return site["fn"].mean.reshape(x_like.shape)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """The mean of p(x|z) at z = E_q[z|x] (each latent site at its guide mean)."""
+        guide_trace = poutine.trace(self.guide).get_trace(x)
+        latents = {}
+        for name in self.sites(x).latent:
+            site = guide_trace.nodes[name]
+            try:
+                latents[name] = site["fn"].mean.expand(site["value"].shape)
+            except NotImplementedError:
+                latents[name] = site["value"]
+        return self.decode(x, latents)
+
+    @torch.no_grad()
+    def sample(self, x_like: Tensor) -> Tensor:
+        """Pictures generated from the prior: the mean of p(x|z), z ~ p(z), one per row of x_like (or,
+        where the object offers `sample_latents`, z from it)."""
+        sample_latents = getattr(self.owner, "sample_latents", None)
+        if callable(sample_latents):
+            (name,) = self.sites(x_like).latent
+            return self.decode(x_like, {name: sample_latents(x_like.shape[0])})
+        return self.decode(x_like)
+
+
+def _samples(trace: Trace):
+    """(name, site) for the trace's sample sites, without the plates' subsample sites."""
+    return [(n, s) for n, s in trace.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)]
+
+
+def _check_per_example(name: str, site: dict, n: int) -> None:
+    """A site must lie in a plate of size n at dim -1 (the data plate): a global latent cannot be
+    scored per example (IWAE, per-example evaluation)."""
+    if not any(frame.dim == -1 and frame.size == n for frame in site["cond_indep_stack"]):
+        raise InputError(f"site {name!r} is not inside the data plate (a plate of size N at dim -1): "
+                         "pyro-vae scores every site per example, so a global latent or an observation "
+                         "outside the plate is not supported")
+
