@@ -8,7 +8,10 @@ the ratio to the reference, the time of one epoch, peak memory; optionally IWAE 
 Rows: `reference` (plain PyTorch, torch.optim.Adam with its defaults: the baseline of every ratio),
 `reference, fused Adam` (the same with Adam(fused=True), as pyro-vae uses), `reference, compiled`
 (torch.compile; on CUDA, or on CPU with --compile), `pyro-vae` (step.SVIStep, the step `pyro-vae
-train` runs) and, on CUDA, `pyro-vae, CUDA graph` (step.CUDAGraphStep, `--cuda-graph on`). Each row
+train` runs), on CUDA `pyro-vae, CUDA graph` (step.CUDAGraphStep, `--cuda-graph on`) and, with
+--pyro-example, Pyro's own VAE example as its authors train it (pyro_example_vae.py: SVI with
+Trace_ELBO or JitTrace_ELBO and pyro.optim.Adam; mc only; its own 784-400-50 softplus network, so
+give --hidden 400 --z-dim 50 --batch-size 256 for the example's setting). Each row
 draws batches by index from data on the device, as training does. The ratio is the row's time per
 step over the reference's: below 1 is faster. Timings on a shared machine are noisy; the repeats of
 all rows are interleaved so that they share the noise: a row's ratio is the median, over repeats, of
@@ -33,6 +36,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pyro_example_vae import ExampleVAE, make_example_step  # noqa: E402
 from reference_vae import ReferenceVAE, make_reference_step  # noqa: E402
 
 from pyro_vae.data import batch_indices, binarize, load_dataset  # noqa: E402
@@ -52,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--estimator", nargs="+", default=["mc", "analytic"], choices=["mc", "analytic"])
     parser.add_argument("--dataset", default="fashion-mnist",
                         help="fashion-mnist (default; digits where it is missing) or digits")
+    parser.add_argument("--data-dir", default="data", help="where load_dataset looks for the data")
     parser.add_argument("--hidden", type=int, nargs="+", default=[400])
     parser.add_argument("--z-dim", type=int, default=20)
     parser.add_argument("--steps", type=int, default=20, help="steps in one timed repeat (default 20)")
@@ -62,15 +67,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iwae-k", type=int, default=0, help="also time IWAE evaluation with K samples")
     parser.add_argument("--iwae-n", type=int, default=None,
                         help="test images for the IWAE timing (default: all on CUDA, 20 on CPU)")
+    parser.add_argument("--pyro-example", action="store_true",
+                        help="add Pyro's VAE example (SVI, Trace_ELBO and JitTrace_ELBO) as rows (mc)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", help="write the results here")
     return parser.parse_args(argv)
 
 
-def load(name: str, device: torch.device) -> tuple[str, Tensor, Tensor]:
+def load(name: str, device: torch.device, data_dir: str = "data") -> tuple[str, Tensor, Tensor]:
     """The dataset's training and test images, binarized once, on the device."""
     try:
-        data = load_dataset(name)
+        data = load_dataset(name, data_dir)
     except InputError:
         if name != "fashion-mnist":
             raise
@@ -112,6 +119,10 @@ def rows(x_shape, args: argparse.Namespace, estimator: str, device: torch.device
     out["pyro-vae"] = pyro_vae_step(x_shape, args, estimator, device)
     if device.type == "cuda":
         out["pyro-vae, CUDA graph"] = pyro_vae_step(x_shape, args, estimator, device, graph=True)
+    if args.pyro_example and estimator == "mc":
+        for jit, name in ((False, "Pyro example, Trace_ELBO"), (True, "Pyro example, JitTrace_ELBO")):
+            vae = ExampleVAE(x_shape, args.hidden[0], args.z_dim, name=f"{name}/").to(device)
+            out[name] = make_example_step(vae, jit=jit)
     return out
 
 
@@ -211,6 +222,15 @@ def bench_iwae(x_test: Tensor, args: argparse.Namespace, device: torch.device) -
             "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
 
 
+def speedups(rows: dict) -> list[str]:
+    """How many times the throughput of Pyro's example (each of its rows) each pyro-vae row has: the
+    median over repeats of the example's time per step over the pyro-vae row's, in the same repeat."""
+    ours = [name for name in rows if name.startswith("pyro-vae")]
+    examples = [name for name in rows if name.startswith("Pyro example")]
+    return [f"{name}: {_paired_ratio(rows[ex]['ms_per_step_all'], rows[name]['ms_per_step_all']):.2f}x "
+            f"the throughput of {ex}" for name in ours for ex in examples]
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -243,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py: --device cuda was asked for but no CUDA GPU is available")
     device = torch.device(args.device)
-    dataset, x_train, x_test = load(args.dataset, device)
+    dataset, x_train, x_test = load(args.dataset, device, args.data_dir)
     meta = {
         "command": " ".join(["python", "scripts/bench.py", *(argv if argv is not None else sys.argv[1:])]),
         "device": args.device, "device_name": device_name(device), "dataset": dataset,
@@ -254,6 +274,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     results = {est: bench_estimator(est, x_train, args, device) for est in args.estimator}
     print(table(results, meta))
+    if "mc" in results and "Pyro example, Trace_ELBO" in results["mc"]:
+        print()
+        for line in speedups(results["mc"]):
+            print(line)
     out = {"meta": meta, "results": results}
     if args.iwae_k:
         out["iwae"] = iwae = bench_iwae(x_test, args, device)

@@ -2,6 +2,7 @@
 
 import pyro
 import pytest
+import torch
 
 from pyro_vae.cli import main
 
@@ -20,3 +21,13 @@ def digits_run(tmp_path_factory):
 def _fresh_pyro():
     pyro.clear_param_store()
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped where no CUDA GPU is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -99,7 +99,7 @@ def test_prior_follows_the_module_dtype(prior):
     assert p.log_prob(torch.zeros(Z_DIM, dtype=torch.float64)).dtype == torch.float64
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 @priors
 def test_prior_lives_on_the_module_device(prior):
     vae = make_vae(prior).cuda()

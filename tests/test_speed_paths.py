@@ -174,7 +174,7 @@ def _cuda_steps(graph: bool):
     return vae, (CUDAGraphStep(step) if graph else step)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_the_cuda_graph_step_trains_like_the_eager_step():
     """Same seed, same batches. The warm-up steps are the eager step itself (equal losses); after capture
     z is drawn by the graph-safe generator, so the mean loss of the last 100 of 300 steps agrees
