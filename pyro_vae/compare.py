@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .config import Config, load_config_file
 from .errors import InputError
-from .estimators import check_analytic_kl, log_weights, make_estimator
+from .estimators import ESTIMATORS, check_analytic_kl, log_weights, make_estimator
 from .evaluate import elbo_terms, iwae_log_px
 from .model import VAE
 from .plots import save_figure, subplots
@@ -72,7 +72,8 @@ BOUNDS: dict[str, Callable[[Callable, Callable, Tensor, int], Tensor]] = {
 class CompareOptions:
     """What to compare and how hard to look (the `pyro-vae compare` flags)."""
 
-    estimators: list[str] = field(default_factory=lambda: list(BOUNDS))  # NAME or NAME:K
+    # NAME or NAME:K; by default every registered estimator whose bound compare knows (the built-in ones)
+    estimators: list[str] = field(default_factory=lambda: [n for n in ESTIMATORS if n in BOUNDS])
     particles: list[int] = field(default_factory=lambda: [1, 5, 50])  # K for a bare NAME
     repeats: int = 100
     batch_size: int = 64
