@@ -2,11 +2,10 @@
 time by the user's own entries.
 
 An entry is added with `register(name, factory)` (a name clash or a factory that is not callable is
-an InputError), or named directly as "module:factory": looking that name up imports `module`, takes
-its attribute `factory` and registers it under the whole name, so a run that records the name can
-be rebuilt in another process. `load_plugin(module)` imports a module that registers entries when
-it is imported (what `--plugin MODULE` does). Every failure is an InputError that names the module
-and what to do.
+an InputError), or named directly as "module:factory": looking that name up imports `module` and
+takes its attribute `factory`, so a run that records the name can be rebuilt in another process.
+`load_plugin(module)` imports a module that registers entries when it is imported (what
+`--plugin MODULE` does). Every failure is an InputError that names the module and what to do.
 """
 
 from __future__ import annotations
@@ -56,10 +55,12 @@ class Registry(Mapping[str, Callable]):
         self._entries.pop(name, None)
 
     def lookup(self, name: str) -> Callable:
-        """The factory registered as `name`; a name "module:factory" not yet registered is imported
-        and registered first."""
+        """The factory registered as `name`, or for a name "module:factory" that attribute of the
+        module (imported if need be; the registry itself is left as it is)."""
         if name not in self._entries and ":" in name:
-            self._add(name, load_factory(name))
+            factory = load_factory(name)
+            self._check_callable(name, factory)
+            return factory
         if name not in self._entries:
             raise InputError(f"unknown {self.kind} {name!r}: choose one of {', '.join(self._entries)}, "
                              f"or add your own (register_{self.kind}, --plugin MODULE, or MODULE:FACTORY)")
@@ -83,10 +84,13 @@ class Registry(Mapping[str, Callable]):
                              f"contract in register_{self.kind}'s docstring")
         return made
 
-    def _add(self, name: str, factory: Callable) -> None:
+    def _check_callable(self, name: str, factory: Callable) -> None:
         if not callable(factory):
             raise InputError(f"the {self.kind} factory for {name!r} is not callable (it is of type "
                              f"{type(factory).__name__}); register a function or class")
+
+    def _add(self, name: str, factory: Callable) -> None:
+        self._check_callable(name, factory)
         taken_by = self._entries.get(name, factory)
         if taken_by is not factory and (name in self.builtins or _origin(taken_by) != _origin(factory)):
             taken = "built in" if name in self.builtins else f"by {_origin(taken_by)}"
