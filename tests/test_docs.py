@@ -5,9 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pyro_vae.estimators import ESTIMATORS
-from pyro_vae.likelihoods import LIKELIHOODS
-from pyro_vae.priors import PRIORS
+from .conftest import unregister_all
 
 USAGE = Path(__file__).resolve().parents[1] / "docs" / "usage.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", USAGE.read_text(), flags=re.S)
@@ -23,9 +21,7 @@ def test_usage_example_runs(index, tmp_path, monkeypatch, capsys):
     try:
         exec(compile(BLOCKS[index], f"docs/usage.md example {index}", "exec"), {})
     finally:  # an example may register a prior, likelihood or estimator: later tests must not see it
-        for registry in (PRIORS, LIKELIHOODS, ESTIMATORS):
-            for name in set(registry) - registry.builtins:
-                registry.unregister(name)
+        unregister_all()
     printed = capsys.readouterr().out
     numbers = [float(v) for v in re.findall(r"-?\d+\.\d+", printed)]
     assert numbers and all(v < 0 for v in numbers if abs(v) > 1e-9)  # bounds are negative nats

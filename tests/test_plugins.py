@@ -20,14 +20,15 @@ import pyro_vae
 from pyro_vae.cli import main
 from pyro_vae.config import Config
 from pyro_vae.errors import InputError
-from pyro_vae.estimators import ESTIMATORS, make_estimator
-from pyro_vae.likelihoods import LIKELIHOODS, Bernoulli, make_likelihood
+from pyro_vae.estimators import make_estimator
+from pyro_vae.likelihoods import Bernoulli, make_likelihood
 from pyro_vae.priors import PRIORS, make_prior
 from pyro_vae.run_dir import load_model
 
+from .conftest import unregister_all
+
 TINY = ["--epochs", "1", "--hidden", "32", "--z-dim", "4", "--train-size", "200", "--test-size", "50",
         "--eval-k", "5"]
-REGISTRIES = (PRIORS, LIKELIHOODS, ESTIMATORS)
 
 # A plugin module as a user writes it: a Laplace prior, a Bernoulli under another name and a
 # Trace_ELBO subclass, each counting how often it is built (so a test can see it was used).
@@ -87,9 +88,7 @@ def write_plugin(folder: Path, name: str, register: bool = True) -> None:
 
 def forget_plugins() -> None:
     """What a fresh process has: the built-in entries only, and no plugin module imported."""
-    for registry in REGISTRIES:
-        for name in set(registry) - registry.builtins:
-            registry.unregister(name)
+    unregister_all()
     for name in [m for m in sys.modules if m.startswith("plugin_")]:
         del sys.modules[name]
 
