@@ -1,19 +1,23 @@
 """pyro-vae: variational autoencoders written as Pyro programs.
 
 The model p(z) p(x|z) and the guide q(z|x) are Pyro functions; priors, likelihoods and ELBO
-estimators are registry entries, swapped by name or passed as objects.
+estimators are registry entries, swapped by name or passed as objects; register_prior,
+register_likelihood and register_estimator add your own.
 """
 
 from .config import Config
 from .data import Dataset, load_dataset
 from .errors import InputError
-from .estimators import log_weights, make_estimator
+from .estimators import log_weights, make_estimator, register_estimator
 from .evaluate import elbo_terms, evaluate, iwae_log_px
+from .likelihoods import register_likelihood
 from .model import VAE, build_vae
+from .priors import register_prior
 from .train import RunResult, train
 
 __all__ = [
     "VAE", "Config", "Dataset", "InputError", "RunResult", "build_vae", "elbo_terms", "evaluate",
-    "iwae_log_px", "load_dataset", "log_weights", "make_estimator", "train",
+    "iwae_log_px", "load_dataset", "log_weights", "make_estimator", "register_estimator",
+    "register_likelihood", "register_prior", "train",
 ]
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import Config, load_config_file
 from .errors import InputError, TrainingError
+from .registry import load_plugins
 
 HELP = {
     "dataset": "digits (default, embedded), mnist, fashion-mnist, kmnist, a folder of images, "
@@ -58,10 +59,13 @@ HELP = {
                "holding it on the device (default 0: on the device)",
     "cuda_graph": "off (default) | on: capture the training step as one CUDA graph and replay it (GPU, "
                   "one process; experimental)",
+    "plugins": "import MODULE first; it registers priors, likelihoods or estimators of your own (repeat for "
+               "several; train records them in config.json, so later commands import them again). Or name a "
+               "factory directly: --prior MODULE:FACTORY (also --likelihood, --estimator)",
 }
 # settings that may change when a run is resumed: they do not change the model or the data
 RESUMABLE = {"epochs", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir", "workers",
-             "cuda_graph"}
+             "cuda_graph", "plugins"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,6 +79,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per Config field, defaulting to None so we know which ones were given."""
     hints = typing.get_type_hints(Config)
     for f in fields(Config):
+        if f.name == "plugins":  # --plugin, on every subcommand: _add_plugin_flag
+            continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         union = isinstance(hint, types.UnionType)
@@ -83,6 +89,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=int, nargs="+", default=None, help=HELP[f.name])
         else:
             parser.add_argument(flag, type=base, default=None, metavar=f.name.upper(), help=HELP[f.name])
+
+
+def _add_plugin_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", dest="plugins", action="append", metavar="MODULE", default=None,
+                        help=HELP["plugins"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="auto", help="auto | cpu | cuda")
     _add_compare_parser(sub)
     _add_diagnose_parser(sub)
+    for command in sub.choices.values():
+        _add_plugin_flag(command)
     return parser
 
 
@@ -159,6 +172,8 @@ def _resume_config(args: argparse.Namespace) -> Config:
     given = _flags_given(args)
     if args.config:
         given = {**load_config_file(args.config), **given}
+    if isinstance(given.get("plugins"), list):  # plugins may be added on resume, none is dropped
+        given["plugins"] = recorded.plugins + [p for p in given["plugins"] if p not in recorded.plugins]
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE and getattr(recorded, k) != v)
     if changed:
         raise InputError(f"cannot resume {args.resume} with changed setting(s) {', '.join(changed)}; "
@@ -289,9 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     128 + signal number when SIGINT (130) or SIGTERM (143) stopped training."""
     from .train import Interrupted
 
+    formatwarning = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *_, **__: f"pyro-vae: warning: {message}\n"
     try:
         args = build_parser().parse_args(argv)
+        load_plugins(args.plugins or [])
         COMMANDS[args.command](args)
     except InputError as err:
         print(f"pyro-vae: error: {err}", file=sys.stderr)
@@ -305,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pyro-vae: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
     return 0
 
 

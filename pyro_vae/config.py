@@ -16,10 +16,11 @@ import yaml
 from .data import BINARIZE_MODES
 from .errors import InputError
 from .estimators import ESTIMATORS
-from .likelihoods import LIKELIHOODS, SIGMA_MODES
+from .likelihoods import LIKELIHOODS, SIGMA_MODES, make_likelihood
 from .model import MODELS
 from .nets import NETWORKS
 from .priors import PRIORS
+from .registry import load_plugins
 
 DEVICES = ("auto", "cpu", "cuda")
 PRIOR_INITS = ("noise", "data")
@@ -29,7 +30,8 @@ CUDA_GRAPH_MODES = ("off", "on")
 
 @dataclass
 class Config:
-    """All settings of a training run (the CLI flags are these names with - for _)."""
+    """All settings of a training run (the CLI flags are these names with - for _; `plugins` is
+    --plugin MODULE, repeated)."""
 
     dataset: str = "digits"
     data_dir: str = "data"
@@ -62,10 +64,12 @@ class Config:
     clip_grad: float | None = None
     workers: int = 0
     cuda_graph: str = "off"
+    plugins: list[str] = field(default_factory=list)  # modules that register priors, likelihoods, estimators
 
     def __post_init__(self) -> None:
+        load_plugins(self.plugins)  # first: they may register the names used below
         if self.binarize is None:
-            self.binarize = "dynamic" if _discrete(self.likelihood) else "none"
+            self.binarize = "dynamic" if self._discrete() else "none"
 
     @classmethod
     def from_dict(cls, values: dict) -> Config:
@@ -85,10 +89,12 @@ class Config:
     def validate(self) -> None:
         """Raise InputError for values outside their allowed set or range."""
         choices = {
-            "binarize": BINARIZE_MODES, "encoder": tuple(NETWORKS), "prior": tuple(PRIORS),
-            "likelihood": tuple(LIKELIHOODS), "sigma_mode": SIGMA_MODES, "estimator": tuple(ESTIMATORS),
+            "binarize": BINARIZE_MODES, "encoder": tuple(NETWORKS), "sigma_mode": SIGMA_MODES,
             "device": DEVICES, "model": MODELS, "prior_init": PRIOR_INITS, "cuda_graph": CUDA_GRAPH_MODES,
         }
+        for registry, name in ((PRIORS, self.prior), (LIKELIHOODS, self.likelihood),
+                               (ESTIMATORS, self.estimator)):
+            registry.lookup(name)  # an unknown name, or a MODULE:FACTORY that cannot be loaded, raises
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InputError(
@@ -120,15 +126,17 @@ class Config:
 
     def _validate_combination(self) -> None:
         """Raise InputError for settings that are valid alone but make no sense together."""
-        if self.binarize != "none" and not _discrete(self.likelihood):
+        if self.binarize != "none" and not self._discrete():
             raise InputError(
                 f"--binarize {self.binarize} makes binary data, but likelihood {self.likelihood!r} is a "
                 "density for continuous values (on 0/1 data it grows without bound); use --binarize none "
                 "with it, or --likelihood bernoulli for binary data")
-        if self.sigma_mode != "shared" and not self.likelihood.endswith("-learned"):
+        if (self.sigma_mode != "shared" and self.likelihood in LIKELIHOODS.builtins
+                and not self.likelihood.endswith("-learned")):
             raise InputError(f"--sigma-mode {self.sigma_mode} applies to a learned scale; use it with "
                              "--likelihood gaussian-learned or laplace-learned")
-        if self.prior_components is not None and self.prior not in MIXTURE_PRIORS:
+        if (self.prior_components is not None and self.prior in PRIORS.builtins
+                and self.prior not in MIXTURE_PRIORS):
             raise InputError(f"--prior-components applies to the mixture priors "
                              f"({', '.join(MIXTURE_PRIORS)}), not to --prior {self.prior}")
         if self.prior_init != "noise" and self.prior != "vamp":
@@ -147,13 +155,16 @@ class Config:
                              f"weighted bound ({self.estimator}) has no separate KL term; use --estimator "
                              "mc, analytic or stl")
 
+    def _discrete(self) -> bool:
+        """Whether the likelihood is a probability mass function (False where it cannot be made:
+        validate() then says why)."""
+        try:
+            return make_likelihood(self.likelihood, sigma=self.sigma, sigma_mode=self.sigma_mode).discrete
+        except InputError:
+            return False
+
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _discrete(likelihood: str) -> bool:
-    """Whether the likelihood named is a probability mass function (unknown names: False)."""
-    return likelihood in LIKELIHOODS and LIKELIHOODS[likelihood]().discrete
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -184,9 +195,10 @@ def _coerce(name: str, value, hint) -> object:
         raise InputError(f"setting {name!r} needs a value, got null")
     base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
     if typing.get_origin(base) is list:
+        (item,) = typing.get_args(base)
         items = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-            raise InputError(f"setting {name!r} needs a list of integers, got {value!r}")
+        if not all(isinstance(v, item) and not isinstance(v, bool) for v in items):
+            raise InputError(f"setting {name!r} needs a list of {item.__name__} values, got {value!r}")
         return list(items)
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -20,10 +20,22 @@ from torch.distributions import kl_divergence
 
 from .errors import InputError
 from .iwae import IWAE, MAX_PLATE_NESTING, STL, DReG, particle_traces, weights
+from .registry import Registry
 
-ESTIMATORS: dict[str, type[ELBO]] = {
+ESTIMATORS = Registry("estimator", {
     "mc": Trace_ELBO, "analytic": TraceMeanField_ELBO, "iwae": IWAE, "stl": STL, "iwae-dreg": DReG,
-}
+}, returns=ELBO)
+
+
+def register_estimator(name: str, factory: Callable[..., ELBO]) -> Callable[..., ELBO]:
+    """Make `factory` the estimator `name` (for `--estimator name`, `make_estimator(name)`).
+
+    Contract: the factory is called with keyword arguments only, `factory(num_particles=K,
+    vectorize_particles=K > 1, max_plate_nesting=...)`, as pyro.infer.ELBO subclasses take them, and
+    returns a pyro.infer.ELBO whose `differentiable_loss(model, guide, x)` is -bound summed over the
+    examples of x. A subclass of Trace_ELBO (or of any ELBO) is such a factory. A name already taken
+    is an InputError."""
+    return ESTIMATORS.register(name, factory)
 
 
 def make_estimator(estimator: str | ELBO = "mc", particles: int = 1) -> ELBO:
@@ -31,15 +43,10 @@ def make_estimator(estimator: str | ELBO = "mc", particles: int = 1) -> ELBO:
     pyro.infer.ELBO object is returned as it is."""
     if isinstance(estimator, ELBO):
         return estimator
-    if estimator not in ESTIMATORS:
-        raise InputError(f"unknown estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
     if particles < 1:
         raise InputError(f"--particles must be a positive integer, got {particles}")
-    return ESTIMATORS[estimator](
-        num_particles=particles,
-        vectorize_particles=particles > 1,
-        max_plate_nesting=MAX_PLATE_NESTING,
-    )
+    return ESTIMATORS.build(estimator, num_particles=particles, vectorize_particles=particles > 1,
+                            max_plate_nesting=MAX_PLATE_NESTING)
 
 
 def traces(model: Callable, guide: Callable, x: Tensor, num_particles: int):

@@ -1,6 +1,7 @@
 """Likelihood registry: name -> factory of a module that turns the decoder's raw output into
 p(x|z), a distribution whose event is one whole image (C, H, W). Each likelihood states the support
-it accepts and refuses data outside it."""
+it accepts and refuses data outside it. `register_likelihood` adds one of your own (its docstring
+states the contract)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch.distributions.utils import broadcast_all
 from torch.nn import functional as F
 
 from .errors import InputError
+from .registry import Registry
 
 IMAGE_DIMS = 3  # (C, H, W): the event of p(x|z)
 SIGMA_MODES = ("shared", "pixel")  # how gaussian-learned and laplace-learned learn their scale
@@ -200,18 +202,28 @@ class Laplace(LocScale):
     family = dist.Laplace
 
 
-LIKELIHOODS: dict[str, Callable[..., Likelihood]] = {
+LIKELIHOODS = Registry("likelihood", {
     "bernoulli": lambda **_: Bernoulli(),
     "continuous-bernoulli": lambda **_: ContinuousBernoulli(),
     "gaussian": lambda sigma=0.1, **_: Gaussian(sigma),
     "gaussian-learned": lambda sigma_mode="shared", **_: Gaussian(learn=sigma_mode),
     "laplace": lambda sigma=0.1, **_: Laplace(sigma),
     "laplace-learned": lambda sigma_mode="shared", **_: Laplace(learn=sigma_mode),
-}
+}, returns=Likelihood)
+
+
+def register_likelihood(name: str, factory: Callable[..., Likelihood]) -> Callable[..., Likelihood]:
+    """Make `factory` the likelihood `name` (for `--likelihood name`, `Config(likelihood=name)`).
+
+    Contract: the factory is called with keyword arguments only, `factory(sigma=..., sigma_mode=...,
+    **more)` (more options may be passed, so end the signature with `**options`), and returns a
+    `Likelihood`: an nn.Module whose `forward(out)` turns the decoder's output (`params_per_pixel`
+    channels per image channel) into p(x|z) with event shape (C, H, W), with `mean(out)` for pictures,
+    `discrete` (True for a probability mass function: the data are then binarized by default) and
+    `in_support(x)` for the data check. A name already taken is an InputError."""
+    return LIKELIHOODS.register(name, factory)
 
 
 def make_likelihood(name: str, **options) -> Likelihood:
     """The likelihood `name`; factories take the options they need (`sigma`, `sigma_mode`)."""
-    if name not in LIKELIHOODS:
-        raise InputError(f"unknown likelihood {name!r}: choose one of {', '.join(LIKELIHOODS)}")
-    return LIKELIHOODS[name](**options)
+    return LIKELIHOODS.build(name, **options)

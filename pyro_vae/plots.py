@@ -5,15 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from .data import Dataset  # noqa: E402
-from .model import VAE  # noqa: E402
+from .data import Dataset
+from .model import VAE
 
 TRAVERSAL_RANGE = 3.0  # z_u from -3 to 3: three prior standard deviations
 
@@ -30,7 +27,7 @@ def image_grid(images: Tensor, rows: int, cols: int, pad: int = 1) -> Tensor:
 
 
 def _save_grid(grid: Tensor, path: Path, title: str, xlabel: str = "", ylabel: str = "") -> Path:
-    fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + 0.6))
+    fig, ax = subplots(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + 0.6))
     ax.imshow(grid.squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
@@ -92,7 +89,7 @@ def latent_2d(means: Tensor) -> tuple[Tensor, str]:
 def plot_latent_map(vae: VAE, x: Tensor, labels: Tensor | None, path: Path) -> Path:
     """Scatter of E_q[z|x] over test images, coloured by label (PCA to 2-D above 2 dimensions)."""
     points, axis = latent_2d(vae.posterior(x).mean.cpu())
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = subplots(figsize=(6, 5))
     colour = None if labels is None else labels.cpu().numpy()
     sc = ax.scatter(points[:, 0], points[:, 1], c=colour, cmap="tab10", s=4, alpha=0.7)
     if labels is not None:
@@ -103,18 +100,24 @@ def plot_latent_map(vae: VAE, x: Tensor, labels: Tensor | None, path: Path) -> P
     return save_figure(fig, path)
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Lay out `fig`, write it to `path` as a PNG (120 dpi), close it; returns path."""
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | None = None, **options):
+    """A Figure and its axes, as pyplot.subplots makes them, but without pyplot: nothing global is
+    touched (no backend is selected, no figure is kept), and savefig writes the file by itself."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **options)
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Lay out `fig` and write it to `path` as a PNG (120 dpi); returns path."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_curves(metrics: list[dict], path: Path) -> Path:
     """Train ELBO (= -train loss) and test ELBO per epoch, in nats per example (for an autoencoder:
     the reconstruction log-likelihood, train and test)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     epochs = [m["epoch"] for m in metrics]
     ae = metrics[0].get("test_elbo") is None
     key, name = ("test_recon", "log p(x|z)") if ae else ("test_elbo", "ELBO")

@@ -4,7 +4,7 @@ plus its tests.
 
 Factories receive keyword options: `z_dim`, the guide's `encoder` and the data shape `x_shape`
 (for the VampPrior), and `prior_components` (None: the prior's own default); each takes the
-ones it needs.
+ones it needs. `register_prior` adds one of your own (its docstring states the contract).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch.distributions import Normal, register_kl
 from torch.nn import functional as F
 
 from .errors import InputError
+from .registry import Registry
 
 MIN_SCALE = 1e-4  # floor on every learned prior standard deviation, so that log p(z) stays finite
 DEFAULT_COMPONENTS = {"mog": 10, "vamp": 500}  # K when --prior-components is not given
@@ -156,17 +157,26 @@ class VampPrior(nn.Module):
         return _mixture(loc.new_zeros(loc.shape[0]), loc, scale)
 
 
-PRIORS: dict[str, Callable[..., nn.Module]] = {
+PRIORS = Registry("prior", {
     "normal": lambda z_dim, **_: StandardNormal(z_dim),
     "learned": lambda z_dim, **_: LearnedNormal(z_dim),
     "mog": lambda z_dim, prior_components=None, **_: MixtureOfGaussians(z_dim, prior_components),
     "vamp": lambda z_dim, encoder, x_shape, prior_components=None, **_: VampPrior(
         encoder, x_shape, prior_components),
-}
+}, returns=nn.Module)
+
+
+def register_prior(name: str, factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Make `factory` the prior `name` (for `--prior name`, `Config(prior=name)`, `build_vae`).
+
+    Contract: the factory is called with keyword arguments only, `factory(z_dim=..., encoder=...,
+    x_shape=..., prior_components=..., **more)` (prior_components is None unless given; more options
+    may be passed, so end the signature with `**options`), and returns an nn.Module whose call
+    `module()` returns p(z): a distribution with event shape (z_dim,) and batch shape (), on the
+    device of the module's parameters and buffers. A name already taken is an InputError."""
+    return PRIORS.register(name, factory)
 
 
 def make_prior(name: str, z_dim: int, **options) -> nn.Module:
     """The prior `name` for a `z_dim`-dimensional latent; factories take the options they need."""
-    if name not in PRIORS:
-        raise InputError(f"unknown prior {name!r}: choose one of {', '.join(PRIORS)}")
-    return PRIORS[name](z_dim=z_dim, **options)
+    return PRIORS.build(name, z_dim=z_dim, **options)

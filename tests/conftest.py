@@ -9,6 +9,17 @@ from pyro_vae.cli import main
 QUICK = ["--train-size", "400", "--test-size", "120", "--eval-k", "20", "--quiet"]
 
 
+def unregister_all() -> None:
+    """Remove every prior, likelihood and estimator registered by a test (the built-in ones stay)."""
+    from pyro_vae.estimators import ESTIMATORS
+    from pyro_vae.likelihoods import LIKELIHOODS
+    from pyro_vae.priors import PRIORS
+
+    for registry in (PRIORS, LIKELIHOODS, ESTIMATORS):
+        for name in set(registry) - registry.builtins:
+            registry.unregister(name)
+
+
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
     """A 3-epoch digits run directory written by the CLI."""

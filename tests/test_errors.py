@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,10 @@ def fixtures(tmp_path_factory, digits_run):
     torch.save({"model": _Payload(f / "PWNED")}, f / "run_evil" / "checkpoint.pt")
     torch.save({"weights": torch.zeros(3)}, f / "run_foreign" / "checkpoint.pt")
     (f / "run_bad_config" / "config.json").write_text("{ not json")
+    (f / "plugins").mkdir()
+    (f / "plugins" / "broken_plugin.py").write_text("raise RuntimeError('this plugin is broken')\n")
+    (f / "plugins" / "clashing_plugin.py").write_text(
+        "import pyro_vae\npyro_vae.register_prior('normal', lambda **options: None)\n")
     return f
 
 
@@ -98,6 +103,8 @@ def test_the_catalogue_has_at_least_20_distinct_bad_inputs():
 @pytest.mark.parametrize("number, what, command, expected", CATALOGUE, ids=[r[1] for r in CATALOGUE])
 def test_bad_input(number, what, command, expected, fixtures, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.syspath_prepend(str(fixtures / "plugins"))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # no __pycache__ among the fixtures
     before = {p: p.stat().st_mtime_ns for p in fixtures.rglob("*")}
     argv = [a.replace("FIXTURES", str(fixtures)) for a in shlex.split(command)]
     out = tmp_path / "out"

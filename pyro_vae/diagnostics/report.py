@@ -6,17 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.patches import Ellipse
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Ellipse  # noqa: E402
-
-from ..plots import save_figure
-from ..run_dir import write_json  # noqa: E402
-from .diagnosis import R_HAT_OK, Diagnosis  # noqa: E402
-from .importance import KHAT_GOOD, KHAT_THRESHOLD  # noqa: E402
+from ..plots import save_figure, subplots
+from ..run_dir import write_json
+from .diagnosis import R_HAT_OK, Diagnosis
+from .importance import KHAT_GOOD, KHAT_THRESHOLD
 
 SHORTFALL_SE = 2.0  # standard errors above 0 at which the reference log p(x) is called an underestimate
 JSON, MARKDOWN = "diagnose.json", "diagnose.md"
@@ -100,7 +96,7 @@ def markdown(summary: dict) -> str:
 def plot_khat(khat: torch.Tensor, khat_q_star: torch.Tensor, path: Path) -> Path:
     """Histograms of the per-example k-hat with q(z|x) and with the full-rank q* as proposal, and
     the 0.5 and 0.7 thresholds."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     both = torch.cat([khat, khat_q_star])
     bins = torch.linspace(float(both.min()), float(both.max()), 31).numpy()
     ax.hist(khat.numpy(), bins=bins, color="tab:blue", alpha=0.8, label="proposal q(z|x)")
@@ -119,7 +115,7 @@ def plot_posterior(diagnosis: Diagnosis, path: Path) -> Path:
     """One panel per NUTS example: posterior draws and q(z|x) (1 and 2 sd ellipses) on the two
     coordinates where they differ most."""
     nuts, examples = diagnosis.nuts, diagnosis.summary["mcmc"]["examples"]
-    fig, axes = plt.subplots(1, len(examples), figsize=(3.2 * len(examples), 3.4), squeeze=False)
+    fig, axes = subplots(1, len(examples), figsize=(3.2 * len(examples), 3.4), squeeze=False)
     for i, (ax, e) in enumerate(zip(axes[0], examples, strict=True)):
         u, v = e["top_coordinates"] if len(e["top_coordinates"]) == 2 else (0, 0)
         z = nuts.z[:, :, i].flatten(0, 1).cpu()
