@@ -132,7 +132,8 @@ def plot_latent_map(program: object, x: Tensor, labels: Tensor | None, path: Pat
     """Scatter of E_q[z|x] over test images, coloured by label (PCA to 2-D above 2 dimensions; with
     several latent sites, of all their coordinates together)."""
     program = Program.of(program)
-    name = ", ".join(program.sites(x).latent)
+    latent = program.sites(x).latent
+    name = latent[0] if len(latent) == 1 else f"({', '.join(latent)})"
     points, axis = latent_2d(program.posterior_means(x).cpu(), name)
     fig, ax = plt.subplots(figsize=(6, 5))
     if labels is None:
@@ -174,12 +175,14 @@ def save_figures(
     n_samples: int = 64,
 ) -> list[Path]:
     """Write samples.png, reconstructions.png, traversal.png, latent_map.png (and curves.png when
-    metrics are given) into the folder `out` (made if missing), for our VAE or any model/guide pair (Program.of); data: a Dataset
-    (its test images and labels) or a tensor of test images. A figure the pair cannot give is
-    skipped with a one-line warning saying why. Returns the paths written."""
+    metrics are given) into the folder `out` (made if missing), for our VAE or any model/guide pair
+    (Program.of); data: a Dataset (its test images and labels) or a tensor of test images. A figure
+    the pair cannot give is skipped with a one-line warning saying why; a pair that breaks the
+    contract is an InputError. Returns the paths written."""
     program, out = Program.of(program), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     x, labels = (data, None) if isinstance(data, Tensor) else (data.test_x, data.test_y)
+    program.sites(x)  # a pair that breaks the contract is an error, not a figure to skip
+    out.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, Callable[[Path], Path]]] = [
         ("samples.png", lambda path: plot_samples(program, x, path, n=n_samples, seed=seed)),
         ("reconstructions.png", lambda path: plot_reconstructions(program, x, path)),
