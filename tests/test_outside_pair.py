@@ -6,6 +6,7 @@ refused in one line."""
 
 import math
 import warnings
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -288,3 +289,52 @@ def test_a_global_latent_is_refused_in_one_line(entry, digits, tmp_path):
     assert "site 'shift' is not inside the data plate" in message and "global latent" in message
     assert "\n" not in message
     assert not list(tmp_path.iterdir())
+
+
+def _pair(latent=None, observe=True, extra_guide_site=False):
+    """A pair with one per-example latent site "u" (prior and guide `latent`, default N(0, 1),
+    expanded per example)."""
+    latent = dist.Normal(0.0, 1.0) if latent is None else latent
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            u = pyro.sample("u", latent.expand([x.shape[0]]))
+            if observe:
+                pyro.sample("x", dist.Normal(u[:, None, None, None] + x.new_zeros(x.shape), 1.0).to_event(3),
+                            obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("u", latent.expand([x.shape[0]]))
+            if extra_guide_site:
+                pyro.sample("v", dist.Normal(0.0, 1.0).expand([x.shape[0]]))
+
+    return model, guide
+
+
+class _PointMass(TwoSites):
+    is_autoencoder = True
+
+
+REFUSED = [
+    ("evaluate", lambda: object(), "is not a model/guide pair"),
+    ("evaluate", lambda: _pair(observe=False), "the model must have exactly one observed sample site"),
+    ("diagnose", lambda: _pair(extra_guide_site=True), "is sampled in the guide but not in the model"),
+    ("diagnose", lambda: _pair(latent=dist.LogNormal(0.0, 1.0)), "not the real numbers"),
+    ("compare", _PointMass, "it has no ELBO to estimate"),
+]
+
+
+@pytest.mark.parametrize("entry, pair, message", REFUSED, ids=[r[2] for r in REFUSED])
+def test_what_a_pair_cannot_offer_is_refused_in_one_line(entry, pair, message, digits):
+    """The rows of docs/errors.md's table for model/guide pairs."""
+    x = digits[1][:8]
+    calls = {
+        "evaluate": lambda p: evaluate(p, x, k=10),
+        "compare": lambda p: compare(p, x, estimators=["mc"], particles=[1], repeats=2, k_ref=5),
+        "diagnose": lambda p: diagnose(p, x, n_examples=4, mcmc_examples=0, k=10, svi_steps=1),
+    }
+    with pytest.raises(InputError, match=message) as err:
+        calls[entry](pair())
+    assert "\n" not in str(err.value)
+    assert message in (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
