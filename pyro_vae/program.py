@@ -117,7 +117,7 @@ class Program:
         param sites of a guide trace on x[:2], "model" (generative, theta) those of the model trace
         that the guide does not use; both unconstrained, by param-store name. The parameters of an
         nn.Module owner that reach no param site (a plain nn.Module inside it) join "guide" if the
-        guide's log-density depends on them, else "model"."""
+        guide's draws or log-density depend on them, else "model"."""
         model_trace, guide_trace = self.traces(x[:2])
         groups: dict[str, dict[str, Tensor]] = {"guide": {}, "model": {}}
         seen: set[int] = set()
@@ -204,8 +204,9 @@ def _samples(trace: Trace):
 
 
 def _reached(trace: Trace, params: list[Tensor]) -> set[int]:
-    """ids of the tensors in `params` that the trace's log-density sum log q(z|x) depends on."""
-    total = sum(site["fn"].log_prob(site["value"]).sum() for _, site in _samples(trace))
+    """ids of the tensors in `params` that the trace's draws z or its log-density log q(z|x) depend on
+    (the draws too: a point mass's density does not depend on where it sits)."""
+    total = sum(site["fn"].log_prob(site["value"]).sum() + site["value"].sum() for _, site in _samples(trace))
     if not torch.is_tensor(total) or not total.requires_grad:
         return set()
     grads = torch.autograd.grad(total, params, allow_unused=True)
