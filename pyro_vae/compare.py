@@ -1,17 +1,20 @@
-"""Estimator comparison: on one fixed model and one fixed test batch, for each ELBO estimator and
-number of particles K, measure
+"""Estimator comparison: on one fixed model/guide pair (our VAE, or any pair that meets the Program
+contract) and one fixed test batch, for each ELBO estimator and number of particles K, measure
 
 * the estimate: R independent draws of every example's bound, in nats: mean, per-example standard
   deviation of one draw, and bias against a high-k IWAE reference log p(x);
 * the gradient of the training loss (-bound per example, averaged over the batch): per-parameter
   variance and signal-to-noise ratio SNR = |mean| / std over R draws (Rainforth et al. 2018),
-  averaged over the encoder's parameters (q) and over the rest (decoder, learned prior and scale: p);
+  averaged over the guide's parameters ("encoder": variational, q) and over the model's ("decoder":
+  generative, p: decoder, learned prior and scale), told apart by the param sites of each trace;
 * the wall time of one loss + backward;
 * optionally, the final test log p(x) when each estimator trains the same network from the same
   initialization for the same number of epochs.
 
 Every measurement of an estimator starts from the same seed, so a result does not depend on which
-other estimators were compared with it. Writes compare.json, compare.md and two PNG figures.
+other estimators were compared with it. `compare` measures a pair in Python; `compare_estimators`
+(the CLI's) measures a run or a config's model; `write_comparison` writes compare.json, compare.md
+and two PNG figures.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .estimators import ESTIMATORS, check_analytic_kl, log_weights, make_estimat
 from .evaluate import elbo_terms, iwae_log_px
 from .model import VAE
 from .plots import save_figure, subplots
+from .program import Program
 from .run_dir import build_from_config, load_model, read_config, write_json
 
 JSON, MARKDOWN = "compare.json", "compare.md"
@@ -122,10 +126,11 @@ def parse_specs(estimators: Sequence[str], particles: Sequence[int]) -> list[tup
 
 
 @torch.no_grad()
-def estimate_stats(name: str, k: int, vae: VAE, x: Tensor, repeats: int, log_px: Tensor) -> dict:
+def estimate_stats(name: str, k: int, program: object, x: Tensor, repeats: int, log_px: Tensor) -> dict:
     """R draws b_rn of every example's bound: mean over r and n (and its standard error over draws),
     per-example std sqrt(mean_n var_r b_rn), bias mean - mean_n log p(x_n), and the R batch means."""
-    draws = torch.stack([BOUNDS[name](vae.model, vae.guide, x, k) for _ in range(repeats)])  # (R, N)
+    program = Program.of(program)
+    draws = torch.stack([BOUNDS[name](program.model, program.guide, x, k) for _ in range(repeats)])  # (R, N)
     batch_means = draws.mean(1)
     mean = float(batch_means.mean())
     return {
@@ -137,13 +142,18 @@ def estimate_stats(name: str, k: int, vae: VAE, x: Tensor, repeats: int, log_px:
     }
 
 
-def parameter_groups(vae: VAE) -> dict[str, list[torch.nn.Parameter]]:
-    """'encoder': the guide's network; 'decoder': every other trained parameter (decoder network, and
-    a learned prior or likelihood scale where the model has one)."""
-    encoder = {id(p) for p in vae.encoder.parameters()}
-    params = [p for p in vae.parameters() if p.requires_grad]
-    return {"encoder": [p for p in params if id(p) in encoder],
-            "decoder": [p for p in params if id(p) not in encoder]}
+def parameter_groups(program: object, x: Tensor) -> dict[str, list[Tensor]]:
+    """'encoder': the guide's parameters (variational: the param sites of a guide trace); 'decoder':
+    the model's other parameters (generative: decoder network, and a learned prior or likelihood
+    scale where the model has one). See Program.parameter_groups."""
+    groups = Program.of(program).parameter_groups(x)
+    return {"encoder": list(groups["guide"].values()), "decoder": list(groups["model"].values())}
+
+
+def _clear_grads(groups: dict[str, list[Tensor]]) -> None:
+    for params in groups.values():
+        for p in params:
+            p.grad = None
 
 
 def _flat_grad(params: list[torch.nn.Parameter]) -> Tensor:
@@ -157,21 +167,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def gradient_stats(elbo: pyro.infer.ELBO, vae: VAE, x: Tensor, repeats: int, progress: bool = False,
+def gradient_stats(elbo: pyro.infer.ELBO, program: object, x: Tensor, repeats: int, progress: bool = False,
                    desc: str = "gradients") -> dict:
-    """R draws g_r of the gradient of loss = -bound/N (as in a training step): per group, the
-    per-parameter variance var_r(g) and SNR |mean_r g| / std_r g, each averaged over the group's
-    parameters (those with std > 0); and the median wall time of one loss + backward, in ms."""
-    groups = parameter_groups(vae)
+    """R draws g_r of the gradient of loss = -bound/N (as in a training step): per group (see
+    parameter_groups), the per-parameter variance var_r(g) and SNR |mean_r g| / std_r g, each averaged
+    over the group's parameters (those with std > 0); and the median wall time of one loss +
+    backward, in ms. The parameters' .grad are cleared before and after."""
+    program = Program.of(program)
+    groups = parameter_groups(program, x)
     sums = {g: torch.zeros(sum(p.numel() for p in ps), dtype=torch.float64, device=x.device)
             for g, ps in groups.items()}
     squares = {g: s.clone() for g, s in sums.items()}
     times = []
     for r in tqdm(range(repeats + 1), desc=desc, leave=False, disable=not progress):
-        vae.zero_grad(set_to_none=True)
+        _clear_grads(groups)
         _sync(x.device)
         start = time.perf_counter()
-        (elbo.differentiable_loss(vae.model, vae.guide, x) / x.shape[0]).backward()
+        (elbo.differentiable_loss(program.model, program.guide, x) / x.shape[0]).backward()
         _sync(x.device)
         if r == 0:
             continue  # a warm-up step: first-call costs are not part of the time or the statistics
@@ -180,7 +192,7 @@ def gradient_stats(elbo: pyro.infer.ELBO, vae: VAE, x: Tensor, repeats: int, pro
             flat = _flat_grad(ps).double()
             sums[g] += flat
             squares[g] += flat.square()
-    vae.zero_grad(set_to_none=True)
+    _clear_grads(groups)
     result: dict = {"ms_per_step": 1000 * float(torch.tensor(times).median())}
     for g in groups:
         mean = sums[g] / repeats
@@ -192,21 +204,23 @@ def gradient_stats(elbo: pyro.infer.ELBO, vae: VAE, x: Tensor, repeats: int, pro
     return result
 
 
-def measure(vae: VAE, x: Tensor, specs: Sequence[tuple[str, int]], repeats: int, k_ref: int,
+def measure(program: object, x: Tensor, specs: Sequence[tuple[str, int]], repeats: int, k_ref: int,
             seed: int = 0, progress: bool = False) -> dict:
-    """The comparison on one model and batch: the reference log p(x) and one row per (name, K)."""
+    """The comparison on one model/guide pair and batch: the reference log p(x) and one row per
+    (name, K)."""
+    program = Program.of(program)
     pyro.set_rng_seed(seed)
-    log_px = iwae_log_px(vae.model, vae.guide, x, k_ref)
+    log_px = iwae_log_px(program.model, program.guide, x, k_ref)
     record: dict = {"n_examples": int(x.shape[0]), "repeats": repeats, "k_ref": k_ref, "seed": seed,
                     "device": str(x.device), "log_px_ref": float(log_px.mean()), "log_px_ref_se": _se(log_px)}
     if any(name == "analytic" for name, _ in specs):
-        record["analytic_kl"] = check_analytic_kl("analytic", vae.model, vae.guide, x)
+        record["analytic_kl"] = check_analytic_kl("analytic", program.model, program.guide, x)
     rows = []
     for name, k in tqdm(specs, desc="estimators", disable=not progress):
         pyro.set_rng_seed(seed)
-        row = {"estimator": name, "particles": k, **estimate_stats(name, k, vae, x, repeats, log_px)}
+        row = {"estimator": name, "particles": k, **estimate_stats(name, k, program, x, repeats, log_px)}
         pyro.set_rng_seed(seed)
-        row.update(gradient_stats(make_estimator(name, k), vae, x, repeats, progress, f"{name} K={k}"))
+        row.update(gradient_stats(make_estimator(name, k), program, x, repeats, progress, f"{name} K={k}"))
         rows.append(row)
     record["estimators"] = rows
     return record
@@ -296,18 +310,52 @@ def compare_estimators(run: str | Path | None = None, config_file: str | Path | 
         for name, k in specs:
             dataclasses.replace(config, estimator=name, particles=k, epochs=options.train_epochs).validate()
     vae, x, described = _model(run, config_file, config, out_dir, options, device)
-    record = {"model": described, "dataset": config.dataset,
-              **measure(vae, x, specs, options.repeats, options.k_ref, options.seed, options.progress)}
+    record = compare(vae, x, options.estimators, options.particles, options.repeats, options.k_ref,
+                     options.seed, options.progress)
+    record.update(model=described, dataset=config.dataset)
     if options.train_epochs:
         final = train_each(config, specs, options.train_epochs, out_dir, options.k_ref, x, options.progress)
         for row in record["estimators"]:
             row["final"] = final[f"{row['estimator']} {row['particles']}"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / JSON, record)
-    (out_dir / MARKDOWN).write_text(markdown(record))
-    paths = [out_dir / JSON, out_dir / MARKDOWN, plot_snr(record, out_dir / SNR_FIGURE),
-             plot_estimates(record, out_dir / ESTIMATES_FIGURE)]
-    return CompareResult(out_dir, record, paths)
+    return CompareResult(out_dir, record, write_comparison(record, out_dir))
+
+
+def _describe(program: Program) -> str:
+    """A name for the pair in the report: its owner's class, else the two functions' names."""
+    if program.owner is not None:
+        return type(program.owner).__name__
+    return "/".join(getattr(fn, "__name__", type(fn).__name__) for fn in (program.model, program.guide))
+
+
+def compare(program: object, x: Tensor, estimators: Sequence[str] | None = None,
+            particles: Sequence[int] = (1, 5, 50), repeats: int = 100, k_ref: int = 1000, seed: int = 0,
+            progress: bool = False) -> dict:
+    """Compare ELBO estimators on the model/guide pair `program` (our VAE, an object with .model and
+    .guide, a (model, guide) tuple or a Program) and the batch x: the record compare.json holds (a
+    reference log p(x) by IWAE with k_ref draws, and per estimator NAME or NAME:K, K from `particles`
+    for a bare NAME: value spread and bias over `repeats` draws, gradient variance and SNR of the
+    guide's ("encoder") and the model's ("decoder") parameters, time). write_comparison writes it."""
+    options = CompareOptions(estimators=list(estimators or ESTIMATORS), particles=list(particles),
+                             repeats=repeats, k_ref=k_ref, seed=seed, progress=progress)
+    options.validate()
+    program = Program.of(program)
+    program.sites(x)
+    if program.is_autoencoder:
+        raise InputError(f"{_describe(program)} is an autoencoder (a point-mass guide): it has no ELBO to "
+                         "estimate; compare a VAE")
+    specs = parse_specs(options.estimators, options.particles)
+    return {"model": _describe(program), "dataset": None,
+            **measure(program, x, specs, repeats, k_ref, seed, progress)}
+
+
+def write_comparison(record: dict, out: str | Path) -> list[Path]:
+    """Write compare.json, compare.md, compare_snr.png and compare_estimates.png into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / JSON, record)
+    (out / MARKDOWN).write_text(markdown(record))
+    return [out / JSON, out / MARKDOWN, plot_snr(record, out / SNR_FIGURE),
+            plot_estimates(record, out / ESTIMATES_FIGURE)]
 
 
 def markdown(record: dict) -> str:
@@ -319,7 +367,8 @@ def markdown(record: dict) -> str:
         epochs = next(row["final"]["epochs"] for row in record["estimators"])
         header.append(f"log p(x) after {epochs} epochs (nats)")
     lines = [
-        f"Model: {record['model']} ({record['dataset']}); {record['n_examples']} test examples, "
+        f"Model: {record['model']}" + (f" ({record['dataset']})" if record.get("dataset") else "")
+        + f"; {record['n_examples']} test examples, "
         f"{record['repeats']} draws per estimator, seed {record['seed']}, device {record['device']}. "
         f"Reference log p(x) = {record['log_px_ref']:.2f} nats (IWAE, k={record['k_ref']}).",
         "",
@@ -341,8 +390,8 @@ def markdown(record: dict) -> str:
         "per-example standard deviation of a single estimate; bias: bound − reference (the reference "
         "is itself a lower bound, so every bias is ≤ 0 up to noise). Gradients of the training loss "
         "(−bound per example, averaged over the batch): variance per parameter and SNR = |mean| / std "
-        "per parameter, averaged over the encoder's (q) and the decoder's (p) parameters. ms/step: "
-        "median wall time of one loss + backward.",
+        "per parameter, averaged over the encoder's (the guide's parameters, q) and the decoder's (the "
+        "model's parameters, p). ms/step: median wall time of one loss + backward.",
     ]
     return "\n".join(lines) + "\n"
 

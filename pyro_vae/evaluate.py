@@ -1,5 +1,6 @@
-"""Evaluation of a trained VAE, per example, in nats (sum over pixels, mean over examples):
-test ELBO and its two terms, importance-sampled log p(x), and active units."""
+"""Evaluation of a trained VAE, or of any model/guide pair that meets the Program contract, per
+example, in nats (sum over pixels, mean over examples): test ELBO and its two terms,
+importance-sampled log p(x), and active units."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
 from .estimators import log_weights, traces
-from .model import VAE
+from .program import Program
 
 MAX_ELEMENTS = 2**24  # particles x examples x pixels per chunk: bounds memory (~64 MB a tensor)
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q[z_u]) > 0.01
@@ -82,9 +83,11 @@ def elbo_terms(
 
 
 @torch.no_grad()
-def active_units(vae: VAE, x: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
-    """Number of latent units u with Var_x(E_q[z_u | x]) > threshold (Burda et al. 2016)."""
-    means = torch.cat([vae.posterior(x[rows]).mean for rows in _chunks(x.shape[0], 4096)])
+def active_units(program: object, x: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
+    """Number of latent units u with Var_x(E_q[z_u | x]) > threshold (Burda et al. 2016), over the
+    coordinates of every latent site (Program.posterior_means)."""
+    program = Program.of(program)
+    means = torch.cat([program.posterior_means(x[rows]) for rows in _chunks(x.shape[0], 4096)])
     return int((means.var(0) > threshold).sum()) if len(means) > 1 else 0
 
 
@@ -95,34 +98,50 @@ def _mean_se(values: Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate(vae: VAE, x: Tensor, k: int = 5000, elbo_samples: int = 10,
+def per_example(program: object, x: Tensor, k: int = 5000, elbo_samples: int = 10,
+                progress: bool = False) -> dict[str, Tensor]:
+    """The per-example values behind `evaluate`, each of shape (N,), in nats: "elbo" = "recon" - "kl"
+    and "log_px" (IWAE, k draws); for an autoencoder "recon" and "mse" (see evaluate_autoencoder).
+    `program`: a model/guide pair (Program.of); an InputError if it breaks the contract (e.g. a
+    global latent, which cannot be scored per example)."""
+    program = Program.of(program)
+    program.sites(x)
+    if program.is_autoencoder:
+        recon = elbo_terms(program.model, program.guide, x)["recon"]
+        mse = torch.cat([(program.reconstruct(x[rows]) - x[rows]).square().flatten(1).sum(1)
+                         for rows in _chunks(x.shape[0], 4096)])
+        return {"recon": recon, "mse": mse}
+    terms = elbo_terms(program.model, program.guide, x, samples=elbo_samples)
+    return {**terms, "log_px": iwae_log_px(program.model, program.guide, x, k, progress=progress)}
+
+
+@torch.no_grad()
+def evaluate(program: object, x: Tensor, k: int = 5000, elbo_samples: int = 10,
              progress: bool = False) -> dict[str, float]:
     """All evaluation metrics on x, in nats per example, with standard errors over examples (for an
     autoencoder: its reconstruction error, see evaluate_autoencoder); `progress` shows a bar over the
-    importance-sampling chunks, the long part."""
-    if vae.is_autoencoder:
-        return evaluate_autoencoder(vae, x)
-    terms = elbo_terms(vae.model, vae.guide, x, samples=elbo_samples)
-    log_px = iwae_log_px(vae.model, vae.guide, x, k, progress=progress)
+    importance-sampling chunks, the long part. `program`: our VAE, an object with .model and .guide,
+    a (model, guide) tuple or a Program; per_example gives the values behind the means."""
+    program = Program.of(program)
+    if program.is_autoencoder:
+        return evaluate_autoencoder(program, x)
+    values = per_example(program, x, k, elbo_samples, progress)
     result: dict[str, float] = {}
-    for name, values in (("test_elbo", terms["elbo"]), ("log_px", log_px),
-                         ("kl", terms["kl"]), ("recon", terms["recon"])):
-        result[name], result[f"{name}_se"] = _mean_se(values)
-    result.update(active_units=active_units(vae, x), k=k, n_examples=int(x.shape[0]))
+    for name, key in (("test_elbo", "elbo"), ("log_px", "log_px"), ("kl", "kl"), ("recon", "recon")):
+        result[name], result[f"{name}_se"] = _mean_se(values[key])
+    result.update(active_units=active_units(program, x), k=k, n_examples=int(x.shape[0]))
     return result
 
 
 @torch.no_grad()
-def evaluate_autoencoder(vae: VAE, x: Tensor) -> dict[str, float | None]:
+def evaluate_autoencoder(program: object, x: Tensor) -> dict[str, float | None]:
     """The deterministic autoencoder's reconstruction error per example: recon = log p(x | decoder(c(x)))
     in nats and mse = ||x - mean of p(x|z)||^2 summed over pixels. It has no ELBO and no estimate of
     log p(x): those are None."""
-    recon = elbo_terms(vae.model, vae.guide, x)["recon"]
-    mse = torch.cat([(vae.decode(vae.posterior(x[rows]).mean) - x[rows]).square().flatten(1).sum(1)
-                     for rows in _chunks(x.shape[0], 4096)])
+    values = per_example(program, x)
     result: dict[str, float | None] = {"model": "ae", "test_elbo": None, "test_elbo_se": None,
                                        "log_px": None, "log_px_se": None}
-    for name, values in (("recon", recon), ("mse", mse)):
-        result[name], result[f"{name}_se"] = _mean_se(values)
-    result.update(active_units=active_units(vae, x), n_examples=int(x.shape[0]))
+    for name in ("recon", "mse"):
+        result[name], result[f"{name}_se"] = _mean_se(values[name])
+    result.update(active_units=active_units(program, x), n_examples=int(x.shape[0]))
     return result

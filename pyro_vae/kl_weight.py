@@ -1,10 +1,11 @@
 """The KL weight beta of a beta-VAE and its linear warm-up (KL annealing), applied the Pyro way:
-poutine.scale on the latent site, in both model and guide, so every ELBO estimator sees
+poutine.scale on every latent site, in both model and guide, so every ELBO estimator sees
 
-    -ELBO_beta = -E_q[log p(x|z)] + beta * KL(q(z|x) || p(z))
+    -ELBO_beta = -E_q[log p(x|z)] + beta * sum_s KL(q(z_s|x) || p(z_s))
 
-(Trace_ELBO scales log p(z) and log q(z|x) by beta; TraceMeanField_ELBO scales its closed-form KL).
-Evaluation never applies it: reported ELBOs are the true, unweighted bound.
+summed over the latent sites s, whatever their names (Trace_ELBO scales log p(z_s) and log q(z_s|x)
+by beta; TraceMeanField_ELBO scales its closed-form KL). Evaluation never applies it: reported ELBOs
+are the true, unweighted bound.
 """
 
 from __future__ import annotations
@@ -13,25 +14,31 @@ from collections.abc import Callable, Collection
 
 from pyro.poutine.messenger import Message
 from pyro.poutine.scale_messenger import ScaleMessenger
+from pyro.poutine.util import site_is_subsample
 
-LATENT_SITES = ("z",)
 
+class LatentScaleMessenger(ScaleMessenger):
+    """poutine.scale restricted to the latent sites: those named in `sites`, or with sites=None every
+    unobserved sample site (the latent sites of a model or guide that meets the Program contract)."""
 
-class SiteScaleMessenger(ScaleMessenger):
-    """poutine.scale restricted to the sample sites named in `sites`."""
-
-    def __init__(self, scale: float, sites: Collection[str] = LATENT_SITES):
+    def __init__(self, scale: float, sites: Collection[str] | None = None):
         super().__init__(scale)
-        self.sites = frozenset(sites)
+        self.sites = None if sites is None else frozenset(sites)
 
     def _process_message(self, msg: Message) -> None:
-        if msg["name"] in self.sites:
+        if self.sites is None:
+            latent = msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg)
+        else:
+            latent = msg["name"] in self.sites
+        if latent:
             super()._process_message(msg)
 
 
-def scale_latents(fn: Callable, beta: float, sites: Collection[str] = LATENT_SITES) -> Callable:
-    """`fn` with the log-densities of its latent sites multiplied by beta (> 0); fn itself if beta is 1."""
-    return fn if beta == 1.0 else SiteScaleMessenger(beta, sites)(fn)
+def scale_latents(fn: Callable, beta: float, sites: Collection[str] | None = None) -> Callable:
+    """`fn` with the log-densities of its latent sites multiplied by beta (> 0): the sites named in
+    `sites` (pass Program.sites(x).latent), or every unobserved sample site when None; fn itself if
+    beta is 1."""
+    return fn if beta == 1.0 else LatentScaleMessenger(beta, sites)(fn)
 
 
 def kl_weight(beta: float, anneal_epochs: int, step: int, steps_per_epoch: int) -> float:

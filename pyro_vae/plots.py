@@ -1,8 +1,15 @@
 """Figures: samples from the prior, reconstructions, a latent traversal, a 2-D latent map and
-training curves, written as PNGs. Pictures show the mean of p(x|z), clipped to [0, 1]."""
+training curves, written as PNGs. Pictures show the mean of p(x|z), clipped to [0, 1], for our VAE or
+any model/guide pair that meets the Program contract: a picture is the mean of the observed site's
+distribution reshaped like x (N, C, H, W). A figure that cannot be made for a pair (no mean, a
+traversal of several latent sites, data that are not pictures) raises an InputError saying why, and
+save_figures skips it with a one-line warning."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -10,7 +17,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from .data import Dataset
-from .model import VAE
+from .errors import InputError
+from .program import Program
 
 TRAVERSAL_RANGE = 3.0  # z_u from -3 to 3: three prior standard deviations
 
@@ -37,66 +45,102 @@ def _save_grid(grid: Tensor, path: Path, title: str, xlabel: str = "", ylabel: s
     return save_figure(fig, path)
 
 
+def _check_pictures(x: Tensor) -> None:
+    if x.dim() != 4:
+        raise InputError(f"pictures need data of shape (N, C, H, W); x has shape {tuple(x.shape)}")
+
+
+def _rows(x: Tensor, n: int) -> Tensor:
+    """n rows of x (cycling through them): a batch of the right size and shape for the model."""
+    return x[torch.arange(n, device=x.device) % x.shape[0]]
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Draw from torch's generator seeded with `seed`, and leave the caller's generator as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
-def plot_samples(vae: VAE, path: Path, n: int = 64, seed: int = 0) -> Path:
+def plot_samples(program: object, x: Tensor, path: Path, n: int = 64, seed: int = 0) -> Path:
     """x = mean of p(x|z) for z ~ p(z): what the model generates from its prior (for an autoencoder,
-    which has no prior: z ~ N(0, I) noise)."""
-    torch.manual_seed(seed)
-    z = vae.sample_latents(n)
+    which has no prior: z ~ N(0, I) noise); x gives the pictures' shape."""
+    program = Program.of(program)
+    _check_pictures(x)
+    with _seeded(seed, x.device):
+        images = program.sample(_rows(x, n)).cpu()
     cols = int(n**0.5)
-    title = ("decoded N(0, I) noise (an autoencoder has no prior)" if vae.is_autoencoder
+    title = ("decoded N(0, I) noise (an autoencoder has no prior)" if program.is_autoencoder
              else "samples from the prior")
-    return _save_grid(image_grid(vae.decode(z).cpu(), n // cols, cols), path, title)
+    return _save_grid(image_grid(images, n // cols, cols), path, title)
 
 
 @torch.no_grad()
-def plot_reconstructions(vae: VAE, x: Tensor, path: Path, n: int = 16) -> Path:
+def plot_reconstructions(program: object, x: Tensor, path: Path, n: int = 16) -> Path:
     """Top row: test images; bottom row: mean of p(x|z) at z = E_q[z|x]."""
+    _check_pictures(x)
     x = x[:n]
-    recon = vae.decode(vae.posterior(x).mean)
+    recon = Program.of(program).reconstruct(x)
     grid = image_grid(torch.cat([x, recon]).cpu(), 2, len(x))
     return _save_grid(grid, path, "test images (top) and reconstructions (bottom)")
 
 
 @torch.no_grad()
-def plot_traversal(vae: VAE, x: Tensor, path: Path, n_dims: int = 8, steps: int = 9) -> Path:
-    """Vary one latent coordinate at a time from -3 to 3, the others fixed at E_q[z|x] of one test
-    image; one row per coordinate, the most used coordinates (largest Var_x E_q[z]) first."""
-    means = vae.posterior(x[:512]).mean
+def plot_traversal(program: object, x: Tensor, path: Path, n_dims: int = 8, steps: int = 9) -> Path:
+    """Vary one coordinate of the latent site at a time from -3 to 3, the others fixed at E_q[z|x] of
+    one test image; one row per coordinate, the most used coordinates (largest Var_x E_q[z]) first.
+    Needs a program with one latent site."""
+    program = Program.of(program)
+    _check_pictures(x)
+    latent = program.sites(x).latent
+    if len(latent) != 1:
+        raise InputError(f"a traversal varies the coordinates of one latent site; this pair has "
+                         f"{len(latent)} ({', '.join(map(repr, latent))})")
+    (name,) = latent
+    mean, _ = program.posterior_moments(x[:512])[name]
+    means = mean.flatten(1)
     dims = means.var(0).argsort(descending=True)[:n_dims] if len(means) > 1 else torch.arange(n_dims)
     dims = dims[: means.shape[-1]]
     values = torch.linspace(-TRAVERSAL_RANGE, TRAVERSAL_RANGE, steps, device=x.device)
     z = means[0].repeat(len(dims), steps, 1)
     for row, d in enumerate(dims):
         z[row, :, d] = values
-    images = vae.decode(z.reshape(-1, z.shape[-1])).cpu()
+    z = z.reshape(-1, *mean.shape[1:])
+    images = program.decode(_rows(x, z.shape[0]), {name: z}).cpu()
     return _save_grid(image_grid(images, len(dims), steps), path,
-                      "latent traversal", f"z_u from -{TRAVERSAL_RANGE:g} to {TRAVERSAL_RANGE:g}",
+                      "latent traversal", f"{name}_u from -{TRAVERSAL_RANGE:g} to {TRAVERSAL_RANGE:g}",
                       "coordinate u: " + ", ".join(str(int(d)) for d in dims))
 
 
-def latent_2d(means: Tensor) -> tuple[Tensor, str]:
-    """Posterior means as 2-D points: the means themselves if z is 2-D, else their first two
-    principal components (PCA on the centred means)."""
+def latent_2d(means: Tensor, name: str = "z") -> tuple[Tensor, str]:
+    """Posterior means as 2-D points: the means themselves if they are 2-D, else their first two
+    principal components (PCA on the centred means); and the axis label, from `name`."""
     if means.shape[-1] <= 2:
-        return torch.nn.functional.pad(means, (0, 2 - means.shape[-1])), "z"
+        return torch.nn.functional.pad(means, (0, 2 - means.shape[-1])), name
     centred = means - means.mean(0)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
-    return centred @ v[:2].T, "PCA of z"
+    return centred @ v[:2].T, f"PCA of {name}"
 
 
 @torch.no_grad()
-def plot_latent_map(vae: VAE, x: Tensor, labels: Tensor | None, path: Path) -> Path:
-    """Scatter of E_q[z|x] over test images, coloured by label (PCA to 2-D above 2 dimensions)."""
-    points, axis = latent_2d(vae.posterior(x).mean.cpu())
+def plot_latent_map(program: object, x: Tensor, labels: Tensor | None, path: Path) -> Path:
+    """Scatter of E_q[z|x] over test images, coloured by label (PCA to 2-D above 2 dimensions; with
+    several latent sites, of all their coordinates together)."""
+    program = Program.of(program)
+    latent = program.sites(x).latent
+    name = latent[0] if len(latent) == 1 else f"({', '.join(latent)})"
+    points, axis = latent_2d(program.posterior_means(x).cpu(), name)
     fig, ax = subplots(figsize=(6, 5))
-    colour = None if labels is None else labels.cpu().numpy()
-    sc = ax.scatter(points[:, 0], points[:, 1], c=colour, cmap="tab10", s=4, alpha=0.7)
-    if labels is not None:
+    if labels is None:
+        ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.7)
+    else:
+        sc = ax.scatter(points[:, 0], points[:, 1], c=labels.cpu().numpy(), cmap="tab10", s=4, alpha=0.7)
         fig.colorbar(sc, ax=ax, label="label")
     ax.set_xlabel(f"{axis} 1")
     ax.set_ylabel(f"{axis} 2")
-    ax.set_title("test posterior means E_q[z|x]")
+    ax.set_title(f"test posterior means E_q[{name} | x]")
     return save_figure(fig, path)
 
 
@@ -130,19 +174,30 @@ def plot_curves(metrics: list[dict], path: Path) -> Path:
 
 
 def save_figures(
-    vae: VAE, data: Dataset, out: Path, metrics: list[dict] | None = None, seed: int = 0,
+    program: object, data: Dataset | Tensor, out: Path, metrics: list[dict] | None = None, seed: int = 0,
     n_samples: int = 64,
 ) -> list[Path]:
-    """Write samples.png, reconstructions.png, traversal.png, latent_map.png (and curves.png
-    when metrics are given) into `out`."""
-    out = Path(out)
-    vae.eval()
-    paths = [
-        plot_samples(vae, out / "samples.png", n=n_samples, seed=seed),
-        plot_reconstructions(vae, data.test_x, out / "reconstructions.png"),
-        plot_traversal(vae, data.test_x, out / "traversal.png"),
-        plot_latent_map(vae, data.test_x, data.test_y, out / "latent_map.png"),
+    """Write samples.png, reconstructions.png, traversal.png, latent_map.png (and curves.png when
+    metrics are given) into the folder `out` (made if missing), for our VAE or any model/guide pair
+    (Program.of); data: a Dataset (its test images and labels) or a tensor of test images. A figure
+    the pair cannot give is skipped with a one-line warning saying why; a pair that breaks the
+    contract is an InputError. Returns the paths written."""
+    program, out = Program.of(program), Path(out)
+    x, labels = (data, None) if isinstance(data, Tensor) else (data.test_x, data.test_y)
+    program.sites(x)  # a pair that breaks the contract is an error, not a figure to skip
+    out.mkdir(parents=True, exist_ok=True)
+    figures: list[tuple[str, Callable[[Path], Path]]] = [
+        ("samples.png", lambda path: plot_samples(program, x, path, n=n_samples, seed=seed)),
+        ("reconstructions.png", lambda path: plot_reconstructions(program, x, path)),
+        ("traversal.png", lambda path: plot_traversal(program, x, path)),
+        ("latent_map.png", lambda path: plot_latent_map(program, x, labels, path)),
     ]
     if metrics:
-        paths.append(plot_curves(metrics, out / "curves.png"))
+        figures.append(("curves.png", lambda path: plot_curves(metrics, path)))
+    paths = []
+    for name, draw in figures:
+        try:
+            paths.append(draw(out / name))
+        except InputError as err:
+            warnings.warn(f"skipped {name}: {err}", UserWarning, stacklevel=2)
     return paths

@@ -1,15 +1,16 @@
 """The contract a model/guide pair meets, and what the library learns from it by tracing.
 
 A *program* is a Pyro model p(z) p(x|z) and guide q(z|x), given as two callables taking the batch x
-(N, C, H, W) as first argument, or as one object with `.model` and `.guide` methods (our `VAE`,
-Pyro's example VAE, a user's class). The contract:
+(N, C, H, W) as first argument (a `(model, guide)` tuple), or as one object with `.model` and
+`.guide` methods (our `VAE`, Pyro's example VAE, a user's class). The contract:
 
 * every per-example sample site lies inside one data plate of size N at dim -1;
 * the model has one observed site (any name): the data, `obs=x` (any reshape of x, e.g. (N, 784));
 * the latent sites are the guide's unobserved sample sites (any names, one or several), each also
   sampled in the model; nothing else is sampled in the guide;
 * parameters reach Pyro's param store the Pyro way (`pyro.module`, `pyro.param`, `PyroModule`), so
-  they appear as param sites in the traces.
+  they appear as param sites in the traces (the parameters of an nn.Module owner that do not are
+  taken from the module, see `Program.parameters`).
 
 Nothing here relies on site names: `Program.sites` finds them from one trace. What a figure needs
 beyond this (decoding a z into a picture) is read from the observed site's distribution: its
@@ -23,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.trace_struct import Trace
@@ -30,6 +32,9 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from .errors import InputError
+from .iwae import PARTICLE_DIM
+
+MOMENT_DRAWS = 64  # guide draws per example for a mean or standard deviation with no closed form
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class Sites:
 
     latent: tuple[str, ...]  # the guide's unobserved sample sites, in the order the guide samples them
     observed: str  # the model's observed site
+    plate: str  # the data plate (size N, dim -1) the observed site lies in
 
 
 class Program:
@@ -51,11 +57,14 @@ class Program:
 
     @classmethod
     def of(cls, program: object, guide: Callable | None = None) -> Program:
-        """A Program from (model, guide) callables, or from one object with .model and .guide."""
+        """A Program from (model, guide) callables (two arguments or one tuple), or from one object
+        with .model and .guide."""
         if isinstance(program, Program):
             return program
         if guide is not None:
             return cls(program, guide)
+        if isinstance(program, tuple) and len(program) == 2 and all(map(callable, program)):
+            return cls(*program)
         model, guide = getattr(program, "model", None), getattr(program, "guide", None)
         if not (callable(model) and callable(guide)):
             raise InputError(f"{type(program).__name__} is not a model/guide pair: pass model and guide "
@@ -96,55 +105,83 @@ class Program:
             for name, site in _samples(trace):
                 if name in latent or name == observed[0]:
                     _check_per_example(name, site, x.shape[0])
-        return Sites(latent, observed[0])
+        plate = next(f.name for f in model_trace.nodes[observed[0]]["cond_indep_stack"] if f.dim == -1)
+        return Sites(latent, observed[0], plate)
 
     def parameters(self, x: Tensor) -> dict[str, Tensor]:
-        """The pair's trainable tensors by param-store name: the param sites of one model and one
-        guide trace on x[:2] (unconstrained, the tensors an optimizer steps)."""
-        model_trace, guide_trace = self.traces(x[:2])
-        params = {}
-        for trace in (guide_trace, model_trace):
-            for name, site in trace.nodes.items():
-                if site["type"] == "param":
-                    params.setdefault(name, site["value"].unconstrained())
-        return params
+        """The pair's trainable tensors by name (the tensors an optimizer steps)."""
+        return {name: p for group in self.parameter_groups(x).values() for name, p in group.items()}
 
-    @torch.no_grad()
+    def parameter_groups(self, x: Tensor) -> dict[str, dict[str, Tensor]]:
+        """The trainable tensors split by what they parameterize: "guide" (variational, phi) holds the
+        param sites of a guide trace on x[:2], "model" (generative, theta) those of the model trace
+        that the guide does not use; both unconstrained, by param-store name. The parameters of an
+        nn.Module owner that reach no param site (a plain nn.Module inside it) join "guide" if the
+        guide's draws or log-density depend on them, else "model"."""
+        model_trace, guide_trace = self.traces(x[:2])
+        groups: dict[str, dict[str, Tensor]] = {"guide": {}, "model": {}}
+        seen: set[int] = set()
+        for group, trace in (("guide", guide_trace), ("model", model_trace)):
+            for name, site in trace.nodes.items():
+                if site["type"] == "param" and id(value := site["value"].unconstrained()) not in seen:
+                    groups[group][name] = value
+                    seen.add(id(value))
+        if isinstance(self.owner, torch.nn.Module):
+            rest = {n: p for n, p in self.owner.named_parameters() if p.requires_grad and id(p) not in seen}
+            if rest:
+                used = _reached(guide_trace, list(rest.values()))
+                for name, p in rest.items():
+                    groups["guide" if id(p) in used else "model"][name] = p
+        return groups
+
+    def posterior_moments(self, x: Tensor, draws: int = MOMENT_DRAWS) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per latent site, the mean and standard deviation of q(z|x), each shaped like the site's
+        value (N, *event): in closed form where the guide's distribution has them, else estimated
+        from `draws` joint draws of the guide (as for a site whose q depends on an earlier site)."""
+        with torch.no_grad():
+            guide_trace = poutine.trace(self.guide).get_trace(x)
+            moments, sampled = {}, None
+            for name in self.sites(x).latent:
+                site = guide_trace.nodes[name]
+                try:
+                    shape = site["value"].shape
+                    moments[name] = (site["fn"].mean.expand(shape), site["fn"].stddev.expand(shape))
+                except (NotImplementedError, AttributeError):
+                    if sampled is None:
+                        with pyro.plate("draws", draws, dim=PARTICLE_DIM):
+                            sampled = poutine.trace(self.guide).get_trace(x)
+                    value = sampled.nodes[name]["value"]
+                    moments[name] = (value.mean(0), value.std(0))
+        return moments
+
     def posterior_means(self, x: Tensor) -> Tensor:
-        """E_q[z|x] for every latent site, flattened and concatenated per example: shape (N, D). Where a
-        guide distribution has no closed-form mean, the drawn z stands in (one sample)."""
-        guide_trace = poutine.trace(self.guide).get_trace(x)
-        means = []
-        for name in self.sites(x).latent:
-            site = guide_trace.nodes[name]
-            try:
-                mean = site["fn"].mean
-            except NotImplementedError:
-                mean = site["value"]
-            means.append(mean.expand(site["value"].shape).reshape(x.shape[0], -1))
+        """E_q[z|x] for every latent site, flattened and concatenated per example: shape (N, D)."""
+        means = [mean.reshape(x.shape[0], -1) for mean, _ in self.posterior_moments(x).values()]
         return torch.cat(means, dim=-1)
 
     @torch.no_grad()
     def decode(self, x_like: Tensor, latents: dict[str, Tensor] | None = None) -> Tensor:
         """The mean of p(x|z) with the latent sites set to `latents` (drawn from the model's prior
-        where not given), shaped like x_like, whose first dimension is the number of pictures."""
+        where not given), shaped like x_like, whose first dimension is the number of pictures. An
+        InputError says why not where the observed distribution has no mean or not one value per
+        entry of x."""
         model = poutine.condition(self.model, data=latents) if latents else self.model
         trace = poutine.trace(model).get_trace(x_like)
-        site = trace.nodes[self.sites(x_like).observed]
-        return site["fn"].mean.reshape(x_like.shape)
+        observed = self.sites(x_like).observed
+        try:
+            mean = trace.nodes[observed]["fn"].mean
+        except (NotImplementedError, AttributeError):
+            raise InputError(f"the distribution of the observed site {observed!r} "
+                             f"({type(trace.nodes[observed]['fn']).__name__}) has no .mean: there is "
+                             "no picture to show for a z") from None
+        if mean.numel() != x_like.numel():
+            raise InputError(f"the mean of the observed site {observed!r} has shape {tuple(mean.shape)}, "
+                             f"not one value per entry of x {tuple(x_like.shape)}")
+        return mean.reshape(x_like.shape)
 
-    @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """The mean of p(x|z) at z = E_q[z|x] (each latent site at its guide mean)."""
-        guide_trace = poutine.trace(self.guide).get_trace(x)
-        latents = {}
-        for name in self.sites(x).latent:
-            site = guide_trace.nodes[name]
-            try:
-                latents[name] = site["fn"].mean.expand(site["value"].shape)
-            except NotImplementedError:
-                latents[name] = site["value"]
-        return self.decode(x, latents)
+        return self.decode(x, {name: mean for name, (mean, _) in self.posterior_moments(x).items()})
 
     @torch.no_grad()
     def sample(self, x_like: Tensor) -> Tensor:
@@ -154,12 +191,26 @@ class Program:
         if callable(sample_latents):
             (name,) = self.sites(x_like).latent
             return self.decode(x_like, {name: sample_latents(x_like.shape[0])})
-        return self.decode(x_like)
+        try:
+            return self.decode(x_like)
+        except NotImplementedError:
+            raise InputError("the model's prior cannot be sampled (e.g. an improper density): there are "
+                             "no samples to show; offer sample_latents(n) on the object") from None
 
 
 def _samples(trace: Trace):
     """(name, site) for the trace's sample sites, without the plates' subsample sites."""
     return [(n, s) for n, s in trace.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)]
+
+
+def _reached(trace: Trace, params: list[Tensor]) -> set[int]:
+    """ids of the tensors in `params` that the trace's draws z or its log-density log q(z|x) depend on
+    (the draws too: a point mass's density does not depend on where it sits)."""
+    total = sum(site["fn"].log_prob(site["value"]).sum() + site["value"].sum() for _, site in _samples(trace))
+    if not torch.is_tensor(total) or not total.requires_grad:
+        return set()
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+    return {id(p) for p, g in zip(params, grads, strict=True) if g is not None}
 
 
 def _check_per_example(name: str, site: dict, n: int) -> None:

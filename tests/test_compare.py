@@ -5,8 +5,11 @@ import math
 import shutil
 
 import pytest
+import torch
 
+from pyro_vae import build_vae
 from pyro_vae.cli import main
+from pyro_vae.compare import parameter_groups
 
 SMALL = ["--repeats", "4", "--batch-size", "16", "--k-ref", "50", "--quiet"]
 
@@ -113,3 +116,15 @@ def test_compare_needs_one_model_source(argv, expected, tmp_path, capsys, monkey
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err, err
+
+
+def test_parameter_groups_are_the_guides_parameters_and_the_models_others():
+    """'encoder': what the guide uses; 'decoder': the rest of what the model uses (decoder, learned
+    scale, VampPrior pseudo-inputs), although the VampPrior runs the encoder inside the model too."""
+    vae = build_vae((1, 4, 4), hidden=[8], z_dim=3, prior="vamp", prior_components=3,
+                    likelihood="gaussian-learned")
+    groups = parameter_groups(vae, torch.rand(5, 1, 4, 4))
+    encoder = {id(p) for p in vae.encoder.parameters()}
+    assert {id(p) for p in groups["encoder"]} == encoder
+    assert {id(p) for p in groups["decoder"]} == {id(p) for p in vae.parameters()} - encoder
+    assert len(groups["encoder"]) + len(groups["decoder"]) == len(list(vae.parameters()))

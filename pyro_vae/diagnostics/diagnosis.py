@@ -1,4 +1,5 @@
-"""`diagnose`: how good is the amortized q(z|x) of a trained VAE? For a sample of test examples:
+"""`diagnose`: how good is the amortized q(z|x) of a trained VAE, or of any model/guide pair that meets
+the Program contract with real-valued latent sites (any names, several)? For a sample of test examples:
 log p(x) (importance-sampled with q(z|x), the reference; and with each q* as proposal, from the draws
 that estimate L[q*]), the amortized ELBO L[q], the optimal ELBOs L[q*] of per-example Gaussians
 (diagonal and full-rank), the approximation and amortization gaps, PSIS k-hat of the weights
@@ -15,10 +16,12 @@ from typing import Any
 
 import pyro
 import torch
+from pyro import poutine
+from pyro.distributions import constraints
 from torch import Tensor
 
 from ..errors import InputError
-from ..model import VAE
+from ..program import Program
 from .importance import (
     KHAT_GOOD,
     KHAT_THRESHOLD,
@@ -58,10 +61,22 @@ def _khat_summary(khat: Tensor) -> dict[str, Any]:
             "khat_quantiles": {str(q): float(khat.quantile(q)) for q in KHAT_QUANTILES}}
 
 
-def _check(vae: VAE, x: Tensor, n_examples: int, mcmc_examples: int, k: int) -> None:
-    if getattr(vae, "is_autoencoder", False):
+def _real_valued(support: constraints.Constraint) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+def _check(program: Program, x: Tensor, n_examples: int, mcmc_examples: int, k: int) -> None:
+    if program.is_autoencoder:
         raise InputError("an autoencoder run has no q(z|x) and no p(z|x) to diagnose; "
                          "diagnose a VAE run (--model vae)")
+    guide_trace = poutine.trace(program.guide).get_trace(x[:2])
+    for name in program.sites(x).latent:
+        support = guide_trace.nodes[name]["fn"].support
+        if not _real_valued(support):
+            raise InputError(f"latent site {name!r} has support {support}, not the real numbers: diagnose "
+                             "fits Gaussians q* and runs NUTS on real-valued latent sites only")
     if not 1 <= n_examples <= x.shape[0]:
         raise InputError(f"--n-examples must be between 1 and the {x.shape[0]} test examples of the run, "
                          f"got {n_examples}")
@@ -78,22 +93,24 @@ def sample_examples(n_total: int, n: int, seed: int) -> Tensor:
 
 
 def diagnose(
-    vae: VAE, x: Tensor, n_examples: int = 100, mcmc_examples: int = 5, k: int = 5000,
+    program: object, x: Tensor, n_examples: int = 100, mcmc_examples: int = 5, k: int = 5000,
     svi_steps: int = 500, num_samples: int = 500, warmup: int = 500, chains: int = 2, seed: int = 0,
     progress: bool = False,
 ) -> Diagnosis:
     """Inference diagnostics on `n_examples` examples drawn from x (the first `mcmc_examples` of them
     also by NUTS): log p(x) >= L[q*] >= L[q], with log p(x) - L[q*] the approximation gap and
-    L[q*] - L[q] the amortization gap (Cremer, Li & Duvenaud 2018)."""
-    _check(vae, x, n_examples, mcmc_examples, k)
-    vae.eval()
+    L[q*] - L[q] the amortization gap (Cremer, Li & Duvenaud 2018). `program`: our VAE, an object
+    with .model and .guide, a (model, guide) tuple or a Program (its modules as they are: put them
+    in eval mode first if they have dropout or batch norm)."""
+    program = Program.of(program)
+    _check(program, x, n_examples, mcmc_examples, k)
     pyro.set_rng_seed(seed)
     index = sample_examples(x.shape[0], n_examples, seed)
     xs = x[index.to(x.device)]
     seconds: dict[str, float] = {}
 
     start = time.perf_counter()
-    log_w = importance_log_weights(vae.model, lambda rows: vae.guide, xs, k, progress=progress,
+    log_w = importance_log_weights(program.model, lambda rows: program.guide, xs, k, progress=progress,
                                    desc="importance weights of q")
     per: dict[str, Tensor] = {"index": index}
     per["log_px"], per["log_px_mc_se"] = log_px_estimate(log_w)
@@ -104,8 +121,8 @@ def diagnose(
     q_star = None  # the full-rank q* starts from the diagonal one: it can only add correlations
     for family in FAMILIES:
         start = time.perf_counter()
-        q_star = fit_optimal_guide(vae, xs, family, steps=svi_steps, start=q_star, progress=progress)
-        lw = importance_log_weights(vae.model, q_star.guide_for, xs, k, progress=progress,
+        q_star = fit_optimal_guide(program, xs, family, steps=svi_steps, start=q_star, progress=progress)
+        lw = importance_log_weights(program.model, q_star.guide_for, xs, k, progress=progress,
                                     desc=f"ELBO of q* ({family})")
         name = f"elbo_optimal_{KEY[family]}"
         per[name], per[f"{name}_mc_se"] = elbo_estimate(lw)
@@ -134,7 +151,7 @@ def diagnose(
     nuts, posterior = None, None
     if mcmc_examples:
         start = time.perf_counter()
-        nuts = nuts_posterior(vae, xs[:mcmc_examples], num_samples, warmup, chains, seed, progress)
+        nuts = nuts_posterior(program, xs[:mcmc_examples], num_samples, warmup, chains, seed, progress)
         posterior = inference_data(nuts, xs[:mcmc_examples], index[:mcmc_examples])
         summary["mcmc"] = _compare_with_q(nuts, posterior, index[:mcmc_examples])
         summary["mcmc"].update(num_samples=num_samples, warmup=warmup, chains=chains)
@@ -171,4 +188,4 @@ def _compare_with_q(nuts: NutsResult, posterior, index: Tensor) -> dict[str, Any
     return {"examples": examples, "r_hat_max": r_hat_max, "mixed": r_hat_max <= R_HAT_OK,
             "ess_bulk_min": min(e["ess_bulk_min"] for e in examples),
             "ess_tail_min": min(e["ess_tail_min"] for e in examples),
-            "divergences": nuts.divergences, "step_size": nuts.step_size}
+            "divergences": nuts.divergences, "step_size": nuts.step_size, "coordinates": nuts.coordinates}

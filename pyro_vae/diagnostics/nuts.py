@@ -1,4 +1,5 @@
-"""The true posterior p(z|x) by NUTS on the latent site "z" of vae.model, the decoder held fixed,
+"""The true posterior p(z|x) by NUTS on every latent site of the program's model (whatever their names;
+z below is all of them, flattened and concatenated per example), the model's parameters held fixed,
 for a few examples at once (their posteriors are independent, so one chain over all of them samples
 each). Chains run one after another (no worker processes), each with its own seed and its own start
 drawn from q(z|x); ArviZ judges them (rank-normalized split R-hat, bulk and tail ESS) and holds the
@@ -15,19 +16,16 @@ from dataclasses import dataclass
 
 import pyro
 import torch
-from pyro.distributions import constraints
+from pyro import poutine
 from pyro.distributions.transforms import biject_to
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide.initialization import init_to_value
 from torch import Tensor
 
-from ..model import VAE
+from ..program import Program
 from .optimal_guide import frozen
 
 MAX_TREE_DEPTH = 8  # at most 2^8 leapfrog steps per draw
-# z lives on R^z_dim under every prior; saying so spares Pyro from deriving it from the prior's
-# support, which it cannot do for a mixture (MixtureSameFamily's constraint has no bijection)
-REAL_LATENT = {"z": biject_to(constraints.real_vector)}
 
 
 @contextmanager
@@ -44,14 +42,16 @@ def single_thread() -> Iterator[None]:
 
 @dataclass
 class NutsResult:
-    """Draws z of shape (chains, draws, examples, z_dim), q(z|x)'s loc and scale (examples, z_dim),
-    and per chain the divergent transitions and the step size that warm-up adapted."""
+    """Draws z of shape (chains, draws, examples, D), q(z|x)'s mean and standard deviation (examples,
+    D), per chain the divergent transitions and the step size that warm-up adapted, and the label of
+    each of the D coordinates ("site_u": coordinate u of the flattened latent site)."""
 
     z: Tensor
     q_loc: Tensor
     q_scale: Tensor
     divergences: list[int]
     step_size: list[float]
+    coordinates: list[str]
 
 
 def _arviz():
@@ -62,32 +62,47 @@ def _arviz():
     return arviz
 
 
+def _flat(values: dict[str, Tensor], names: tuple[str, ...], batch_dims: int) -> Tensor:
+    """The sites' values flattened after their first `batch_dims` dimensions, concatenated."""
+    return torch.cat([values[name].flatten(batch_dims) for name in names], dim=-1)
+
+
 def nuts_posterior(
-    vae: VAE, x: Tensor, num_samples: int = 500, warmup: int = 500, chains: int = 2, seed: int = 0,
+    program: object, x: Tensor, num_samples: int = 500, warmup: int = 500, chains: int = 2, seed: int = 0,
     progress: bool = False,
 ) -> NutsResult:
     """Draws from p(z|x) proportional to p(z) p(x|z) for every example of x (NUTS with a diagonal
-    mass matrix adapted during warm-up), `chains` chains of `num_samples` draws after `warmup`. The
-    potential is compiled with Pyro's jit_compile (torch.jit.trace, about twice as fast on CPU; the
-    decoder has no data-dependent branches for the trace to freeze)."""
+    mass matrix adapted during warm-up), `chains` chains of `num_samples` draws after `warmup`, each
+    started from a draw of the guide. The sites' supports come from the guide (Pyro would derive them
+    from the prior, which it cannot do for a mixture). The potential is compiled with Pyro's
+    jit_compile (torch.jit.trace, about twice as fast on CPU; the decoder has no data-dependent
+    branches for the trace to freeze)."""
+    program = Program.of(program)
+    names = program.sites(x).latent
     with torch.no_grad():
-        q = vae.posterior(x)
+        moments = program.posterior_moments(x)
+        q_loc = _flat({n: m for n, (m, _) in moments.items()}, names, 1)
+        q_scale = _flat({n: s for n, (_, s) in moments.items()}, names, 1)
+    coordinates = [f"{name}_{u}" for name in names for u in range(moments[name][0][0].numel())]
     draws, divergences, step_size = [], [], []
-    with frozen(vae), single_thread(), warnings.catch_warnings():
+    with frozen(program.parameters(x).values()), single_thread(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`torch.jit.trace` is deprecated", FutureWarning)
         for chain in range(chains):
             pyro.set_rng_seed(seed + chain)
-            start = q.sample().detach()
-            kernel = NUTS(vae.model, max_plate_nesting=1, max_tree_depth=MAX_TREE_DEPTH,
-                          jit_compile=True, ignore_jit_warnings=True, transforms=REAL_LATENT,
-                          init_strategy=init_to_value(values={"z": start}))
+            with torch.no_grad():
+                guide_trace = poutine.trace(program.guide).get_trace(x)
+            start = {name: guide_trace.nodes[name]["value"].detach() for name in names}
+            transforms = {name: biject_to(guide_trace.nodes[name]["fn"].support) for name in names}
+            kernel = NUTS(program.model, max_plate_nesting=1, max_tree_depth=MAX_TREE_DEPTH,
+                          jit_compile=True, ignore_jit_warnings=True, transforms=transforms,
+                          init_strategy=init_to_value(values=start))
             mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup, num_chains=1,
                         disable_progbar=not progress)
             mcmc.run(x)
-            draws.append(mcmc.get_samples()["z"].detach())
+            draws.append(_flat(mcmc.get_samples(), names, 2).detach())
             divergences.append(len(mcmc.diagnostics()["divergences"]["chain 0"]))
             step_size.append(float(kernel.step_size))
-    return NutsResult(torch.stack(draws), q.mean.detach(), q.stddev.detach(), divergences, step_size)
+    return NutsResult(torch.stack(draws), q_loc, q_scale, divergences, step_size, coordinates)
 
 
 def inference_data(result: NutsResult, x: Tensor, example_index: Tensor):
@@ -109,7 +124,7 @@ def inference_data(result: NutsResult, x: Tensor, example_index: Tensor):
 
 def chain_diagnostics(idata) -> dict[str, Tensor]:
     """ArviZ's rank-normalized split R-hat and bulk/tail effective sample sizes of every
-    coordinate of z, each of shape (examples, z_dim)."""
+    coordinate of z, each of shape (examples, D)."""
     az = _arviz()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -121,7 +136,7 @@ def chain_diagnostics(idata) -> dict[str, Tensor]:
 def marginal_discrepancy(result: NutsResult) -> Tensor:
     """Per example and coordinate u, KL(N(m_u, s_u^2) || N(mu_u, sigma_u^2)) between the moment-matched
     posterior marginal (m, s from the draws) and q's marginal (mu, sigma): how far q is from p(z|x)
-    along u, in nats. Shape (examples, z_dim)."""
+    along u, in nats. Shape (examples, D)."""
     flat = result.z.flatten(0, 1)
     m, s = flat.mean(0), flat.std(0)
     mu, sigma = result.q_loc, result.q_scale

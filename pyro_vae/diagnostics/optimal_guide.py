@@ -10,18 +10,20 @@ For a richer family (full-rank Gaussian) L[q*_full] - L[q] also contains what th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import pyro
 import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
+from torch.distributions.transforms import ReshapeTransform
 from tqdm.auto import tqdm
 
 from ..estimators import make_estimator
 from ..evaluate import MAX_ELEMENTS, example_chunks
-from ..model import VAE
+from ..program import Program
 
 FAMILIES = ("diagonal", "full-rank")
 SVI_PARTICLES = 32  # draws of z per example and SVI step
@@ -30,8 +32,8 @@ SVI_LR = 0.01  # Adam, annealed to 0 by a cosine schedule so the last iterates s
 
 class PerExampleGaussian(nn.Module):
     """q*_n(z) = N(loc_n, diag scale_n^2) ("diagonal") or N(loc_n, L_n L_n^T) ("full-rank"), one
-    Gaussian per example n, with unconstrained parameters: log scale, and the strict lower
-    triangle of L_n."""
+    Gaussian per example n over a vector z (N, D), with unconstrained parameters: log scale, and the
+    strict lower triangle of L_n."""
 
     def __init__(self, loc: Tensor, scale: Tensor, family: str = "diagonal"):
         super().__init__()
@@ -45,52 +47,94 @@ class PerExampleGaussian(nn.Module):
                                                   device=loc.device))
 
     def distribution(self, rows: slice = slice(None)) -> dist.Distribution:
-        """q*_n for the examples `rows`, batch shape (n,), event shape (z_dim,)."""
+        """q*_n for the examples `rows`, batch shape (n,), event shape (D,)."""
         scale = self.log_scale[rows].exp()
         if self.family == "diagonal":
             return dist.Normal(self.loc[rows], scale).to_event(1)
         scale_tril = self.lower[rows].tril(-1) + torch.diag_embed(scale)
         return dist.MultivariateNormal(self.loc[rows], scale_tril=scale_tril)
 
-    def guide_for(self, rows: slice = slice(None)) -> Callable:
-        """A Pyro guide for the examples x[rows], with the VAE's sites: plate "data", latent "z"."""
 
-        def guide(x: Tensor) -> Tensor:
-            with pyro.plate("data", x.shape[0]):
-                return pyro.sample("z", self.distribution(rows))
+class OptimalGuide(nn.Module):
+    """q*_n(z) = prod_s q*_{n,s}(z_s): a PerExampleGaussian for each latent site s of the program
+    (its value flattened to a vector per example; full-rank within a site, independent across sites),
+    sampled in the model's data plate, so it stands in for the program's guide."""
+
+    def __init__(self, moments: dict[str, tuple[Tensor, Tensor]], family: str, plate: str):
+        super().__init__()
+        self.names, self.plate = list(moments), plate
+        self.event_shapes = {name: loc.shape[1:] for name, (loc, _) in moments.items()}
+        self.factors = nn.ModuleList(
+            PerExampleGaussian(loc.flatten(1), scale.flatten(1), family) for loc, scale in moments.values())
+
+    def __getitem__(self, name: str) -> PerExampleGaussian:
+        """The factor q*_s of the latent site `name`."""
+        return self.factors[self.names.index(name)]
+
+    def distributions(self, rows: slice = slice(None)) -> dict[str, dist.Distribution]:
+        """q*_{n,s} for the examples `rows`, per site, with the site's own event shape."""
+        result = {}
+        for name, factor in zip(self.names, self.factors, strict=True):
+            q, shape = factor.distribution(rows), self.event_shapes[name]
+            if q.event_shape != shape:
+                q = dist.TransformedDistribution(q, [ReshapeTransform(q.event_shape, shape)])
+            result[name] = q
+        return result
+
+    def moments(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per site, the mean and standard deviation of q*, shaped (N, *event)."""
+        result = {}
+        for name, factor in zip(self.names, self.factors, strict=True):
+            q, n = factor.distribution(), factor.loc.shape[0]
+            result[name] = (q.mean.reshape(n, *self.event_shapes[name]),
+                            q.stddev.reshape(n, *self.event_shapes[name]))
+        return result
+
+    def guide_for(self, rows: slice = slice(None)) -> Callable:
+        """A Pyro guide for the examples x[rows], with the program's data plate and latent sites."""
+
+        def guide(x: Tensor, *args, **kwargs) -> None:
+            with pyro.plate(self.plate, x.shape[0]):
+                for name, q in self.distributions(rows).items():
+                    pyro.sample(name, q)
 
         return guide
 
 
 @contextmanager
-def frozen(module: nn.Module) -> Iterator[None]:
-    """Turn off gradients of `module`'s parameters for the duration (so the decoder stays fixed and
-    no graph is built through it), then restore them."""
-    params = [p for p in module.parameters() if p.requires_grad]
+def frozen(params: Iterable[Tensor]) -> Iterator[None]:
+    """Turn off gradients of `params` for the duration (so the decoder stays fixed and no graph is
+    built through it), then restore them. pyro.module's warning that it skips a frozen module's
+    parameters is silenced meanwhile."""
+    params = [p for p in params if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "(?s).*was not registered in the param store", UserWarning)
+            yield
     finally:
         for p in params:
             p.requires_grad_(True)
 
 
 def fit_optimal_guide(
-    vae: VAE, x: Tensor, family: str = "diagonal", steps: int = 500, particles: int = SVI_PARTICLES,
-    lr: float = SVI_LR, start: PerExampleGaussian | None = None, progress: bool = False,
+    program: object, x: Tensor, family: str = "diagonal", steps: int = 500, particles: int = SVI_PARTICLES,
+    lr: float = SVI_LR, start: OptimalGuide | None = None, progress: bool = False,
     max_elements: int = MAX_ELEMENTS,
-) -> PerExampleGaussian:
-    """q* = argmax over per-example Gaussians of sum_n ELBO_n(q_n) (the terms are independent), by
-    SVI (Trace_ELBO, Adam with a cosine-annealed step) from the means and standard deviations of
-    `start` (default: the encoder's q(z|x_n)); a full-rank q* starts without correlations. Examples
-    are fitted in chunks of at most `max_elements` particles x examples x pixels."""
+) -> OptimalGuide:
+    """q* = argmax over per-example Gaussians (one per latent site) of sum_n ELBO_n(q_n) (the terms
+    are independent), by SVI (Trace_ELBO, Adam with a cosine-annealed step) from the means and
+    standard deviations of `start` (default: the program's q(z|x_n)); a full-rank q* starts without
+    correlations. The model's parameters are held fixed. Examples are fitted in chunks of at most
+    `max_elements` particles x examples x pixels."""
+    program = Program.of(program)
     with torch.no_grad():
-        q = vae.posterior(x) if start is None else start.distribution()
-        q_star = PerExampleGaussian(q.mean, q.stddev, family)
+        moments = program.posterior_moments(x) if start is None else start.moments()
+    q_star = OptimalGuide(moments, family, program.sites(x).plate)
     elbo = make_estimator("mc", particles)
     n = x.shape[0]
-    with frozen(vae):
+    with frozen(program.parameters(x).values()):
         for rows in example_chunks(x, particles, max_elements):
             # a fresh Adam per chunk: the other rows get zero gradients and so do not move
             optimizer = torch.optim.Adam(q_star.parameters(), lr=lr)
@@ -99,7 +143,7 @@ def fit_optimal_guide(
             desc = f"SVI for q* ({family}, examples {rows.start + 1}-{rows.stop} of {n})"
             for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
                 optimizer.zero_grad()
-                elbo.differentiable_loss(vae.model, guide, x[rows]).backward()
+                elbo.differentiable_loss(program.model, guide, x[rows]).backward()
                 optimizer.step()
                 schedule.step()
     return q_star

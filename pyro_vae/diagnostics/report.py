@@ -73,11 +73,13 @@ def markdown(summary: dict) -> str:
     ]
     if "mcmc" in summary:
         m = summary["mcmc"]
+        label = m["coordinates"]  # "site_u": coordinate u of a latent site
         lines += [
             "",
-            f"NUTS on z ({m['chains']} chains × {m['num_samples']} draws after {m['warmup']} warm-up, "
-            f"decoder fixed): max R-hat {m['r_hat_max']:.3f}, min bulk ESS {m['ess_bulk_min']:.0f}, "
-            f"min tail ESS {m['ess_tail_min']:.0f}, divergences {sum(m['divergences'])}."
+            f"NUTS on the latent sites ({m['chains']} chains × {m['num_samples']} draws after "
+            f"{m['warmup']} warm-up, decoder fixed): max R-hat {m['r_hat_max']:.3f}, min bulk ESS "
+            f"{m['ess_bulk_min']:.0f}, min tail ESS {m['ess_tail_min']:.0f}, divergences "
+            f"{sum(m['divergences'])}."
             + ("" if m["mixed"] else f" **R-hat > {R_HAT_OK} for some coordinates: the chains may not "
                                      "have mixed; run longer (--num-samples, --warmup) before trusting "
                                      "the comparison below.**"),
@@ -89,7 +91,7 @@ def markdown(summary: dict) -> str:
         lines += [f"| {e['index']} | {e['r_hat_max']:.3f} | {e['ess_bulk_min']:.0f} | "
                   f"{e['mean_shift_in_posterior_sd']:.2f} / {e['max_mean_shift_in_posterior_sd']:.2f} | "
                   f"{e['q_sd_over_posterior_sd']:.2f} | "
-                  f"{', '.join(str(u) for u in e['top_coordinates'])} |" for e in m["examples"]]
+                  f"{', '.join(label[u] for u in e['top_coordinates'])} |" for e in m["examples"]]
     return "\n".join(lines) + "\n"
 
 
@@ -115,6 +117,7 @@ def plot_posterior(diagnosis: Diagnosis, path: Path) -> Path:
     """One panel per NUTS example: posterior draws and q(z|x) (1 and 2 sd ellipses) on the two
     coordinates where they differ most."""
     nuts, examples = diagnosis.nuts, diagnosis.summary["mcmc"]["examples"]
+    label = diagnosis.summary["mcmc"]["coordinates"]
     fig, axes = subplots(1, len(examples), figsize=(3.2 * len(examples), 3.4), squeeze=False)
     for i, (ax, e) in enumerate(zip(axes[0], examples, strict=True)):
         u, v = e["top_coordinates"] if len(e["top_coordinates"]) == 2 else (0, 0)
@@ -125,16 +128,18 @@ def plot_posterior(diagnosis: Diagnosis, path: Path) -> Path:
             ax.add_patch(Ellipse(centre, 2 * n_sd * e["q_sd"][u], 2 * n_sd * e["q_sd"][v], fill=False,
                                  color="tab:red", label="q(z|x), 1 and 2 sd" if n_sd == 1 else None))
         ax.plot(*centre, "x", color="tab:red")
-        ax.set_xlabel(f"z_{u}")
-        ax.set_ylabel(f"z_{v}")
+        ax.set_xlabel(label[u])
+        ax.set_ylabel(label[v])
         ax.set_title(f"test example {e['index']}", fontsize=9)
     axes[0][0].legend(fontsize=7, loc="best")
     return save_figure(fig, path)
 
 
 def write_report(diagnosis: Diagnosis, run: Path) -> list[Path]:
-    """Write diagnose.json, diagnose.md and the figures (and the NetCDF posterior) into `run`."""
+    """Write diagnose.json, diagnose.md and the figures (and the NetCDF posterior) into the folder
+    `run` (made if missing)."""
     run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
     write_json(run / JSON, diagnosis.summary)
     (run / MARKDOWN).write_text(markdown(diagnosis.summary))
     per = diagnosis.per_example
