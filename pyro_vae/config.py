@@ -25,6 +25,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRIOR_INITS = ("noise", "data")
 MIXTURE_PRIORS = ("mog", "vamp")  # the priors that take --prior-components
 CUDA_GRAPH_MODES = ("off", "on")
+# the settings that build pyro-vae's own VAE; a user's own model/guide pair brings its own networks
+MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init")
 
 
 @dataclass
@@ -146,6 +148,14 @@ class Config:
             raise InputError(f"--beta and --kl-anneal weight the KL term of an ELBO; the importance-"
                              f"weighted bound ({self.estimator}) has no separate KL term; use --estimator "
                              "mc, analytic or stl")
+
+    def check_for_pair(self) -> None:
+        """Raise InputError if a setting that builds pyro-vae's own VAE differs from its default: with a
+        user's own model/guide pair it would silently not apply."""
+        changed = [k for k in MODEL_SETTINGS if getattr(self, k) != getattr(Config(), k)]
+        if changed:
+            raise InputError(f"setting(s) {', '.join(changed)} build pyro-vae's own VAE and do not apply to "
+                             "your own model/guide pair: leave them at their defaults")
 
     def to_dict(self) -> dict:
         return asdict(self)
