@@ -129,8 +129,9 @@ def train(
 ) -> RunResult:
     """Train as `config` says and write the run directory (see DESIGN.md). The model is pyro-vae's own
     VAE built from the config or, with `program`, a user's own model/guide pair (an object with .model
-    and .guide, or a Program; trained in place). With resume=True, `out` is an existing run whose
-    checkpoint is continued up to config.epochs (a pair's run: pass the same pair again)."""
+    and .guide, or a Program), trained in place: an nn.Module pair is moved to the config's device,
+    another must live there already. With resume=True, `out` is an existing run whose checkpoint is
+    continued up to config.epochs (a pair's run: pass the same pair again, or one built the same way)."""
     return Trainer(config, out, resume, progress, overwrite, program).run()
 
 

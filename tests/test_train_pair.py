@@ -13,6 +13,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from torch import nn
+from torch.distributions import kl_divergence
 
 from pyro_vae.cli import main
 from pyro_vae.config import MODEL_SETTINGS, Config
@@ -130,7 +131,8 @@ def test_metrics_and_summary_are_in_nats_per_example(trained):
     assert summary["epochs"] == 2 and summary["steps"] == 8 and summary["n_examples"] == 64
     assert summary["test_elbo"] == pytest.approx(summary["recon"] - summary["kl"], abs=1e-3)
     assert summary["log_px"] > summary["test_elbo"] - 3 * (summary["log_px_se"] + summary["test_elbo_se"])
-    assert (out / "curves.png").is_file() and (out / "reconstructions.png").is_file()
+    for figure in ("samples.png", "reconstructions.png", "traversal.png", "latent_map.png", "curves.png"):
+        assert (out / figure).is_file(), figure
 
 
 def test_resume_continues_the_checkpoint_exactly_into_the_same_or_a_fresh_pair(tmp_path):
@@ -174,10 +176,10 @@ def test_beta_scales_the_kl_of_a_latent_site_not_named_z(tmp_path):
             x = binarize(prepare_data(config).train_x, torch.Generator().manual_seed(config.seed))
             with torch.no_grad():
                 loc, scale = pair.encoder(x)
-            kl = dist.kl_divergence(dist.Normal(loc, scale), dist.Normal(0.0, 1.0)).sum(-1).mean()
+            kl = kl_divergence(dist.Normal(loc, scale), dist.Normal(0.0, 1.0)).sum(-1).mean()
         run = train(_config(**settings, beta=beta), tmp_path / str(beta), progress=False, program=pair)
         losses[beta] = run.metrics[0]["train_loss"]
-    assert kl > 1.0  # large against float32 rounding of the losses (~1e-5)
+    assert kl > 0.1  # large against float32 rounding of the losses (~1e-5 nats)
     assert losses[1.0] - losses[0.5] == pytest.approx(0.5 * float(kl), rel=1e-4)
 
 
