@@ -26,6 +26,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRIOR_INITS = ("noise", "data")
 MIXTURE_PRIORS = ("mog", "vamp")  # the priors that take --prior-components
 CUDA_GRAPH_MODES = ("off", "on")
+# the settings that build pyro-vae's own VAE; a user's own model/guide pair brings its own networks
+MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init")
 
 
 @dataclass
@@ -162,6 +164,14 @@ class Config:
             return make_likelihood(self.likelihood, sigma=self.sigma, sigma_mode=self.sigma_mode).discrete
         except InputError:
             return False
+
+    def check_for_pair(self) -> None:
+        """Raise InputError if a setting that builds pyro-vae's own VAE differs from its default: with a
+        user's own model/guide pair it would silently not apply."""
+        changed = [k for k in MODEL_SETTINGS if getattr(self, k) != getattr(Config(), k)]
+        if changed:
+            raise InputError(f"setting(s) {', '.join(changed)} build pyro-vae's own VAE and do not apply to "
+                             "your own model/guide pair: leave them at their defaults")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pyro
 import torch
-from pyro import poutine
 from torch import Tensor
 
 from .errors import TrainingError
-from .model import VAE
+from .program import Program
 
 
 class NumericalFault(TrainingError):
@@ -26,12 +27,11 @@ def _finite(t) -> bool:
 
 
 @torch.no_grad()
-def _nonfinite_site(vae: VAE, x: Tensor) -> str | None:
+def _nonfinite_site(program: Program, x: Tensor) -> str | None:
     """The first sample site (guide, then model) whose parameters, value or log-density is
     not finite when the batch is run again, or None."""
     with pyro.validation_enabled(False):
-        guide_trace = poutine.trace(vae.guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+        model_trace, guide_trace = program.traces(x)
     for who, trace in (("guide", guide_trace), ("model", model_trace)):
         for name, site in trace.nodes.items():
             if site["type"] != "sample":
@@ -49,12 +49,13 @@ def _nonfinite_site(vae: VAE, x: Tensor) -> str | None:
     return None
 
 
-def locate_nonfinite(vae: VAE, x: Tensor, loss: Tensor) -> str:
-    """A phrase naming where the non-finite loss or gradient first appeared."""
+def locate_nonfinite(program: Program, params: Mapping[str, Tensor], x: Tensor, loss: Tensor) -> str:
+    """A phrase naming where the non-finite loss or gradient first appeared: the first sample site of
+    the program's traces on x, or the first of `params` (by name) with a non-finite gradient."""
     if not _finite(loss):
-        site = _nonfinite_site(vae, x)
+        site = _nonfinite_site(program, x)
         return f"non-finite loss ({site or 'not reproduced on a second run of the batch'})"
-    for name, p in vae.named_parameters():
+    for name, p in params.items():
         if p.grad is not None and not _finite(p.grad):
             return f"non-finite gradient (first in parameter {name!r})"
     return "non-finite gradient norm"

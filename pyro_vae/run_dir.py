@@ -1,6 +1,11 @@
 """The run directory contract: config.json, metrics.jsonl, checkpoint.pt, summary.json, eval.json
 and figures. Files are written atomically (temp file, fsync, rename) and checkpoints are loaded
-with torch.load(weights_only=True) only, so a crafted file cannot run code."""
+with torch.load(weights_only=True) only, so a crafted file cannot run code.
+
+A run of a user's own model/guide pair records the pair in config.json ("pair": its class and sites)
+and its parameters in checkpoint.pt by their names in Pyro's param store. Such a run cannot be rebuilt
+from its files (the code of the pair is the user's), so the command line refuses it; from Python,
+`load_pair` restores the parameters into the pair, in place."""
 
 from __future__ import annotations
 
@@ -8,13 +13,17 @@ import json
 import os
 import pickle
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
+import pyro
 import torch
+from torch import Tensor, nn
 
-from .config import Config
+from .config import MODEL_SETTINGS, Config
 from .errors import InputError
 from .model import VAE, build_vae
+from .program import Program, Sites
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -99,23 +108,105 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     return state
 
 
-def read_config(run: Path) -> tuple[Config, tuple[int, int, int]]:
-    """The Config and the example shape (C, H, W) recorded in RUN/config.json."""
+def check_run_dir(out: str | Path | None, overwrite: bool = False) -> Path:
+    """`out`, or runs/<timestamp>. A non-empty directory is refused, except a pyro-vae run with
+    `overwrite` (it is emptied only once the new run is ready to start)."""
+    path = Path(out) if out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not (overwrite and (path / CONFIG).is_file()):
+            what = "holds another run" if (path / CONFIG).is_file() else "is not an empty directory"
+            hint = "pass --overwrite to replace it, " if (path / CONFIG).is_file() else ""
+            raise InputError(f"{path} already exists and {what}; {hint}choose another --out, "
+                             "or continue that run with --resume")
+    return path
+
+
+def _read_record(run: Path) -> dict:
+    """RUN/config.json as written (settings, x_shape, and for a user's pair, "pair")."""
     run = Path(run)
     if not (run / CONFIG).is_file():
         raise InputError(f"{run} is not a pyro-vae run directory (no {CONFIG}); "
                          "pass the --out directory of a `pyro-vae train` run")
     try:
         values = json.loads((run / CONFIG).read_text())
-        x_shape = tuple(values.pop("x_shape"))
+        if not isinstance(values, dict) or not isinstance(values["x_shape"], list):
+            raise TypeError("not a mapping with x_shape")
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise InputError(f"{run / CONFIG} is corrupt ({type(err).__name__}); it cannot be read") from None
+    return values
+
+
+def recorded_pair(run: Path) -> dict | None:
+    """What RUN/config.json says about a user's own model/guide pair, or None for pyro-vae's VAE."""
+    return _read_record(run).get("pair")
+
+
+def read_config(run: Path) -> tuple[Config, tuple[int, int, int]]:
+    """The Config and the example shape (C, H, W) recorded in RUN/config.json (of a run of pyro-vae's
+    own VAE: a user's pair cannot be rebuilt from the file, and is refused)."""
+    values = _read_record(run)
+    if "pair" in values:
+        name = values["pair"].get("name", "?") if isinstance(values["pair"], dict) else "?"
+        raise InputError(f"{run} trained your own model/guide pair ({name}), which cannot be rebuilt from "
+                         "the run directory: use the Python API with the pair (pyro_vae.run_dir.load_pair, "
+                         "then pyro_vae.evaluate; train(..., program=pair, resume=True) to continue)")
+    x_shape = tuple(values.pop("x_shape"))
     return Config.from_dict(values), x_shape
 
 
-def config_record(config: Config, x_shape: tuple[int, ...]) -> dict:
-    """What config.json holds: every setting plus the example shape, enough to rebuild the model."""
-    return {**config.to_dict(), "x_shape": list(x_shape)}
+def config_record(config: Config, x_shape: tuple[int, ...], pair: dict | None = None) -> dict:
+    """What config.json holds: every setting plus the example shape, enough to rebuild the model; for
+    a user's own pair (`pair`, see describe_pair), the settings that apply to it and the pair."""
+    if pair is None:
+        return {**config.to_dict(), "x_shape": list(x_shape)}
+    settings = {k: v for k, v in config.to_dict().items() if k not in MODEL_SETTINGS}
+    return {**settings, "x_shape": list(x_shape), "pair": pair}
+
+
+def describe_pair(program: Program, sites: Sites) -> dict:
+    """A user's pair as config.json records it: the class (or model function) and its sites."""
+    made = program.owner if program.owner is not None else program.model
+    kind = made if callable(made) and hasattr(made, "__qualname__") else type(made)
+    return {"name": f"{kind.__module__}.{kind.__qualname__}", "latent_sites": list(sites.latent),
+            "observed_site": sites.observed}
+
+
+def pair_parameters(program: Program, x: Tensor) -> dict[str, Tensor]:
+    """The tensors a user's pair trains, by name (Program.parameters on x); refused if there are none."""
+    params = program.parameters(x)
+    if not params:
+        raise InputError("the model/guide pair has no parameters in Pyro's param store: register its "
+                         "networks with pyro.module (or use PyroModule, or pyro.param)")
+    return params
+
+
+def restore_parameters(params: dict[str, Tensor], saved: dict[str, Tensor], path: Path) -> None:
+    """Copy the checkpointed values `saved` into the pair's tensors `params` (same names), in place."""
+    if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
+        differ = sorted(set(saved) ^ set(params)) or [n for n in params if saved[n].shape != params[n].shape]
+        raise InputError(f"{path} does not hold this pair's parameters (they differ in "
+                         f"{', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}); pass the pair "
+                         "the run trained, built the same way")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+
+
+def load_pair(run: Path, pair: object, device: torch.device | str = "cpu") -> Program:
+    """Restore the trained parameters of a run of a user's own pair into `pair` (an object with .model
+    and .guide, or a Program: the pair the run trained, built the same way), in place; returns it as a
+    Program. The pair's parameters are found by tracing it once on a batch of zeros."""
+    run = Path(run)
+    record = _read_record(run)
+    if "pair" not in record:
+        raise InputError(f"{run} trained pyro-vae's own VAE, not a pair of yours: load it with load_model")
+    program = Program.of(pair)
+    if isinstance(program.owner, nn.Module):
+        program.owner.to(device)
+    with pyro.validation_enabled(False):  # zeros need not lie in the likelihood's support
+        params = pair_parameters(program, torch.zeros(2, *record["x_shape"], device=device))
+    restore_parameters(params, load_checkpoint(run / CHECKPOINT, device)["model"], run / CHECKPOINT)
+    return program
 
 
 def build_from_config(config: Config, x_shape: tuple[int, ...]) -> VAE:

@@ -1,14 +1,16 @@
-"""The SVI training loop: one function a reader follows top to bottom — set up, loop over epochs
-and minibatches, evaluate, checkpoint, summarize.
+"""The SVI training loop as a small trainer with named parts: `setup`, `run_epoch`, `step`,
+`checkpoint`, `finish`. `train()` runs them in that order; a reader follows it top to bottom.
 
-Training uses Pyro's ELBO as a differentiable loss and a torch optimizer over the VAE's
-parameters (not pyro.optim). The loss of a step is -ELBO summed over the batch divided by the batch
-size: nats per example, like every number this package reports.
+Training uses Pyro's ELBO as a differentiable loss and a torch optimizer over the model's parameters
+(not pyro.optim). The loss of a step is -ELBO summed over the batch divided by the batch size: nats
+per example, like every number this package reports. The model is pyro-vae's own VAE, built from the
+config, or a user's own model/guide pair (program.py states the contract), whose parameters are the
+tensors its param sites use.
 
-A run survives interruption: a checkpoint (model, optimizer, every random-number state, position
-inside the epoch, metrics) is written atomically at the end of every epoch, every
-`checkpoint_every` minutes, and when SIGINT/SIGTERM arrives (after the current step). Resuming
-from any of them gives, on CPU, bit-identical parameters and metrics to an uninterrupted run.
+A run survives interruption: a checkpoint (parameters, optimizer, every random-number state, position
+inside the epoch, metrics) is written atomically at the end of every epoch, every `checkpoint_every`
+minutes, and when SIGINT/SIGTERM arrives (after the current step). Resuming from any of them gives,
+on CPU, bit-identical parameters and metrics to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -19,37 +21,25 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import pyro
 import torch
-from torch import Tensor
-from torch.utils.data import Subset
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed, plots
 from .config import DEVICES, Config
-from .data import (
-    Dataset,
-    ImageStream,
-    UnreadableImage,
-    batch_indices,
-    binarize,
-    image_folder_parts,
-    load_dataset,
-    read_images,
-)
+from .data import Dataset, UnreadableImage, batch_indices, binarize
 from .errors import InputError, TrainingError
 from .estimators import check_analytic_kl, make_estimator
 from .evaluate import elbo_terms, evaluate
 from .faults import NumericalFault, locate_nonfinite
 from .kl_weight import kl_weight, scale_latents
-from .likelihoods import make_likelihood
 from .model import VAE
+from .program import Program
 from .rng import get_rng_state, set_rng_state
 from .run_dir import (
     CHECKPOINT,
@@ -57,14 +47,20 @@ from .run_dir import (
     METRICS,
     SUMMARY,
     build_from_config,
+    check_run_dir,
     config_record,
+    describe_pair,
     load_checkpoint,
+    pair_parameters,
+    recorded_pair,
     remove_stale_temp_files,
+    restore_parameters,
     save_checkpoint,
     write_json,
     write_jsonl,
 )
 from .step import CUDAGraphStep, SVIStep
+from .train_data import prepare_data, prepare_stream, stop_on_unreadable, streamed
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates
 FAULT_CHECK_EVERY = 100  # steps between checks for a non-finite step (each waits for the device)
@@ -73,10 +69,10 @@ FAULT_CHECK_EVERY = 100  # steps between checks for a non-finite step (each wait
 class Interrupted(TrainingError):
     """SIGINT or SIGTERM arrived; a checkpoint was written after the step in progress."""
 
-    def __init__(self, signum: int, out: Path, step: int):
+    def __init__(self, signum: int, out: Path, step: int, resume: str):
         self.signum, self.out, self.step = signum, out, step
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint "
-                         f"saved; resume with: pyro-vae train --resume {out}")
+                         f"saved; resume with: {resume}")
 
 
 @dataclass
@@ -99,82 +95,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_data(config: Config) -> Dataset:
-    """The dataset as training sees it. 'static' binarizes train and test once (fixed seed);
-    'dynamic' keeps train as probabilities (redrawn each epoch) and binarizes test once; 'none'
-    uses the values as they are. The data must lie in the support of config.likelihood."""
-    data = load_dataset(config.dataset, config.data_dir, config.train_size, config.test_size,
-                        config.image_size, config.channels)
-    if config.binarize != "none":
-        gen = torch.Generator().manual_seed(config.seed)
-        test_x = binarize(data.test_x, gen)
-        train_x = binarize(data.train_x, gen) if config.binarize == "static" else data.train_x
-        data = Dataset(data.name, train_x, test_x, data.train_y, data.test_y)
-    likelihood = make_likelihood(config.likelihood, sigma=config.sigma, sigma_mode=config.sigma_mode)
-    likelihood.check(data.train_x)
-    likelihood.check(data.test_x)
-    return data
-
-
-def prepare_stream(config: Config) -> tuple[ImageStream, Dataset]:
-    """With --workers N: the training images of an image folder as an ImageStream that N worker
-    processes read batch by batch, and the Dataset with the test images loaded whole (binarized once,
-    as prepare_data does) and no training images in memory (train_x is empty)."""
-    root = Path(config.dataset)
-    if not root.is_dir():
-        raise InputError(f"--workers {config.workers} streams the images of a folder, and {config.dataset!r} "
-                         "is not one; leave --workers at 0 (the data then lives on the device)")
-    if config.binarize == "static" or config.prior_init == "data":
-        what = "--binarize static" if config.binarize == "static" else "--prior-init data"
-        raise InputError(f"{what} needs the training images in memory; with --workers use --binarize "
-                         "dynamic or none and --prior-init noise, or leave --workers at 0")
-    train, test = image_folder_parts(root, config.image_size or 28, config.channels)
-    train = Subset(train, range(min(config.train_size or len(train), len(train))))
-    test_x, test_y = read_images(Subset(test, range(min(config.test_size or len(test), len(test)))), root)
-    if config.binarize != "none":
-        test_x = binarize(test_x, torch.Generator().manual_seed(config.seed))
-    make_likelihood(config.likelihood, sigma=config.sigma, sigma_mode=config.sigma_mode).check(test_x)
-    return ImageStream(train, config.workers), Dataset(root.name, test_x[:0], test_x, None, test_y)
-
-
-def _streamed(stream: ImageStream, order: list[Tensor], start: int, ranks: distributed.Ranks,
-              device: torch.device, key: tuple[int, ...] | None) -> Iterator[Tensor]:
-    """The batches order[start:] (this process's share of each) read by the stream's workers; with a
-    key, binarized, batch b by a generator seeded from (key, b), so a resumed epoch draws the same."""
-    lists = [ranks.shard(idx).tolist() for idx in order[start:]]
-    for b, x in enumerate(stream.batches(lists, device), start):
-        if key is None:
-            yield x
-        else:
-            yield binarize(x, torch.Generator(device).manual_seed(hash((*key, b)) & (2**63 - 1)))
-
-
-def _stop_on_unreadable(xs: Iterator[Tensor], stop: Callable[[UnreadableImage], None]) -> Iterator[Tensor]:
-    """The batches of xs; if the stream meets an image it cannot read, stop(err) (which raises)."""
-    try:
-        yield from xs
-    except UnreadableImage as err:
-        stop(err)
-        raise
-
-
 def init_prior(vae: VAE, config: Config, data: Dataset) -> None:
     """With --prior-init data, start the VampPrior's pseudo-inputs at random training examples."""
     if config.prior_init == "data":
         vae.prior.init_from(data.train_x, torch.Generator().manual_seed(config.seed))
-
-
-def check_run_dir(out: str | Path | None, overwrite: bool = False) -> Path:
-    """`out`, or runs/<timestamp>. A non-empty directory is refused, except a pyro-vae run with
-    `overwrite` (it is emptied only once the new run is ready to start)."""
-    path = Path(out) if out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        if not (overwrite and (path / CONFIG).is_file()):
-            what = "holds another run" if (path / CONFIG).is_file() else "is not an empty directory"
-            hint = "pass --overwrite to replace it, " if (path / CONFIG).is_file() else ""
-            raise InputError(f"{path} already exists and {what}; {hint}choose another --out, "
-                             "or continue that run with --resume")
-    return path
 
 
 @contextmanager
@@ -201,191 +125,334 @@ def _stop_requests():
 
 def train(
     config: Config, out: str | Path | None = None, resume: bool = False, progress: bool = True,
-    overwrite: bool = False,
+    overwrite: bool = False, program: object | None = None,
 ) -> RunResult:
-    """Train a VAE as `config` says and write the run directory (see DESIGN.md). With resume=True,
-    `out` is an existing run whose checkpoint is continued up to config.epochs."""
-    config.validate()
-    ranks, device = distributed.start(resolve_device(config.device))
-    progress = progress and ranks.is_main
-    if config.batch_size < ranks.world_size:
-        raise InputError(f"--batch-size {config.batch_size} is the global batch, shared by "
-                         f"{ranks.world_size} processes; make it at least the number of processes")
-    if config.cuda_graph == "on" and (device.type != "cuda" or ranks.active):
-        raise InputError("--cuda-graph on needs a CUDA GPU and a single process; "
-                         f"this run has {device.type} and {ranks.world_size} process(es): leave it off")
-    out_dir = Path(out) if resume else check_run_dir(out, overwrite)
-    state = load_checkpoint(out_dir / CHECKPOINT, device) if resume else None
+    """Train as `config` says and write the run directory (see DESIGN.md). The model is pyro-vae's own
+    VAE built from the config or, with `program`, a user's own model/guide pair (an object with .model
+    and .guide, or a Program), trained in place: an nn.Module pair is moved to the config's device,
+    another must live there already. With resume=True, `out` is an existing run whose checkpoint is
+    continued up to config.epochs (a pair's run: pass the same pair again, or one built the same way)."""
+    return Trainer(config, out, resume, progress, overwrite, program).run()
 
-    pyro.set_rng_seed(config.seed)
-    stream, data = prepare_stream(config) if config.workers else (None, prepare_data(config))
-    data = data.to(device)
-    vae = build_from_config(config, data.shape).to(device)
-    elbo = make_estimator(config.estimator, config.particles)
-    kl_record = check_analytic_kl(config.estimator, vae.model, vae.guide, data.test_x)
-    capturable = config.cuda_graph == "on"  # Adam's state on the device, as a CUDA graph needs
-    optimizer = torch.optim.Adam(vae.parameters(), lr=config.lr, fused=True, capturable=capturable)
-    generator = torch.Generator(device).manual_seed(config.seed)
-    epoch, step, batch, metrics = 1, 0, 0, []
-    epoch_total = torch.zeros((), device=device)
 
-    if state is not None:
-        vae.load_state_dict(state["model"])
+class Trainer:
+    """One training run. Its state (the position: epoch, steps, batch in the epoch; the metrics; the
+    random state the epoch started from) lives in attributes, so each part reads what the parts
+    before it set; `run` calls setup, then run_epoch per epoch (each calling step per batch and
+    checkpoint when due), then finish."""
+
+    def __init__(self, config: Config, out: str | Path | None = None, resume: bool = False,
+                 progress: bool = True, overwrite: bool = False, program: object | None = None):
+        self.config, self.resume, self.progress = config, resume, progress
+        self.out, self.overwrite = Path(out) if out is not None else None, overwrite
+        # the pair trained: the user's as given, or (None until setup) pyro-vae's VAE
+        self.pair, self.own_vae = program, program is None
+        self.epoch, self.steps, self.batch, self.metrics = 1, 0, 0, []
+        self.stop = [0]  # the signal that asked to stop after the current step, or 0
+
+    def run(self) -> RunResult:
+        """setup, every epoch left up to config.epochs, finish."""
+        self.setup()
+        with _stop_requests() as self.stop, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # we stop on NaN ourselves
+            while self.epoch <= self.config.epochs:
+                self.run_epoch()
+        return self.finish()
+
+    # -- setup ---------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Processes and device, data, the model and its optimizer, and the training step; then the
+        checkpoint to continue from (resume) or a fresh run directory."""
+        config = self.config
+        config.validate()
+        self.ranks, self.device = distributed.start(resolve_device(config.device))
+        self.progress = self.progress and self.ranks.is_main
+        self._check_run()
+        state = load_checkpoint(self.out / CHECKPOINT, self.device) if self.resume else None
+        pyro.set_rng_seed(config.seed)
+        self.stream, data = prepare_stream(config) if config.workers else (None, prepare_data(config))
+        self.data = data.to(self.device)
+        self._build_model()
+        self.elbo = make_estimator(config.estimator, config.particles)
+        self.kl_record = check_analytic_kl(config.estimator, self.program.model, self.program.guide,
+                                           self.data.test_x)
+        capturable = config.cuda_graph == "on"  # Adam's state on the device, as a CUDA graph needs
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=config.lr, fused=True,
+                                          capturable=capturable)
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.epoch_total = torch.zeros((), device=self.device)
+        self.resumed_rng = None  # this process's random state at the checkpoint, set once its epoch starts
+        if state is not None:
+            self._continue_from(state)
+        else:
+            self._start_run_dir()
+        if self.ranks.active:  # each process draws its own z; model and data order are the same in all
+            pyro.set_rng_seed(config.seed + self.ranks.rank)
+        self.n_train = len(self.stream) if self.stream else self.data.train_x.shape[0]
+        self.n_batches = (math.ceil(self.n_train / config.batch_size)
+                          - self.ranks.drops_last(self.n_train, config.batch_size))
+        module = self.pair if self.own_vae else self.program.owner  # DDP averages its gradients
+        self.svi_step = SVIStep(self.ranks.data_parallel(self._loss, module, self.device), self.optimizer,
+                                list(self.params.values()), config.clip_grad, self.device)
+        if config.cuda_graph == "on":
+            self.svi_step = CUDAGraphStep(self.svi_step)
+        self.started = self.last_save = time.perf_counter()
+
+    def _check_run(self) -> None:
+        """Refuse what this run cannot do (more processes than examples in a batch, a CUDA graph off a
+        single GPU, a pair with settings of pyro-vae's VAE) and find its directory: a new one, or the
+        run to continue (a pair's run with the pair, the VAE's without)."""
+        config, ranks, device = self.config, self.ranks, self.device
+        if config.batch_size < ranks.world_size:
+            raise InputError(f"--batch-size {config.batch_size} is the global batch, shared by "
+                             f"{ranks.world_size} processes; make it at least the number of processes")
+        if config.cuda_graph == "on" and (device.type != "cuda" or ranks.active):
+            raise InputError("--cuda-graph on needs a CUDA GPU and a single process; "
+                             f"this run has {device.type} and {ranks.world_size} process(es): leave it off")
+        if not self.own_vae:
+            config.check_for_pair()
+        if not self.resume:
+            self.out = check_run_dir(self.out, self.overwrite)
+            return
+        if self.out is None:
+            raise InputError("resume=True continues a run: pass its directory as out")
+        recorded = recorded_pair(self.out)
+        if recorded is not None and self.own_vae:
+            raise InputError(f"{self.out} trained your own model/guide pair ({recorded.get('name')}); to "
+                             "continue it, pass the same pair again: train(config, out, resume=True, "
+                             "program=pair)")
+        if recorded is None and not self.own_vae:
+            raise InputError(f"{self.out} trained pyro-vae's own VAE, not a pair of yours; continue it "
+                             f"without program= (or with: pyro-vae train --resume {self.out})")
+
+    def _build_model(self) -> None:
+        """pyro-vae's VAE from the config, or the user's pair moved to the device; the pair as a
+        Program with its sites (found by tracing), and the tensors the optimizer steps, by name."""
+        x = self.data.test_x
+        if self.own_vae:
+            self.pair = build_from_config(self.config, self.data.shape).to(self.device)
+        self.program = Program.of(self.pair)
+        owner = self.program.owner
+        if not self.own_vae and self.ranks.active and not isinstance(owner, nn.Module):
+            raise InputError("several processes (torchrun) average the gradients of an nn.Module's "
+                             "parameters; make your model/guide pair an nn.Module, or train in one process")
+        if isinstance(owner, nn.Module):
+            owner.to(self.device)
+        # the sites and parameters are found by tracing once, in eval mode (no batch statistics change),
+        # without drawing from the run's random stream (a run replays exactly)
+        self._train_mode(False)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            self.sites = self.program.sites(x)
+            params = dict(self.pair.named_parameters()) if self.own_vae else pair_parameters(self.program, x)
+        self.params = {name: p for name, p in params.items() if p.requires_grad}
+
+    def _continue_from(self, state: dict) -> None:
+        """Restore parameters, optimizer, position, the epoch's random state and metrics."""
+        if self.own_vae:
+            self.pair.load_state_dict(state["model"])
+        else:
+            restore_parameters(self.params, state["model"], self.out / CHECKPOINT)
         for group in state["optimizer"]["param_groups"]:  # --lr and --cuda-graph may change on resume;
-            group.update(lr=config.lr, fused=True, capturable=capturable)  # older runs used plain Adam
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, step, batch = int(state["epoch"]), int(state["step"]), int(state["batch"])
-        generator.set_state(state["epoch_generator"].cpu())
-        if ranks.is_main:  # the epoch's loss so far (summed over processes) is counted once
-            epoch_total = state["epoch_total"].to(device)
-        metrics = list(state["metrics"])
-        if ranks.is_main:
-            remove_stale_temp_files(out_dir)
-            write_jsonl(out_dir / METRICS, metrics)
-    else:
-        init_prior(vae, config, data)
-        ranks.barrier()  # every process has checked the run directory before rank 0 fills it
-        if ranks.is_main:
-            if out_dir.exists():
-                shutil.rmtree(out_dir)  # only reached with --overwrite on a pyro-vae run
-            out_dir.mkdir(parents=True)
-            write_json(out_dir / CONFIG, config_record(config, data.shape))
-    if ranks.active:  # each process draws its own z; model and data order are the same in all
-        pyro.set_rng_seed(config.seed + ranks.rank)
+            group.update(lr=self.config.lr, fused=True,  # older runs used plain Adam
+                         capturable=self.config.cuda_graph == "on")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.steps, self.batch = int(state["epoch"]), int(state["step"]), int(state["batch"])
+        self.generator.set_state(state["epoch_generator"].cpu())
+        if self.ranks.is_main:  # the epoch's loss so far (summed over processes) is counted once
+            self.epoch_total = state["epoch_total"].to(self.device)
+        self.metrics = list(state["metrics"])
+        self.resumed_rng = self.ranks.rng_state(state)
+        if self.ranks.is_main:
+            remove_stale_temp_files(self.out)
+            write_jsonl(self.out / METRICS, self.metrics)
 
-    params = [p for p in vae.parameters() if p.requires_grad]
-    n_train = len(stream) if stream else data.train_x.shape[0]
-    n_batches = math.ceil(n_train / config.batch_size) - ranks.drops_last(n_train, config.batch_size)
-    started = last_save = time.perf_counter()
+    def _start_run_dir(self) -> None:
+        """A fresh run: the VampPrior's pseudo-inputs (--prior-init data), the run directory and
+        config.json."""
+        if self.own_vae:
+            init_prior(self.pair, self.config, self.data)
+        self.ranks.barrier()  # every process has checked the run directory before rank 0 fills it
+        if self.ranks.is_main:
+            if self.out.exists():
+                shutil.rmtree(self.out)  # only reached with --overwrite on a pyro-vae run
+            self.out.mkdir(parents=True)
+            pair = None if self.own_vae else describe_pair(self.program, self.sites)
+            write_json(self.out / CONFIG, config_record(self.config, self.data.shape, pair))
 
-    def loss_fn(x: Tensor, weight: float, per: float) -> Tensor:
-        """-ELBO with KL weight `weight`, summed over the examples of x, divided by `per`: the
-        examples in x, or with W processes, those in the step's global batch divided by W."""
-        return elbo.differentiable_loss(scale_latents(vae.model, weight),
-                                        scale_latents(vae.guide, weight), x) / per
+    # -- one epoch, one step -------------------------------------------------------------------------
 
-    svi_step = SVIStep(ranks.data_parallel(loss_fn, vae, device), optimizer, params, config.clip_grad, device)
-    if config.cuda_graph == "on":
-        svi_step = CUDAGraphStep(svi_step)
+    def run_epoch(self) -> None:
+        """The steps of the current epoch from self.batch on (0, or where a checkpoint stopped), each
+        followed by the checks and the checkpoints that are due; then end_epoch."""
+        config, ranks = self.config, self.ranks
+        started = time.perf_counter()
+        self._train_mode(True)
+        self.epoch_state = self.generator.get_state()  # everything random in this epoch starts here
+        self.x_epoch = binarize(self.data.train_x, self.generator) if config.binarize == "dynamic" \
+            else self.data.train_x
+        order = list(batch_indices(self.n_train, config.batch_size, self.generator, self.device))
+        self.order = order[:self.n_batches]  # with several processes, a last batch too small to share goes
+        if self.resumed_rng is not None:  # resuming: random states as they were at the checkpoint
+            set_rng_state(self.resumed_rng, self.device)
+            self.resumed_rng = None
+        bar = tqdm(zip(self.order[self.batch:], self._batches(), strict=True), total=self.n_batches,
+                   initial=self.batch, disable=not self.progress, desc=f"epoch {self.epoch}/{config.epochs}",
+                   leave=False)
+        for idx, x in bar:
+            loss = self.step(idx, x)
+            if self.progress and self.batch % POSTFIX_EVERY == 1:
+                bar.set_postfix(loss=f"{loss.item():.2f}")
+            if self.steps % FAULT_CHECK_EVERY == 0:
+                self._check_fault()
+            minutes = (time.perf_counter() - self.last_save) / 60
+            due = bool(config.checkpoint_every) and minutes > config.checkpoint_every
+            signum, due = ranks.agree(self.steps, self.stop[0], due)  # several processes: the same step
+            if signum:
+                self.checkpoint()
+                raise Interrupted(signum, self.out, self.steps, self._resume_hint())
+            if due:
+                self.checkpoint()
+                self.last_save = time.perf_counter()
+        self.end_epoch(started)
 
-    def check_fault() -> None:
+    def step(self, idx: Tensor, x: Tensor) -> Tensor:
+        """One SVI step on x, this process's share of the global batch `idx`; returns its loss (-ELBO
+        per example, on the device)."""
+        per = len(idx) / self.ranks.world_size
+        loss = self.svi_step(x, self._kl_weight(self.steps), per)
+        self.epoch_total += loss * per
+        self.steps, self.batch = self.steps + 1, self.batch + 1
+        return loss
+
+    def end_epoch(self, started: float) -> None:
+        """The epoch's row of metrics (train loss, test ELBO), then the checkpoint at the next epoch's
+        start and metrics.jsonl."""
+        self._check_fault()
+        self._train_mode(False)
+        test = elbo_terms(self.program.model, self.program.guide, self.data.test_x)
+        row = {
+            "epoch": self.epoch,
+            "step": self.steps,
+            "train_loss": float(self.ranks.sum(self.epoch_total)) / self.n_train,
+            "test_elbo": None if self.program.is_autoencoder else float(test["elbo"].mean()),
+            "test_recon": float(test["recon"].mean()),
+            "seconds": time.perf_counter() - started,
+        }
+        if self.config.beta != 1.0 or self.config.kl_anneal:
+            row["kl_weight"] = self._kl_weight(self.steps - 1)  # that of the epoch's last step
+        self.metrics.append(row)
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.epoch_total = torch.zeros((), device=self.device)
+        self.epoch_state = self.generator.get_state()  # where the next epoch starts
+        self.checkpoint()
+        self.last_save = time.perf_counter()
+        if self.ranks.is_main:
+            write_jsonl(self.out / METRICS, self.metrics)
+        if self.progress:
+            tested = (f"test reconstruction log p(x|z) {row['test_recon']:.2f}" if self.program.is_autoencoder
+                      else f"test ELBO {row['test_elbo']:.2f}")
+            tqdm.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.2f}, {tested} nats "
+                       f"({row['seconds']:.1f} s)")
+
+    def _loss(self, x: Tensor, weight: float, per: float) -> Tensor:
+        """-ELBO with KL weight `weight` on every latent site, summed over the examples of x, divided by
+        `per`: the examples in x, or with W processes, those in the step's global batch divided by W."""
+        latent = self.sites.latent
+        return self.elbo.differentiable_loss(scale_latents(self.program.model, weight, latent),
+                                             scale_latents(self.program.guide, weight, latent), x) / per
+
+    def _kl_weight(self, step: int) -> float:
+        """The KL weight of step `step` (counted from 0 over the whole run)."""
+        return kl_weight(self.config.beta, self.config.kl_anneal, step, self.n_batches)
+
+    def _batches(self):
+        """This process's share of each batch of the epoch's order from self.batch on: rows of the
+        training images on the device, or read by the stream's workers."""
+        if self.stream is None:
+            return (self.x_epoch[self.ranks.shard(idx)] for idx in self.order[self.batch:])
+        key = (self.config.seed, self.epoch, self.ranks.rank) if self.config.binarize == "dynamic" else None
+        batches = streamed(self.stream, self.order, self.batch, self.ranks, self.device, key)
+        return stop_on_unreadable(batches, self._unreadable)
+
+    def _train_mode(self, training: bool) -> None:
+        """Dropout and the like on (training) or off, where the pair is an nn.Module."""
+        module = self.pair if self.own_vae else self.program.owner
+        if isinstance(module, nn.Module):
+            module.train(training)
+
+    # -- checkpoint, faults --------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Save everything needed to continue at (epoch, batch) exactly as if never stopped: the
+        parameters (a pair's by param-store name), the optimizer, the position, the random state the
+        epoch started from and every process's current one, the epoch's loss so far, the metrics."""
+        self._check_fault()
+        total, rng = self.ranks.sum(self.epoch_total), self.ranks.gather(get_rng_state(self.device))
+        if not self.ranks.is_main:
+            return
+        params = self.pair.state_dict() if self.own_vae else {n: p.detach() for n, p in self.params.items()}
+        save_checkpoint(self.out / CHECKPOINT, {
+            "model": params, "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+            "batch": self.batch, "step": self.steps, "epoch_generator": self.epoch_state,
+            "epoch_total": total, "metrics": self.metrics, "rng": rng[0],
+            **({"rng_ranks": rng} if self.ranks.active else {}),
+        })
+
+    def _check_fault(self) -> None:
         """Raise NumericalFault naming the first step of this epoch that was not applied, if any."""
-        skipped = svi_step.fault(ranks.max)
+        skipped = self.svi_step.fault(self.ranks.max)
         if not skipped:
             return
-        idx, bad_step = order[batch - skipped], step - skipped
-        x = x_epoch[ranks.shard(idx)] if stream is None else \
-            next(_streamed(stream, [idx], 0, ranks, device, None))  # read again, not binarized
-        weight = kl_weight(config.beta, config.kl_anneal, bad_step, n_batches)
-        loss = svi_step.gradients(x, weight, len(idx) / ranks.world_size)  # the model is as that step saw it
+        idx, bad_step = self.order[self.batch - skipped], self.steps - skipped
+        x = self.x_epoch[self.ranks.shard(idx)] if self.stream is None else \
+            next(streamed(self.stream, [idx], 0, self.ranks, self.device, None))  # read again, not binarized
+        per = len(idx) / self.ranks.world_size
+        loss = self.svi_step.gradients(x, self._kl_weight(bad_step), per)  # the model as that step saw it
         raise NumericalFault(
-            f"{locate_nonfinite(vae, x, loss)} at step {bad_step + 1} (epoch {epoch}); this "
-            f"step was not applied and the last good checkpoint is in {out_dir}. Lower "
-            f"--lr (now {config.lr:g}) or clip gradients with --clip-grad (e.g. 10), then "
-            f"continue with: pyro-vae train --resume {out_dir} --lr ..."
+            f"{locate_nonfinite(self.program, self.params, x, loss)} at step {bad_step + 1} (epoch "
+            f"{self.epoch}); this step was not applied and the last good checkpoint is in {self.out}. "
+            f"Lower --lr (now {self.config.lr:g}) or clip gradients with --clip-grad (e.g. 10), then "
+            f"continue with: {self._resume_hint()} --lr ..."
         )
 
-    def checkpoint(epoch_state: torch.Tensor) -> None:
-        """Save everything needed to continue at (epoch, batch) exactly as if never stopped."""
-        check_fault()
-        total, rng = ranks.sum(epoch_total), ranks.gather(get_rng_state(device))
-        if ranks.is_main:
-            save_checkpoint(out_dir / CHECKPOINT, {
-                "model": vae.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "batch": batch, "step": step, "epoch_generator": epoch_state,
-                "epoch_total": total, "metrics": metrics, "rng": rng[0],
-                **({"rng_ranks": rng} if ranks.active else {}),
-            })
-
-    def unreadable(err: UnreadableImage) -> None:
+    def _unreadable(self, err: UnreadableImage) -> None:
         """A streamed image cannot be read: checkpoint after the last step (one process; with several,
         the others wait in the next all-reduce, so the last checkpoint stands) and say which file."""
-        if not ranks.active:
-            checkpoint(epoch_state)
-        saved = "the last checkpoint is in" if ranks.active else "a checkpoint was saved in"
-        raise TrainingError(f"{err} at step {step + 1} (epoch {epoch}); {saved} {out_dir}; replace the "
-                            "file with a readable image (or delete it) and continue with: pyro-vae train "
-                            f"--resume {out_dir}") from None
+        if not self.ranks.active:
+            self.checkpoint()
+        saved = "the last checkpoint is in" if self.ranks.active else "a checkpoint was saved in"
+        raise TrainingError(f"{err} at step {self.steps + 1} (epoch {self.epoch}); {saved} {self.out}; "
+                            "replace the file with a readable image (or delete it) and continue with: "
+                            f"{self._resume_hint()}") from None
 
-    with _stop_requests() as stop, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # we stop on NaN ourselves
-        while epoch <= config.epochs:
-            epoch_start = time.perf_counter()
-            vae.train()
-            epoch_state = generator.get_state()  # everything random in this epoch starts here
-            x_epoch = binarize(data.train_x, generator) if config.binarize == "dynamic" else data.train_x
-            order = list(batch_indices(n_train, config.batch_size, generator, device))
-            order = order[:n_batches]  # with several processes, a last batch too small to share goes
-            if state is not None:  # resuming: random states as they were at the checkpoint
-                if (rng := ranks.rng_state(state)) is not None:
-                    set_rng_state(rng, device)
-                state = None
-            key = (config.seed, epoch, ranks.rank) if config.binarize == "dynamic" else None
-            xs = (x_epoch[ranks.shard(idx)] for idx in order[batch:]) if stream is None else \
-                _stop_on_unreadable(_streamed(stream, order, batch, ranks, device, key), unreadable)
-            bar = tqdm(zip(order[batch:], xs, strict=True), total=n_batches, initial=batch,
-                       disable=not progress, desc=f"epoch {epoch}/{config.epochs}", leave=False)
-            for idx, x in bar:
-                per = len(idx) / ranks.world_size
-                weight = kl_weight(config.beta, config.kl_anneal, step, n_batches)
-                loss = svi_step(x, weight, per)
-                epoch_total += loss * per
-                step, batch = step + 1, batch + 1
-                if progress and batch % POSTFIX_EVERY == 1:
-                    bar.set_postfix(loss=f"{loss.item():.2f}")
-                if step % FAULT_CHECK_EVERY == 0:
-                    check_fault()
-                minutes = (time.perf_counter() - last_save) / 60
-                due = bool(config.checkpoint_every) and minutes > config.checkpoint_every
-                signum, due = ranks.agree(step, stop[0], due)  # with several processes: the same step
-                if signum:
-                    checkpoint(epoch_state)
-                    raise Interrupted(signum, out_dir, step)
-                if due:
-                    checkpoint(epoch_state)
-                    last_save = time.perf_counter()
+    def _resume_hint(self) -> str:
+        """How to continue this run."""
+        if self.own_vae:
+            return f"pyro-vae train --resume {self.out}"
+        return f"train(config, {str(self.out)!r}, resume=True, program=<the same pair>) in Python"
 
-            check_fault()
-            vae.eval()
-            test = elbo_terms(vae.model, vae.guide, data.test_x)
-            row = {
-                "epoch": epoch,
-                "step": step,
-                "train_loss": float(ranks.sum(epoch_total)) / n_train,
-                "test_elbo": None if vae.is_autoencoder else float(test["elbo"].mean()),
-                "test_recon": float(test["recon"].mean()),
-                "seconds": time.perf_counter() - epoch_start,
-            }
-            if config.beta != 1.0 or config.kl_anneal:
-                row["kl_weight"] = weight
-            metrics.append(row)
-            epoch, batch, epoch_total = epoch + 1, 0, torch.zeros((), device=device)
-            checkpoint(generator.get_state())
-            last_save = time.perf_counter()
-            if ranks.is_main:
-                write_jsonl(out_dir / METRICS, metrics)
-            if progress:
-                tested = (f"test reconstruction log p(x|z) {row['test_recon']:.2f}" if vae.is_autoencoder
-                          else f"test ELBO {row['test_elbo']:.2f}")
-                tqdm.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.2f}, {tested} nats "
-                           f"({row['seconds']:.1f} s)")
+    # -- finish --------------------------------------------------------------------------------------
 
-    ranks.barrier()  # the last checkpoint is written
-    if not ranks.is_main:  # rank 0 evaluates and writes the summary and figures
-        return RunResult(out_dir, metrics, {})
-    vae.eval()
-    final = evaluate(vae, data.test_x, k=config.eval_k, progress=progress)
-    summary = {
-        **final,
-        "epochs": metrics[-1]["epoch"] if metrics else 0,
-        "steps": step,
-        "train_loss": metrics[-1]["train_loss"] if metrics else None,
-        "train_seconds": time.perf_counter() - started,
-        "device": str(device),
-        "processes": ranks.world_size,
-        "n_train": n_train,
-        **(kl_record or {}),
-    }
-    write_json(out_dir / SUMMARY, summary)
-    plots.save_figures(vae, data, out_dir, metrics, seed=config.seed)
-    return RunResult(out_dir, metrics, summary)
+    def finish(self) -> RunResult:
+        """Rank 0 evaluates the trained model on the test set (ELBO, log p(x), ...) and writes
+        summary.json and the figures; the other processes return once the last checkpoint is written."""
+        self.ranks.barrier()
+        if not self.ranks.is_main:
+            return RunResult(self.out, self.metrics, {})
+        self._train_mode(False)
+        final = evaluate(self.pair, self.data.test_x, k=self.config.eval_k, progress=self.progress)
+        summary = {
+            **final,
+            "epochs": self.metrics[-1]["epoch"] if self.metrics else 0,
+            "steps": self.steps,
+            "train_loss": self.metrics[-1]["train_loss"] if self.metrics else None,
+            "train_seconds": time.perf_counter() - self.started,
+            "device": str(self.device),
+            "processes": self.ranks.world_size,
+            "n_train": self.n_train,
+            **(self.kl_record or {}),
+        }
+        write_json(self.out / SUMMARY, summary)
+        plots.save_figures(self.pair, self.data, self.out, self.metrics, seed=self.config.seed)
+        return RunResult(self.out, self.metrics, summary)

@@ -2,6 +2,7 @@
 code 2, one line on stderr containing the quoted text, no traceback, and nothing written."""
 
 import gzip
+import json
 import os
 import re
 import shlex
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from pyro_vae.cli import main
+from pyro_vae.config import MODEL_SETTINGS
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 ROW = re.compile(r"^\| (\d+) \| (.+?) \| `pyro-vae (.+?)` \| `(.+?)` \|$")
@@ -92,6 +94,11 @@ def fixtures(tmp_path_factory, digits_run):
     (f / "plugins" / "broken_plugin.py").write_text("raise RuntimeError('this plugin is broken')\n")
     (f / "plugins" / "clashing_plugin.py").write_text(
         "import pyro_vae\npyro_vae.register_prior('normal', lambda **options: None)\n")
+    shutil.copytree(digits_run, f / "run_pair")  # config.json as a run of a user's pair records it
+    record = {k: v for k, v in json.loads((digits_run / "config.json").read_text()).items()
+              if k not in MODEL_SETTINGS}
+    record["pair"] = {"name": "my_vae.ExampleVAE", "latent_sites": ["latent"], "observed_site": "obs"}
+    (f / "run_pair" / "config.json").write_text(json.dumps(record))
     return f
 
 

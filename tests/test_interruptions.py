@@ -79,6 +79,31 @@ def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(straight, tmp_path,
     _assert_same_run(straight / "fast4", tmp_path / "crashed")
 
 
+@pytest.mark.parametrize("weighting", [["--beta", "0.5"], ["--kl-anneal", "2"]], ids=["beta", "kl-anneal"])
+def test_resume_after_an_epochs_last_step_with_a_kl_weight(tmp_path, monkeypatch, weighting):
+    """A checkpoint written after the last step of an epoch but before its end (what a SIGTERM in that
+    step, or --checkpoint-every then kill -9, leaves) resumes to the run that never stopped, with a KL
+    weight too: the weight the epoch's metrics row records was once set only inside the batch loop."""
+    assert main(["train", "--epochs", "2", "--out", str(tmp_path / "straight"), *FAST, *weighting]) == 0
+    saved = []
+    real_save = run_dir.save_checkpoint
+
+    def save_and_keep(path, state):
+        real_save(path, state)
+        if state["epoch"] == 1 and state["batch"] == 7 and not saved:  # 7 steps: ceil(200 / 32)
+            shutil.copytree(path.parent, tmp_path / "crashed")
+            saved.append(state["step"])
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_and_keep)
+    assert main(["train", "--epochs", "2", "--checkpoint-every", "1e-6", "--out", str(tmp_path / "run"),
+                 *FAST, *weighting]) == 0
+    monkeypatch.undo()
+    assert saved == [7]
+    assert main(["train", "--resume", str(tmp_path / "crashed"), "--quiet"]) == 0
+    _assert_same_run(tmp_path / "straight", tmp_path / "crashed")
+    assert "kl_weight" in _state(tmp_path / "crashed")[1][0]
+
+
 def _start(out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pyro_vae", "train", "--epochs", "2",
                              "--out", str(out), *SLOW, *extra],

@@ -1,0 +1,84 @@
+"""The data a training run sees: the dataset loaded, binarized as the config says and checked
+against the likelihood's support, or with --workers an image folder streamed batch by batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Subset
+
+from . import distributed
+from .config import Config
+from .data import (
+    Dataset,
+    ImageStream,
+    UnreadableImage,
+    binarize,
+    image_folder_parts,
+    load_dataset,
+    read_images,
+)
+from .errors import InputError
+from .likelihoods import make_likelihood
+
+
+def prepare_data(config: Config) -> Dataset:
+    """The dataset as training sees it. 'static' binarizes train and test once (fixed seed);
+    'dynamic' keeps train as probabilities (redrawn each epoch) and binarizes test once; 'none'
+    uses the values as they are. The data must lie in the support of config.likelihood."""
+    data = load_dataset(config.dataset, config.data_dir, config.train_size, config.test_size,
+                        config.image_size, config.channels)
+    if config.binarize != "none":
+        gen = torch.Generator().manual_seed(config.seed)
+        test_x = binarize(data.test_x, gen)
+        train_x = binarize(data.train_x, gen) if config.binarize == "static" else data.train_x
+        data = Dataset(data.name, train_x, test_x, data.train_y, data.test_y)
+    likelihood = make_likelihood(config.likelihood, sigma=config.sigma, sigma_mode=config.sigma_mode)
+    likelihood.check(data.train_x)
+    likelihood.check(data.test_x)
+    return data
+
+
+def prepare_stream(config: Config) -> tuple[ImageStream, Dataset]:
+    """With --workers N: the training images of an image folder as an ImageStream that N worker
+    processes read batch by batch, and the Dataset with the test images loaded whole (binarized once,
+    as prepare_data does) and no training images in memory (train_x is empty)."""
+    root = Path(config.dataset)
+    if not root.is_dir():
+        raise InputError(f"--workers {config.workers} streams the images of a folder, and {config.dataset!r} "
+                         "is not one; leave --workers at 0 (the data then lives on the device)")
+    if config.binarize == "static" or config.prior_init == "data":
+        what = "--binarize static" if config.binarize == "static" else "--prior-init data"
+        raise InputError(f"{what} needs the training images in memory; with --workers use --binarize "
+                         "dynamic or none and --prior-init noise, or leave --workers at 0")
+    train, test = image_folder_parts(root, config.image_size or 28, config.channels)
+    train = Subset(train, range(min(config.train_size or len(train), len(train))))
+    test_x, test_y = read_images(Subset(test, range(min(config.test_size or len(test), len(test)))), root)
+    if config.binarize != "none":
+        test_x = binarize(test_x, torch.Generator().manual_seed(config.seed))
+    make_likelihood(config.likelihood, sigma=config.sigma, sigma_mode=config.sigma_mode).check(test_x)
+    return ImageStream(train, config.workers), Dataset(root.name, test_x[:0], test_x, None, test_y)
+
+
+def streamed(stream: ImageStream, order: list[Tensor], start: int, ranks: distributed.Ranks,
+              device: torch.device, key: tuple[int, ...] | None) -> Iterator[Tensor]:
+    """The batches order[start:] (this process's share of each) read by the stream's workers; with a
+    key, binarized, batch b by a generator seeded from (key, b), so a resumed epoch draws the same."""
+    lists = [ranks.shard(idx).tolist() for idx in order[start:]]
+    for b, x in enumerate(stream.batches(lists, device), start):
+        if key is None:
+            yield x
+        else:
+            yield binarize(x, torch.Generator(device).manual_seed(hash((*key, b)) & (2**63 - 1)))
+
+
+def stop_on_unreadable(xs: Iterator[Tensor], stop: Callable[[UnreadableImage], None]) -> Iterator[Tensor]:
+    """The batches of xs; if the stream meets an image it cannot read, stop(err) (which raises)."""
+    try:
+        yield from xs
+    except UnreadableImage as err:
+        stop(err)
+        raise
