@@ -57,8 +57,8 @@ HELP = {
     "clip_grad": "clip the gradient norm to this value (default: no clipping)",
     "workers": "read an image-folder dataset batch by batch with N DataLoader worker processes instead of "
                "holding it on the device (default 0: on the device)",
-    "cuda_graph": "off (default) | on: capture the training step as one CUDA graph and replay it (GPU, "
-                  "one process; experimental)",
+    "cuda_graph": "auto (default: on for pyro-vae's own VAE on one CUDA GPU, else off) | on | off: capture "
+                  "the training step as one CUDA graph and replay it (one GPU, one process)",
     "plugins": "import MODULE first; it registers priors, likelihoods or estimators of your own (repeat for "
                "several; train records them in config.json, so later commands import them again). Or name a "
                "factory directly: --prior MODULE:FACTORY (also --likelihood, --estimator)",

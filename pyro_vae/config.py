@@ -25,7 +25,7 @@ from .registry import load_plugins
 DEVICES = ("auto", "cpu", "cuda")
 PRIOR_INITS = ("noise", "data")
 MIXTURE_PRIORS = ("mog", "vamp")  # the priors that take --prior-components
-CUDA_GRAPH_MODES = ("off", "on")
+CUDA_GRAPH_MODES = ("auto", "off", "on")
 # the settings that build pyro-vae's own VAE; a user's own model/guide pair brings its own networks
 MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init")
 
@@ -65,7 +65,7 @@ class Config:
     checkpoint_every: float = 10.0
     clip_grad: float | None = None
     workers: int = 0
-    cuda_graph: str = "off"
+    cuda_graph: str = "auto"
     plugins: list[str] = field(default_factory=list)  # modules that register priors, likelihoods, estimators
 
     def __post_init__(self) -> None:

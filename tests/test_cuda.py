@@ -22,7 +22,7 @@ def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("graph", ["off", "on"])
+@pytest.mark.parametrize("graph", ["off", "on", "auto"])
 def test_train_evaluate_and_sample_on_the_gpu(tmp_path, graph):
     run = tmp_path / "run"
     assert main(["train", "--device", "cuda", "--cuda-graph", graph, "--epochs", "3", "--out", str(run),
@@ -33,6 +33,7 @@ def test_train_evaluate_and_sample_on_the_gpu(tmp_path, graph):
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["device"].startswith("cuda")
+    assert summary["cuda_graph"] is (graph != "off")  # auto: the graph, for our own VAE on one GPU
     assert main(["evaluate", str(run), "--k", "50", "--device", "cuda"]) == 0
     ev = json.loads((run / "eval.json").read_text())
     assert ev["log_px"] > ev["test_elbo"] - 3 * (ev["log_px_se"] + ev["test_elbo_se"])
