@@ -2,18 +2,20 @@
 
 Sites: latent "z", observation "x", both inside the data plate "data" (dim -1). Nothing about
 training lives here, so both functions run under any Pyro handler (trace, Predictive, Importance,
-MCMC on z).
+MCMC on z). Each registers the parameters it uses in Pyro's param store, as `pyro.module` does, so
+`pyro.infer.SVI` with a `pyro.optim` optimizer trains them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroModule
+from pyro.params import param_with_module_name
 from torch import Tensor, nn
 
 from .errors import InputError
@@ -22,10 +24,38 @@ from .nets import make_networks
 from .priors import make_prior
 
 
+def register_params(prefix: str, named_params: Iterable[tuple[str, Tensor]]) -> None:
+    """A param site for each trainable (name, parameter), named prefix$$$name as pyro.module names
+    them, so that SVI finds the parameters and its pyro.optim optimizer steps them. The param store
+    holds these very tensors: where it holds another tensor under one of the names (a model built
+    earlier in this process with the same names, or a param store loaded from a file), this one
+    takes its place. (pyro.module would keep the other tensor and put it in the param site, and SVI
+    would step the other model's tensors, silently.)"""
+    store = pyro.get_param_store()
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        name = param_with_module_name(prefix, name)
+        if name not in store or store[name] is not param:
+            if name in store:
+                del store[name]
+            store[name] = param
+            if store[name] is not param:  # the store keeps a contiguous copy
+                raise ValueError(f"parameter {name!r} is not contiguous, so Pyro's param store would hold a "
+                                 "copy of it; make it contiguous (p.data = p.data.contiguous())")
+        pyro.param(name, param)
+
+
 class VAE(PyroModule):
-    """p(x, z) = p(z) p(x|z) with p(x|z) = likelihood(decoder(z)); q(z|x) = N(encoder(x))."""
+    """p(x, z) = p(z) p(x|z) with p(x|z) = likelihood(decoder(z)); q(z|x) = N(encoder(x)). model()
+    registers the parameters of the decoder, prior and likelihood, guide() those of the encoder, in
+    Pyro's param store under their state_dict names prefixed "vae$$$" (`param_prefix`), e.g.
+    "vae$$$decoder.net.0.weight"; the VampPrior's encoder is the guide's, so its tensors are there
+    twice, as "vae$$$encoder..." and "vae$$$prior.encoder...". Checkpoints are vae.state_dict(),
+    which holds the same tensors."""
 
     is_autoencoder = False
+    param_prefix = "vae"
 
     def __init__(
         self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module, likelihood: Likelihood
@@ -38,14 +68,21 @@ class VAE(PyroModule):
 
     def model(self, x: Tensor | None = None, n: int | None = None) -> Tensor:
         """p(z) p(x|z) for a batch x (N, C, H, W); with x=None it generates n examples."""
+        self._register("decoder", "prior", "likelihood")
         with pyro.plate("data", n if x is None else x.shape[0]):
             z = pyro.sample("z", self.prior())
             return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
     def guide(self, x: Tensor, n: int | None = None) -> Tensor:
         """q(z|x) = N(z; mu(x), diag sigma(x)^2), reparameterized: z = mu + sigma * eps."""
+        self._register("encoder")
         with pyro.plate("data", x.shape[0]):
             return pyro.sample("z", self.posterior(x))
+
+    def _register(self, *parts: str) -> None:
+        """register_params for the parameters of the submodules named `parts`."""
+        for part in parts:
+            register_params(self.param_prefix, getattr(self, part).named_parameters(prefix=part))
 
     def posterior(self, x: Tensor) -> dist.Distribution:
         """q(z|x) as a distribution, without running Pyro (for plots and diagnostics)."""
