@@ -13,6 +13,7 @@ pyro.infer.SVI calls, are Pyro's own, floats and warnings included.
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator
 from functools import reduce
 
 import torch
@@ -34,7 +35,8 @@ def _sum(terms: list[Tensor]) -> Tensor | float:
     return reduce(operator.add, terms) if terms else 0.0
 
 
-def _sample_sites(trace: Trace):
+def _sample_sites(trace: Trace) -> Iterator[tuple[str, dict]]:
+    """(name, site) of the trace's sample sites (not its param sites)."""
     return ((name, site) for name, site in trace.nodes.items() if site["type"] == "sample")
 
 
@@ -66,9 +68,10 @@ class OnDeviceTrace_ELBO(_OnDeviceLoss, Trace_ELBO):
     Carlo; its differentiable_loss stays on the device (module docstring)."""
 
     def _particle_loss(self, model_trace: Trace, guide_trace: Trace) -> Tensor:
-        """-ELBO of one particle, with the gradient of Trace_ELBO's surrogate: a reparameterized guide
-        site's log q enters as its entropy term (which is log q); a non-reparameterized one as
-        entropy term - log_r * score function, plus the difference to log q, detached, for the value."""
+        """-ELBO = sum log q(z|x) - sum log p(x, z) of one particle (costs - gains), with the gradient of
+        Trace_ELBO's surrogate: a reparameterized guide site's log q enters as its entropy term (which
+        is log q); a non-reparameterized one as entropy term - log_r * score function, plus the
+        difference to log q, detached, for the value."""
         gains = [site["log_prob_sum"] for _, site in _sample_sites(model_trace)]
         costs = []
         log_r = None
@@ -93,7 +96,8 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
     on the device (module docstring)."""
 
     def _particle_loss(self, model_trace: Trace, guide_trace: Trace) -> Tensor:
-        """-ELBO of one particle, as TraceMeanField_ELBO._differentiable_loss_particle computes it."""
+        """-ELBO = sum KL - sum log p(x|z) of one particle (costs - gains), as
+        TraceMeanField_ELBO._differentiable_loss_particle computes it."""
         gains, costs = [], []
         for name, model_site in _sample_sites(model_trace):
             if model_site["is_observed"]:
