@@ -3,47 +3,25 @@
 Sites: latent "z", observation "x", both inside the data plate "data" (dim -1). Nothing about
 training lives here, so both functions run under any Pyro handler (trace, Predictive, Importance,
 MCMC on z). Each registers the parameters it uses in Pyro's param store, as `pyro.module` does, so
-`pyro.infer.SVI` with a `pyro.optim` optimizer trains them.
+`pyro.infer.SVI` with a `pyro.optim` optimizer trains them (param_store.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroModule
-from pyro.params import param_with_module_name
 from torch import Tensor, nn
 
 from .errors import InputError
 from .likelihoods import Likelihood, make_likelihood
 from .nets import make_networks
+from .param_store import register_params
 from .priors import make_prior
-
-
-def register_params(prefix: str, named_params: Iterable[tuple[str, Tensor]]) -> None:
-    """A param site for each trainable (name, parameter), named prefix$$$name as pyro.module names
-    them, so that SVI finds the parameters and its pyro.optim optimizer steps them. The param store
-    holds these very tensors: where it holds another tensor under one of the names (a model built
-    earlier in this process with the same names, or a param store loaded from a file), this one
-    takes its place. (pyro.module would keep the other tensor and put it in the param site, and SVI
-    would step the other model's tensors, silently.)"""
-    store = pyro.get_param_store()
-    for name, param in named_params:
-        if not param.requires_grad:
-            continue
-        name = param_with_module_name(prefix, name)
-        if name not in store or store[name] is not param:
-            if name in store:
-                del store[name]
-            store[name] = param
-            if store[name] is not param:  # the store keeps a contiguous copy
-                raise ValueError(f"parameter {name!r} is not contiguous, so Pyro's param store would hold a "
-                                 "copy of it; make it contiguous (p.data = p.data.contiguous())")
-        pyro.param(name, param)
 
 
 class VAE(PyroModule):
@@ -80,9 +58,8 @@ class VAE(PyroModule):
             return pyro.sample("z", self.posterior(x))
 
     def _register(self, *parts: str) -> None:
-        """register_params for the parameters of the submodules named `parts`."""
-        for part in parts:
-            register_params(self.param_prefix, getattr(self, part).named_parameters(prefix=part))
+        """register_params for the submodules named `parts`."""
+        register_params(self.param_prefix, {part: self._modules[part] for part in parts})
 
     def posterior(self, x: Tensor) -> dist.Distribution:
         """q(z|x) as a distribution, without running Pyro (for plots and diagnostics)."""

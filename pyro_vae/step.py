@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .faults import is_validation_error
+from .param_store import param_sites
 
 
 class SVIStep:
@@ -23,7 +24,9 @@ class SVIStep:
     often) reports it. Pyro's validation runs on the first step only (model/guide structure and
     distribution arguments); later steps skip it, and non-finite values are caught by the check.
     loss_fn must not wait for the device either: the registry's estimators do not (elbo.py, iwae.py);
-    any other pyro.infer.ELBO works too, at the cost of its host syncs."""
+    any other pyro.infer.ELBO works too, at the cost of its host syncs. The step optimizes `params`
+    itself, so the library's models emit no param sites during it (param_store.param_sites(False)):
+    Pyro's param store is left as it was."""
 
     def __init__(self, loss_fn: Callable[..., Tensor], optimizer: torch.optim.Optimizer,
                  params: list[Tensor], clip_grad: float | None, device: torch.device):
@@ -36,7 +39,7 @@ class SVIStep:
 
     def __call__(self, x: Tensor, *args) -> Tensor:
         """Run the step on batch x (args go to loss_fn); returns the loss, detached, on the device."""
-        with pyro.validation_enabled(self.validate):
+        with pyro.validation_enabled(self.validate), param_sites(False):
             try:
                 loss = self.loss_fn(x, *args)
             except ValueError as err:  # Pyro's check of distribution parameters (NaN/inf)
@@ -69,7 +72,7 @@ class SVIStep:
     def gradients(self, x: Tensor, *args) -> Tensor:
         """Run batch x again at the current parameters: the loss, and the gradients in .grad; no step."""
         self.optimizer.zero_grad(set_to_none=True)
-        with pyro.validation_enabled(False):
+        with pyro.validation_enabled(False), param_sites(False):
             loss = self.loss_fn(x, *args)
         if loss.requires_grad:
             loss.backward()

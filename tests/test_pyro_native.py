@@ -16,6 +16,7 @@ from torch import nn
 from pyro_vae.data import load_dataset
 from pyro_vae.estimators import ESTIMATORS, make_estimator
 from pyro_vae.model import build_vae
+from pyro_vae.param_store import param_sites
 
 STEPS, WINDOW, BATCH = 80, 10, 64
 SMALL = {"hidden": [32], "z_dim": 4}
@@ -102,6 +103,24 @@ def test_model_and_guide_traces_hold_each_parameter_they_use_as_a_param_site(dig
     assert "vae$$$prior.encoder.net.0.weight" in expected  # the VampPrior runs the guide's encoder
     assert params(model).keys() == expected.keys()
     assert all(params(model)[n] is p for n, p in expected.items())  # the tensors themselves, not copies
+
+
+def test_param_sites_can_be_turned_off_for_a_block_and_come_back_after_it(digits):
+    """What step.SVIStep does, as it optimizes the parameters itself: no sites, the store untouched."""
+    vae, x = build_vae(digits.shape[1:], **SMALL), digits[:3]
+
+    def param_sites_in_a_trace():
+        guide = poutine.trace(vae.guide).get_trace(x)
+        model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(x)
+        return [n for trace in (guide, model) for n, site in trace.nodes.items() if site["type"] == "param"]
+
+    with param_sites(False):
+        assert param_sites_in_a_trace() == []
+        with param_sites(True):
+            assert len(param_sites_in_a_trace()) == len(list(vae.parameters()))
+        pyro.clear_param_store()
+        assert param_sites_in_a_trace() == [] and not pyro.get_param_store().keys()
+    assert len(param_sites_in_a_trace()) == len(list(vae.parameters()))
 
 
 def test_two_models_with_the_same_parameter_names_each_train_their_own_tensors(digits):

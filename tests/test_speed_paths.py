@@ -57,7 +57,7 @@ PYRO_HELPERS = [(module, name, getattr(module, name)) for module in (trace_elbo,
 
 @pytest.mark.parametrize("clip", [None, 10.0])
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
-def test_the_step_never_waits_for_the_device_nor_patches_pyro(estimator, clip):
+def test_the_step_never_waits_for_the_device_nor_touches_pyros_state(estimator, clip):
     vae, elbo, optimizer, data = _setup(estimator)
     plain = _loss_fn(vae, elbo)
     helpers_seen = []
@@ -73,6 +73,7 @@ def test_the_step_never_waits_for_the_device_nor_patches_pyro(estimator, clip):
             step(x, 1.0)
     assert mode.seen == []
     assert all(seen == [original for _, _, original in PYRO_HELPERS] for seen in helpers_seen)
+    assert not pyro.get_param_store().keys()  # the step optimizes the parameters itself: no param sites
 
 
 @pytest.mark.parametrize("estimator", ["mc", "analytic"])
