@@ -29,8 +29,8 @@ class VAE(PyroModule):
     registers the parameters of the decoder, prior and likelihood, guide() those of the encoder, in
     Pyro's param store under their state_dict names prefixed "vae$$$" (`param_prefix`), e.g.
     "vae$$$decoder.net.0.weight"; the VampPrior's encoder is the guide's, so its tensors are there
-    twice, as "vae$$$encoder..." and "vae$$$prior.encoder...". Checkpoints are vae.state_dict(),
-    which holds the same tensors."""
+    twice, as "vae$$$encoder..." and "vae$$$prior.encoder...". (Inside param_sites(False), neither
+    registers anything.) Checkpoints are vae.state_dict(), which holds the same tensors."""
 
     is_autoencoder = False
     param_prefix = "vae"

@@ -54,4 +54,3 @@ def register_params(prefix: str, modules: dict[str, nn.Module]) -> None:
                     raise ValueError(f"parameter {name!r} is not contiguous, so Pyro's param store would "
                                      "hold a copy of it; make it contiguous (p.data = p.data.contiguous())")
             pyro.param(name, param)
-
