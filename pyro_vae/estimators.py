@@ -3,7 +3,8 @@
 `mc` is Trace_ELBO: the KL term is estimated by Monte Carlo, log q(z|x) - log p(z) at the sampled z.
 `analytic` is TraceMeanField_ELBO: where torch knows KL(q || p) in closed form it is used instead
 (for a diagonal Gaussian q and N(0, I) prior: 1/2 sum(sigma^2 + mu^2 - 1 - log sigma^2)); both are
-unbiased for the same ELBO and differ only in variance.
+unbiased for the same ELBO and differ only in variance. Both are Pyro's classes with a
+differentiable_loss that does not wait for the device (elbo.py).
 `iwae` is the importance-weighted bound log (1/K) sum_k w_k per example, `stl` the ELBO with the
 score term dropped, `iwae-dreg` IWAE with doubly reparameterized gradients (all three in iwae.py).
 """
@@ -13,17 +14,19 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
-from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import kl_divergence
 
+from .elbo import OnDeviceTrace_ELBO, OnDeviceTraceMeanField_ELBO
 from .errors import InputError
 from .iwae import IWAE, MAX_PLATE_NESTING, STL, DReG, particle_traces, weights
 from .registry import Registry
 
 ESTIMATORS = Registry("estimator", {
-    "mc": Trace_ELBO, "analytic": TraceMeanField_ELBO, "iwae": IWAE, "stl": STL, "iwae-dreg": DReG,
+    "mc": OnDeviceTrace_ELBO, "analytic": OnDeviceTraceMeanField_ELBO,
+    "iwae": IWAE, "stl": STL, "iwae-dreg": DReG,
 }, returns=ELBO)
 
 

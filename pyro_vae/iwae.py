@@ -32,6 +32,7 @@ from pyro.distributions.util import detach, scale_and_mask
 from pyro.infer import ELBO
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
+from pyro.util import warn_if_nan
 from torch import Tensor
 
 MAX_PLATE_NESTING = 1  # the data plate; particle plates go to the left of it
@@ -159,15 +160,17 @@ class _PerExampleBound(ELBO):
         return -value.sum()
 
     def loss(self, model, guide, *args, **kwargs) -> float:
-        """-sum_n scale_n b(x_n) as a float, without gradients."""
+        """-sum_n scale_n b(x_n) as a float, without gradients (a warning if it is NaN, as Pyro's)."""
         with torch.no_grad():
-            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+            return warn_if_nan(self.differentiable_loss(model, guide, *args, **kwargs).item(), "loss")
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """The loss, after backpropagating the estimator's gradient into every parameter."""
+        """The loss as a float, after backpropagating the estimator's gradient into every parameter
+        that requires one (what pyro.infer.SVI calls)."""
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward(retain_graph=self.retain_graph)
-        return float(loss)
+        if loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        return warn_if_nan(loss.detach().item(), "loss")
 
 
 def _iwae(log_w: Tensor) -> Tensor:

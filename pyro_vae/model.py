@@ -2,7 +2,8 @@
 
 Sites: latent "z", observation "x", both inside the data plate "data" (dim -1). Nothing about
 training lives here, so both functions run under any Pyro handler (trace, Predictive, Importance,
-MCMC on z).
+MCMC on z). Each registers the parameters it uses in Pyro's param store, as `pyro.module` does, so
+`pyro.infer.SVI` with a `pyro.optim` optimizer trains them (param_store.py).
 """
 
 from __future__ import annotations
@@ -19,13 +20,20 @@ from torch import Tensor, nn
 from .errors import InputError
 from .likelihoods import Likelihood, make_likelihood
 from .nets import make_networks
+from .param_store import register_params
 from .priors import make_prior
 
 
 class VAE(PyroModule):
-    """p(x, z) = p(z) p(x|z) with p(x|z) = likelihood(decoder(z)); q(z|x) = N(encoder(x))."""
+    """p(x, z) = p(z) p(x|z) with p(x|z) = likelihood(decoder(z)); q(z|x) = N(encoder(x)). model()
+    registers the parameters of the decoder, prior and likelihood, guide() those of the encoder, in
+    Pyro's param store under their state_dict names prefixed "vae$$$" (`param_prefix`), e.g.
+    "vae$$$decoder.net.0.weight"; the VampPrior's encoder is the guide's, so its tensors are there
+    twice, as "vae$$$encoder..." and "vae$$$prior.encoder...". (Inside param_sites(False), neither
+    registers anything.) Checkpoints are vae.state_dict(), which holds the same tensors."""
 
     is_autoencoder = False
+    param_prefix = "vae"
 
     def __init__(
         self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module, likelihood: Likelihood
@@ -38,14 +46,20 @@ class VAE(PyroModule):
 
     def model(self, x: Tensor | None = None, n: int | None = None) -> Tensor:
         """p(z) p(x|z) for a batch x (N, C, H, W); with x=None it generates n examples."""
+        self._register("decoder", "prior", "likelihood")
         with pyro.plate("data", n if x is None else x.shape[0]):
             z = pyro.sample("z", self.prior())
             return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
     def guide(self, x: Tensor, n: int | None = None) -> Tensor:
         """q(z|x) = N(z; mu(x), diag sigma(x)^2), reparameterized: z = mu + sigma * eps."""
+        self._register("encoder")
         with pyro.plate("data", x.shape[0]):
             return pyro.sample("z", self.posterior(x))
+
+    def _register(self, *parts: str) -> None:
+        """register_params for the submodules named `parts`."""
+        register_params(self.param_prefix, {part: self._modules[part] for part in parts})
 
     def posterior(self, x: Tensor) -> dist.Distribution:
         """q(z|x) as a distribution, without running Pyro (for plots and diagnostics)."""

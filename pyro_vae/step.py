@@ -7,43 +7,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import pyro
 import torch
-from pyro.infer import trace_elbo, trace_mean_field_elbo
 from torch import Tensor
 
 from .faults import is_validation_error
-
-
-@contextmanager
-def _scalars_stay_on_device():
-    """Inside Pyro's Trace_ELBO and TraceMeanField_ELBO, turn torch_item (a Python float, which
-    waits for the device) into a detached tensor and skip warn_if_nan (a host-side check; the step
-    checks finiteness itself). differentiable_loss keeps its value and gradient: it returns
-    loss + (surrogate - surrogate.detach()) instead of loss + (surrogate - float(surrogate))."""
-    saved = []
-    for module in (trace_elbo, trace_mean_field_elbo):
-        for name, replacement in (("torch_item", _detached), ("warn_if_nan", _unchecked)):
-            if hasattr(module, name):
-                saved.append((module, name, getattr(module, name)))
-                setattr(module, name, replacement)
-    try:
-        yield
-    finally:
-        for module, name, original in saved:
-            setattr(module, name, original)
-
-
-def _detached(x):
-    """torch_item without the host sync: a number as it is, a tensor detached."""
-    return x.detach() if torch.is_tensor(x) else x
-
-
-def _unchecked(value, *args, **kwargs):
-    """warn_if_nan that checks nothing."""
-    return value
+from .param_store import param_sites
 
 
 class SVIStep:
@@ -52,7 +22,11 @@ class SVIStep:
     applied, and neither is any later one (Adam's on-device `found_inf`, which stays set), so the
     model stays as it was before the first bad step until `fault()` (one host sync, called every so
     often) reports it. Pyro's validation runs on the first step only (model/guide structure and
-    distribution arguments); later steps skip it, and non-finite values are caught by the check."""
+    distribution arguments); later steps skip it, and non-finite values are caught by the check.
+    loss_fn must not wait for the device either: the registry's estimators do not (elbo.py, iwae.py);
+    any other pyro.infer.ELBO works too, at the cost of its host syncs. The step optimizes `params`
+    itself, so the library's models emit no param sites during it (param_store.param_sites(False)):
+    Pyro's param store is left as it was."""
 
     def __init__(self, loss_fn: Callable[..., Tensor], optimizer: torch.optim.Optimizer,
                  params: list[Tensor], clip_grad: float | None, device: torch.device):
@@ -65,7 +39,7 @@ class SVIStep:
 
     def __call__(self, x: Tensor, *args) -> Tensor:
         """Run the step on batch x (args go to loss_fn); returns the loss, detached, on the device."""
-        with pyro.validation_enabled(self.validate), _scalars_stay_on_device():
+        with pyro.validation_enabled(self.validate), param_sites(False):
             try:
                 loss = self.loss_fn(x, *args)
             except ValueError as err:  # Pyro's check of distribution parameters (NaN/inf)
@@ -98,7 +72,7 @@ class SVIStep:
     def gradients(self, x: Tensor, *args) -> Tensor:
         """Run batch x again at the current parameters: the loss, and the gradients in .grad; no step."""
         self.optimizer.zero_grad(set_to_none=True)
-        with pyro.validation_enabled(False), _scalars_stay_on_device():
+        with pyro.validation_enabled(False), param_sites(False):
             loss = self.loss_fn(x, *args)
         if loss.requires_grad:
             loss.backward()

@@ -8,10 +8,11 @@ import types
 import pyro
 import pytest
 import torch
+from pyro.infer import trace_elbo, trace_mean_field_elbo
 from torch.overrides import TorchFunctionMode
 
 from pyro_vae.cli import main
-from pyro_vae.estimators import make_estimator
+from pyro_vae.estimators import ESTIMATORS, make_estimator
 from pyro_vae.model import build_vae
 from pyro_vae.step import CUDAGraphStep, SVIStep
 
@@ -34,7 +35,10 @@ class _RecordSyncs(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _setup(estimator: str, seed: int = 0, fused: bool = True):
+PYRO_ELBOS = {"mc": pyro.infer.Trace_ELBO, "analytic": pyro.infer.TraceMeanField_ELBO}
+
+
+def _setup(estimator, seed: int = 0, fused: bool = True):
     pyro.set_rng_seed(seed)
     vae = build_vae(X_SHAPE, hidden=[16], z_dim=3)
     elbo = make_estimator(estimator)
@@ -47,29 +51,47 @@ def _loss_fn(vae, elbo):
     return lambda x, weight: elbo.differentiable_loss(vae.model, vae.guide, x) / x.shape[0]
 
 
+PYRO_HELPERS = [(module, name, getattr(module, name)) for module in (trace_elbo, trace_mean_field_elbo)
+                for name in ("torch_item", "warn_if_nan")]
+
+
 @pytest.mark.parametrize("clip", [None, 10.0])
-@pytest.mark.parametrize("estimator", ["mc", "analytic"])
-def test_the_step_never_waits_for_the_device(estimator, clip):
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_the_step_never_waits_for_the_device_nor_touches_pyros_state(estimator, clip):
     vae, elbo, optimizer, data = _setup(estimator)
-    step = SVIStep(_loss_fn(vae, elbo), optimizer, list(vae.parameters()), clip, torch.device("cpu"))
+    plain = _loss_fn(vae, elbo)
+    helpers_seen = []
+
+    def loss_fn(x, weight):  # what Pyro's modules hold while the loss is computed
+        helpers_seen.append([getattr(module, name) for module, name, _ in PYRO_HELPERS])
+        return plain(x, weight)
+
+    step = SVIStep(loss_fn, optimizer, list(vae.parameters()), clip, torch.device("cpu"))
     step(data[0], 1.0)  # the first step runs Pyro's validation, which reads values on the host
     with _RecordSyncs() as mode:
         for x in data[1:]:
             step(x, 1.0)
     assert mode.seen == []
+    assert all(seen == [original for _, _, original in PYRO_HELPERS] for seen in helpers_seen)
+    assert not pyro.get_param_store().keys()  # the step optimizes the parameters itself: no param sites
 
 
 @pytest.mark.parametrize("estimator", ["mc", "analytic"])
-def test_the_step_matches_pyros_loss_with_a_plain_adam_step(estimator):
-    """Same seed, same batches: the losses agree to float32 rounding (Pyro sums the reported value in
-    float64, the step in float32) and so do the parameters (fused vs. per-tensor Adam differ in
-    rounding only, ~1e-9 a step; a missing or extra step would move them by ~lr = 1e-2)."""
-    vae, elbo, optimizer, data = _setup(estimator)
-    step = SVIStep(_loss_fn(vae, elbo), optimizer, list(vae.parameters()), None, torch.device("cpu"))
-    fast = [float(step(x, 1.0)) for x in data]
+def test_the_step_matches_pyros_own_elbo_with_a_plain_adam_step(estimator):
+    """Same seed, same batches: the step with our estimator, the step with Pyro's own ELBO object (it
+    waits for the device, and still works) and a plain loop with Pyro's ELBO and per-tensor Adam. The
+    losses agree to float32 rounding (sums in another order) and so do the parameters (fused vs.
+    per-tensor Adam differ in rounding only, ~1e-9 a step; a missing or extra step would move them by
+    ~lr = 1e-2)."""
+    runs = {}
+    for name, elbo in (("ours", estimator), ("pyro's", PYRO_ELBOS[estimator]())):
+        vae, elbo, optimizer, data = _setup(elbo)
+        step = SVIStep(_loss_fn(vae, elbo), optimizer, list(vae.parameters()), None, torch.device("cpu"))
+        runs[name] = vae, [float(step(x, 1.0)) for x in data]
+    assert isinstance(make_estimator(estimator), PYRO_ELBOS[estimator])
 
-    plain_vae, plain_elbo, plain_opt, _ = _setup(estimator, fused=False)
-    plain = []
+    plain_vae, _, plain_opt, data = _setup(estimator, fused=False)
+    plain_elbo, plain = PYRO_ELBOS[estimator](), []
     for x in data:
         loss = plain_elbo.differentiable_loss(plain_vae.model, plain_vae.guide, x) / x.shape[0]
         plain_opt.zero_grad()
@@ -77,9 +99,10 @@ def test_the_step_matches_pyros_loss_with_a_plain_adam_step(estimator):
         plain_opt.step()
         plain.append(float(loss.detach()))
 
-    assert fast == pytest.approx(plain, rel=1e-6)
-    for (name, a), b in zip(vae.named_parameters(), plain_vae.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    for vae, losses in runs.values():
+        assert losses == pytest.approx(plain, rel=1e-6)
+        for (name, a), b in zip(vae.named_parameters(), plain_vae.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
 def test_a_non_finite_step_is_not_applied_nor_any_after_it():
