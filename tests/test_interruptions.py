@@ -119,15 +119,18 @@ def _wait_for_first_epoch(proc: subprocess.Popen, out: Path) -> None:
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_mid_epoch_checkpoints_and_resumes_bit_identically(straight, tmp_path, signum, code):
-    out = tmp_path / "run"
-    proc = _start(out)
-    _wait_for_first_epoch(proc, out)
-    time.sleep(0.3)  # into epoch 2 (250 steps of ~5 ms)
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=120)
+    for attempt in range(3):  # on a loaded machine the signal may miss epoch 2's steps: then again
+        out = tmp_path / f"run{attempt}"
+        proc = _start(out)
+        _wait_for_first_epoch(proc, out)
+        time.sleep(0.3)  # into epoch 2 (250 steps of ~5 ms)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+        if proc.returncode != 0 and ckpt["epoch"] == 2 and 0 < ckpt["batch"] < 250:
+            break
     assert proc.returncode == code, err
     assert f"resume with: pyro-vae train --resume {out}" in err and "Traceback" not in err
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and 0 < ckpt["batch"] < 250, "the signal did not land mid-epoch"
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     _assert_same_run(straight / "slow2", out)
