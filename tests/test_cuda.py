@@ -11,7 +11,9 @@ import torch
 from pyro import poutine
 
 from pyro_vae.cli import main
+from pyro_vae.estimators import make_estimator
 from pyro_vae.model import build_vae
+from pyro_vae.step import SVIStep
 
 from .conftest import QUICK
 
@@ -58,3 +60,36 @@ def test_log_densities_on_the_gpu_equal_those_on_the_cpu():
                                       guide_trace.nodes["z"]["fn"].log_prob(data["z"])]).cpu()
     assert values["cpu"].isfinite().all()
     torch.testing.assert_close(values["cuda"], values["cpu"], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("estimator", ["mc", "analytic", "iwae", "stl", "iwae-dreg"])
+def test_the_step_makes_no_host_sync_on_the_gpu(estimator):
+    """After the first (validated) step, no step waits for the GPU: torch's sync debug mode raises on
+    any synchronizing call."""
+    pyro.set_rng_seed(0)
+    vae = build_vae((1, 8, 8), hidden=[32], z_dim=3).cuda()
+    elbo = make_estimator(estimator, 2 if estimator.startswith("iwae") else 1)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3, fused=True)
+    step = SVIStep(lambda x, w: elbo.differentiable_loss(vae.model, vae.guide, x) / x.shape[0], optimizer,
+                   list(vae.parameters()), None, torch.device("cuda"))
+    data = torch.rand(5, 16, 1, 8, 8, device="cuda").bernoulli()
+    step(data[0], 1.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x in data[1:]:
+            step(x, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert step.fault() == 0
+
+
+def test_pyros_svi_trains_our_vae_on_the_gpu():
+    pyro.set_rng_seed(0)
+    vae = build_vae((1, 8, 8), hidden=[32], z_dim=3).cuda()
+    before = {name: p.detach().clone() for name, p in vae.named_parameters()}
+    svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), loss=make_estimator("mc"))
+    x = torch.linspace(0.02, 0.98, 64, device="cuda").reshape(1, 1, 8, 8).expand(64, 1, 8, 8).bernoulli()
+    losses = [svi.step(x) for _ in range(30)]
+    assert all(not torch.equal(p, before[name]) for name, p in vae.named_parameters())
+    assert sum(losses[-5:]) < sum(losses[:5])
