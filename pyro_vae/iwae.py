@@ -75,14 +75,22 @@ def _log_prob(site: dict, stop_params: bool = False) -> Tensor:
 
 
 def _common_scale(sites: list[dict], device: torch.device) -> Tensor | float | None:
-    """The scale every site shares (1.0, N/n under subsampling, or a poutine.scale), else None."""
+    """The scale every site shares (1.0, N/n under subsampling, or a poutine.scale), else None. Number
+    scales (Pyro's plates, our KL weight) are compared on the host, with no wait for the device; only a
+    scale given as a tensor is compared on the device."""
     scale = sites[0]["scale"]
     for site in sites[1:]:
-        if site["scale"] is not scale and not torch.equal(
-            torch.as_tensor(site["scale"], device=device), torch.as_tensor(scale, device=device)
-        ):
+        if not _same_scale(site["scale"], scale, device):
             return None
     return scale
+
+
+def _same_scale(a: Tensor | float, b: Tensor | float, device: torch.device) -> bool:
+    if a is b:
+        return True
+    if not (torch.is_tensor(a) or torch.is_tensor(b)):
+        return a == b
+    return torch.equal(torch.as_tensor(a, device=device), torch.as_tensor(b, device=device))
 
 
 def weights(model: Callable, guide: Callable, num_particles: int, *args, stop_q_params: bool = False,

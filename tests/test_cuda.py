@@ -4,6 +4,7 @@ parameters and the same draws of z."""
 
 import json
 import math
+import warnings
 
 import pyro
 import pytest
@@ -13,7 +14,7 @@ from pyro import poutine
 from pyro_vae.cli import main
 from pyro_vae.estimators import make_estimator
 from pyro_vae.model import build_vae
-from pyro_vae.step import SVIStep
+from pyro_vae.step import CUDAGraphStep, SVIStep
 
 from .conftest import QUICK
 
@@ -93,3 +94,17 @@ def test_pyros_svi_trains_our_vae_on_the_gpu():
     losses = [svi.step(x) for _ in range(30)]
     assert all(not torch.equal(p, before[name]) for name, p in vae.named_parameters())
     assert sum(losses[-5:]) < sum(losses[:5])
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "stl", "iwae-dreg"])
+def test_the_importance_weighted_step_is_captured_as_a_cuda_graph(estimator):
+    pyro.set_rng_seed(0)
+    vae = build_vae((1, 8, 8), hidden=[32], z_dim=3).cuda()
+    elbo = make_estimator(estimator, 4)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3, fused=True, capturable=True)
+    step = CUDAGraphStep(SVIStep(lambda x, w: elbo.differentiable_loss(vae.model, vae.guide, x) / x.shape[0],
+                                 optimizer, list(vae.parameters()), None, torch.device("cuda")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns and goes on eagerly: make it fail here
+        losses = [step(x, 1.0) for x in torch.rand(8, 16, 1, 8, 8, device="cuda").bernoulli()]
+    assert step.graph is not None and torch.stack(losses).isfinite().all()

@@ -20,7 +20,7 @@ X_SHAPE = (1, 8, 8)
 # what makes the host wait for a CUDA device: a Python value read from a tensor, or a result whose size
 # depends on the data
 SYNCS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu", "nonzero",
-         "masked_select", "unique"}
+         "masked_select", "unique", "equal"}
 
 
 class _RecordSyncs(TorchFunctionMode):
