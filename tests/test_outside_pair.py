@@ -156,8 +156,10 @@ class TwoSites(nn.Module):
         with pyro.plate("batch", n):
             style = pyro.sample("style", dist.Normal(x.new_zeros(n, 2), 1.0).to_event(1))
             content = pyro.sample("content", dist.Normal(x.new_zeros(n, 3), 1.0).to_event(1))
-            logits = self.decoder(torch.cat([style, content], -1))
-            pyro.sample("pixels", dist.Bernoulli(logits=logits).to_event(1), obs=x.reshape(n, -1))
+            self.observe(self.decoder(torch.cat([style, content], -1)), x.reshape(n, -1))
+
+    def observe(self, logits, x):
+        pyro.sample("pixels", dist.Bernoulli(logits=logits).to_event(1), obs=x)
 
     def guide(self, x):
         pyro.module("two_encoder", self.encoder)
@@ -234,15 +236,9 @@ def test_figures_of_two_sites_skip_the_traversal_with_a_one_line_warning(two_sit
 class NoMean(TwoSites):
     """The same pair, but its observed distribution has no closed-form mean."""
 
-    def model(self, x):
-        pyro.module("two_decoder", self.decoder)
-        n = x.shape[0]
-        with pyro.plate("batch", n):
-            style = pyro.sample("style", dist.Normal(x.new_zeros(n, 2), 1.0).to_event(1))
-            content = pyro.sample("content", dist.Normal(x.new_zeros(n, 3), 1.0).to_event(1))
-            loc = self.decoder(torch.cat([style, content], -1))
-            noise = dist.TransformedDistribution(dist.Normal(loc, 1.0), [dist.transforms.ExpTransform()])
-            pyro.sample("pixels", noise.to_event(1), obs=x.reshape(n, -1) + 1.0)
+    def observe(self, loc, x):
+        noise = dist.TransformedDistribution(dist.Normal(loc, 1.0), [dist.transforms.ExpTransform()])
+        pyro.sample("pixels", noise.to_event(1), obs=x + 1.0)
 
 
 def test_figures_that_cannot_be_made_are_skipped_not_raised(two_sites, tmp_path):
