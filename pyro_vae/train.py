@@ -355,8 +355,7 @@ class Trainer:
         if self.config.beta != 1.0 or self.config.kl_anneal:
             row["kl_weight"] = self._kl_weight(self.steps - 1)  # that of the epoch's last step
         if self.data.val_x is not None:
-            row["validation_elbo"] = float(elbo_terms(self.program.model, self.program.guide,
-                                                      self.data.val_x)["elbo"].mean())
+            row["validation_elbo"] = self.validation_elbo()
             if self.config.early_stop is not None:
                 self._track_best(row["validation_elbo"])
                 row["best_epoch"] = self.early["best_epoch"]
@@ -373,6 +372,10 @@ class Trainer:
                       else f"test ELBO {row['test_elbo']:.2f}")
             tqdm.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.2f}, {tested} nats "
                        f"({row['seconds']:.1f} s)")
+
+    def validation_elbo(self) -> float:
+        """The ELBO per example on the validation set (one draw of z per example; unweighted KL)."""
+        return float(elbo_terms(self.program.model, self.program.guide, self.data.val_x)["elbo"].mean())
 
     def _track_best(self, value: float) -> None:
         """Early stopping's bookkeeping at the end of an epoch whose validation ELBO is `value`: a new
