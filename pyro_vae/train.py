@@ -374,8 +374,10 @@ class Trainer:
                        f"({row['seconds']:.1f} s)")
 
     def validation_elbo(self) -> float:
-        """The ELBO per example on the validation set (one draw of z per example; unweighted KL)."""
-        return float(elbo_terms(self.program.model, self.program.guide, self.data.val_x)["elbo"].mean())
+        """The ELBO per example on the validation set (one draw of z per example; unweighted KL); with
+        several processes, their mean, so that all of them stop at the same epoch."""
+        value = elbo_terms(self.program.model, self.program.guide, self.data.val_x)["elbo"].mean()
+        return float(self.ranks.sum(value)) / self.ranks.world_size
 
     def _track_best(self, value: float) -> None:
         """Early stopping's bookkeeping at the end of an epoch whose validation ELBO is `value`: a new
