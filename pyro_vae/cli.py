@@ -23,10 +23,12 @@ HELP = {
     "channels": "1 (grayscale, default) or 3 (RGB) for image-folder data",
     "train_size": "use only the first N training examples",
     "test_size": "use only the first N test examples",
+    "validation_size": "hold N training examples out (seeded split) as a validation set, scored each epoch "
+                       "(validation_elbo in metrics.jsonl); binarized once, like the test set",
     "binarize": "none | static (one fixed Bernoulli draw) | dynamic (a fresh draw each epoch); default: "
                 "dynamic for the bernoulli likelihood, none for the continuous ones",
     "model": "vae (default) | ae (deterministic autoencoder baseline: reconstruction loss only, no ELBO)",
-    "encoder": "network: mlp (default) | conv",
+    "encoder": "network: mlp (default) | gated-mlp (GatedDense hidden layers) | conv",
     "hidden": "hidden layer sizes, e.g. --hidden 300 300 (default 400)",
     "z_dim": "latent dimension (default 20)",
     "prior": "prior p(z): normal (N(0, I), default) | learned (diagonal Gaussian) | mog (mixture of "
@@ -48,6 +50,8 @@ HELP = {
     "kl_anneal": "raise the KL weight linearly from 0 to --beta over the first EPOCHS epochs "
                  "(default 0: off)",
     "epochs": "passes over the training set (default 30)",
+    "early_stop": "stop after PATIENCE epochs without a better validation ELBO (needs --validation-size); "
+                  "the best model is kept in RUN/best.pt and evaluated",
     "batch_size": "examples per step (default 128)",
     "lr": "Adam learning rate (default 1e-3)",
     "seed": "random seed (default 0)",
@@ -103,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a VAE and write a run directory", allow_abbrev=False)
     _add_config_flags(train)
+    train.add_argument("--preset", help="start from a shipped set of settings (--list-presets); a --config "
+                       "file and flags override it")
+    train.add_argument("--list-presets", action="store_true", help="print the presets and exit")
     train.add_argument("--config", help="YAML or JSON file with the same keys; flags override it")
     train.add_argument("--out", help="run directory to write (default: runs/<timestamp>)")
     train.add_argument("--resume", metavar="RUN", help="continue the run in RUN (may raise --epochs)")
@@ -154,9 +161,13 @@ def _add_compare_parser(sub) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """Defaults, then the --config file, then the flags given: the config the run records."""
+    """Defaults, then the --preset, then the --config file, then the flags given: the config the run
+    records."""
+    from .presets import preset_settings
+
+    preset = preset_settings(args.preset) if getattr(args, "preset", None) else {}
     values = load_config_file(args.config) if args.config else {}
-    return Config.from_dict({**values, **_flags_given(args)})
+    return Config.from_dict({**preset, **values, **_flags_given(args)})
 
 
 def _flags_given(args: argparse.Namespace) -> dict:
@@ -187,8 +198,15 @@ def _positive(name: str, value: int | None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .presets import describe_presets
     from .train import train
 
+    if args.list_presets:
+        print(describe_presets())
+        return
+    if args.resume and args.preset:
+        raise InputError(f"--preset starts a run; --resume {args.resume} continues one with its own recorded "
+                         "settings: drop --preset")
     if args.resume:
         result = train(_resume_config(args), out=args.resume, resume=True, progress=not args.quiet)
     else:

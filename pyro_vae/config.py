@@ -41,6 +41,7 @@ class Config:
     channels: int = 1
     train_size: int | None = None
     test_size: int | None = None
+    validation_size: int | None = None  # held out of the training set (seeded split), scored each epoch
     binarize: str | None = None  # None: 'dynamic' for a discrete likelihood, else 'none'
     model: str = "vae"
     encoder: str = "mlp"
@@ -57,6 +58,7 @@ class Config:
     beta: float = 1.0
     kl_anneal: int = 0
     epochs: int = 30
+    early_stop: int | None = None  # patience: stop after this many epochs without a better validation ELBO
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
@@ -103,7 +105,8 @@ class Config:
                     f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}"
                 )
         for name in ("z_dim", "particles", "epochs", "batch_size", "eval_k", "channels",
-                     "image_size", "train_size", "test_size", "prior_components"):
+                     "image_size", "train_size", "test_size", "prior_components", "validation_size",
+                     "early_stop"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -144,6 +147,7 @@ class Config:
         if self.prior_init != "noise" and self.prior != "vamp":
             raise InputError(f"--prior-init {self.prior_init} sets the VampPrior's pseudo-inputs; use it "
                              "with --prior vamp")
+        self._validate_protocol()
         if self.model == "ae":
             vae_only = {"prior": "normal", "estimator": "mc", "particles": 1, "beta": 1.0, "kl_anneal": 0}
             changed = [k for k, v in vae_only.items() if getattr(self, k) != v]
@@ -156,6 +160,20 @@ class Config:
             raise InputError(f"--beta and --kl-anneal weight the KL term of an ELBO; the importance-"
                              f"weighted bound ({self.estimator}) has no separate KL term; use --estimator "
                              "mc, analytic or stl")
+
+    def _validate_protocol(self) -> None:
+        """Raise InputError for a validation split or early stopping that cannot work."""
+        if self.validation_size is not None and self.train_size is not None \
+                and self.validation_size >= self.train_size:
+            raise InputError(f"--validation-size {self.validation_size} holds out that many of the "
+                             f"--train-size {self.train_size} training examples and leaves none to train on; "
+                             "make it smaller than the training set")
+        if self.early_stop is not None and self.validation_size is None:
+            raise InputError(f"--early-stop {self.early_stop} stops on the validation ELBO; hold out a "
+                             "validation set with --validation-size N too")
+        if self.early_stop is not None and self.model == "ae":
+            raise InputError("--early-stop watches the validation ELBO, and --model ae has no ELBO; "
+                             "use it with --model vae")
 
     def _discrete(self) -> bool:
         """Whether the likelihood is a probability mass function (False where it cannot be made:

@@ -37,13 +37,15 @@ SPLIT_SEED = 0  # the fixed permutation behind every split we make ourselves
 
 @dataclass
 class Dataset:
-    """Train and test images (N, C, H, W) float32, with integer labels where the data has them."""
+    """Train and test images (N, C, H, W) float32, with integer labels where the data has them, and
+    validation images held out of the training set where a run asks for them."""
 
     name: str
     train_x: Tensor
     test_x: Tensor
     train_y: Tensor | None = None
     test_y: Tensor | None = None
+    val_x: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -54,7 +56,8 @@ class Dataset:
         """The same dataset with every tensor on `device`."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Dataset(
-            self.name, move(self.train_x), move(self.test_x), move(self.train_y), move(self.test_y)
+            self.name, move(self.train_x), move(self.test_x), move(self.train_y), move(self.test_y),
+            move(self.val_x),
         )
 
 

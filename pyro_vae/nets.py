@@ -16,13 +16,29 @@ from .errors import InputError
 MIN_SCALE = 1e-4  # floor on q's standard deviation, so that log q stays finite
 
 
-def _mlp(sizes: Sequence[int]) -> nn.Sequential:
-    """Linear layers with ReLU between them (none after the last)."""
+class GatedDense(nn.Module):
+    """A gated linear layer (Dauphin et al. 2017; the VampPrior paper's networks):
+    h = (W1 x + b1) * sigmoid(W2 x + b2)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.h = nn.Linear(in_features, out_features)
+        self.g = nn.Linear(in_features, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.h(x) * torch.sigmoid(self.g(x))
+
+
+def _mlp(sizes: Sequence[int], gated: bool = False) -> nn.Sequential:
+    """Hidden layers (Linear then ReLU, or with gated=True GatedDense), then a last Linear layer."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+        if i == len(sizes) - 2:
+            layers.append(nn.Linear(a, b))
+        elif gated:
+            layers.append(GatedDense(a, b))
+        else:
+            layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers)
 
 
@@ -35,9 +51,11 @@ def _gaussian_params(h: Tensor) -> tuple[Tensor, Tensor]:
 class MLPEncoder(nn.Module):
     """x -> flatten -> MLP(hidden) -> (loc, scale) of q(z|x)."""
 
+    gated = False  # hidden layers: Linear + ReLU, or GatedDense
+
     def __init__(self, x_shape: Sequence[int], hidden: Sequence[int], z_dim: int):
         super().__init__()
-        self.net = _mlp([math.prod(x_shape), *hidden, 2 * z_dim])
+        self.net = _mlp([math.prod(x_shape), *hidden, 2 * z_dim], self.gated)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return _gaussian_params(self.net(x.flatten(-3)))
@@ -46,13 +64,27 @@ class MLPEncoder(nn.Module):
 class MLPDecoder(nn.Module):
     """z -> MLP(reversed hidden) -> raw likelihood parameters shaped `out_shape`."""
 
+    gated = False
+
     def __init__(self, z_dim: int, hidden: Sequence[int], out_shape: Sequence[int]):
         super().__init__()
         self.out_shape = tuple(out_shape)
-        self.net = _mlp([z_dim, *reversed(hidden), math.prod(out_shape)])
+        self.net = _mlp([z_dim, *reversed(hidden), math.prod(out_shape)], self.gated)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z).unflatten(-1, self.out_shape)
+
+
+class GatedMLPEncoder(MLPEncoder):
+    """MLPEncoder with GatedDense hidden layers."""
+
+    gated = True
+
+
+class GatedMLPDecoder(MLPDecoder):
+    """MLPDecoder with GatedDense hidden layers."""
+
+    gated = True
 
 
 class ConvEncoder(nn.Module):
@@ -95,13 +127,14 @@ class ConvDecoder(nn.Module):
         return out[..., :h, :w].reshape(*batch, c, h, w)
 
 
-NETWORKS = {"mlp": (MLPEncoder, MLPDecoder), "conv": (ConvEncoder, ConvDecoder)}
+NETWORKS = {"mlp": (MLPEncoder, MLPDecoder), "gated-mlp": (GatedMLPEncoder, GatedMLPDecoder),
+            "conv": (ConvEncoder, ConvDecoder)}
 
 
 def make_networks(
     kind: str, x_shape: Sequence[int], hidden: Sequence[int], z_dim: int, out_shape: Sequence[int]
 ) -> tuple[nn.Module, nn.Module]:
-    """The (encoder, decoder) pair of architecture `kind` ('mlp' or 'conv')."""
+    """The (encoder, decoder) pair of architecture `kind` ('mlp', 'gated-mlp' or 'conv')."""
     if kind not in NETWORKS:
         raise InputError(f"unknown encoder {kind!r}: choose one of {', '.join(NETWORKS)}")
     if kind == "conv" and len(x_shape) == 3 and min(x_shape[1:]) < 4:

@@ -28,6 +28,7 @@ from .program import Program, Sites
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"  # with --early-stop: the parameters of the epoch with the best validation ELBO
 SUMMARY = "summary.json"
 EVAL = "eval.json"
 
@@ -78,6 +79,14 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 CHECKPOINT_KEYS = {"model", "optimizer", "epoch", "batch", "step", "epoch_generator", "epoch_total",
                    "metrics", "rng"}
+BEST_KEYS = {"model", "epoch", "step", "validation_elbo"}
+
+
+def model_file(run: Path) -> Path:
+    """The file holding the parameters that a run's results describe: RUN/best.pt where early stopping
+    kept one, else RUN/checkpoint.pt."""
+    best = Path(run) / BEST
+    return best if best.is_file() else Path(run) / CHECKPOINT
 
 
 def remove_stale_temp_files(run: Path) -> None:
@@ -87,7 +96,7 @@ def remove_stale_temp_files(run: Path) -> None:
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """A checkpoint loaded with weights_only=True (tensors and plain containers, nothing else)."""
+    """A checkpoint (or best.pt) loaded with weights_only=True (tensors and plain containers only)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path} does not exist: the run has no checkpoint yet; train it first")
@@ -102,9 +111,10 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
             ) from None
         raise InputError(f"{path} is corrupt or truncated ({type(err).__name__}); "
                          "restore it from a backup or train again") from None
-    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+    keys = BEST_KEYS if path.name == BEST else CHECKPOINT_KEYS
+    if not isinstance(state, dict) or not keys <= set(state):
         raise InputError(f"{path} is not a pyro-vae checkpoint (missing "
-                         f"{', '.join(sorted(CHECKPOINT_KEYS - set(state or {})))}); train again")
+                         f"{', '.join(sorted(keys - set(state or {})))}); train again")
     return state
 
 
@@ -205,7 +215,7 @@ def load_pair(run: Path, pair: object, device: torch.device | str = "cpu") -> Pr
         program.owner.to(device)
     with pyro.validation_enabled(False):  # zeros need not lie in the likelihood's support
         params = pair_parameters(program, torch.zeros(2, *record["x_shape"], device=device))
-    restore_parameters(params, load_checkpoint(run / CHECKPOINT, device)["model"], run / CHECKPOINT)
+    restore_parameters(params, load_checkpoint(model_file(run), device)["model"], model_file(run))
     return program
 
 
@@ -219,13 +229,14 @@ def build_from_config(config: Config, x_shape: tuple[int, ...]) -> VAE:
 
 
 def load_model(run: Path, device: torch.device | str = "cpu") -> tuple[Config, VAE]:
-    """The trained VAE of a run directory, in eval mode on `device`."""
+    """The trained VAE of a run directory (best.pt where early stopping kept one, else checkpoint.pt:
+    `model_file`), in eval mode on `device`."""
     config, x_shape = read_config(run)
     vae = build_from_config(config, x_shape)
-    state = load_checkpoint(Path(run) / CHECKPOINT, device)
+    state = load_checkpoint(model_file(run), device)
     try:
         vae.load_state_dict(state["model"])
     except (KeyError, RuntimeError, TypeError) as err:
-        raise InputError(f"{Path(run) / CHECKPOINT} does not match {CONFIG} "
+        raise InputError(f"{model_file(run)} does not match {CONFIG} "
                          f"({type(err).__name__}); the run directory is inconsistent") from None
     return config, vae.to(device).eval()

@@ -11,6 +11,12 @@ A run survives interruption: a checkpoint (parameters, optimizer, every random-n
 inside the epoch, metrics) is written atomically at the end of every epoch, every `checkpoint_every`
 minutes, and when SIGINT/SIGTERM arrives (after the current step). Resuming from any of them gives,
 on CPU, bit-identical parameters and metrics to an uninterrupted run.
+
+With a validation set (--validation-size) each epoch's row also holds the validation ELBO; with
+--early-stop PATIENCE the parameters of the epoch with the best validation ELBO are kept in best.pt
+(written like checkpoint.pt), training stops once PATIENCE epochs in a row have not beaten it (the
+count and the best epoch live in the checkpoint, so a resumed run continues them), and the final
+evaluation and figures describe the model in best.pt.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from .model import VAE
 from .program import Program
 from .rng import get_rng_state, set_rng_state
 from .run_dir import (
+    BEST,
     CHECKPOINT,
     CONFIG,
     METRICS,
@@ -149,13 +156,15 @@ class Trainer:
         self.pair, self.own_vae = program, program is None
         self.epoch, self.steps, self.batch, self.metrics = 1, 0, 0, []
         self.stop = [0]  # the signal that asked to stop after the current step, or 0
+        # early stopping: {"best_epoch", "best_validation_elbo", "epochs_since_best"}, None before epoch 1
+        self.early: dict | None = None
 
     def run(self) -> RunResult:
         """setup, every epoch left up to config.epochs, finish."""
         self.setup()
         with _stop_requests() as self.stop, warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # we stop on NaN ourselves
-            while self.epoch <= self.config.epochs:
+            while self.epoch <= self.config.epochs and not self.stopped_early():
                 self.run_epoch()
         return self.finish()
 
@@ -265,6 +274,7 @@ class Trainer:
         if self.ranks.is_main:  # the epoch's loss so far (summed over processes) is counted once
             self.epoch_total = state["epoch_total"].to(self.device)
         self.metrics = list(state["metrics"])
+        self.early = state.get("early_stop")
         self.resumed_rng = self.ranks.rng_state(state)
         if self.ranks.is_main:
             remove_stale_temp_files(self.out)
@@ -344,6 +354,11 @@ class Trainer:
         }
         if self.config.beta != 1.0 or self.config.kl_anneal:
             row["kl_weight"] = self._kl_weight(self.steps - 1)  # that of the epoch's last step
+        if self.data.val_x is not None:
+            row["validation_elbo"] = self.validation_elbo()
+            if self.config.early_stop is not None:
+                self._track_best(row["validation_elbo"])
+                row["best_epoch"] = self.early["best_epoch"]
         self.metrics.append(row)
         self.epoch, self.batch = self.epoch + 1, 0
         self.epoch_total = torch.zeros((), device=self.device)
@@ -357,6 +372,32 @@ class Trainer:
                       else f"test ELBO {row['test_elbo']:.2f}")
             tqdm.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.2f}, {tested} nats "
                        f"({row['seconds']:.1f} s)")
+
+    def validation_elbo(self) -> float:
+        """The ELBO per example on the validation set (one draw of z per example; unweighted KL); with
+        several processes, their mean, so that all of them stop at the same epoch."""
+        value = elbo_terms(self.program.model, self.program.guide, self.data.val_x)["elbo"].mean()
+        return float(self.ranks.sum(value)) / self.ranks.world_size
+
+    def _track_best(self, value: float) -> None:
+        """Early stopping's bookkeeping at the end of an epoch whose validation ELBO is `value`: a new
+        best resets the count and is written to best.pt; otherwise the count of epochs since grows."""
+        if self.early is None or value > self.early["best_validation_elbo"]:
+            self.early = {"best_epoch": self.epoch, "best_validation_elbo": value, "epochs_since_best": 0}
+            if self.ranks.is_main:
+                save_checkpoint(self.out / BEST, {"model": self._parameters(), "epoch": self.epoch,
+                                                  "step": self.steps, "validation_elbo": value})
+        else:
+            self.early["epochs_since_best"] += 1
+
+    def stopped_early(self) -> bool:
+        """Whether --early-stop PATIENCE epochs in a row have not beaten the best validation ELBO."""
+        patience = self.config.early_stop
+        return patience is not None and self.early is not None and self.early["epochs_since_best"] >= patience
+
+    def _parameters(self) -> dict[str, Tensor]:
+        """The trained parameters as checkpoints hold them (a pair's by param-store name)."""
+        return self.pair.state_dict() if self.own_vae else {n: p.detach() for n, p in self.params.items()}
 
     def _loss(self, x: Tensor, weight: float, per: float) -> Tensor:
         """-ELBO with KL weight `weight` on every latent site, summed over the examples of x, divided by
@@ -394,12 +435,12 @@ class Trainer:
         total, rng = self.ranks.sum(self.epoch_total), self.ranks.gather(get_rng_state(self.device))
         if not self.ranks.is_main:
             return
-        params = self.pair.state_dict() if self.own_vae else {n: p.detach() for n, p in self.params.items()}
         save_checkpoint(self.out / CHECKPOINT, {
-            "model": params, "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+            "model": self._parameters(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
             "batch": self.batch, "step": self.steps, "epoch_generator": self.epoch_state,
             "epoch_total": total, "metrics": self.metrics, "rng": rng[0],
             **({"rng_ranks": rng} if self.ranks.active else {}),
+            **({"early_stop": dict(self.early)} if self.early is not None else {}),
         })
 
     def _check_fault(self) -> None:
@@ -437,13 +478,29 @@ class Trainer:
 
     # -- finish --------------------------------------------------------------------------------------
 
+    def _restore_best(self) -> dict:
+        """With early stopping, load best.pt's parameters into the pair and say what they are (for
+        summary.json: best_epoch, its validation ELBO, whether training stopped early); else {}."""
+        if self.config.early_stop is None or not (self.out / BEST).is_file():
+            return {}
+        state = load_checkpoint(self.out / BEST, self.device)
+        if self.own_vae:
+            self.pair.load_state_dict(state["model"])
+        else:
+            restore_parameters(self.params, state["model"], self.out / BEST)
+        return {"best_epoch": int(state["epoch"]), "best_step": int(state["step"]),
+                "best_validation_elbo": float(state["validation_elbo"]),
+                "stopped_early": self.stopped_early()}
+
     def finish(self) -> RunResult:
-        """Rank 0 evaluates the trained model on the test set (ELBO, log p(x), ...) and writes
-        summary.json and the figures; the other processes return once the last checkpoint is written."""
+        """Rank 0 evaluates the trained model (with early stopping: the best one, from best.pt, left in
+        the pair) on the test set (ELBO, log p(x), ...) and writes summary.json and the figures; the
+        other processes return once the last checkpoint is written."""
         self.ranks.barrier()
         if not self.ranks.is_main:
             return RunResult(self.out, self.metrics, {})
         self._train_mode(False)
+        best = self._restore_best()
         final = evaluate(self.pair, self.data.test_x, k=self.config.eval_k, progress=self.progress)
         summary = {
             **final,
@@ -456,6 +513,7 @@ class Trainer:
             "cuda_graph": self.cuda_graph,
             "n_train": self.n_train,
             **(self.kl_record or {}),
+            **best,
         }
         write_json(self.out / SUMMARY, summary)
         plots.save_figures(self.pair, self.data, self.out, self.metrics, seed=self.config.seed)

@@ -26,20 +26,40 @@ from .likelihoods import make_likelihood
 
 
 def prepare_data(config: Config) -> Dataset:
-    """The dataset as training sees it. 'static' binarizes train and test once (fixed seed);
-    'dynamic' keeps train as probabilities (redrawn each epoch) and binarizes test once; 'none'
-    uses the values as they are. The data must lie in the support of config.likelihood."""
+    """The dataset as training sees it. With --validation-size N, N training examples drawn by a seeded
+    permutation become the validation set (val_x). 'static' binarizes train, validation and test once
+    (fixed seed); 'dynamic' keeps train as probabilities (redrawn each epoch) and binarizes validation
+    and test once; 'none' uses the values as they are. The data must lie in the support of
+    config.likelihood."""
     data = load_dataset(config.dataset, config.data_dir, config.train_size, config.test_size,
                         config.image_size, config.channels)
+    if config.validation_size is not None:
+        data = split_validation(data, config.validation_size, config.seed)
     if config.binarize != "none":
         gen = torch.Generator().manual_seed(config.seed)
-        test_x = binarize(data.test_x, gen)
+        test_x = binarize(data.test_x, gen)  # first, so that a validation split leaves the test set as it was
+        val_x = None if data.val_x is None else binarize(data.val_x, gen)
         train_x = binarize(data.train_x, gen) if config.binarize == "static" else data.train_x
-        data = Dataset(data.name, train_x, test_x, data.train_y, data.test_y)
+        data = Dataset(data.name, train_x, test_x, data.train_y, data.test_y, val_x)
     likelihood = make_likelihood(config.likelihood, sigma=config.sigma, sigma_mode=config.sigma_mode)
-    likelihood.check(data.train_x)
-    likelihood.check(data.test_x)
+    for x in (data.train_x, data.test_x, data.val_x):
+        if x is not None:
+            likelihood.check(x)
     return data
+
+
+def split_validation(data: Dataset, size: int, seed: int) -> Dataset:
+    """`size` training examples, drawn by a permutation seeded with `seed`, as the validation set; the
+    rest (in their order) as the training set."""
+    n = data.train_x.shape[0]
+    if size >= n:
+        raise InputError(f"--validation-size {size} holds out that many of the {n} training examples and "
+                         "leaves none to train on; make it smaller than the training set")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held, kept = order[:size], order[size:].sort().values
+    pick = lambda t: None if t is None else t[kept]  # noqa: E731
+    return Dataset(data.name, data.train_x[kept], data.test_x, pick(data.train_y), data.test_y,
+                   data.train_x[held])
 
 
 def prepare_stream(config: Config) -> tuple[ImageStream, Dataset]:
@@ -50,6 +70,9 @@ def prepare_stream(config: Config) -> tuple[ImageStream, Dataset]:
     if not root.is_dir():
         raise InputError(f"--workers {config.workers} streams the images of a folder, and {config.dataset!r} "
                          "is not one; leave --workers at 0 (the data then lives on the device)")
+    if config.validation_size is not None:
+        raise InputError(f"--validation-size {config.validation_size} holds out training images in memory; "
+                         "with --workers they are streamed: leave --workers at 0 for a validation set")
     if config.binarize == "static" or config.prior_init == "data":
         what = "--binarize static" if config.binarize == "static" else "--prior-init data"
         raise InputError(f"{what} needs the training images in memory; with --workers use --binarize "

@@ -4,11 +4,16 @@ the ratio to the reference, the time of one epoch, peak memory; optionally IWAE 
 
     python scripts/bench.py --device cpu --batch-size 128 --estimator mc analytic --json bench-cpu.json
     python scripts/bench.py --device cuda --iwae-k 5000 --json bench-cuda.json
+    OMP_NUM_THREADS=1 python scripts/bench.py --hidden 300 300 --z-dim 40 --batch-size 100 \
+        --estimator mc --prior normal vamp      # the VampPrior step against the normal prior's
 
 Rows: `reference` (plain PyTorch, torch.optim.Adam with its defaults: the baseline of every ratio),
 `reference, fused Adam` (the same with Adam(fused=True), as pyro-vae uses), `reference, compiled`
 (torch.compile; on CUDA, or on CPU with --compile), `pyro-vae` (step.SVIStep, the step `pyro-vae
-train` runs), on CUDA `pyro-vae, CUDA graph` (step.CUDAGraphStep, `--cuda-graph on`) and, with
+train` runs), on CUDA `pyro-vae, CUDA graph` (step.CUDAGraphStep, `--cuda-graph on`), with
+`--prior ... vamp` the row `pyro-vae, VampPrior K=500` (the same step with the VampPrior of
+--prior-components pseudo-inputs; its time over the `pyro-vae` row's, paired by repeat, is printed as
+the VampPrior/normal ratio) and, with
 --pyro-example, Pyro's own VAE example as its authors train it (pyro_example_vae.py: SVI with
 Trace_ELBO or JitTrace_ELBO and pyro.optim.Adam; mc only; its own 784-400-50 softplus network, so
 give --hidden 400 --z-dim 50 --batch-size 256 for the example's setting). Each row
@@ -69,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="test images for the IWAE timing (default: all on CUDA, 20 on CPU)")
     parser.add_argument("--pyro-example", action="store_true",
                         help="add Pyro's VAE example (SVI, Trace_ELBO and JitTrace_ELBO) as rows (mc)")
+    parser.add_argument("--prior", nargs="+", default=["normal"], choices=["normal", "vamp"],
+                        help="priors of the pyro-vae rows: normal (default), vamp (adds a VampPrior row)")
+    parser.add_argument("--prior-components", type=int, default=500, help="VampPrior K (default 500)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", help="write the results here")
     return parser.parse_args(argv)
@@ -92,10 +100,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def pyro_vae_step(x_shape, args: argparse.Namespace, estimator: str, device: torch.device,
-                  graph: bool = False) -> Step:
+                  graph: bool = False, prior: str = "normal") -> Step:
     """The step `pyro-vae train` runs (beta 1, one process): SVIStep over fused Adam, optionally
-    captured as a CUDA graph."""
-    vae = build_vae(x_shape, hidden=args.hidden, z_dim=args.z_dim).to(device)
+    captured as a CUDA graph, with the prior `prior`."""
+    options = {"prior_components": args.prior_components} if prior == "vamp" else {}
+    vae = build_vae(x_shape, hidden=args.hidden, z_dim=args.z_dim, prior=prior, **options).to(device)
     elbo = make_estimator(estimator)
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3, fused=True, capturable=graph)
 
@@ -107,6 +116,10 @@ def pyro_vae_step(x_shape, args: argparse.Namespace, estimator: str, device: tor
     return lambda x: step(x, 1.0, x.shape[0])
 
 
+def vamp_row(args: argparse.Namespace) -> str:
+    return f"pyro-vae, VampPrior K={args.prior_components}"
+
+
 def rows(x_shape, args: argparse.Namespace, estimator: str, device: torch.device) -> dict[str, Step]:
     """Every implementation to time, by row name."""
     def reference(**options) -> Step:
@@ -116,7 +129,10 @@ def rows(x_shape, args: argparse.Namespace, estimator: str, device: torch.device
     out = {"reference": reference(), "reference, fused Adam": reference(fused=True)}
     if device.type == "cuda" or args.compile:
         out["reference, compiled"] = reference(compile=True)
-    out["pyro-vae"] = pyro_vae_step(x_shape, args, estimator, device)
+    if "normal" in args.prior:
+        out["pyro-vae"] = pyro_vae_step(x_shape, args, estimator, device)
+    if "vamp" in args.prior:
+        out[vamp_row(args)] = pyro_vae_step(x_shape, args, estimator, device, prior="vamp")
     if device.type == "cuda":
         out["pyro-vae, CUDA graph"] = pyro_vae_step(x_shape, args, estimator, device, graph=True)
     if args.pyro_example and estimator == "mc":
@@ -274,6 +290,13 @@ def main(argv: list[str] | None = None) -> dict:
     }
     results = {est: bench_estimator(est, x_train, args, device) for est in args.estimator}
     print(table(results, meta))
+    for estimator, by_row in results.items():
+        if {"pyro-vae", vamp_row(args)} <= set(by_row):
+            ratio = _paired_ratio(by_row[vamp_row(args)]["ms_per_step_all"],
+                                  by_row["pyro-vae"]["ms_per_step_all"])
+            meta.setdefault("vamp_ratio", {})[estimator] = ratio
+            print(f"\n{estimator}: VampPrior (K={args.prior_components}) step / normal-prior step = "
+                  f"{ratio:.2f}x (median over repeats of the paired ratio)")
     if "mc" in results and "Pyro example, Trace_ELBO" in results["mc"]:
         print()
         for line in speedups(results["mc"]):

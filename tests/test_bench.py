@@ -60,3 +60,18 @@ def test_the_benchmark_reports_every_row_against_the_reference(tmp_path, capsys)
             assert row["ratio_to_reference"] == pytest.approx(paired[1])  # the median of 3
             assert f"| {estimator} | {name} |" in printed
     assert result["iwae"]["images"] == 4 and result["iwae"]["k"] == 10
+
+
+def test_the_benchmark_times_the_vampprior_step_against_the_normal_prior_step(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--dataset", "digits", "--hidden", "16", "--z-dim", "2", "--steps", "2", "--repeats", "3",
+                "--warmup", "1", "--estimator", "mc", "--prior", "normal", "vamp", "--prior-components", "7",
+                "--json", str(out)])
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = result["results"]["mc"]
+    assert list(rows)[-2:] == ["pyro-vae", "pyro-vae, VampPrior K=7"]
+    paired = sorted(v / n for v, n in zip(rows["pyro-vae, VampPrior K=7"]["ms_per_step_all"],
+                                          rows["pyro-vae"]["ms_per_step_all"], strict=True))
+    assert result["meta"]["vamp_ratio"]["mc"] == pytest.approx(paired[1])
+    assert "VampPrior (K=7) step / normal-prior step" in printed
