@@ -1,4 +1,4 @@
-"""`pyro-vae` subcommands: train, evaluate, sample, compare, diagnose. Parses and validates, calls the
+"""`pyro-vae` subcommands: train, evaluate, sample, compare, diagnose, report. Parses and validates, calls the
 library, and turns bad input into one line on stderr with exit code 2."""
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="auto", help="auto | cpu | cuda")
     _add_compare_parser(sub)
     _add_diagnose_parser(sub)
+    _add_report_parser(sub)
     for command in sub.choices.values():
         _add_plugin_flag(command)
     return parser
@@ -217,14 +218,15 @@ def _load_run(run: str, device_name: str, test_size: int | None = None):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate
-    from .run_dir import EVAL, write_json
+    from .evaluate import per_example, summarize, write_evaluation
+    from .run_dir import EVAL, model_stamp
 
     _positive("k", args.k)
     _positive("test-size", args.test_size)
     config, vae, data = _load_run(args.run, args.device, args.test_size)
-    result = evaluate(vae, data.test_x, k=args.k, progress=not args.quiet)
-    write_json(Path(args.run) / EVAL, result)
+    values = per_example(vae, data.test_x, k=args.k, progress=not args.quiet)
+    result = summarize(vae, data.test_x, values, args.k)
+    write_evaluation(args.run, result, values, data.test_x, model_stamp(Path(args.run)))
     rows = ((("recon", "log p(x | code)"), ("mse", "squared error (sum)")) if vae.is_autoencoder else
             (("test_elbo", "test ELBO"), ("log_px", f"log p(x), k={args.k}"),
              ("recon", "E_q log p(x|z)"), ("kl", "KL(q(z|x) || p(z))")))
@@ -289,14 +291,34 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     result = diagnose(vae, data.test_x, n_examples=args.n_examples, mcmc_examples=args.mcmc_examples,
                       k=args.k, svi_steps=args.svi_steps, num_samples=args.num_samples, warmup=args.warmup,
                       chains=args.chains, seed=args.seed, progress=not args.quiet)
+    from .run_dir import model_stamp
+
+    result.summary["model_checkpoint"] = model_stamp(Path(args.run))
     paths = write_report(result, Path(args.run))
     print((Path(args.run) / "diagnose.md").read_text(), end="")
     for path in paths:
         print(f"wrote {path}")
 
 
+def _add_report_parser(sub) -> None:
+    rep = sub.add_parser("report", help="evaluated runs side by side, paired differences from the first "
+                         "-> report.md, .csv, .json, report_curves.png", allow_abbrev=False)
+    rep.add_argument("runs", nargs="+", metavar="RUN", help="run directories, each evaluated "
+                     "(`pyro-vae evaluate`) on the same test set; the first is the reference")
+    rep.add_argument("--out", default="report", help="where to write (default: report)")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import MARKDOWN, report
+
+    result = report(args.runs, args.out)
+    print((Path(args.out) / MARKDOWN).read_text(), end="")
+    for path in result.paths:
+        print(f"wrote {path}")
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample, "compare": cmd_compare,
-            "diagnose": cmd_diagnose}
+            "diagnose": cmd_diagnose, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

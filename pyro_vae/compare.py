@@ -38,7 +38,7 @@ from .evaluate import elbo_terms, iwae_log_px
 from .model import VAE
 from .plots import save_figure, subplots
 from .program import Program
-from .run_dir import build_from_config, load_model, read_config, write_json
+from .run_dir import build_from_config, load_model, model_stamp, read_config, write_json
 
 JSON, MARKDOWN = "compare.json", "compare.md"
 SNR_FIGURE, ESTIMATES_FIGURE = "compare_snr.png", "compare_estimates.png"
@@ -313,6 +313,8 @@ def compare_estimators(run: str | Path | None = None, config_file: str | Path | 
     record = compare(vae, x, options.estimators, options.particles, options.repeats, options.k_ref,
                      options.seed, options.progress)
     record.update(model=described, dataset=config.dataset)
+    if run is not None and config_file is None:
+        record["model_checkpoint"] = model_stamp(run)
     if options.train_epochs:
         final = train_each(config, specs, options.train_epochs, out_dir, options.k_ref, x, options.progress)
         for row in record["estimators"]:

@@ -173,6 +173,30 @@ def plot_curves(metrics: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_run_curves(runs: dict[str, list[dict]], path: Path) -> Path:
+    """Several runs' learning curves on one axis, a colour per run: train bound (-train loss, solid),
+    validation ELBO (dotted, where recorded) and test ELBO (dashed) per epoch, in nats per example;
+    `runs` maps a run's name to its metrics.jsonl rows."""
+    fig, ax = subplots(figsize=(7, 4.5))
+    styles = (("train", lambda m: -m["train_loss"], "-"),
+              ("validation", lambda m: m.get("validation_elbo"), ":"),
+              ("test", lambda m: m.get("test_elbo"), "--"))
+    for i, (name, metrics) in enumerate(runs.items()):
+        colour = f"C{i % 10}"
+        for kind, value, style in styles:
+            points = [(m["epoch"], value(m)) for m in metrics if value(m) is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, marker="." if len(points) < 30 else None,
+                        color=colour, label=f"{name}, {kind}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("bound (nats per example)")
+    ax.set_title("learning curves: train bound (-loss) solid, validation dotted, test dashed")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if ax.lines:
+        ax.legend(fontsize="small", ncol=2 if len(ax.lines) > 6 else 1)
+    return save_figure(fig, path)
+
+
 def save_figures(
     program: object, data: Dataset | Tensor, out: Path, metrics: list[dict] | None = None, seed: int = 0,
     n_samples: int = 64,

@@ -45,6 +45,7 @@ from .run_dir import (
     CHECKPOINT,
     CONFIG,
     METRICS,
+    STALE,
     SUMMARY,
     build_from_config,
     check_run_dir,
@@ -55,6 +56,7 @@ from .run_dir import (
     recorded_pair,
     remove_stale_temp_files,
     restore_parameters,
+    retire_results,
     save_checkpoint,
     write_json,
     write_jsonl,
@@ -170,6 +172,8 @@ class Trainer:
         self.progress = self.progress and self.ranks.is_main
         self._check_run()
         state = load_checkpoint(self.out / CHECKPOINT, self.device) if self.resume else None
+        if state is not None:
+            self._check_epochs(state)
         pyro.set_rng_seed(config.seed)
         self.stream, data = prepare_stream(config) if config.workers else (None, prepare_data(config))
         self.data = data.to(self.device)
@@ -229,6 +233,17 @@ class Trainer:
             raise InputError(f"{self.out} trained pyro-vae's own VAE, not a pair of yours; continue it "
                              f"without program= (or with: pyro-vae train --resume {self.out})")
 
+    def _check_epochs(self, state: dict) -> None:
+        """Refuse a resume that would not continue the run: fewer epochs than it has trained (it would
+        stop mid-way and overwrite its summary), or as many when it has finished them."""
+        done, epochs = int(state["epoch"]) - 1, self.config.epochs
+        fewer = epochs < done or (epochs == done and int(state["batch"]) > 0)
+        if fewer or (epochs == done and (self.out / SUMMARY).is_file()):
+            part = " and part of the next" if int(state["batch"]) else ""
+            raise InputError(f"{self.out} has already trained {done} epoch(s){part}; --epochs {epochs} would "
+                             f"train nothing; the run was left as it was (pass --epochs {done + 1} or more "
+                             "to continue it)")
+
     def _build_model(self) -> None:
         """pyro-vae's VAE from the config, or the user's pair moved to the device; the pair as a
         Program with its sites (found by tracing), and the tensors the optimizer steps, by name."""
@@ -269,6 +284,11 @@ class Trainer:
         if self.ranks.is_main:
             remove_stale_temp_files(self.out)
             write_jsonl(self.out / METRICS, self.metrics)
+            retired = retire_results(self.out)  # they describe the model before this resume
+            if retired:
+                warnings.warn(f"training continues: {len(retired)} result file(s) of the model at step "
+                              f"{self.steps} moved to {self.out / STALE} (evaluate again when it ends)",
+                              stacklevel=2)
 
     def _start_run_dir(self) -> None:
         """A fresh run: the VampPrior's pseudo-inputs (--prior-init data), the run directory and
