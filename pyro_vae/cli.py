@@ -1,5 +1,5 @@
-"""`pyro-vae` subcommands: train, evaluate, sample, compare, diagnose, report. Parses and validates, calls the
-library, and turns bad input into one line on stderr with exit code 2."""
+"""`pyro-vae` subcommands: train, evaluate, sample, compare, diagnose, report, grid. Parses and
+validates, calls the library, and turns bad input into one line on stderr with exit code 2."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from .config import Config, load_config_file
+from .config import RESUMABLE, Config, load_config_file
 from .errors import InputError, TrainingError
 from .registry import load_plugins
 
@@ -63,9 +63,6 @@ HELP = {
                "several; train records them in config.json, so later commands import them again). Or name a "
                "factory directly: --prior MODULE:FACTORY (also --likelihood, --estimator)",
 }
-# settings that may change when a run is resumed: they do not change the model or the data
-RESUMABLE = {"epochs", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir", "workers",
-             "cuda_graph", "plugins"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_parser(sub)
     _add_diagnose_parser(sub)
     _add_report_parser(sub)
+    _add_grid_parser(sub)
     for command in sub.choices.values():
         _add_plugin_flag(command)
     return parser
@@ -218,15 +216,12 @@ def _load_run(run: str, device_name: str, test_size: int | None = None):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import per_example, summarize, write_evaluation
-    from .run_dir import EVAL, model_stamp
+    from .evaluate import evaluate_run
+    from .run_dir import EVAL
 
     _positive("k", args.k)
     _positive("test-size", args.test_size)
-    config, vae, data = _load_run(args.run, args.device, args.test_size)
-    values = per_example(vae, data.test_x, k=args.k, progress=not args.quiet)
-    result = summarize(vae, data.test_x, values, args.k)
-    write_evaluation(args.run, result, values, data.test_x, model_stamp(Path(args.run)))
+    result, config, vae = evaluate_run(args.run, args.k, args.test_size, args.device, progress=not args.quiet)
     rows = ((("recon", "log p(x | code)"), ("mse", "squared error (sum)")) if vae.is_autoencoder else
             (("test_elbo", "test ELBO"), ("log_px", f"log p(x), k={args.k}"),
              ("recon", "E_q log p(x|z)"), ("kl", "KL(q(z|x) || p(z))")))
@@ -317,8 +312,38 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _add_grid_parser(sub) -> None:
+    grid = sub.add_parser("grid", help="train and evaluate every combination of a grid file, then report",
+                          allow_abbrev=False)
+    grid.add_argument("file", help="YAML/JSON grid: base (settings) and sweep (setting: [values, ...])")
+    grid.add_argument("--out", default="grid", help="where the runs go, one OUT/<name> each (default: grid)")
+    grid.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each its own process "
+                      "(default 1)")
+    grid.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    grid.add_argument("--k", type=int, default=100, help="importance samples per example in each run's "
+                      "evaluation (default 100)")
+
+
+def cmd_grid(args: argparse.Namespace) -> None:
+    from .grid import grid_report, run_grid
+    from .report import MARKDOWN
+
+    runs, failed = run_grid(args.file, args.out, args.jobs, args.k, args.threads)
+    if len(failed) < len(runs):
+        try:
+            result = grid_report(runs, Path(args.out), failed)
+        except InputError as err:
+            print(f"pyro-vae: warning: no report over the grid: {err}", file=sys.stderr)
+        else:
+            print((result.paths[0].parent / MARKDOWN).read_text(), end="")
+            print(f"wrote {result.paths[0].parent}")
+    if failed:
+        raise TrainingError(f"{len(failed)} of {len(runs)} run(s) failed: {', '.join(failed)}; fix the cause "
+                            f"and run the grid again (finished runs are skipped)")
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample, "compare": cmd_compare,
-            "diagnose": cmd_diagnose, "report": cmd_report}
+            "diagnose": cmd_diagnose, "report": cmd_report, "grid": cmd_grid}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,9 @@ PRIOR_INITS = ("noise", "data")
 MIXTURE_PRIORS = ("mog", "vamp")  # the priors that take --prior-components
 CUDA_GRAPH_MODES = ("auto", "off", "on")
 # the settings that build pyro-vae's own VAE; a user's own model/guide pair brings its own networks
+# settings that may change when a run is resumed: they do not change the model or the data
+RESUMABLE = {"epochs", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir", "workers",
+             "cuda_graph", "plugins"}
 MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init")
 
 

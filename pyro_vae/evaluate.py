@@ -177,3 +177,20 @@ def write_evaluation(run: str | Path, result: dict, values: dict[str, Tensor], x
     save_checkpoint(run / EVAL_EXAMPLES, {name: v.detach().double().cpu() for name, v in values.items()})
     write_json(run / EVAL, record)
     return run / EVAL, run / EVAL_EXAMPLES
+
+
+def evaluate_run(run: str | Path, k: int = 5000, test_size: int | None = None, device: str = "auto",
+                 progress: bool = False) -> tuple[dict, object, object]:
+    """Evaluate the model of a run directory on its test set (the first `test_size` examples, if given)
+    and write RUN/eval.json and RUN/eval_examples.pt (write_evaluation); returns (result, config, model)."""
+    from .run_dir import load_model, model_stamp
+    from .train import prepare_data, resolve_device
+
+    run, torch_device = Path(run), resolve_device(device)
+    config, vae = load_model(run, torch_device)
+    config.test_size = test_size or config.test_size
+    x = prepare_data(config).to(torch_device).test_x
+    values = per_example(vae, x, k=k, progress=progress)
+    result = summarize(vae, x, values, k)
+    write_evaluation(run, result, values, x, model_stamp(run))
+    return result, config, vae
