@@ -55,11 +55,12 @@ def elbo_estimate(log_w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def pareto_khat(log_w: Tensor) -> Tensor:
-    """Per example, the PSIS shape estimate k-hat of the weights' upper tail (ArviZ `psislw`, draws
+    """Per example, the PSIS shape estimate k-hat of the weights' upper tail (arviz-stats' `psislw`, draws
     independent so r_eff = 1). Shape (N,)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # arviz announces its 1.0 refactor on import; psislw warns on k > 0.7
-        import arviz as az
+    from arviz_stats.base import array_stats
 
-        _, khat = az.psislw(log_w.T.double().cpu().numpy(), reff=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # psislw warns on k > 0.7, which the caller reports itself
+        # psislw takes LOO's log-likelihoods, whose importance weights are 1/p: pass -log w
+        _, khat = array_stats.psislw(-log_w.T.double().cpu().numpy(), r_eff=1.0, axis=-1)
     return torch.as_tensor(khat, dtype=torch.float64)
