@@ -59,6 +59,8 @@ HELP = {
                "holding it on the device (default 0: on the device)",
     "cuda_graph": "auto (default: on for pyro-vae's own VAE on one CUDA GPU, else off) | on | off: capture "
                   "the training step as one CUDA graph and replay it (one GPU, one process)",
+    "threads": "torch threads for this run (default 1: on a busy or small CPU more threads only wait for "
+               "each other; docs/usage.md has the measurement); may change on resume",
     "plugins": "import MODULE first; it registers priors, likelihoods or estimators of your own (repeat for "
                "several; train records them in config.json, so later commands import them again). Or name a "
                "factory directly: --prior MODULE:FACTORY (also --likelihood, --estimator)",
@@ -186,13 +188,16 @@ def _positive(name: str, value: int | None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    import torch
+
     from .train import train
 
+    config = _resume_config(args) if args.resume else resolve_config(args)
+    torch.set_num_threads(config.threads)  # the CLI's process: --threads, recorded in config.json
     if args.resume:
-        result = train(_resume_config(args), out=args.resume, resume=True, progress=not args.quiet)
+        result = train(config, out=args.resume, resume=True, progress=not args.quiet)
     else:
-        result = train(resolve_config(args), out=args.out, progress=not args.quiet,
-                       overwrite=args.overwrite)
+        result = train(config, out=args.out, progress=not args.quiet, overwrite=args.overwrite)
     s = result.summary
     if not s:  # a process of a multi-process run other than rank 0: rank 0 reports
         return
@@ -319,7 +324,8 @@ def _add_grid_parser(sub) -> None:
     grid.add_argument("--out", default="grid", help="where the runs go, one OUT/<name> each (default: grid)")
     grid.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each its own process "
                       "(default 1)")
-    grid.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    grid.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the grid "
+                      "file's threads setting, else 1)")
     grid.add_argument("--k", type=int, default=100, help="importance samples per example in each run's "
                       "evaluation (default 100)")
 

@@ -10,8 +10,8 @@ A run is OUT/<name>, its name what varies (prior-vamp_seed-1). Running the grid 
 runs (trained to their epochs and evaluated on that checkpoint), resumes interrupted ones from their
 checkpoint, and evaluates those not yet evaluated. Every combination is checked (Config.from_dict)
 before anything trains; a bad one is an input error naming it. Runs go `jobs` at a time, each in a
-worker process of its own with `threads` torch threads (one by default: on a shared machine several
-single-threaded processes beat one process with many threads).
+worker process of its own with the run's torch threads (Config.threads, one by default: on a shared
+machine several single-threaded processes beat one process with many threads).
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ def run_name(varied: dict) -> str:
     return "_".join(f"{key}-{_label(value)}" for key, value in varied.items()) or "base"
 
 
-def read_grid(path: str | Path) -> list[GridRun]:
-    """The combinations of a grid file, each checked as a Config; an InputError for an unknown key, a
-    sweep that is not a non-empty list, or a combination the config refuses (naming it)."""
+def read_grid(path: str | Path, override: dict | None = None) -> list[GridRun]:
+    """The combinations of a grid file (with `override`'s settings over every one), each checked as a
+    Config; an InputError for an unknown key, a sweep that is not a non-empty list, or a combination
+    the config refuses (naming it)."""
     values = load_config_file(path)
     unknown = sorted(set(values) - set(GRID_KEYS))
     if unknown:
@@ -73,7 +74,7 @@ def read_grid(path: str | Path) -> list[GridRun]:
         varied = dict(zip(sweep, combination, strict=True))
         name = run_name(varied)
         try:
-            config = Config.from_dict({**base, **varied})
+            config = Config.from_dict({**base, **varied, **(override or {})})
         except InputError as err:
             raise InputError(f"grid file {path}: combination {name} is refused: {err}") from None
         runs.append(GridRun(name, varied, config.to_dict()))
@@ -101,7 +102,7 @@ def run_state(run: Path, settings: dict) -> str:
     return "done" if stamp.get("step") == int(state["step"]) else "trained"
 
 
-def _job(run: str, settings: dict, state: str, k: int, threads: int) -> str:
+def _job(run: str, settings: dict, state: str, k: int) -> str:
     """In a worker process: train (or resume) the run and evaluate it; returns a line saying what was
     done, or raises InputError/TrainingError."""
     import torch
@@ -109,8 +110,8 @@ def _job(run: str, settings: dict, state: str, k: int, threads: int) -> str:
     from .evaluate import evaluate_run
     from .train import train
 
-    torch.set_num_threads(threads)  # the worker's own process
     config = Config.from_dict(settings)
+    torch.set_num_threads(config.threads)  # the worker's own process
     if state == "new":
         train(config, out=run, progress=False, overwrite=True)
     elif state == "partial":
@@ -120,15 +121,16 @@ def _job(run: str, settings: dict, state: str, k: int, threads: int) -> str:
            f"log p(x) {result['log_px']:.2f} nats"
 
 
-def run_grid(path: str | Path, out: str | Path, jobs: int = 1, k: int = 100, threads: int = 1,
+def run_grid(path: str | Path, out: str | Path, jobs: int = 1, k: int = 100, threads: int | None = None,
              echo: Callable[[str], None] = print) -> tuple[list[GridRun], list[str]]:
     """Train and evaluate every combination of the grid file into OUT/<name>, `jobs` worker processes
-    at a time, each with `threads` torch threads, importance-sampling log p(x) with k draws. Returns
-    the combinations and the names that failed (each line of progress goes to echo)."""
-    for name, value in (("jobs", jobs), ("k", k), ("threads", threads)):
+    at a time, each with its config's torch threads (`threads`, if given, for every run), importance-
+    sampling log p(x) with k draws. Returns the combinations and the names that failed (each line of
+    progress goes to echo)."""
+    for name, value in (("jobs", jobs), ("k", k), ("threads", threads or 1)):
         if value < 1:
             raise InputError(f"--{name} must be a positive integer, got {value}")
-    runs, out = read_grid(path), Path(out)
+    runs, out = read_grid(path, {"threads": threads} if threads else None), Path(out)
     states = {r.name: run_state(out / r.name, r.settings) for r in runs}
     todo = [r for r in runs if states[r.name] != "done"]
     for r in runs:
@@ -139,8 +141,8 @@ def run_grid(path: str | Path, out: str | Path, jobs: int = 1, k: int = 100, thr
         out.mkdir(parents=True, exist_ok=True)
         context = multiprocessing.get_context("spawn")  # a clean process: no inherited torch threads, locks
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
-            futures = {r.name: pool.submit(_job, str(out / r.name), r.settings, states[r.name], k, threads,
-) for r in todo}
+            futures = {r.name: pool.submit(_job, str(out / r.name), r.settings, states[r.name], k)
+                       for r in todo}
             for name, future in futures.items():
                 try:
                     echo(f"{name}: {future.result()}")
