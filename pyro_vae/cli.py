@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue the run in RUN (may raise --epochs)")
     train.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to "
+                       "RUN/tensorboard/ (needs pip install -e \".[tensorboard]\")")
 
     evaluate = sub.add_parser("evaluate", help="test ELBO, log p(x), KL, active units -> RUN/eval.json")
     evaluate.add_argument("run", help="a run directory written by `pyro-vae train`")
@@ -193,11 +195,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import train
 
     config = _resume_config(args) if args.resume else resolve_config(args)
-    torch.set_num_threads(config.threads)  # the CLI's process: --threads, recorded in config.json
-    if args.resume:
-        result = train(config, out=args.resume, resume=True, progress=not args.quiet)
-    else:
-        result = train(config, out=args.out, progress=not args.quiet, overwrite=args.overwrite)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)  # --threads, recorded in config.json; restored on return
+    try:
+        if args.resume:
+            result = train(config, out=args.resume, resume=True, progress=not args.quiet,
+                           tensorboard=args.tensorboard)
+        else:
+            result = train(config, out=args.out, progress=not args.quiet, overwrite=args.overwrite,
+                           tensorboard=args.tensorboard)
+    finally:
+        torch.set_num_threads(threads)
     s = result.summary
     if not s:  # a process of a multi-process run other than rank 0: rank 0 reports
         return
@@ -326,6 +334,8 @@ def _add_grid_parser(sub) -> None:
                       "(default 1)")
     grid.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the grid "
                       "file's threads setting, else 1)")
+    grid.add_argument("--tensorboard", action="store_true", help="TensorBoard events in each run "
+                      "(tensorboard --logdir OUT shows them side by side)")
     grid.add_argument("--k", type=int, default=100, help="importance samples per example in each run's "
                       "evaluation (default 100)")
 
@@ -334,7 +344,7 @@ def cmd_grid(args: argparse.Namespace) -> None:
     from .grid import grid_report, run_grid
     from .report import MARKDOWN
 
-    runs, failed = run_grid(args.file, args.out, args.jobs, args.k, args.threads)
+    runs, failed = run_grid(args.file, args.out, args.jobs, args.k, args.threads, args.tensorboard)
     if len(failed) < len(runs):
         try:
             result = grid_report(runs, Path(args.out), failed)

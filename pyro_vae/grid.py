@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from .board import check_available as check_tensorboard
 from .config import RESUMABLE, Config, load_config_file
 from .errors import InputError, TrainingError
 from .run_dir import CHECKPOINT, CONFIG, EVAL, SUMMARY, load_checkpoint, read_config
@@ -102,7 +103,7 @@ def run_state(run: Path, settings: dict) -> str:
     return "done" if stamp.get("step") == int(state["step"]) else "trained"
 
 
-def _job(run: str, settings: dict, state: str, k: int) -> str:
+def _job(run: str, settings: dict, state: str, k: int, tensorboard: bool) -> str:
     """In a worker process: train (or resume) the run and evaluate it; returns a line saying what was
     done, or raises InputError/TrainingError."""
     import torch
@@ -113,23 +114,26 @@ def _job(run: str, settings: dict, state: str, k: int) -> str:
     config = Config.from_dict(settings)
     torch.set_num_threads(config.threads)  # the worker's own process
     if state == "new":
-        train(config, out=run, progress=False, overwrite=True)
+        train(config, out=run, progress=False, overwrite=True, tensorboard=tensorboard)
     elif state == "partial":
-        train(config, out=run, resume=True, progress=False)
+        train(config, out=run, resume=True, progress=False, tensorboard=tensorboard)
     result, _, _ = evaluate_run(run, k=k, device=config.device)
     return f"{'trained' if state == 'new' else 'resumed' if state == 'partial' else 'evaluated'}: " \
            f"log p(x) {result['log_px']:.2f} nats"
 
 
 def run_grid(path: str | Path, out: str | Path, jobs: int = 1, k: int = 100, threads: int | None = None,
+             tensorboard: bool = False,
              echo: Callable[[str], None] = print) -> tuple[list[GridRun], list[str]]:
     """Train and evaluate every combination of the grid file into OUT/<name>, `jobs` worker processes
     at a time, each with its config's torch threads (`threads`, if given, for every run), importance-
     sampling log p(x) with k draws. Returns the combinations and the names that failed (each line of
-    progress goes to echo)."""
+    progress goes to echo); with tensorboard, each run writes TensorBoard events (board.py)."""
     for name, value in (("jobs", jobs), ("k", k), ("threads", threads or 1)):
         if value < 1:
             raise InputError(f"--{name} must be a positive integer, got {value}")
+    if tensorboard:
+        check_tensorboard()
     runs, out = read_grid(path, {"threads": threads} if threads else None), Path(out)
     states = {r.name: run_state(out / r.name, r.settings) for r in runs}
     todo = [r for r in runs if states[r.name] != "done"]
@@ -141,8 +145,8 @@ def run_grid(path: str | Path, out: str | Path, jobs: int = 1, k: int = 100, thr
         out.mkdir(parents=True, exist_ok=True)
         context = multiprocessing.get_context("spawn")  # a clean process: no inherited torch threads, locks
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
-            futures = {r.name: pool.submit(_job, str(out / r.name), r.settings, states[r.name], k)
-                       for r in todo}
+            futures = {r.name: pool.submit(_job, str(out / r.name), r.settings, states[r.name], k,
+                                           tensorboard) for r in todo}
             for name, future in futures.items():
                 try:
                     echo(f"{name}: {future.result()}")

@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed, plots
+from .board import Board
+from .board import check_available as check_tensorboard
 from .config import DEVICES, Config
 from .data import Dataset, UnreadableImage, batch_indices, binarize
 from .errors import InputError, TrainingError
@@ -127,14 +129,15 @@ def _stop_requests():
 
 def train(
     config: Config, out: str | Path | None = None, resume: bool = False, progress: bool = True,
-    overwrite: bool = False, program: object | None = None,
+    overwrite: bool = False, program: object | None = None, tensorboard: bool = False,
 ) -> RunResult:
     """Train as `config` says and write the run directory (see DESIGN.md). The model is pyro-vae's own
     VAE built from the config or, with `program`, a user's own model/guide pair (an object with .model
     and .guide, or a Program), trained in place: an nn.Module pair is moved to the config's device,
     another must live there already. With resume=True, `out` is an existing run whose checkpoint is
-    continued up to config.epochs (a pair's run: pass the same pair again, or one built the same way)."""
-    return Trainer(config, out, resume, progress, overwrite, program).run()
+    continued up to config.epochs (a pair's run: pass the same pair again, or one built the same way).
+    With tensorboard=True, TensorBoard event files go to RUN/tensorboard/ (board.py)."""
+    return Trainer(config, out, resume, progress, overwrite, program, tensorboard).run()
 
 
 class Trainer:
@@ -144,8 +147,10 @@ class Trainer:
     checkpoint when due), then finish."""
 
     def __init__(self, config: Config, out: str | Path | None = None, resume: bool = False,
-                 progress: bool = True, overwrite: bool = False, program: object | None = None):
+                 progress: bool = True, overwrite: bool = False, program: object | None = None,
+                 tensorboard: bool = False):
         self.config, self.resume, self.progress = config, resume, progress
+        self.tensorboard, self.board, self.step_losses = tensorboard, None, []
         self.out, self.overwrite = Path(out) if out is not None else None, overwrite
         # the pair trained: the user's as given, or (None until setup) pyro-vae's VAE
         self.pair, self.own_vae = program, program is None
@@ -168,6 +173,8 @@ class Trainer:
         checkpoint to continue from (resume) or a fresh run directory."""
         config = self.config
         config.validate()
+        if self.tensorboard:
+            check_tensorboard()  # before anything is written
         self.ranks, self.device = distributed.start(resolve_device(config.device))
         self.progress = self.progress and self.ranks.is_main
         self._check_run()
@@ -190,6 +197,8 @@ class Trainer:
             self._continue_from(state)
         else:
             self._start_run_dir()
+        if self.tensorboard and self.ranks.is_main:
+            self.board = Board(self.out)
         if self.ranks.active:  # each process draws its own z; model and data order are the same in all
             pyro.set_rng_seed(config.seed + self.ranks.rank)
         self.n_train = len(self.stream) if self.stream else self.data.train_x.shape[0]
@@ -346,6 +355,8 @@ class Trainer:
         loss = self.svi_step(x, self._kl_weight(self.steps), per)
         self.epoch_total += loss * per
         self.steps, self.batch = self.steps + 1, self.batch + 1
+        if self.board is not None:
+            self.step_losses.append(loss.detach())  # written at the epoch's end: no host sync here
         return loss
 
     def end_epoch(self, started: float) -> None:
@@ -372,6 +383,10 @@ class Trainer:
         self.last_save = time.perf_counter()
         if self.ranks.is_main:
             write_jsonl(self.out / METRICS, self.metrics)
+        if self.board is not None:
+            self.board.steps(self.steps, self.step_losses)
+            self.step_losses = []
+            self.board.epoch(row, self.program, self.data.test_x, self.config.seed)
         if self.progress:
             tested = (f"test reconstruction log p(x|z) {row['test_recon']:.2f}" if self.program.is_autoencoder
                       else f"test ELBO {row['test_elbo']:.2f}")
@@ -478,5 +493,7 @@ class Trainer:
             **(self.kl_record or {}),
         }
         write_json(self.out / SUMMARY, summary)
+        if self.board is not None:
+            self.board.close()
         plots.save_figures(self.pair, self.data, self.out, self.metrics, seed=self.config.seed)
         return RunResult(self.out, self.metrics, summary)
