@@ -369,16 +369,17 @@ IMAGE_CHANNELS = (1, 3)  # grayscale, RGB: what the networks' figures and the im
 
 
 def _channels_first(x: Tensor, path: Path) -> Tensor:
-    """A 4-d array as (N, C, H, W) with C = 1 or 3: channels-last (N, H, W, C) arrays are moved,
-    any other layout (e.g. 2 channels, or an ambiguous shape) refused with the shape it would need."""
-    n, a, b, c = x.shape
-    if a in IMAGE_CHANNELS:
+    """A 4-d array as (N, C, H, W). An array whose last axis is short (<= 4) and whose second is long
+    (> 4) is channels-last, (N, H, W, C): with C = 1 or 3 it is moved to (N, C, H, W), with another C
+    refused (the figures read 1 or 3 channels). Any other array is taken as (N, C, H, W) as it is."""
+    _, a, _, c = x.shape
+    if c > 4 or a <= 4:
         return x
     if c in IMAGE_CHANNELS:  # (N, H, W, C): the layout numpy, PIL and TensorFlow use
         return x.permute(0, 3, 1, 2).contiguous()
-    raise InputError(f"{path}: a 4-d images array must be (N, C, H, W) or (N, H, W, C) with C = 1 "
-                     f"(grayscale) or 3 (RGB) channels, got shape {tuple(x.shape)}; reshape it (e.g. one "
-                     "array per channel, or (N, H, W) for grayscale)")
+    raise InputError(f"{path}: shape {tuple(x.shape)} looks like channels-last (N, H, W, C) images with "
+                     f"C = {c}; pyro-vae reads (N, C, H, W), or (N, H, W, C) with C = 1 (grayscale) or 3 "
+                     "(RGB): transpose the array to (N, C, H, W) (np.moveaxis(x, -1, 1))")
 
 
 def _labels(array: np.ndarray | None, n: int) -> Tensor | None:

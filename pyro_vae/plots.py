@@ -17,7 +17,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .data import CLASS_NAMES, Dataset
+from .data import CLASS_NAMES, IMAGE_CHANNELS, Dataset
 from .errors import InputError
 from .program import Program
 
@@ -55,6 +55,8 @@ def _save_grid(grid: Tensor, path: Path, title: str, xlabel: str = "", ylabel: s
 def _check_pictures(x: Tensor) -> None:
     if x.dim() != 4:
         raise InputError(f"pictures need data of shape (N, C, H, W); x has shape {tuple(x.shape)}")
+    if x.shape[1] not in IMAGE_CHANNELS:
+        raise InputError(f"pictures need 1 (grayscale) or 3 (RGB) channels; the data have {x.shape[1]}")
 
 
 def _rows(x: Tensor, n: int) -> Tensor:

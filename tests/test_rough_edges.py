@@ -38,14 +38,23 @@ def test_a_channels_last_array_trains_and_draws_its_figures(tmp_path):
         assert (out / figure).is_file()
 
 
-@pytest.mark.parametrize("shape", [(20, 2, 8, 8), (20, 8, 8, 2), (20, 5, 6, 7)])
-def test_other_channel_counts_are_refused_before_training(tmp_path, capsys, shape):
-    np.save(tmp_path / "x.npy", np.zeros(shape, np.float32))
+def test_a_channels_last_array_with_another_channel_count_is_refused_before_training(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((20, 8, 8, 2), np.float32))
     out = tmp_path / "run"
     assert main(["train", "--dataset", str(tmp_path / "x.npy"), "--out", str(out), *TINY]) == 2
     err = capsys.readouterr().err
-    assert "C = 1 (grayscale) or 3 (RGB)" in err and str(shape) in err and len(err.splitlines()) == 1
+    assert "channels-last" in err and "(20, 8, 8, 2)" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_two_channel_images_train_and_skip_the_pictures_with_a_note(tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 2, 8, 8)).astype(np.float32))
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="1 \\(grayscale\\) or 3 \\(RGB\\) channels; the data have 2"):
+        assert main(["train", "--dataset", str(tmp_path / "x.npy"), "--likelihood", "gaussian",
+                     "--out", str(out), *TINY]) == 0
+    written = {p.name for p in out.iterdir()}
+    assert {"summary.json", "latent_map.png", "curves.png"} <= written and "samples.png" not in written
 
 
 def test_one_test_example_trains_and_skips_the_latent_map_with_a_note(tmp_path):
