@@ -175,8 +175,8 @@ def _fmt(value: object, digits: int = 2) -> str:
     return str(value)
 
 
-def _pm(value: float | None, se: float | None) -> str:
-    return "—" if value is None else f"{value:.2f} ± {_fmt(se)}"
+def _pm(value: float | None, se: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f} ± {_fmt(se, digits)}"
 
 
 def markdown(table: list[dict]) -> str:
@@ -191,7 +191,8 @@ def markdown(table: list[dict]) -> str:
             f"| {r['run']} | {_pm(r['log_px'], r['log_px_se'])} | {_pm(r['test_elbo'], r['test_elbo_se'])} | "
             f"{_fmt(r['kl'])} | {r['active_units']} | {r['epochs']} | {_fmt(r['best_epoch'])} | "
             f"{_fmt(r['train_seconds'], 1)} | {_fmt(r['device'])} | "
-            f"{_pm(r['diff_log_px'], r['diff_log_px_se'])} | {_pm(r['diff_elbo'], r['diff_elbo_se'])} |")
+            f"{_pm(r['diff_log_px'], r['diff_log_px_se'], 3)} | "
+            f"{_pm(r['diff_elbo'], r['diff_elbo_se'], 3)} |")
     n, k = table[0]["n_examples"], table[0]["k"]
     lines.append("")
     lines.append(f"{n} test examples, the same in every run; log p(x) by importance sampling with k={k}; "
