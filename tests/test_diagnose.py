@@ -273,3 +273,11 @@ def test_importing_the_package_does_not_import_arviz():
     code = ("import sys, pyro_vae, pyro_vae.cli; assert not [m for m in sys.modules "
             "if m.split('.')[0] in ('arviz', 'arviz_base', 'arviz_stats')]")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_khat_is_inf_below_the_draws_a_tail_fit_needs_and_finite_from_there():
+    from pyro_vae.diagnostics.importance import pareto_khat
+
+    log_w = torch.randn(25, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.isinf(pareto_khat(log_w[:24])).all()  # a tail of 24 // 5 = 4 draws: no fit
+    assert torch.isfinite(pareto_khat(log_w)).all()
