@@ -61,6 +61,7 @@ def fixtures(tmp_path_factory, digits_run):
     np.save(f / "nan.npy", np.full((20, 4, 4), np.nan, np.float32))
     np.save(f / "out_of_range.npy", np.full((20, 4, 4), 2.0, np.float32))
     np.save(f / "tiny.npy", np.zeros((20, 3, 3), np.float32))
+    np.save(f / "channels_last_2.npy", np.zeros((20, 8, 8, 2), np.float32))
     np.savez(f / "wrong_keys.npz", images=np.zeros((10, 4, 4), np.float32))
     (f / "corrupt.npy").write_bytes(b"\x93NUMPY garbage" * 3)
     (f / "bad.yaml").write_text("epochs: [1\n")
