@@ -1,5 +1,5 @@
-"""`pyro-vae` subcommands: train, evaluate, sample, compare, diagnose. Parses and validates, calls the
-library, and turns bad input into one line on stderr with exit code 2."""
+"""`pyro-vae` subcommands: train, evaluate, sample, compare, diagnose, report, grid. Parses and
+validates, calls the library, and turns bad input into one line on stderr with exit code 2."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from .config import Config, load_config_file
+from .config import RESUMABLE, Config, load_config_file
 from .errors import InputError, TrainingError
 from .registry import load_plugins
 
@@ -63,13 +63,12 @@ HELP = {
                "holding it on the device (default 0: on the device)",
     "cuda_graph": "auto (default: on for pyro-vae's own VAE on one CUDA GPU, else off) | on | off: capture "
                   "the training step as one CUDA graph and replay it (one GPU, one process)",
+    "threads": "torch threads for this run (default 1: on a busy or small CPU more threads only wait for "
+               "each other; docs/usage.md has the measurement); may change on resume",
     "plugins": "import MODULE first; it registers priors, likelihoods or estimators of your own (repeat for "
                "several; train records them in config.json, so later commands import them again). Or name a "
                "factory directly: --prior MODULE:FACTORY (also --likelihood, --estimator)",
 }
-# settings that may change when a run is resumed: they do not change the model or the data
-RESUMABLE = {"epochs", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir", "workers",
-             "cuda_graph", "plugins"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue the run in RUN (may raise --epochs)")
     train.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to "
+                       "RUN/tensorboard/ (needs pip install -e \".[tensorboard]\")")
 
     evaluate = sub.add_parser("evaluate", help="test ELBO, log p(x), KL, active units -> RUN/eval.json")
     evaluate.add_argument("run", help="a run directory written by `pyro-vae train`")
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="auto", help="auto | cpu | cuda")
     _add_compare_parser(sub)
     _add_diagnose_parser(sub)
+    _add_report_parser(sub)
+    _add_grid_parser(sub)
     for command in sub.choices.values():
         _add_plugin_flag(command)
     return parser
@@ -198,6 +201,8 @@ def _positive(name: str, value: int | None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    import torch
+
     from .presets import describe_presets
     from .train import train
 
@@ -207,11 +212,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume and args.preset:
         raise InputError(f"--preset starts a run; --resume {args.resume} continues one with its own recorded "
                          "settings: drop --preset")
-    if args.resume:
-        result = train(_resume_config(args), out=args.resume, resume=True, progress=not args.quiet)
-    else:
-        result = train(resolve_config(args), out=args.out, progress=not args.quiet,
-                       overwrite=args.overwrite)
+    config = _resume_config(args) if args.resume else resolve_config(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)  # --threads, recorded in config.json; restored on return
+    try:
+        if args.resume:
+            result = train(config, out=args.resume, resume=True, progress=not args.quiet,
+                           tensorboard=args.tensorboard)
+        else:
+            result = train(config, out=args.out, progress=not args.quiet, overwrite=args.overwrite,
+                           tensorboard=args.tensorboard)
+    finally:
+        torch.set_num_threads(threads)
     s = result.summary
     if not s:  # a process of a multi-process run other than rank 0: rank 0 reports
         return
@@ -235,14 +247,12 @@ def _load_run(run: str, device_name: str, test_size: int | None = None):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate
-    from .run_dir import EVAL, write_json
+    from .evaluate import evaluate_run
+    from .run_dir import EVAL
 
     _positive("k", args.k)
     _positive("test-size", args.test_size)
-    config, vae, data = _load_run(args.run, args.device, args.test_size)
-    result = evaluate(vae, data.test_x, k=args.k, progress=not args.quiet)
-    write_json(Path(args.run) / EVAL, result)
+    result, config, vae = evaluate_run(args.run, args.k, args.test_size, args.device, progress=not args.quiet)
     rows = ((("recon", "log p(x | code)"), ("mse", "squared error (sum)")) if vae.is_autoencoder else
             (("test_elbo", "test ELBO"), ("log_px", f"log p(x), k={args.k}"),
              ("recon", "E_q log p(x|z)"), ("kl", "KL(q(z|x) || p(z))")))
@@ -307,14 +317,67 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     result = diagnose(vae, data.test_x, n_examples=args.n_examples, mcmc_examples=args.mcmc_examples,
                       k=args.k, svi_steps=args.svi_steps, num_samples=args.num_samples, warmup=args.warmup,
                       chains=args.chains, seed=args.seed, progress=not args.quiet)
+    from .run_dir import model_stamp
+
+    result.summary["model_checkpoint"] = model_stamp(Path(args.run))
     paths = write_report(result, Path(args.run))
     print((Path(args.run) / "diagnose.md").read_text(), end="")
     for path in paths:
         print(f"wrote {path}")
 
 
+def _add_report_parser(sub) -> None:
+    rep = sub.add_parser("report", help="evaluated runs side by side, paired differences from the first "
+                         "-> report.md, .csv, .json, report_curves.png", allow_abbrev=False)
+    rep.add_argument("runs", nargs="+", metavar="RUN", help="run directories, each evaluated "
+                     "(`pyro-vae evaluate`) on the same test set; the first is the reference")
+    rep.add_argument("--out", default="report", help="where to write (default: report)")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import MARKDOWN, report
+
+    result = report(args.runs, args.out)
+    print((Path(args.out) / MARKDOWN).read_text(), end="")
+    for path in result.paths:
+        print(f"wrote {path}")
+
+
+def _add_grid_parser(sub) -> None:
+    grid = sub.add_parser("grid", help="train and evaluate every combination of a grid file, then report",
+                          allow_abbrev=False)
+    grid.add_argument("file", help="YAML/JSON grid: base (settings) and sweep (setting: [values, ...])")
+    grid.add_argument("--out", default="grid", help="where the runs go, one OUT/<name> each (default: grid)")
+    grid.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each its own process "
+                      "(default 1)")
+    grid.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the grid "
+                      "file's threads setting, else 1)")
+    grid.add_argument("--tensorboard", action="store_true", help="TensorBoard events in each run "
+                      "(tensorboard --logdir OUT shows them side by side)")
+    grid.add_argument("--k", type=int, default=100, help="importance samples per example in each run's "
+                      "evaluation (default 100)")
+
+
+def cmd_grid(args: argparse.Namespace) -> None:
+    from .grid import grid_report, run_grid
+    from .report import MARKDOWN
+
+    runs, failed = run_grid(args.file, args.out, args.jobs, args.k, args.threads, args.tensorboard)
+    if len(failed) < len(runs):
+        try:
+            result = grid_report(runs, Path(args.out), failed)
+        except InputError as err:
+            print(f"pyro-vae: warning: no report over the grid: {err}", file=sys.stderr)
+        else:
+            print((result.paths[0].parent / MARKDOWN).read_text(), end="")
+            print(f"wrote {result.paths[0].parent}")
+    if failed:
+        raise TrainingError(f"{len(failed)} of {len(runs)} run(s) failed: {', '.join(failed)}; fix the cause "
+                            f"and run the grid again (finished runs are skipped)")
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample, "compare": cmd_compare,
-            "diagnose": cmd_diagnose}
+            "diagnose": cmd_diagnose, "report": cmd_report, "grid": cmd_grid}
 
 
 def main(argv: list[str] | None = None) -> int:

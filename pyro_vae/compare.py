@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from matplotlib.ticker import NullLocator
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -38,7 +39,7 @@ from .evaluate import elbo_terms, iwae_log_px
 from .model import VAE
 from .plots import save_figure, subplots
 from .program import Program
-from .run_dir import build_from_config, load_model, read_config, write_json
+from .run_dir import build_from_config, load_model, model_stamp, read_config, write_json
 
 JSON, MARKDOWN = "compare.json", "compare.md"
 SNR_FIGURE, ESTIMATES_FIGURE = "compare_snr.png", "compare_estimates.png"
@@ -312,7 +313,9 @@ def compare_estimators(run: str | Path | None = None, config_file: str | Path | 
     vae, x, described = _model(run, config_file, config, out_dir, options, device)
     record = compare(vae, x, options.estimators, options.particles, options.repeats, options.k_ref,
                      options.seed, options.progress)
-    record.update(model=described, dataset=config.dataset)
+    record.update(model=described, dataset=config.dataset, prior=getattr(config, "prior", None))
+    if run is not None and config_file is None:
+        record["model_checkpoint"] = model_stamp(run)
     if options.train_epochs:
         final = train_each(config, specs, options.train_epochs, out_dir, options.k_ref, x, options.progress)
         for row in record["estimators"]:
@@ -393,27 +396,48 @@ def markdown(record: dict) -> str:
         "per parameter, averaged over the encoder's (the guide's parameters, q) and the decoder's (the "
         "model's parameters, p). ms/step: median wall time of one loss + backward.",
     ]
+    if record.get("prior") == "vamp":
+        lines += ["", VAMP_NOTE]
     return "\n".join(lines) + "\n"
 
 
+VAMP_NOTE = (
+    "VampPrior: p(z) = (1/K) sum_k q(z | u_k) runs the encoder on its pseudo-inputs u_k, so the "
+    "\"encoder\" gradient here has two paths: through q(z|x) (the guide) and through the prior's log "
+    "p(z) in the model. DReG's reweighting removes the score-function noise of the first path only; "
+    "the second keeps its own noise, so iwae-dreg's encoder variance need not fall below iwae's "
+    "(docs/estimators.md, \"The VampPrior and the encoder gradient\")."
+)
+
+
 def plot_snr(record: dict, path: Path) -> Path:
-    """Encoder and decoder gradient SNR against the number of particles K, one line per estimator."""
-    fig, axes = subplots(1, 2, figsize=(10, 4), sharex=True)
-    names = dict.fromkeys(row["estimator"] for row in record["estimators"])
+    """Encoder and decoder gradient SNR against the number of particles K, one line per estimator;
+    each estimator's points are offset a little along K so that lines which coincide (e.g. mc,
+    analytic and stl on the decoder) stay visible; the ticks are the K values measured."""
+    fig, axes = subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    names = list(dict.fromkeys(row["estimator"] for row in record["estimators"]))
+    ks = sorted({row["particles"] for row in record["estimators"]})
     styles = [("o", "-"), ("s", "--"), ("^", ":"), ("v", "-."), ("D", "-"), ("x", "--")]
     for ax, group in zip(axes, ("encoder", "decoder"), strict=True):
         for i, name in enumerate(names):
             rows = sorted((r for r in record["estimators"] if r["estimator"] == name),
                           key=lambda r: r["particles"])
             marker, line = styles[i % len(styles)]
-            ax.plot([r["particles"] for r in rows], [r[group]["snr"] for r in rows], marker=marker,
-                    linestyle=line, fillstyle="none", label=name)
+            offset = SNR_OFFSET ** (i - (len(names) - 1) / 2)
+            label = name if len(rows) > 1 else f"{name} (K={rows[0]['particles']} only)"
+            ax.plot([r["particles"] * offset for r in rows], [r[group]["snr"] for r in rows], marker=marker,
+                    linestyle=line, fillstyle="none", markersize=7, label=label)
         ax.set_xscale("log")
-        ax.set_xlabel("particles K")
+        ax.set_xticks(ks, labels=[str(k) for k in ks])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("particles K (points offset slightly per estimator)")
         ax.set_ylabel("gradient SNR (|mean| / std, averaged)")
         ax.set_title(f"{group} parameters")
-        ax.legend()
+        ax.legend(fontsize="small")
     return save_figure(fig, path)
+
+
+SNR_OFFSET = 1.06  # the factor between neighbouring estimators' K positions in plot_snr
 
 
 def plot_estimates(record: dict, path: Path) -> Path:

@@ -26,6 +26,9 @@ DEVICES = ("auto", "cpu", "cuda")
 PRIOR_INITS = ("noise", "data")
 MIXTURE_PRIORS = ("mog", "vamp")  # the priors that take --prior-components
 CUDA_GRAPH_MODES = ("auto", "off", "on")
+# settings that may change when a run is resumed: they do not change the model or the data
+RESUMABLE = {"epochs", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir", "workers",
+             "cuda_graph", "plugins", "threads"}
 # the settings that build pyro-vae's own VAE; a user's own model/guide pair brings its own networks
 MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init")
 
@@ -68,6 +71,7 @@ class Config:
     clip_grad: float | None = None
     workers: int = 0
     cuda_graph: str = "auto"
+    threads: int = 1  # torch threads the CLI gives a run (docs/usage.md: one is fastest on a shared CPU)
     plugins: list[str] = field(default_factory=list)  # modules that register priors, likelihoods, estimators
 
     def __post_init__(self) -> None:
@@ -104,7 +108,7 @@ class Config:
                 raise InputError(
                     f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}"
                 )
-        for name in ("z_dim", "particles", "epochs", "batch_size", "eval_k", "channels",
+        for name in ("z_dim", "particles", "epochs", "batch_size", "eval_k", "channels", "threads",
                      "image_size", "train_size", "test_size", "prior_components", "validation_size",
                      "early_stop"):
             value = getattr(self, name)

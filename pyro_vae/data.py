@@ -35,6 +35,14 @@ HELD_OUT_FRACTION = 0.1  # test share for user data that comes without a split
 SPLIT_SEED = 0  # the fixed permutation behind every split we make ourselves
 
 
+# the names of the labels of the datasets we know, by label (the latent map's legend)
+CLASS_NAMES = {
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                      "Bag", "Ankle boot"),
+    "kmnist": ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+}
+
+
 @dataclass
 class Dataset:
     """Train and test images (N, C, H, W) float32, with integer labels where the data has them, and
@@ -88,12 +96,15 @@ def load_dataset(
     return _subset(data, train_size, test_size)
 
 
+RESCALE_HINT = "e.g. divide 0..255 pixel values by 255, or save them as uint8, which pyro-vae divides by 255"
+
+
 def binarize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """One Bernoulli draw per pixel with the pixel's value as probability: x_b ~ Bernoulli(x)."""
     if x.numel() and not (x.min() >= 0 and x.max() <= 1):  # written so that NaN fails too
-        raise InputError(
-            "binarization needs pixel values in [0, 1]; rescale the data or use --binarize none"
-        )
+        lo, hi = float(x.min()), float(x.max())
+        raise InputError(f"binarization needs pixel values in [0, 1], but the data range over "
+                         f"[{lo:g}, {hi:g}]; rescale them to [0, 1] first ({RESCALE_HINT})")
     return torch.bernoulli(x, generator=generator)
 
 
@@ -317,7 +328,7 @@ def _source(items: TorchDataset, i: int) -> str:
 
 
 def _array_file(path: Path) -> Dataset:
-    """A `.npy` array (N, H, W), (N, C, H, W) or (N, D), or a `.npz` with `x_train`/`x_test`
+    """A `.npy` array (N, H, W), (N, C, H, W), (N, H, W, C) or (N, D), or a `.npz` with `x_train`/`x_test`
     (optional `y_train`/`y_test`) or `x` (optional `y`); uint8 values are divided by 255."""
     if not path.is_file():
         raise InputError(f"dataset file {path} does not exist; check the path")
@@ -351,9 +362,27 @@ def _images(array: np.ndarray, path: Path) -> Tensor:
     x = torch.as_tensor(array.astype(np.float32))
     if array.dtype == np.uint8:
         x = x / 255.0
-    shape = {2: (len(x), 1, 1, x.shape[1]), 3: (len(x), 1, *x.shape[1:]), 4: tuple(x.shape)}
-    shape = shape[array.ndim]
+    if array.ndim == 4:
+        return _channels_first(x, path)
+    shape = {2: (len(x), 1, 1, x.shape[1]), 3: (len(x), 1, *x.shape[1:])}[array.ndim]
     return x.reshape(shape)
+
+
+IMAGE_CHANNELS = (1, 3)  # grayscale, RGB: what the networks' figures and the image readers know
+
+
+def _channels_first(x: Tensor, path: Path) -> Tensor:
+    """A 4-d array as (N, C, H, W). An array whose last axis is short (<= 4) and whose second is long
+    (> 4) is channels-last, (N, H, W, C): with C = 1 or 3 it is moved to (N, C, H, W), with another C
+    refused (the figures read 1 or 3 channels). Any other array is taken as (N, C, H, W) as it is."""
+    _, a, _, c = x.shape
+    if c > 4 or a <= 4:
+        return x
+    if c in IMAGE_CHANNELS:  # (N, H, W, C): the layout numpy, PIL and TensorFlow use
+        return x.permute(0, 3, 1, 2).contiguous()
+    raise InputError(f"{path}: shape {tuple(x.shape)} looks like channels-last (N, H, W, C) images with "
+                     f"C = {c}; pyro-vae reads (N, C, H, W), or (N, H, W, C) with C = 1 (grayscale) or 3 "
+                     "(RGB): transpose the array to (N, C, H, W) (np.moveaxis(x, -1, 1))")
 
 
 def _labels(array: np.ndarray | None, n: int) -> Tensor | None:

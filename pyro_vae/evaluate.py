@@ -4,8 +4,10 @@ importance-sampled log p(x), and active units."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -122,14 +124,26 @@ def evaluate(program: object, x: Tensor, k: int = 5000, elbo_samples: int = 10,
     autoencoder: its reconstruction error, see evaluate_autoencoder); `progress` shows a bar over the
     importance-sampling chunks, the long part. `program`: our VAE, an object with .model and .guide,
     a (model, guide) tuple or a Program; per_example gives the values behind the means."""
+    return summarize(program, x, per_example(program, x, k, elbo_samples, progress), k)
+
+
+@torch.no_grad()
+def summarize(program: object, x: Tensor, values: dict[str, Tensor], k: int) -> dict[str, float | None]:
+    """The means (and standard errors sd/sqrt(N)) of per_example's `values` on x, the active units and
+    the number of examples: what evaluate returns. An autoencoder's see evaluate_autoencoder."""
     program = Program.of(program)
     if program.is_autoencoder:
-        return evaluate_autoencoder(program, x)
-    values = per_example(program, x, k, elbo_samples, progress)
-    result: dict[str, float] = {}
-    for name, key in (("test_elbo", "elbo"), ("log_px", "log_px"), ("kl", "kl"), ("recon", "recon")):
+        result: dict[str, float | None] = {"model": "ae", "test_elbo": None, "test_elbo_se": None,
+                                           "log_px": None, "log_px_se": None}
+        pairs: tuple[tuple[str, str], ...] = (("recon", "recon"), ("mse", "mse"))
+    else:
+        result = {}
+        pairs = (("test_elbo", "elbo"), ("log_px", "log_px"), ("kl", "kl"), ("recon", "recon"))
+    for name, key in pairs:
         result[name], result[f"{name}_se"] = _mean_se(values[key])
-    result.update(active_units=active_units(program, x), k=k, n_examples=int(x.shape[0]))
+    result.update(active_units=active_units(program, x), n_examples=int(x.shape[0]))
+    if not program.is_autoencoder:
+        result["k"] = k
     return result
 
 
@@ -138,10 +152,45 @@ def evaluate_autoencoder(program: object, x: Tensor) -> dict[str, float | None]:
     """The deterministic autoencoder's reconstruction error per example: recon = log p(x | decoder(c(x)))
     in nats and mse = ||x - mean of p(x|z)||^2 summed over pixels. It has no ELBO and no estimate of
     log p(x): those are None."""
-    values = per_example(program, x)
-    result: dict[str, float | None] = {"model": "ae", "test_elbo": None, "test_elbo_se": None,
-                                       "log_px": None, "log_px_se": None}
-    for name in ("recon", "mse"):
-        result[name], result[f"{name}_se"] = _mean_se(values[name])
-    result.update(active_units=active_units(program, x), n_examples=int(x.shape[0]))
-    return result
+    return summarize(program, x, per_example(program, x), 0)
+
+
+def test_fingerprint(x: Tensor) -> str:
+    """A short hash of the test examples' values, dtype and shape: two evaluations on the same test set
+    (same examples, same order, same binarization) have the same fingerprint."""
+    data = x.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{data.dtype} {tuple(data.shape)}".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def write_evaluation(run: str | Path, result: dict, values: dict[str, Tensor], x: Tensor,
+                     model: dict | None = None) -> tuple[Path, Path]:
+    """Write RUN/eval.json (`result`, the test set's fingerprint and size, and `model`: which checkpoint
+    it describes, see run_dir.model_stamp) and the per-example values behind it, RUN/eval_examples.pt
+    (a dict of float64 tensors of shape (N,), loadable with torch.load(weights_only=True))."""
+    from .run_dir import EVAL, EVAL_EXAMPLES, save_checkpoint, write_json
+
+    run = Path(run)
+    record = {**result, "test_fingerprint": test_fingerprint(x), "examples_file": EVAL_EXAMPLES,
+              **({"model_checkpoint": model} if model is not None else {})}
+    save_checkpoint(run / EVAL_EXAMPLES, {name: v.detach().double().cpu() for name, v in values.items()})
+    write_json(run / EVAL, record)
+    return run / EVAL, run / EVAL_EXAMPLES
+
+
+def evaluate_run(run: str | Path, k: int = 5000, test_size: int | None = None, device: str = "auto",
+                 progress: bool = False) -> tuple[dict, object, object]:
+    """Evaluate the model of a run directory on its test set (the first `test_size` examples, if given)
+    and write RUN/eval.json and RUN/eval_examples.pt (write_evaluation); returns (result, config, model)."""
+    from .run_dir import load_model, model_stamp
+    from .train import prepare_data, resolve_device
+
+    run, torch_device = Path(run), resolve_device(device)
+    config, vae = load_model(run, torch_device)
+    config.test_size = test_size or config.test_size
+    x = prepare_data(config).to(torch_device).test_x
+    values = per_example(vae, x, k=k, progress=progress)
+    result = summarize(vae, x, values, k)
+    write_evaluation(run, result, values, x, model_stamp(run))
+    return result, config, vae

@@ -6,6 +6,7 @@ states the contract)."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import pyro.distributions as dist
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from torch.distributions.utils import broadcast_all
 from torch.nn import functional as F
 
+from .data import RESCALE_HINT
 from .errors import InputError
 from .registry import Registry
 
@@ -22,6 +24,9 @@ IMAGE_DIMS = 3  # (C, H, W): the event of p(x|z)
 SIGMA_MODES = ("shared", "pixel")  # how gaussian-learned and laplace-learned learn their scale
 SCALE_FLOOR = 1e-3  # learned scale = softplus(raw) + SCALE_FLOOR
 CB_WINDOW = 0.2  # |logit| below which the continuous Bernoulli uses its Taylor series
+
+
+SCALE_LIMIT = 10.0  # a continuous likelihood warns when the data span more than this (0..255 pixels)
 
 
 class Likelihood(nn.Module):
@@ -42,13 +47,18 @@ class Likelihood(nn.Module):
         return bool(torch.isfinite(x).all())
 
     def check(self, x: Tensor) -> None:
-        """Raise InputError when data lies outside the support."""
+        """Raise InputError when data lies outside the support; warn when a continuous likelihood gets
+        data far wider than the [0, 1] scale its defaults (e.g. --sigma 0.1) are made for."""
+        lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
         if not self.in_support(x):
-            lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
             raise InputError(
                 f"likelihood {self.name!r} needs pixel values in {self.support}, but the data ranges "
-                f"over [{lo:g}, {hi:g}]; rescale the data or choose another --likelihood"
+                f"over [{lo:g}, {hi:g}]; rescale the data ({RESCALE_HINT}) or choose another --likelihood"
             )
+        if not self.discrete and hi - lo > SCALE_LIMIT:
+            warnings.warn(f"pixel values range over [{lo:g}, {hi:g}], far wider than the [0, 1] scale the "
+                          f"{self.name!r} likelihood is set for: its bound will be huge and the figures "
+                          f"saturated; rescale the data ({RESCALE_HINT})", stacklevel=2)
 
 
 class Bernoulli(Likelihood):

@@ -7,8 +7,9 @@ save_figures skips it with a one-line warning."""
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,11 +17,12 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .data import Dataset
+from .data import CLASS_NAMES, IMAGE_CHANNELS, Dataset
 from .errors import InputError
 from .program import Program
 
 TRAVERSAL_RANGE = 3.0  # z_u from -3 to 3: three prior standard deviations
+MAX_LEGEND_CLASSES = 20  # the latent map names its classes in a legend up to this many
 
 
 def image_grid(images: Tensor, rows: int, cols: int, pad: int = 1) -> Tensor:
@@ -34,7 +36,9 @@ def image_grid(images: Tensor, rows: int, cols: int, pad: int = 1) -> Tensor:
     return grid
 
 
-def _save_grid(grid: Tensor, path: Path, title: str, xlabel: str = "", ylabel: str = "") -> Path:
+def _save_grid(grid: Tensor, path: Path, title: str, xlabel: str = "", ylabel: str = "",
+               row_labels: list[str] | None = None) -> Path:
+    """Show a tiled grid (image_grid) with a title, axis labels and optionally one label per row."""
     fig, ax = subplots(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + 0.6))
     ax.imshow(grid.squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_title(title)
@@ -42,12 +46,17 @@ def _save_grid(grid: Tensor, path: Path, title: str, xlabel: str = "", ylabel: s
     ax.set_ylabel(ylabel)
     ax.set_xticks([])
     ax.set_yticks([])
+    if row_labels:
+        height = grid.shape[0] / len(row_labels)
+        ax.set_yticks([height * (i + 0.5) for i in range(len(row_labels))], labels=row_labels)
     return save_figure(fig, path)
 
 
 def _check_pictures(x: Tensor) -> None:
     if x.dim() != 4:
         raise InputError(f"pictures need data of shape (N, C, H, W); x has shape {tuple(x.shape)}")
+    if x.shape[1] not in IMAGE_CHANNELS:
+        raise InputError(f"pictures need 1 (grayscale) or 3 (RGB) channels; the data have {x.shape[1]}")
 
 
 def _rows(x: Tensor, n: int) -> Tensor:
@@ -71,10 +80,10 @@ def plot_samples(program: object, x: Tensor, path: Path, n: int = 64, seed: int 
     _check_pictures(x)
     with _seeded(seed, x.device):
         images = program.sample(_rows(x, n)).cpu()
-    cols = int(n**0.5)
+    cols = math.ceil(n**0.5)
     title = ("decoded N(0, I) noise (an autoencoder has no prior)" if program.is_autoencoder
              else "samples from the prior")
-    return _save_grid(image_grid(images, n // cols, cols), path, title)
+    return _save_grid(image_grid(images, math.ceil(n / cols), cols), path, f"{n} {title}")
 
 
 @torch.no_grad()
@@ -110,8 +119,10 @@ def plot_traversal(program: object, x: Tensor, path: Path, n_dims: int = 8, step
     z = z.reshape(-1, *mean.shape[1:])
     images = program.decode(_rows(x, z.shape[0]), {name: z}).cpu()
     return _save_grid(image_grid(images, len(dims), steps), path,
-                      "latent traversal", f"{name}_u from -{TRAVERSAL_RANGE:g} to {TRAVERSAL_RANGE:g}",
-                      "coordinate u: " + ", ".join(str(int(d)) for d in dims))
+                      "latent traversal: one coordinate per row, most used first",
+                      f"{name}_u from -{TRAVERSAL_RANGE:g} to {TRAVERSAL_RANGE:g}, "
+                      f"the others at E_q[{name}|x]",
+                      row_labels=[f"{name}_{int(d)}" for d in dims])
 
 
 def latent_2d(means: Tensor, name: str = "z") -> tuple[Tensor, str]:
@@ -121,22 +132,35 @@ def latent_2d(means: Tensor, name: str = "z") -> tuple[Tensor, str]:
         return torch.nn.functional.pad(means, (0, 2 - means.shape[-1])), name
     centred = means - means.mean(0)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
-    return centred @ v[:2].T, f"PCA of {name}"
+    points = centred @ v[:2].T  # fewer than 2 components when there are fewer than 3 examples
+    return torch.nn.functional.pad(points, (0, 2 - points.shape[-1])), f"PCA of {name}"
 
 
 @torch.no_grad()
-def plot_latent_map(program: object, x: Tensor, labels: Tensor | None, path: Path) -> Path:
+def plot_latent_map(program: object, x: Tensor, labels: Tensor | None, path: Path,
+                    class_names: Sequence[str] | None = None) -> Path:
     """Scatter of E_q[z|x] over test images, coloured by label (PCA to 2-D above 2 dimensions; with
-    several latent sites, of all their coordinates together)."""
+    several latent sites, of all their coordinates together): a legend entry per class (its name from
+    class_names where known) up to 20 classes, a colour bar beyond. Needs 2 or more examples."""
     program = Program.of(program)
+    if x.shape[0] < 2:
+        raise InputError(f"a latent map needs 2 or more test examples, there is {x.shape[0]}")
     latent = program.sites(x).latent
     name = latent[0] if len(latent) == 1 else f"({', '.join(latent)})"
     points, axis = latent_2d(program.posterior_means(x).cpu(), name)
-    fig, ax = subplots(figsize=(6, 5))
+    fig, ax = subplots(figsize=(7, 5))
+    classes = labels.unique().tolist() if labels is not None else []
     if labels is None:
         ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.7)
+    elif len(classes) <= MAX_LEGEND_CLASSES:
+        labels = labels.cpu()
+        for i, c in enumerate(classes):
+            shown = class_names[int(c)] if class_names and 0 <= int(c) < len(class_names) else str(c)
+            ax.scatter(points[labels == c, 0], points[labels == c, 1], s=4, alpha=0.7,
+                       color=f"C{i % 10}" if len(classes) <= 10 else None, label=shown)
+        ax.legend(title="label", markerscale=3, fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
     else:
-        sc = ax.scatter(points[:, 0], points[:, 1], c=labels.cpu().numpy(), cmap="tab10", s=4, alpha=0.7)
+        sc = ax.scatter(points[:, 0], points[:, 1], c=labels.cpu().numpy(), cmap="viridis", s=4, alpha=0.7)
         fig.colorbar(sc, ax=ax, label="label")
     ax.set_xlabel(f"{axis} 1")
     ax.set_ylabel(f"{axis} 2")
@@ -173,6 +197,30 @@ def plot_curves(metrics: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_run_curves(runs: dict[str, list[dict]], path: Path) -> Path:
+    """Several runs' learning curves on one axis, a colour per run: train bound (-train loss, solid),
+    validation ELBO (dotted, where recorded) and test ELBO (dashed) per epoch, in nats per example;
+    `runs` maps a run's name to its metrics.jsonl rows."""
+    fig, ax = subplots(figsize=(7, 4.5))
+    styles = (("train", lambda m: -m["train_loss"], "-"),
+              ("validation", lambda m: m.get("validation_elbo"), ":"),
+              ("test", lambda m: m.get("test_elbo"), "--"))
+    for i, (name, metrics) in enumerate(runs.items()):
+        colour = f"C{i % 10}"
+        for kind, value, style in styles:
+            points = [(m["epoch"], value(m)) for m in metrics if value(m) is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, marker="." if len(points) < 30 else None,
+                        color=colour, label=f"{name}, {kind}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("bound (nats per example)")
+    ax.set_title("learning curves: train bound (-loss) solid, validation dotted, test dashed")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if ax.lines:
+        ax.legend(fontsize="small", ncol=2 if len(ax.lines) > 6 else 1)
+    return save_figure(fig, path)
+
+
 def save_figures(
     program: object, data: Dataset | Tensor, out: Path, metrics: list[dict] | None = None, seed: int = 0,
     n_samples: int = 64,
@@ -184,13 +232,14 @@ def save_figures(
     contract is an InputError. Returns the paths written."""
     program, out = Program.of(program), Path(out)
     x, labels = (data, None) if isinstance(data, Tensor) else (data.test_x, data.test_y)
+    class_names = None if isinstance(data, Tensor) else CLASS_NAMES.get(data.name)
     program.sites(x)  # a pair that breaks the contract is an error, not a figure to skip
     out.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, Callable[[Path], Path]]] = [
         ("samples.png", lambda path: plot_samples(program, x, path, n=n_samples, seed=seed)),
         ("reconstructions.png", lambda path: plot_reconstructions(program, x, path)),
         ("traversal.png", lambda path: plot_traversal(program, x, path)),
-        ("latent_map.png", lambda path: plot_latent_map(program, x, labels, path)),
+        ("latent_map.png", lambda path: plot_latent_map(program, x, labels, path, class_names)),
     ]
     if metrics:
         figures.append(("curves.png", lambda path: plot_curves(metrics, path)))

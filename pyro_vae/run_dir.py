@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -240,3 +241,32 @@ def load_model(run: Path, device: torch.device | str = "cpu") -> tuple[Config, V
         raise InputError(f"{model_file(run)} does not match {CONFIG} "
                          f"({type(err).__name__}); the run directory is inconsistent") from None
     return config, vae.to(device).eval()
+
+
+EVAL_EXAMPLES = "eval_examples.pt"
+STALE = "stale"
+# what evaluate, compare and diagnose write about the model at one checkpoint
+RESULT_FILES = ("eval.json", EVAL_EXAMPLES, "compare.json", "compare.md", "compare_*.png", "compare-train",
+                "diagnose.json", "diagnose.md", "diagnose_*.png", "diagnose_posterior.nc")
+
+
+def model_stamp(run: Path, checkpoint: str = CHECKPOINT) -> dict:
+    """Which model a result file describes: the checkpoint file, the epochs it completed, its step (and
+    the batch inside the next epoch, for a checkpoint written mid-epoch)."""
+    state = load_checkpoint(Path(run) / checkpoint)
+    stamp = {"checkpoint": checkpoint, "epoch": int(state["epoch"]) - 1, "step": int(state["step"])}
+    return {**stamp, "batch": int(state["batch"])} if int(state["batch"]) else stamp
+
+
+def retire_results(run: Path) -> list[Path]:
+    """Move the result files of an older model (RESULT_FILES) into RUN/stale/, replacing what an earlier
+    resume put there; returns their new paths. Called when training continues a run."""
+    run = Path(run)
+    found = [p for pattern in RESULT_FILES for p in sorted(run.glob(pattern))]
+    if not found:
+        return []
+    stale = run / STALE
+    if stale.exists():
+        shutil.rmtree(stale)
+    stale.mkdir()
+    return [p.rename(stale / p.name) for p in found]

@@ -37,6 +37,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed, plots
+from .board import Board
+from .board import check_available as check_tensorboard
 from .config import DEVICES, Config
 from .data import Dataset, UnreadableImage, batch_indices, binarize
 from .errors import InputError, TrainingError
@@ -52,6 +54,7 @@ from .run_dir import (
     CHECKPOINT,
     CONFIG,
     METRICS,
+    STALE,
     SUMMARY,
     build_from_config,
     check_run_dir,
@@ -62,6 +65,7 @@ from .run_dir import (
     recorded_pair,
     remove_stale_temp_files,
     restore_parameters,
+    retire_results,
     save_checkpoint,
     write_json,
     write_jsonl,
@@ -132,14 +136,15 @@ def _stop_requests():
 
 def train(
     config: Config, out: str | Path | None = None, resume: bool = False, progress: bool = True,
-    overwrite: bool = False, program: object | None = None,
+    overwrite: bool = False, program: object | None = None, tensorboard: bool = False,
 ) -> RunResult:
     """Train as `config` says and write the run directory (see DESIGN.md). The model is pyro-vae's own
     VAE built from the config or, with `program`, a user's own model/guide pair (an object with .model
     and .guide, or a Program), trained in place: an nn.Module pair is moved to the config's device,
     another must live there already. With resume=True, `out` is an existing run whose checkpoint is
-    continued up to config.epochs (a pair's run: pass the same pair again, or one built the same way)."""
-    return Trainer(config, out, resume, progress, overwrite, program).run()
+    continued up to config.epochs (a pair's run: pass the same pair again, or one built the same way).
+    With tensorboard=True, TensorBoard event files go to RUN/tensorboard/ (board.py)."""
+    return Trainer(config, out, resume, progress, overwrite, program, tensorboard).run()
 
 
 class Trainer:
@@ -149,8 +154,10 @@ class Trainer:
     checkpoint when due), then finish."""
 
     def __init__(self, config: Config, out: str | Path | None = None, resume: bool = False,
-                 progress: bool = True, overwrite: bool = False, program: object | None = None):
+                 progress: bool = True, overwrite: bool = False, program: object | None = None,
+                 tensorboard: bool = False):
         self.config, self.resume, self.progress = config, resume, progress
+        self.tensorboard, self.board, self.step_losses = tensorboard, None, []
         self.out, self.overwrite = Path(out) if out is not None else None, overwrite
         # the pair trained: the user's as given, or (None until setup) pyro-vae's VAE
         self.pair, self.own_vae = program, program is None
@@ -175,10 +182,14 @@ class Trainer:
         checkpoint to continue from (resume) or a fresh run directory."""
         config = self.config
         config.validate()
+        if self.tensorboard:
+            check_tensorboard()  # before anything is written
         self.ranks, self.device = distributed.start(resolve_device(config.device))
         self.progress = self.progress and self.ranks.is_main
         self._check_run()
         state = load_checkpoint(self.out / CHECKPOINT, self.device) if self.resume else None
+        if state is not None:
+            self._check_epochs(state)
         pyro.set_rng_seed(config.seed)
         self.stream, data = prepare_stream(config) if config.workers else (None, prepare_data(config))
         self.data = data.to(self.device)
@@ -195,6 +206,8 @@ class Trainer:
             self._continue_from(state)
         else:
             self._start_run_dir()
+        if self.tensorboard and self.ranks.is_main:
+            self.board = Board(self.out)
         if self.ranks.active:  # each process draws its own z; model and data order are the same in all
             pyro.set_rng_seed(config.seed + self.ranks.rank)
         self.n_train = len(self.stream) if self.stream else self.data.train_x.shape[0]
@@ -238,6 +251,17 @@ class Trainer:
             raise InputError(f"{self.out} trained pyro-vae's own VAE, not a pair of yours; continue it "
                              f"without program= (or with: pyro-vae train --resume {self.out})")
 
+    def _check_epochs(self, state: dict) -> None:
+        """Refuse a resume that would not continue the run: fewer epochs than it has trained (it would
+        stop mid-way and overwrite its summary), or as many when it has finished them."""
+        done, epochs = int(state["epoch"]) - 1, self.config.epochs
+        fewer = epochs < done or (epochs == done and int(state["batch"]) > 0)
+        if fewer or (epochs == done and (self.out / SUMMARY).is_file()):
+            part = " and part of the next" if int(state["batch"]) else ""
+            raise InputError(f"{self.out} has already trained {done} epoch(s){part}; --epochs {epochs} would "
+                             f"train nothing; the run was left as it was (pass --epochs {done + 1} or more "
+                             "to continue it)")
+
     def _build_model(self) -> None:
         """pyro-vae's VAE from the config, or the user's pair moved to the device; the pair as a
         Program with its sites (found by tracing), and the tensors the optimizer steps, by name."""
@@ -279,6 +303,11 @@ class Trainer:
         if self.ranks.is_main:
             remove_stale_temp_files(self.out)
             write_jsonl(self.out / METRICS, self.metrics)
+            retired = retire_results(self.out)  # they describe the model before this resume
+            if retired:
+                warnings.warn(f"training continues: {len(retired)} result file(s) of the model at step "
+                              f"{self.steps} moved to {self.out / STALE} (evaluate again when it ends)",
+                              stacklevel=2)
 
     def _start_run_dir(self) -> None:
         """A fresh run: the VampPrior's pseudo-inputs (--prior-init data), the run directory and
@@ -336,6 +365,8 @@ class Trainer:
         loss = self.svi_step(x, self._kl_weight(self.steps), per)
         self.epoch_total += loss * per
         self.steps, self.batch = self.steps + 1, self.batch + 1
+        if self.board is not None:
+            self.step_losses.append(loss.detach())  # written at the epoch's end: no host sync here
         return loss
 
     def end_epoch(self, started: float) -> None:
@@ -367,6 +398,10 @@ class Trainer:
         self.last_save = time.perf_counter()
         if self.ranks.is_main:
             write_jsonl(self.out / METRICS, self.metrics)
+        if self.board is not None:
+            self.board.steps(self.steps, self.step_losses)
+            self.step_losses = []
+            self.board.epoch(row, self.program, self.data.test_x, self.config.seed)
         if self.progress:
             tested = (f"test reconstruction log p(x|z) {row['test_recon']:.2f}" if self.program.is_autoencoder
                       else f"test ELBO {row['test_elbo']:.2f}")
@@ -516,5 +551,7 @@ class Trainer:
             **best,
         }
         write_json(self.out / SUMMARY, summary)
+        if self.board is not None:
+            self.board.close()
         plots.save_figures(self.pair, self.data, self.out, self.metrics, seed=self.config.seed)
         return RunResult(self.out, self.metrics, summary)

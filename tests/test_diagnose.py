@@ -13,7 +13,6 @@ import math
 import shutil
 import subprocess
 import sys
-import warnings
 
 import pyro
 import pytest
@@ -42,12 +41,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _arviz():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        import arviz
+def _mcse(ary, method):
+    """arviz-stats' Monte Carlo standard error of draws (chains, draws)."""
+    from arviz_stats.base import array_stats
 
-    return arviz
+    return float(array_stats.mcse(ary, chain_axis=0, draw_axis=1, method=method))
+
+
+def _open_posterior(path):
+    """The NetCDF posterior diagnose writes, as the DataTree arviz-base made it."""
+    import xarray
+
+    return xarray.open_datatree(str(path))
 
 
 # ------------------------------------------------------------ linear-Gaussian: everything exact
@@ -135,7 +140,6 @@ def test_optimal_guide_fitted_in_chunks_reaches_the_optimum_for_every_example(li
 
 def test_nuts_recovers_exact_posterior_mean_and_covariance(linear_gaussian):
     lg, vae, x, result = linear_gaussian
-    az = _arviz()
     mcmc = result.summary["mcmc"]
     index = [e["index"] for e in mcmc["examples"]]
     assert result.nuts.z.shape == (2, 200, 2, 3)  # chains, draws, examples, z_dim
@@ -144,9 +148,9 @@ def test_nuts_recovers_exact_posterior_mean_and_covariance(linear_gaussian):
     for i, example in enumerate(mcmc["examples"]):
         z = result.nuts.z[:, :, i].double()  # (chains, draws, z_dim)
         mean, cov = posterior.mean[i], posterior.covariance_matrix[i]
-        mcse_mean = torch.as_tensor([az.mcse(z[..., u].numpy(), method="mean") for u in range(3)])
+        mcse_mean = torch.as_tensor([_mcse(z[..., u].numpy(), "mean") for u in range(3)])
         assert torch.all((torch.tensor(example["posterior_mean"]) - mean).abs() <= N_SE * mcse_mean)
-        mcse_sd = torch.as_tensor([az.mcse(z[..., u].numpy(), method="sd") for u in range(3)])
+        mcse_sd = torch.as_tensor([_mcse(z[..., u].numpy(), "sd") for u in range(3)])
         sd = torch.tensor(example["posterior_sd"])
         assert torch.all((sd - cov.diagonal().sqrt()).abs() <= N_SE * mcse_sd)
         centred = z - z.mean((0, 1))
@@ -154,7 +158,7 @@ def test_nuts_recovers_exact_posterior_mean_and_covariance(linear_gaussian):
             for v in range(u + 1, 3):
                 product = (centred[..., u] * centred[..., v]).numpy()
                 error = abs(product.mean() - float(cov[u, v]))
-                assert error <= N_SE * az.mcse(product, method="mean"), (u, v)
+                assert error <= N_SE * _mcse(product, "mean"), (u, v)
         # what the summary compares: q's mean is 0.8 marginal sds off, its sd 1.4 times too wide
         assert example["q_mean"] == pytest.approx(vae.posterior(x[index[i]:index[i] + 1]).mean[0].tolist())
         shift = ((torch.tensor(example["q_mean"]) - torch.tensor(example["posterior_mean"])).abs() / sd)
@@ -166,10 +170,9 @@ def test_nuts_recovers_exact_posterior_mean_and_covariance(linear_gaussian):
 
 def test_inference_data_holds_the_nuts_draws_and_q(linear_gaussian, tmp_path):
     _, _, _, result = linear_gaussian
-    az = _arviz()
     path = tmp_path / "posterior.nc"
     result.posterior.to_netcdf(str(path))
-    idata = az.from_netcdf(str(path))
+    idata = _open_posterior(path)
     assert idata.posterior["z"].dims == ("chain", "draw", "example", "latent")
     assert torch.allclose(torch.as_tensor(idata.posterior["z"].values), result.nuts.z.double())
     assert list(idata.posterior["example"].values) == [e["index"] for e in result.summary["mcmc"]["examples"]]
@@ -232,7 +235,6 @@ def test_log_px_above_optimal_above_amortized_elbo_on_trained_digits(diagnosed_r
 
 
 def test_diagnose_writes_json_markdown_figures_and_netcdf(diagnosed_run):
-    az = _arviz()
     summary = json.loads((diagnosed_run / "diagnose.json").read_text())
     assert summary["n_examples"] == 40 and summary["k"] == 1000 and len(summary["per_example"]["khat"]) == 40
     assert len(set(summary["per_example"]["index"])) == 40
@@ -243,7 +245,7 @@ def test_diagnose_writes_json_markdown_figures_and_netcdf(diagnosed_run):
     for figure in ("diagnose_khat.png", "diagnose_posterior.png"):
         with Image.open(diagnosed_run / figure) as im:
             assert im.format == "PNG" and im.size[0] > 100
-    idata = az.from_netcdf(str(diagnosed_run / "diagnose_posterior.nc"))
+    idata = _open_posterior(diagnosed_run / "diagnose_posterior.nc")
     assert idata.posterior["z"].shape == (2, 50, 2, 20)
     assert list(idata.posterior["example"].values) == summary["per_example"]["index"][:2]
 
@@ -268,5 +270,14 @@ def test_missing_run_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_importing_the_package_does_not_import_arviz():
-    code = "import sys, pyro_vae, pyro_vae.cli; assert 'arviz' not in sys.modules"
+    code = ("import sys, pyro_vae, pyro_vae.cli; assert not [m for m in sys.modules "
+            "if m.split('.')[0] in ('arviz', 'arviz_base', 'arviz_stats')]")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_khat_is_inf_below_the_draws_a_tail_fit_needs_and_finite_from_there():
+    from pyro_vae.diagnostics.importance import pareto_khat
+
+    log_w = torch.randn(25, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.isinf(pareto_khat(log_w[:24])).all()  # a tail of 24 // 5 = 4 draws: no fit
+    assert torch.isfinite(pareto_khat(log_w)).all()

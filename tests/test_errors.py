@@ -61,6 +61,7 @@ def fixtures(tmp_path_factory, digits_run):
     np.save(f / "nan.npy", np.full((20, 4, 4), np.nan, np.float32))
     np.save(f / "out_of_range.npy", np.full((20, 4, 4), 2.0, np.float32))
     np.save(f / "tiny.npy", np.zeros((20, 3, 3), np.float32))
+    np.save(f / "channels_last_2.npy", np.zeros((20, 8, 8, 2), np.float32))
     np.savez(f / "wrong_keys.npz", images=np.zeros((10, 4, 4), np.float32))
     (f / "corrupt.npy").write_bytes(b"\x93NUMPY garbage" * 3)
     (f / "bad.yaml").write_text("epochs: [1\n")
@@ -94,6 +95,13 @@ def fixtures(tmp_path_factory, digits_run):
     (f / "plugins" / "broken_plugin.py").write_text("raise RuntimeError('this plugin is broken')\n")
     (f / "plugins" / "clashing_plugin.py").write_text(
         "import pyro_vae\npyro_vae.register_prior('normal', lambda **options: None)\n")
+    base = "base: {train_size: 200, test_size: 40, epochs: 1}\n"
+    (f / "grid_unknown_key.yaml").write_text(base + "sweep: {prior: [normal]}\nepochs: 3\n")
+    (f / "grid_empty_list.yaml").write_text(base + "sweep: {prior: []}\n")
+    (f / "grid_refused.yaml").write_text("base: {beta: 0.5}\nsweep: {estimator: [mc, iwae]}\n")
+    shutil.copytree(digits_run, f / "run_not_evaluated")
+    for name in ("eval.json", "eval_examples.pt"):
+        (f / "run_not_evaluated" / name).unlink(missing_ok=True)
     shutil.copytree(digits_run, f / "run_pair")  # config.json as a run of a user's pair records it
     record = {k: v for k, v in json.loads((digits_run / "config.json").read_text()).items()
               if k not in MODEL_SETTINGS}

@@ -54,12 +54,22 @@ def elbo_estimate(log_w: Tensor) -> tuple[Tensor, Tensor]:
     return log_w.mean(0), log_w.std(0) / math.sqrt(k) if k > 1 else torch.full_like(log_w[0], math.nan)
 
 
-def pareto_khat(log_w: Tensor) -> Tensor:
-    """Per example, the PSIS shape estimate k-hat of the weights' upper tail (ArviZ `psislw`, draws
-    independent so r_eff = 1). Shape (N,)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # arviz announces its 1.0 refactor on import; psislw warns on k > 0.7
-        import arviz as az
+MIN_TAIL = 5  # draws in the tail that the generalized Pareto fit needs
 
-        _, khat = az.psislw(log_w.T.double().cpu().numpy(), reff=1.0)
+
+def pareto_khat(log_w: Tensor) -> Tensor:
+    """Per example, the PSIS shape estimate k-hat of the weights' upper tail (arviz-stats' `psislw`, draws
+    independent so r_eff = 1), fitted to the largest M of the k weights (floor(k / 5) up to k = 225,
+    floor(3 sqrt(k)) above); with M < 5 (k < 25) no fit is possible and k-hat is inf (unreliable), as
+    ArviZ 0.x reported it.
+    Shape (N,)."""
+    from arviz_stats.base import array_stats
+
+    k = log_w.shape[0]
+    if (math.floor(3 * math.sqrt(k)) if k > 225 else k // 5) < MIN_TAIL:
+        return torch.full((log_w.shape[1],), math.inf, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # psislw warns on k > 0.7, which the caller reports itself
+        # psislw takes LOO's log-likelihoods, whose importance weights are 1/p: pass -log w
+        _, khat = array_stats.psislw(-log_w.T.double().cpu().numpy(), r_eff=1.0, axis=-1)
     return torch.as_tensor(khat, dtype=torch.float64)

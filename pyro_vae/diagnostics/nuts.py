@@ -54,12 +54,14 @@ class NutsResult:
     coordinates: list[str]
 
 
-def _arviz():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # arviz announces its 1.0 refactor on import
-        import arviz
+TAIL_PROBS = (0.05, 0.95)  # the tail ESS: the smaller of the ESS of these two quantiles (Vehtari et al. 2021)
 
-    return arviz
+
+def _arviz_stats():
+    """ArviZ's array-level statistics (arviz-stats, the 1.x line's statistics package), imported on use."""
+    from arviz_stats.base import array_stats
+
+    return array_stats
 
 
 def _flat(values: dict[str, Tensor], names: tuple[str, ...], batch_dims: int) -> Tensor:
@@ -106,16 +108,18 @@ def nuts_posterior(
 
 
 def inference_data(result: NutsResult, x: Tensor, example_index: Tensor):
-    """An ArviZ InferenceData: posterior z (chain, draw, example, latent), and as constant_data
-    q(z|x)'s loc and scale and the examples themselves (flattened to pixels)."""
-    az = _arviz()
+    """ArviZ's InferenceData (an xarray DataTree, arviz-base's from_dict): posterior z (chain, draw,
+    example, latent), and as constant_data q(z|x)'s loc and scale and the examples themselves
+    (flattened to pixels). Written by `to_netcdf`, read back with xarray.open_datatree."""
+    from arviz_base import from_dict
+
     coords = {"example": example_index.cpu().numpy(), "latent": range(result.z.shape[-1]),
               "pixel": range(x[0].numel())}
-    return az.from_dict(
-        posterior={"z": result.z.cpu().double().numpy()},
-        constant_data={"q_loc": result.q_loc.cpu().double().numpy(),
-                       "q_scale": result.q_scale.cpu().double().numpy(),
-                       "x": x.flatten(1).cpu().double().numpy()},
+    return from_dict(
+        {"posterior": {"z": result.z.cpu().double().numpy()},
+         "constant_data": {"q_loc": result.q_loc.cpu().double().numpy(),
+                           "q_scale": result.q_scale.cpu().double().numpy(),
+                           "x": x.flatten(1).cpu().double().numpy()}},
         coords=coords,
         dims={"z": ["example", "latent"], "q_loc": ["example", "latent"],
               "q_scale": ["example", "latent"], "x": ["example", "pixel"]},
@@ -125,12 +129,14 @@ def inference_data(result: NutsResult, x: Tensor, example_index: Tensor):
 def chain_diagnostics(idata) -> dict[str, Tensor]:
     """ArviZ's rank-normalized split R-hat and bulk/tail effective sample sizes of every
     coordinate of z, each of shape (examples, D)."""
-    az = _arviz()
+    stats = _arviz_stats()
+    z = idata["posterior"]["z"].transpose("chain", "draw", ...).values
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return {"r_hat": torch.as_tensor(az.rhat(idata, var_names=["z"])["z"].values),
-                "ess_bulk": torch.as_tensor(az.ess(idata, var_names=["z"], method="bulk")["z"].values),
-                "ess_tail": torch.as_tensor(az.ess(idata, var_names=["z"], method="tail")["z"].values)}
+        return {"r_hat": torch.as_tensor(stats.rhat(z, chain_axis=0, draw_axis=1, method="rank")),
+                "ess_bulk": torch.as_tensor(stats.ess(z, chain_axis=0, draw_axis=1, method="bulk")),
+                "ess_tail": torch.as_tensor(stats.ess(z, chain_axis=0, draw_axis=1, method="tail",
+                                                      prob=TAIL_PROBS))}
 
 
 def marginal_discrepancy(result: NutsResult) -> Tensor:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.patches import Ellipse
+from matplotlib.ticker import MaxNLocator
 
 from ..plots import save_figure, subplots
 from ..run_dir import write_json
@@ -109,6 +110,7 @@ def plot_khat(khat: torch.Tensor, khat_q_star: torch.Tensor, path: Path) -> Path
         ax.axvline(value, color="k", linestyle="--" if value == KHAT_GOOD else "-", label=label)
     ax.set_xlabel("PSIS k̂ of the weights p(x, z) / proposal(z)")
     ax.set_ylabel("test examples")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
     ax.legend()
     return save_figure(fig, path)
 

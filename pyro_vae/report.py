@@ -1,0 +1,233 @@
+"""`pyro-vae report RUN RUN ...`: evaluated runs side by side, and each run's paired difference from the
+first on the same test examples.
+
+For runs a and b evaluated on the same N test examples, the paired difference of log p(x) is
+d_i = log p_b(x_i) - log p_a(x_i): its mean is b's log p(x) minus a's, and its standard error
+sd(d) / sqrt(N) is smaller than the two runs' own standard errors combined whenever the runs agree on
+which examples are hard (which they do: the spread of log p(x) over examples is mostly the examples').
+The per-example values come from RUN/eval_examples.pt, written by `pyro-vae evaluate`; eval.json records
+the test set's size and fingerprint (evaluate.test_fingerprint), and runs evaluated on different test
+sets are refused, as are runs not evaluated, or evaluated on an older checkpoint than they hold now.
+
+Writes report.md, report.csv, report.json and report_curves.png (the runs' learning curves overlaid).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import InputError
+from .run_dir import (
+    CHECKPOINT,
+    CONFIG,
+    EVAL,
+    EVAL_EXAMPLES,
+    METRICS,
+    SUMMARY,
+    load_checkpoint,
+    model_stamp,
+    read_jsonl,
+    write_json,
+)
+
+MARKDOWN, CSV, JSON, CURVES = "report.md", "report.csv", "report.json", "report_curves.png"
+PAIRED = ("log_px", "elbo")  # the per-example values whose paired difference the report gives
+COLUMNS = ("run", "log_px", "log_px_se", "test_elbo", "test_elbo_se", "kl", "active_units", "epochs",
+           "best_epoch", "train_seconds", "device", "n_examples", "k", "diff_log_px", "diff_log_px_se",
+           "diff_elbo", "diff_elbo_se")
+
+
+@dataclass
+class EvaluatedRun:
+    """What the report reads from one run directory."""
+
+    name: str
+    path: Path
+    evaluation: dict
+    values: dict[str, Tensor]
+    summary: dict = field(default_factory=dict)
+    metrics: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """The report's rows (one per run, COLUMNS), the runs, and the files written."""
+
+    rows: list[dict]
+    runs: list[EvaluatedRun]
+    paths: list[Path]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path} cannot be read ({type(err).__name__}); evaluate the run again") from None
+
+
+def read_run(run: str | Path, name: str | None = None) -> EvaluatedRun:
+    """A run's evaluation (eval.json and its per-example values), summary and metrics; an InputError
+    naming the run if it has not been evaluated, its evaluation predates the per-example file or the
+    model it holds now, or it is an autoencoder (no log p(x) to compare)."""
+    path = Path(run)
+    name = name or path.name
+    if not (path / CONFIG).is_file():
+        raise InputError(f"run {name} ({path}) is not a pyro-vae run directory (no {CONFIG})")
+    if not (path / EVAL).is_file():
+        raise InputError(f"run {name} ({path}) has not been evaluated: run `pyro-vae evaluate {path}` first")
+    evaluation = _read_json(path / EVAL)
+    if evaluation.get("log_px") is None:
+        raise InputError(f"run {name} ({path}) is an autoencoder: it has no log p(x) to compare")
+    if not (path / EVAL_EXAMPLES).is_file() or "test_fingerprint" not in evaluation:
+        raise InputError(f"run {name} ({path}) was evaluated without per-example values (an older "
+                         f"pyro-vae): run `pyro-vae evaluate {path}` again")
+    stamp = evaluation.get("model_checkpoint")
+    if stamp and (path / stamp["checkpoint"]).is_file():
+        now = model_stamp(path, stamp["checkpoint"])
+        if now["step"] != stamp["step"]:
+            raise InputError(f"run {name} ({path}) was evaluated at step {stamp['step']} (epoch "
+                             f"{stamp['epoch']}) but {stamp['checkpoint']} is now at step {now['step']}: run "
+                             f"`pyro-vae evaluate {path}` again")
+    values = load_checkpoint_values(path / EVAL_EXAMPLES)
+    summary = _read_json(path / SUMMARY) if (path / SUMMARY).is_file() else {}
+    return EvaluatedRun(name, path, evaluation, values, summary, read_jsonl(path / METRICS))
+
+
+def load_checkpoint_values(path: Path) -> dict[str, Tensor]:
+    """The per-example values of eval_examples.pt (weights-only load), each of shape (N,)."""
+    try:
+        values = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a corrupt file fails in any way the unpickler likes
+        raise InputError(f"{path} is corrupt ({type(err).__name__}); evaluate the run again") from None
+    if not isinstance(values, dict) or not set(PAIRED) <= set(values):
+        raise InputError(f"{path} lacks per-example {', '.join(PAIRED)}; evaluate the run again")
+    return values
+
+
+def check_same_test_set(runs: list[EvaluatedRun]) -> None:
+    """Every run evaluated on the first run's test examples (same count and fingerprint), else an
+    InputError naming the run that differs."""
+    first = runs[0]
+    for run in runs[1:]:
+        for key, what in (("n_examples", "test examples"), ("test_fingerprint", "test set (fingerprint)")):
+            if run.evaluation.get(key) != first.evaluation.get(key):
+                raise InputError(
+                    f"run {run.name} was evaluated on other {what} than run {first.name} "
+                    f"({run.evaluation.get(key)} vs {first.evaluation.get(key)}): a paired comparison needs "
+                    "the same test set; evaluate both with the same dataset and --test-size")
+
+
+def paired_difference(a: Tensor, b: Tensor) -> tuple[float, float]:
+    """mean(d) and its standard error sd(d) / sqrt(N) for d = b - a, per example (N >= 2; the s.e. is
+    NaN for one example)."""
+    d = (b.double() - a.double()).flatten()
+    n = d.numel()
+    return float(d.mean()), float(d.std() / math.sqrt(n)) if n > 1 else math.nan
+
+
+def best_epoch(run: EvaluatedRun) -> int | None:
+    """The epoch the run's early stopping kept (summary.json "best_epoch"), or None without it."""
+    return run.summary.get("best_epoch")
+
+
+def epochs_trained(run: EvaluatedRun) -> int:
+    """The epochs in metrics.jsonl (the checkpoint's, where metrics are missing)."""
+    if run.metrics:
+        return int(run.metrics[-1]["epoch"])
+    if (run.path / CHECKPOINT).is_file():
+        return int(load_checkpoint(run.path / CHECKPOINT)["epoch"]) - 1
+    return 0
+
+
+def rows(runs: list[EvaluatedRun]) -> list[dict]:
+    """One row per run (COLUMNS): its evaluation, training facts, and its paired difference from the
+    first run (None for the first)."""
+    table = []
+    for run in runs:
+        e = run.evaluation
+        row = {"run": run.name, "log_px": e["log_px"], "log_px_se": e["log_px_se"],
+               "test_elbo": e["test_elbo"], "test_elbo_se": e["test_elbo_se"], "kl": e["kl"],
+               "active_units": e["active_units"],
+               "epochs": epochs_trained(run), "best_epoch": best_epoch(run),
+               "train_seconds": run.summary.get("train_seconds"), "device": run.summary.get("device"),
+               "n_examples": e["n_examples"], "k": e.get("k")}
+        for key in PAIRED:
+            first = run is runs[0]
+            diff = (None, None) if first else paired_difference(runs[0].values[key], run.values[key])
+            row[f"diff_{key}"], row[f"diff_{key}_se"] = diff
+        table.append(row)
+    return table
+
+
+def _fmt(value: object, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pm(value: float | None, se: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f} ± {_fmt(se, digits)}"
+
+
+def markdown(table: list[dict]) -> str:
+    """The table as markdown: bounds in nats per example, ± one standard error; the paired columns are
+    each run minus the first run on the same test examples."""
+    first = table[0]["run"]
+    head = ("| run | log p(x) (nats) | ELBO (nats) | KL (nats) | active units | epochs | best epoch | "
+            f"wall time (s) | device | Δ log p(x) vs {first} | Δ ELBO vs {first} |")
+    lines = [head, "|" + " --- |" * (len(head.split("|")) - 2)]
+    for r in table:
+        lines.append(
+            f"| {r['run']} | {_pm(r['log_px'], r['log_px_se'])} | {_pm(r['test_elbo'], r['test_elbo_se'])} | "
+            f"{_fmt(r['kl'])} | {r['active_units']} | {r['epochs']} | {_fmt(r['best_epoch'])} | "
+            f"{_fmt(r['train_seconds'], 1)} | {_fmt(r['device'])} | "
+            f"{_pm(r['diff_log_px'], r['diff_log_px_se'], 3)} | "
+            f"{_pm(r['diff_elbo'], r['diff_elbo_se'], 3)} |")
+    n, k = table[0]["n_examples"], table[0]["k"]
+    lines.append("")
+    lines.append(f"{n} test examples, the same in every run; log p(x) by importance sampling with k={k}; "
+                 "± one standard error over examples; Δ: the run minus the first run per example, ± the "
+                 "paired standard error sd(Δ)/sqrt(N).")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: list[dict]) -> str:
+    """The table as CSV with the COLUMNS header (empty cells for missing values)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in table)
+    return buffer.getvalue()
+
+
+def report(runs: list[str | Path], out: str | Path) -> Report:
+    """Read the evaluated runs, check they share a test set, and write report.md, report.csv,
+    report.json and report_curves.png into `out`."""
+    from .plots import plot_run_curves
+
+    if not runs:
+        raise InputError("report needs one or more run directories")
+    paths = [Path(r) for r in runs]
+    names = [p.name for p in paths]
+    names = names if len(set(names)) == len(names) else [str(p) for p in paths]
+    evaluated = [read_run(p, name) for p, name in zip(paths, names, strict=True)]
+    check_same_test_set(evaluated)
+    table = rows(evaluated)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKDOWN).write_text(markdown(table))
+    (out / CSV).write_text(to_csv(table))
+    write_json(out / JSON, {"runs": table, "paths": [str(p) for p in paths]})
+    written = [out / MARKDOWN, out / CSV, out / JSON]
+    written.append(plot_run_curves({run.name: run.metrics for run in evaluated}, out / CURVES))
+    return Report(table, evaluated, written)
