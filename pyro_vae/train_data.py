@@ -36,16 +36,25 @@ def prepare_data(config: Config) -> Dataset:
     if config.validation_size is not None:
         data = split_validation(data, config.validation_size, config.seed)
     if config.binarize != "none":
-        gen = torch.Generator().manual_seed(config.seed)
-        test_x = binarize(data.test_x, gen)  # first, so that a validation split leaves the test set as it was
-        val_x = None if data.val_x is None else binarize(data.val_x, gen)
-        train_x = binarize(data.train_x, gen) if config.binarize == "static" else data.train_x
+        test_x = binarize_held_out(data.test_x)
+        val_x = None if data.val_x is None else binarize_held_out(data.val_x, 1)
+        train_x = (binarize(data.train_x, torch.Generator().manual_seed(config.seed))
+                   if config.binarize == "static" else data.train_x)
         data = Dataset(data.name, train_x, test_x, data.train_y, data.test_y, val_x)
     likelihood = make_likelihood(config.likelihood, sigma=config.sigma, sigma_mode=config.sigma_mode)
     for x in (data.train_x, data.test_x, data.val_x):
         if x is not None:
             likelihood.check(x)
     return data
+
+
+HELD_OUT_SEED = 0  # validation and test images are binarized once, the same for every run
+
+
+def binarize_held_out(x: Tensor, stream: int = 0) -> Tensor:
+    """Held-out images binarized once with a fixed seed (not the run's --seed), so runs with other seeds
+    are scored on the same test set and their per-example values can be paired; stream 1 for validation."""
+    return binarize(x, torch.Generator().manual_seed(HELD_OUT_SEED + stream))
 
 
 def split_validation(data: Dataset, size: int, seed: int) -> Dataset:
@@ -81,7 +90,7 @@ def prepare_stream(config: Config) -> tuple[ImageStream, Dataset]:
     train = Subset(train, range(min(config.train_size or len(train), len(train))))
     test_x, test_y = read_images(Subset(test, range(min(config.test_size or len(test), len(test)))), root)
     if config.binarize != "none":
-        test_x = binarize(test_x, torch.Generator().manual_seed(config.seed))
+        test_x = binarize_held_out(test_x)
     make_likelihood(config.likelihood, sigma=config.sigma, sigma_mode=config.sigma_mode).check(test_x)
     return ImageStream(train, config.workers), Dataset(root.name, test_x[:0], test_x, None, test_y)
 
