@@ -96,13 +96,13 @@ class IAF(GuideFamily):
             ConditionalAffineAutoregressive(
                 ConditionalAutoRegressiveNN(z_dim, z_dim, [4 * z_dim], permutation=order))
             for _ in range(flows))
-        self.reverse = Permute(order.flip(0))
+        self.register_buffer("reverse", order.flip(0), persistent=False)
 
     def forward(self, loc: Tensor, scale: Tensor, features: Tensor | None = None) -> dist.Distribution:
         transforms = []
         for i, step in enumerate(self.steps):
-            if i:
-                transforms.append(self.reverse)
+            if i:  # a Permute object per position: each caches its own (x, y), so scoring the sample
+                transforms.append(Permute(self.reverse))  # that was just drawn inverts no step
             transforms.append(step.condition(features))
         return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1), transforms)
 

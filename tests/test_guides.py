@@ -94,6 +94,21 @@ def test_iaf_log_prob_is_the_change_of_variables_with_autograds_jacobian(cached)
     assert not torch.allclose(jacobian, torch.diag(torch.diagonal(jacobian)))  # z_i depends on other u
 
 
+def test_scoring_the_iaf_sample_just_drawn_inverts_no_step():
+    """Each step's network runs once to draw z (particle plates included) and not again to score it:
+    every transform, the permutations too, keeps its own cached (x, y)."""
+    _, loc, scale, _ = _family_inputs("iaf", z_dim=5)
+    family = make_guide("iaf", 5, flows=3)
+    calls = []
+    for step in family.steps:
+        step.nn.register_forward_hook(lambda *_: calls.append(1))
+    q = family(loc, scale, torch.randn(len(loc), family.extra)).expand((2, len(loc)))
+    z = q.rsample()
+    assert len(calls) == 3
+    q.log_prob(z)
+    assert len(calls) == 3
+
+
 @pytest.mark.parametrize("name", ["fullrank", "lowrank"])
 def test_gaussian_guides_sample_their_mean_and_covariance(name):
     family, loc, scale, features = _family_inputs(name, batch=1, seed=2)
