@@ -27,9 +27,8 @@ from .priors import make_prior
 
 class VAE(PyroModule):
     """p(x, z) = p(z) p(x|z) with p(x|z) = likelihood(decoder(z)); q(z|x) = family(encoder(x)), the
-    posterior family a diagonal Gaussian by default (guides.py). model()
-    registers the parameters of the decoder, prior and likelihood, guide() those of the encoder and family, in
-    Pyro's param store under their state_dict names prefixed "vae$$$" (`param_prefix`), e.g.
+    posterior family (guides.py) a diagonal Gaussian N(encoder(x)) by default. model() registers the
+    parameters of the decoder, prior and likelihood, guide() those of the encoder and family, in Pyro's param store under their state_dict names prefixed "vae$$$" (`param_prefix`), e.g.
     "vae$$$decoder.net.0.weight"; the VampPrior's encoder is the guide's, so its tensors are there
     twice, as "vae$$$encoder..." and "vae$$$prior.encoder...". (Inside param_sites(False), neither
     registers anything.) Checkpoints are vae.state_dict(), which holds the same tensors."""
@@ -47,8 +46,7 @@ class VAE(PyroModule):
         self.prior = prior
         self.likelihood = likelihood
         self.family = Diagonal() if family is None else family
-        self._guide_parts = ("encoder", "family") if any(True for _ in self.family.parameters()) else (
-            "encoder",)
+        self._guide_parts = ("encoder", "family") if list(self.family.parameters()) else ("encoder",)
 
     def model(self, x: Tensor | None = None, n: int | None = None) -> Tensor:
         """p(z) p(x|z) for a batch x (N, C, H, W); with x=None it generates n examples."""

@@ -23,6 +23,7 @@ import torch
 
 from pyro_vae import Config, train
 from pyro_vae.estimators import make_estimator
+from pyro_vae.evaluate import elbo_terms, iwae_log_px
 from pyro_vae.param_store import param_sites
 from pyro_vae.run_dir import load_model
 from pyro_vae.train import prepare_data
@@ -68,6 +69,29 @@ def ms_per_step(run: Path, steps: int, repeats: int, batch_size: int = 128) -> f
     return statistics.median(times)
 
 
+def per_example(run: Path, samples: int, k: int) -> dict[str, torch.Tensor]:
+    """Per test image, the ELBO (mean of `samples` draws) and IWAE log p(x) with k draws, computed
+    once and kept in RUN/per_example.pt: every run scores the same images, so guides can be compared
+    pairwise, image by image (the spread between images cancels)."""
+    path = run / "per_example.pt"
+    if path.is_file():
+        return torch.load(path)
+    config, vae = load_model(run)
+    x = prepare_data(config).test_x
+    pyro.set_rng_seed(0)
+    with torch.no_grad():
+        values = {"elbo": elbo_terms(vae.model, vae.guide, x, samples)["elbo"],
+                  "log_px": iwae_log_px(vae.model, vae.guide, x, k)}
+    torch.save(values, path)
+    return values
+
+
+def _paired(a: torch.Tensor, b: torch.Tensor) -> str:
+    """mean(a - b) ± its standard error over the examples."""
+    d = (a - b).double()
+    return f"{float(d.mean()):+.2f} ± {float(d.std() / len(d) ** 0.5):.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
@@ -79,6 +103,8 @@ def main() -> None:
     parser.add_argument("--svi-steps", type=int, default=200)
     parser.add_argument("--bench-steps", type=int, default=10)
     parser.add_argument("--bench-repeats", type=int, default=5)
+    parser.add_argument("--paired-samples", type=int, default=10, help="ELBO draws per image, paired")
+    parser.add_argument("--paired-k", type=int, default=100, help="IWAE draws per image, paired")
     parser.add_argument("--guides", nargs="+", default=list(map(run_name, GUIDES)),
                         help="train these (default all); the table shows every run in OUT")
     parser.add_argument("--out", default="runs/guides-fashion-mnist")
@@ -103,7 +129,7 @@ def main() -> None:
         (run / "bench.json").write_text(json.dumps(bench) + "\n")
         print(f"{label}: ELBO {s['test_elbo']:.2f}, log p(x) {s['log_px']:.2f}, "
               f"{bench['ms_per_step']:.1f} ms/step", flush=True)
-    table = make_table(out)
+    table = make_table(out, args.paired_samples, args.paired_k)
     (out / "results.md").write_text(table + "\n")
     print(table)
 
@@ -112,9 +138,10 @@ def _pm(stat: dict) -> str:
     return f"{stat['mean']:.2f} ± {stat['se']:.2f}"
 
 
-def make_table(out: Path) -> str:
-    """The Markdown table of every run in `out`."""
-    rows, first = [], None
+def make_table(out: Path, samples: int, k: int) -> str:
+    """The Markdown tables of every run in `out`: bounds and gaps, then the paired differences from
+    the diagonal guide."""
+    rows, paired, first, base, base_gap, index = [], [], None, None, None, None
     for label in GUIDES:
         run = out / run_name(label)
         if not (run / "diagnose.json").is_file():
@@ -131,6 +158,15 @@ def make_table(out: Path) -> str:
             f"| {s['log_px'] - s['test_elbo']:.2f} | {total:.2f} | {_pm(gaps['diagonal']['approximation'])} "
             f"| {_pm(gaps['full_rank']['approximation'])} | {_pm(gaps['diagonal']['amortization'])} "
             f"| {_pm(gaps['full_rank']['amortization'])} | {bench['ms_per_step']:.1f} |")
+        mine = per_example(run, samples, k)
+        base = base or mine
+        gap = torch.tensor(d["per_example"]["log_px"]) - torch.tensor(d["per_example"]["elbo_amortized"])
+        base_gap = gap if base_gap is None else base_gap
+        index = index or d["per_example"]["index"]
+        assert d["per_example"]["index"] == index, "diagnose examined other images in this run"
+        paired.append(f"| {label} | {_paired(mine['elbo'], base['elbo'])} | "
+                      f"{_paired(mine['log_px'], base['log_px'])} | "
+                      f"{_paired(gap, base_gap)} |")
     if first is None:
         return "no finished runs"
     s, d = first
@@ -145,6 +181,14 @@ def make_table(out: Path) -> str:
         "| amort. gap (full-rank q*) | ms / step |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
+        "",
+        f"Paired with the diagonal guide, image by image (± s.e. of the mean difference): test ELBO "
+        f"({samples} draws per image) and IWAE log p(x) (k={k}) on the same {len(base['elbo'])} images, and "
+        f"the gap log p(x) − L[q] on diagnose's {d['n_examples']} images.",
+        "",
+        "| guide | Δ test ELBO | Δ test log p(x) | Δ (log p(x) − L[q]) |",
+        "|---|---|---|---|",
+        *paired,
     ])
 
 
