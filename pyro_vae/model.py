@@ -28,7 +28,8 @@ from .priors import make_prior
 class VAE(PyroModule):
     """p(x, z) = p(z) p(x|z) with p(x|z) = likelihood(decoder(z)); q(z|x) = family(encoder(x)), the
     posterior family (guides.py) a diagonal Gaussian N(encoder(x)) by default. model() registers the
-    parameters of the decoder, prior and likelihood, guide() those of the encoder and family, in Pyro's param store under their state_dict names prefixed "vae$$$" (`param_prefix`), e.g.
+    parameters of the decoder, prior and likelihood, guide() those of the encoder and family, in Pyro's
+    param store under their state_dict names prefixed "vae$$$" (`param_prefix`), e.g.
     "vae$$$decoder.net.0.weight"; the VampPrior's encoder is the guide's, so its tensors are there
     twice, as "vae$$$encoder..." and "vae$$$prior.encoder...". (Inside param_sites(False), neither
     registers anything.) Checkpoints are vae.state_dict(), which holds the same tensors."""
