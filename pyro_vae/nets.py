@@ -115,11 +115,18 @@ def make_networks(
     extra: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
     """The (encoder, decoder) pair of architecture `kind` ('mlp' or 'conv'); the encoder also outputs
-    `extra` features for a guide family that needs them (guides.py)."""
+    `extra` features for a guide family that needs them (guides.py), initially 0 (the last layer's
+    weights and biases for them are zeroed)."""
     if kind not in NETWORKS:
         raise InputError(f"unknown encoder {kind!r}: choose one of {', '.join(NETWORKS)}")
     if kind == "conv" and len(x_shape) == 3 and min(x_shape[1:]) < 4:
         raise InputError(f"--encoder conv needs images of at least 4x4 pixels, got {tuple(x_shape)}")
     enc_cls, dec_cls = NETWORKS[kind]
-    encoder = enc_cls(x_shape, hidden, z_dim, extra) if extra else enc_cls(x_shape, hidden, z_dim)
+    if not extra:
+        return enc_cls(x_shape, hidden, z_dim), dec_cls(z_dim, hidden, out_shape)
+    encoder = enc_cls(x_shape, hidden, z_dim, extra)
+    last = [m for m in encoder.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():  # the extra outputs start at 0: a richer guide starts as the diagonal one
+        last.weight[-extra:].zero_()
+        last.bias[-extra:].zero_()
     return encoder, dec_cls(z_dim, hidden, out_shape)

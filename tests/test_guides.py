@@ -94,6 +94,18 @@ def test_iaf_log_prob_is_the_change_of_variables_with_autograds_jacobian(cached)
     assert not torch.allclose(jacobian, torch.diag(torch.diagonal(jacobian)))  # z_i depends on other u
 
 
+@pytest.mark.parametrize("encoder", ["mlp", "conv"])
+@pytest.mark.parametrize("name", ["fullrank", "lowrank"])
+def test_a_fresh_gaussian_guide_is_the_diagonal_one(name, encoder):
+    """The encoder's extra outputs start at 0: an untrained full- or low-rank guide is N(mu, diag
+    sigma^2), the diagonal guide of the same encoder outputs."""
+    vae = build_vae((1, 8, 8), encoder=encoder, hidden=[16], z_dim=4, guide=name, **OPTIONS[name])
+    x = torch.rand(3, 1, 8, 8)
+    loc, scale, features = vae.encoder(x)
+    assert torch.equal(features, torch.zeros_like(features))
+    torch.testing.assert_close(vae.posterior(x).covariance_matrix, torch.diag_embed(scale**2))
+
+
 def test_scoring_the_iaf_sample_just_drawn_inverts_no_step():
     """Each step's network runs once to draw z (particle plates included) and not again to score it:
     every transform, the permutations too, keeps its own cached (x, y)."""
