@@ -1,8 +1,8 @@
 """pyro-vae: variational autoencoders written as Pyro programs.
 
 The model p(z) p(x|z) and the guide q(z|x) are Pyro functions; priors, likelihoods and ELBO
-estimators are registry entries, swapped by name or passed as objects; register_prior,
-register_likelihood and register_estimator add your own.
+estimators and guide families are registry entries, swapped by name or passed as objects;
+register_prior, register_likelihood, register_estimator and register_guide add your own.
 """
 
 from .config import Config
@@ -10,6 +10,7 @@ from .data import Dataset, load_dataset
 from .errors import InputError
 from .estimators import log_weights, make_estimator, register_estimator
 from .evaluate import elbo_terms, evaluate, iwae_log_px
+from .guides import register_guide
 from .likelihoods import register_likelihood
 from .model import VAE, build_vae
 from .priors import register_prior
@@ -18,6 +19,6 @@ from .train import RunResult, train
 __all__ = [
     "VAE", "Config", "Dataset", "InputError", "RunResult", "build_vae", "elbo_terms", "evaluate",
     "iwae_log_px", "load_dataset", "log_weights", "make_estimator", "register_estimator",
-    "register_likelihood", "register_prior", "train",
+    "register_guide", "register_likelihood", "register_prior", "train",
 ]
 __version__ = "0.1.0"

@@ -36,6 +36,10 @@ HELP = {
     "prior_components": "mixture components K of the mog (default 10) and vamp (default 500) priors",
     "prior_init": "VampPrior pseudo-inputs start as: noise (uniform on [0, 1], default) | data (random "
                   "training examples)",
+    "guide": "posterior q(z|x): diagonal (Gaussian, default) | fullrank (Gaussian, full covariance) | "
+             "lowrank (diagonal + rank --guide-rank) | iaf (inverse autoregressive flow, --flows steps)",
+    "guide_rank": "rank R of the lowrank guide's covariance factor, 1 <= R < z_dim (default 1)",
+    "flows": "number of IAF steps of the iaf guide (default 2)",
     "likelihood": "likelihood p(x|z): bernoulli (default) | continuous-bernoulli | gaussian (fixed --sigma) "
                   "| gaussian-learned | laplace (fixed --sigma) | laplace-learned",
     "sigma": "fixed scale of the gaussian (standard deviation) and laplace likelihoods (default 0.1)",

@@ -16,6 +16,7 @@ import yaml
 from .data import BINARIZE_MODES
 from .errors import InputError
 from .estimators import ESTIMATORS
+from .guides import GUIDES
 from .likelihoods import LIKELIHOODS, SIGMA_MODES, make_likelihood
 from .model import MODELS
 from .nets import NETWORKS
@@ -30,7 +31,8 @@ CUDA_GRAPH_MODES = ("auto", "off", "on")
 RESUMABLE = {"epochs", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir", "workers",
              "cuda_graph", "plugins", "threads"}
 # the settings that build pyro-vae's own VAE; a user's own model/guide pair brings its own networks
-MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init")
+MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init",
+                  "guide", "guide_rank", "flows")
 
 
 @dataclass
@@ -53,6 +55,9 @@ class Config:
     prior: str = "normal"
     prior_components: int | None = None
     prior_init: str = "noise"
+    guide: str = "diagonal"
+    guide_rank: int | None = None
+    flows: int | None = None
     likelihood: str = "bernoulli"
     sigma: float = 0.1
     sigma_mode: str = "shared"
@@ -101,7 +106,7 @@ class Config:
             "device": DEVICES, "model": MODELS, "prior_init": PRIOR_INITS, "cuda_graph": CUDA_GRAPH_MODES,
         }
         for registry, name in ((PRIORS, self.prior), (LIKELIHOODS, self.likelihood),
-                               (ESTIMATORS, self.estimator)):
+                               (ESTIMATORS, self.estimator), (GUIDES, self.guide)):
             registry.lookup(name)  # an unknown name, or a MODULE:FACTORY that cannot be loaded, raises
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -110,7 +115,7 @@ class Config:
                 )
         for name in ("z_dim", "particles", "epochs", "batch_size", "eval_k", "channels", "threads",
                      "image_size", "train_size", "test_size", "prior_components", "validation_size",
-                     "early_stop"):
+                     "early_stop", "guide_rank", "flows"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -152,8 +157,10 @@ class Config:
             raise InputError(f"--prior-init {self.prior_init} sets the VampPrior's pseudo-inputs; use it "
                              "with --prior vamp")
         self._validate_protocol()
+        self._validate_guide()
         if self.model == "ae":
-            vae_only = {"prior": "normal", "estimator": "mc", "particles": 1, "beta": 1.0, "kl_anneal": 0}
+            vae_only = {"guide": "diagonal", "prior": "normal", "estimator": "mc", "particles": 1,
+                        "beta": 1.0, "kl_anneal": 0}
             changed = [k for k, v in vae_only.items() if getattr(self, k) != v]
             if changed:
                 raise InputError(
@@ -178,6 +185,20 @@ class Config:
         if self.early_stop is not None and self.model == "ae":
             raise InputError("--early-stop watches the validation ELBO, and --model ae has no ELBO; "
                              "use it with --model vae")
+
+    def _validate_guide(self) -> None:
+        """--flows only with the iaf guide, --guide-rank only with lowrank and below z_dim (a user's
+        own guide may take either)."""
+        builtin = self.guide in GUIDES.builtins
+        if self.flows is not None and builtin and self.guide != "iaf":
+            raise InputError(f"--flows sets the number of IAF steps; use it with --guide iaf, not --guide "
+                             f"{self.guide}")
+        if self.guide_rank is not None and builtin and self.guide != "lowrank":
+            raise InputError(f"--guide-rank sets the rank of the lowrank guide; use it with --guide lowrank, "
+                             f"not --guide {self.guide}")
+        if self.guide == "lowrank" and self.guide_rank is not None and self.guide_rank >= self.z_dim:
+            raise InputError(f"--guide-rank must be below --z-dim ({self.z_dim}), got {self.guide_rank}; "
+                             "for a full covariance use --guide fullrank")
 
     def _discrete(self) -> bool:
         """Whether the likelihood is a probability mass function (False where it cannot be made:

@@ -69,7 +69,10 @@ def _sample_sites(trace: Trace) -> list[dict]:
 
 
 def _log_prob(site: dict, stop_params: bool = False) -> Tensor:
-    """log fn(value), masked as the site says but not scaled; stop_params: at detached parameters."""
+    """log fn(value), masked as the site says but not scaled; stop_params: at detached parameters.
+    Pyro's `detach` deep-copies the distribution with every tensor in it detached: a Cholesky or
+    low-rank factor, and a flow's networks, their conditioning context and cached values too (a flow
+    then scores `value` by inverting its steps); the value keeps its path (tests/test_guides.py)."""
     fn = detach(site["fn"]) if stop_params else site["fn"]
     return scale_and_mask(fn.log_prob(site["value"]), 1.0, site["mask"])
 

@@ -18,6 +18,7 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 from .errors import InputError
+from .guides import DEFAULT_GUIDE, Diagonal, GuideFamily, make_guide
 from .likelihoods import Likelihood, make_likelihood
 from .nets import make_networks
 from .param_store import register_params
@@ -25,9 +26,10 @@ from .priors import make_prior
 
 
 class VAE(PyroModule):
-    """p(x, z) = p(z) p(x|z) with p(x|z) = likelihood(decoder(z)); q(z|x) = N(encoder(x)). model()
-    registers the parameters of the decoder, prior and likelihood, guide() those of the encoder, in
-    Pyro's param store under their state_dict names prefixed "vae$$$" (`param_prefix`), e.g.
+    """p(x, z) = p(z) p(x|z) with p(x|z) = likelihood(decoder(z)); q(z|x) = family(encoder(x)), the
+    posterior family (guides.py) a diagonal Gaussian N(encoder(x)) by default. model() registers the
+    parameters of the decoder, prior and likelihood, guide() those of the encoder and family, in Pyro's
+    param store under their state_dict names prefixed "vae$$$" (`param_prefix`), e.g.
     "vae$$$decoder.net.0.weight"; the VampPrior's encoder is the guide's, so its tensors are there
     twice, as "vae$$$encoder..." and "vae$$$prior.encoder...". (Inside param_sites(False), neither
     registers anything.) Checkpoints are vae.state_dict(), which holds the same tensors."""
@@ -36,13 +38,16 @@ class VAE(PyroModule):
     param_prefix = "vae"
 
     def __init__(
-        self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module, likelihood: Likelihood
+        self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module, likelihood: Likelihood,
+        family: GuideFamily | None = None,
     ):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.prior = prior
         self.likelihood = likelihood
+        self.family = Diagonal() if family is None else family
+        self._guide_parts = ("encoder", "family") if list(self.family.parameters()) else ("encoder",)
 
     def model(self, x: Tensor | None = None, n: int | None = None) -> Tensor:
         """p(z) p(x|z) for a batch x (N, C, H, W); with x=None it generates n examples."""
@@ -52,8 +57,9 @@ class VAE(PyroModule):
             return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
     def guide(self, x: Tensor, n: int | None = None) -> Tensor:
-        """q(z|x) = N(z; mu(x), diag sigma(x)^2), reparameterized: z = mu + sigma * eps."""
-        self._register("encoder")
+        """q(z|x) = family(encoder(x)), reparameterized (by default N(z; mu(x), diag sigma(x)^2),
+        z = mu + sigma * eps)."""
+        self._register(*self._guide_parts)
         with pyro.plate("data", x.shape[0]):
             return pyro.sample("z", self.posterior(x))
 
@@ -63,8 +69,7 @@ class VAE(PyroModule):
 
     def posterior(self, x: Tensor) -> dist.Distribution:
         """q(z|x) as a distribution, without running Pyro (for plots and diagnostics)."""
-        loc, scale = self.encoder(x)
-        return dist.Normal(loc, scale).to_event(1)
+        return self.family(*self.encoder(x))
 
     def sample_latents(self, n: int) -> Tensor:
         """n draws of z from the prior p(z): what `decode` turns into generated images."""
@@ -117,17 +122,36 @@ def build_vae(
     prior: str = "normal",
     likelihood: str = "bernoulli",
     model: str = "vae",
+    guide: str = DEFAULT_GUIDE,
     **options,
 ) -> VAE:
-    """A VAE (or, with model='ae', the AutoEncoder) from registry names. `options` go to the likelihood
-    and prior factories (e.g. sigma, sigma_mode, prior_components); the prior also gets the guide's
-    encoder and the data shape."""
-    lik = make_likelihood(likelihood, **options)
-    c, h, w = x_shape
-    enc, dec = make_networks(encoder, x_shape, hidden, z_dim, (c * lik.params_per_pixel, h, w))
+    """A VAE (or, with model='ae', the AutoEncoder) from registry names. `options` go to the likelihood,
+    prior and guide factories (e.g. sigma, sigma_mode, prior_components, guide_rank, flows); the prior
+    also gets the guide's encoder (its (loc, scale) outputs) and the data shape."""
     if model not in MODELS:
         raise InputError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+    if model == "ae" and guide != DEFAULT_GUIDE:
+        raise InputError(f"--model ae is a deterministic autoencoder (a point-mass guide); --guide {guide} "
+                         "applies to --model vae only")
+    lik = make_likelihood(likelihood, **options)
+    family = make_guide(guide, z_dim, **options)
+    c, h, w = x_shape
+    enc, dec = make_networks(encoder, x_shape, hidden, z_dim, (c * lik.params_per_pixel, h, w),
+                             extra=family.extra)
     if model == "ae":
         return AutoEncoder(enc, dec, FlatLatent(z_dim), lik)
-    p_z = make_prior(prior, z_dim, encoder=enc, x_shape=tuple(x_shape), **options)
-    return VAE(enc, dec, p_z, lik)
+    gaussian = enc if not family.extra else GaussianOutputs(enc)
+    p_z = make_prior(prior, z_dim, encoder=gaussian, x_shape=tuple(x_shape), **options)
+    return VAE(enc, dec, p_z, lik, family)
+
+
+class GaussianOutputs(nn.Module):
+    """The encoder's (loc, scale) alone, without the guide family's extra features: what a prior built
+    from the encoder (the VampPrior's q(z|u_k)) takes."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.encoder(x)[:2]

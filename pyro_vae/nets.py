@@ -1,5 +1,6 @@
 """Encoder and decoder networks. Encoders map x (..., C, H, W) to the parameters (loc, scale) of a
-diagonal Gaussian q(z|x); decoders map z (..., z_dim) to the raw parameters of p(x|z), shaped like
+diagonal Gaussian q(z|x), followed by `extra` features where the guide family needs more (guides.py);
+decoders map z (..., z_dim) to the raw parameters of p(x|z), shaped like
 the image (..., C', H, W). Any number of leading batch dimensions is allowed (particle plates)."""
 
 from __future__ import annotations
@@ -48,17 +49,26 @@ def _gaussian_params(h: Tensor) -> tuple[Tensor, Tensor]:
     return loc, F.softplus(raw) + MIN_SCALE
 
 
+def _guide_params(h: Tensor, extra: int) -> tuple[Tensor, ...]:
+    """(loc, scale) from the last dimension of h, followed, where the guide family needs `extra` more
+    outputs (guides.py), by those features: (loc, scale, features)."""
+    if not extra:
+        return _gaussian_params(h)
+    return (*_gaussian_params(h[..., :-extra]), h[..., -extra:])
+
+
 class MLPEncoder(nn.Module):
-    """x -> flatten -> MLP(hidden) -> (loc, scale) of q(z|x)."""
+    """x -> flatten -> MLP(hidden) -> (loc, scale) of q(z|x), plus `extra` features for the guide."""
 
     gated = False  # hidden layers: Linear + ReLU, or GatedDense
 
-    def __init__(self, x_shape: Sequence[int], hidden: Sequence[int], z_dim: int):
+    def __init__(self, x_shape: Sequence[int], hidden: Sequence[int], z_dim: int, extra: int = 0):
         super().__init__()
-        self.net = _mlp([math.prod(x_shape), *hidden, 2 * z_dim], self.gated)
+        self.extra = extra
+        self.net = _mlp([math.prod(x_shape), *hidden, 2 * z_dim + extra], self.gated)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return _gaussian_params(self.net(x.flatten(-3)))
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return _guide_params(self.net(x.flatten(-3)), self.extra)
 
 
 class MLPDecoder(nn.Module):
@@ -88,22 +98,24 @@ class GatedMLPDecoder(MLPDecoder):
 
 
 class ConvEncoder(nn.Module):
-    """Two stride-2 convolutions (32, 64 channels), then MLP(hidden) -> (loc, scale) of q(z|x)."""
+    """Two stride-2 convolutions (32, 64 channels), then MLP(hidden) -> (loc, scale) of q(z|x), plus
+    `extra` features for the guide."""
 
-    def __init__(self, x_shape: Sequence[int], hidden: Sequence[int], z_dim: int):
+    def __init__(self, x_shape: Sequence[int], hidden: Sequence[int], z_dim: int, extra: int = 0):
         super().__init__()
+        self.extra = extra
         c, h, w = x_shape
         self.conv = nn.Sequential(
             nn.Conv2d(c, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(), nn.Flatten()
         )
         with torch.no_grad():
             flat = self.conv(torch.zeros(1, c, h, w)).shape[-1]
-        self.head = _mlp([flat, *hidden, 2 * z_dim])
+        self.head = _mlp([flat, *hidden, 2 * z_dim + extra])
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         batch = x.shape[:-3]
         h = F.relu(self.conv(x.reshape(-1, *x.shape[-3:])))
-        return _gaussian_params(self.head(h).reshape(*batch, -1))
+        return _guide_params(self.head(h).reshape(*batch, -1), self.extra)
 
 
 class ConvDecoder(nn.Module):
@@ -132,12 +144,22 @@ NETWORKS = {"mlp": (MLPEncoder, MLPDecoder), "gated-mlp": (GatedMLPEncoder, Gate
 
 
 def make_networks(
-    kind: str, x_shape: Sequence[int], hidden: Sequence[int], z_dim: int, out_shape: Sequence[int]
+    kind: str, x_shape: Sequence[int], hidden: Sequence[int], z_dim: int, out_shape: Sequence[int],
+    extra: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
-    """The (encoder, decoder) pair of architecture `kind` ('mlp', 'gated-mlp' or 'conv')."""
+    """The (encoder, decoder) pair of architecture `kind` ('mlp', 'gated-mlp' or 'conv'); the encoder also
+    outputs `extra` features for a guide family that needs them (guides.py), initially 0 (the last
+    layer's weights and biases for them are zeroed)."""
     if kind not in NETWORKS:
         raise InputError(f"unknown encoder {kind!r}: choose one of {', '.join(NETWORKS)}")
     if kind == "conv" and len(x_shape) == 3 and min(x_shape[1:]) < 4:
         raise InputError(f"--encoder conv needs images of at least 4x4 pixels, got {tuple(x_shape)}")
     enc_cls, dec_cls = NETWORKS[kind]
-    return enc_cls(x_shape, hidden, z_dim), dec_cls(z_dim, hidden, out_shape)
+    if not extra:
+        return enc_cls(x_shape, hidden, z_dim), dec_cls(z_dim, hidden, out_shape)
+    encoder = enc_cls(x_shape, hidden, z_dim, extra)
+    last = [m for m in encoder.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():  # the extra outputs start at 0: a richer guide starts as the diagonal one
+        last.weight[-extra:].zero_()
+        last.bias[-extra:].zero_()
+    return encoder, dec_cls(z_dim, hidden, out_shape)

@@ -226,6 +226,7 @@ def build_from_config(config: Config, x_shape: tuple[int, ...]) -> VAE:
         x_shape, encoder=config.encoder, hidden=config.hidden, z_dim=config.z_dim,
         prior=config.prior, likelihood=config.likelihood, sigma=config.sigma,
         sigma_mode=config.sigma_mode, prior_components=config.prior_components, model=config.model,
+        guide=config.guide, guide_rank=config.guide_rank, flows=config.flows,
     )
 
 
