@@ -87,10 +87,17 @@ def elbo_terms(
 @torch.no_grad()
 def active_units(program: object, x: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
     """Number of latent units u with Var_x(E_q[z_u | x]) > threshold (Burda et al. 2016), over the
-    coordinates of every latent site (Program.posterior_means)."""
+    coordinates of every latent site (Program.posterior_means). The variance is estimated as the
+    covariance over x of two independent estimates of the posterior mean: the same as the variance
+    where the mean is in closed form; where it is estimated from guide draws (a flow), the draws'
+    noise, which would otherwise add sigma^2 / draws to every unit's variance, cancels."""
     program = Program.of(program)
-    means = torch.cat([program.posterior_means(x[rows]) for rows in _chunks(x.shape[0], 4096)])
-    return int((means.var(0) > threshold).sum()) if len(means) > 1 else 0
+    means = [torch.cat([program.posterior_means(x[rows]) for rows in _chunks(x.shape[0], 4096)])
+             for _ in range(2)]
+    if len(means[0]) < 2:
+        return 0
+    a, b = (m - m.mean(0) for m in means)
+    return int(((a * b).sum(0) / (len(a) - 1) > threshold).sum())
 
 
 def _mean_se(values: Tensor) -> tuple[float, float]:

@@ -18,6 +18,7 @@ from torch import nn
 from pyro_vae import Config, build_vae, register_guide, train
 from pyro_vae.cli import main
 from pyro_vae.estimators import check_analytic_kl, make_estimator
+from pyro_vae.evaluate import active_units
 from pyro_vae.guides import GUIDES, GuideFamily, make_guide
 from pyro_vae.program import Program
 from pyro_vae.run_dir import load_model
@@ -346,3 +347,17 @@ def test_register_guide_adds_a_family_of_your_own():
         torch.testing.assert_close(vae.posterior(x).base_dist.scale, scale / 2)
     finally:
         GUIDES.unregister("halved")
+
+
+def test_active_units_of_a_flow_do_not_count_the_noise_of_its_estimated_means():
+    """An iaf guide whose q(z|x) does not depend on x has no active unit, although its posterior means
+    are estimated from draws (noise variance sigma^2 / draws per unit, above the 0.01 threshold here)."""
+    pyro.set_rng_seed(0)
+    vae = build_vae((1, 8, 8), hidden=[16], z_dim=4, guide="iaf", flows=2)
+    with torch.no_grad():
+        last = [m for m in vae.encoder.modules() if isinstance(m, torch.nn.Linear)][-1]
+        for p in vae.encoder.parameters():
+            p.zero_()
+        last.bias[4:8] = 2.0  # scale softplus(2) ~ 2.1: noise variance 4.5 / 64 draws ~ 0.07 per unit
+    x = torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(0)).bernoulli()
+    assert active_units(vae, x) == 0
