@@ -21,7 +21,7 @@ from .errors import InputError
 from .guides import DEFAULT_GUIDE, Diagonal, GuideFamily, make_guide
 from .likelihoods import Likelihood, make_likelihood
 from .nets import make_networks
-from .param_store import register_params
+from .param_store import param_sites_enabled, register_named
 from .priors import make_prior
 
 
@@ -64,8 +64,14 @@ class VAE(PyroModule):
             return pyro.sample("z", self.posterior(x))
 
     def _register(self, *parts: str) -> None:
-        """register_params for the submodules named `parts`."""
-        register_params(self.param_prefix, {part: self._modules[part] for part in parts})
+        """register_named for the parameters of the submodules named `parts`, each under its name in
+        the whole VAE (a tensor reached by two paths, as the VampPrior reaches the encoder's, keeps
+        the one name it has in self.named_parameters(): one name per tensor in model and guide)."""
+        if not param_sites_enabled():
+            return
+        names = {param: name for name, param in self.named_parameters()}
+        register_named(self.param_prefix,
+                       {names[p]: p for part in parts for p in self._modules[part].parameters()})
 
     def posterior(self, x: Tensor) -> dist.Distribution:
         """q(z|x) as a distribution, without running Pyro (for plots and diagnostics)."""

@@ -29,6 +29,11 @@ def param_sites(enabled: bool) -> Iterator[None]:
         _PARAM_SITES.reset(token)
 
 
+def param_sites_enabled() -> bool:
+    """Whether register_params registers here (False inside param_sites(False))."""
+    return _PARAM_SITES.get()
+
+
 def register_params(prefix: str, modules: dict[str, nn.Module]) -> None:
     """pyro.module for each named module: a param site for each trainable parameter, named
     "prefix$$$module_name.parameter_name" (its state_dict name under a module holding them all,
@@ -37,20 +42,29 @@ def register_params(prefix: str, modules: dict[str, nn.Module]) -> None:
     the names (a model built earlier in this process with the same names, or a param store loaded
     from a file), this one takes its place. (pyro.module would keep the other tensor and put it in
     the param site, and SVI would step the other model's tensors, silently.)"""
+    if _PARAM_SITES.get():
+        register_named(prefix, {name: param for module_name, module in modules.items()
+                                for name, param in module.named_parameters(prefix=module_name)})
+
+
+def register_named(prefix: str, params: dict[str, nn.Parameter]) -> None:
+    """register_params for parameters already named ("module_name.parameter_name"). A tensor must
+    have one name only: the store maps each tensor back to its name, and a tensor under two names
+    breaks that map once one of them is replaced (a model that reaches a shared module by two paths,
+    as the VampPrior reaches the encoder, passes each tensor once, under its canonical name)."""
     if not _PARAM_SITES.get():
         return
     store = pyro.get_param_store()
     stored = store.named_parameters().mapping  # a read-only view: name -> the tensor the store holds
-    for module_name, module in modules.items():
-        for name, param in module.named_parameters(prefix=module_name):
-            if not param.requires_grad:
-                continue
-            name = param_with_module_name(prefix, name)
-            if stored.get(name) is not param:
-                if name in store:
-                    del store[name]
-                store[name] = param
-                if stored[name] is not param:  # the store keeps a contiguous copy
-                    raise ValueError(f"parameter {name!r} is not contiguous, so Pyro's param store would "
-                                     "hold a copy of it; make it contiguous (p.data = p.data.contiguous())")
-            pyro.param(name, param)
+    for name, param in params.items():
+        if not param.requires_grad:
+            continue
+        name = param_with_module_name(prefix, name)
+        if stored.get(name) is not param:
+            if name in store:
+                del store[name]
+            store[name] = param
+            if stored[name] is not param:  # the store keeps a contiguous copy
+                raise ValueError(f"parameter {name!r} is not contiguous, so Pyro's param store would "
+                                 "hold a copy of it; make it contiguous (p.data = p.data.contiguous())")
+        pyro.param(name, param)

@@ -98,9 +98,10 @@ def test_model_and_guide_traces_hold_each_parameter_they_use_as_a_param_site(dig
         return {name: site["value"] for name, site in trace.nodes.items() if site["type"] == "param"}
 
     assert params(guide) == {f"vae$$${n}": p for n, p in vae.encoder.named_parameters(prefix="encoder")}
-    expected = {f"vae$$${n}": p for part in ("decoder", "prior", "likelihood")
-                for n, p in getattr(vae, part).named_parameters(prefix=part)}
-    assert "vae$$$prior.encoder.net.0.weight" in expected  # the VampPrior runs the guide's encoder
+    names = {p: n for n, p in vae.named_parameters()}  # one name per tensor: the encoder's its own
+    expected = {f"vae$$${names[p]}": p for part in ("decoder", "prior", "likelihood")
+                for p in getattr(vae, part).parameters()}
+    assert "vae$$$encoder.net.0.weight" in expected  # the VampPrior runs the guide's encoder
     assert params(model).keys() == expected.keys()
     assert all(params(model)[n] is p for n, p in expected.items())  # the tensors themselves, not copies
 
@@ -173,3 +174,17 @@ def test_a_parameter_the_store_would_copy_is_refused(digits):
     layer.weight = nn.Parameter(layer.weight.detach().t().contiguous().t())  # same values, transposed layout
     with pytest.raises(ValueError, match="'vae\\$\\$\\$encoder.net.0.weight' is not contiguous"):
         vae.guide(digits[:2])
+
+
+def test_a_vampprior_registers_each_tensor_once_and_a_later_model_replaces_it_cleanly():
+    """The VampPrior reaches the encoder through the prior too: each tensor still has one name in the
+    store, so a model built later with the same names replaces them without breaking the store's
+    tensor -> name map (a KeyError once, when a grid trained a VampPrior run and then another)."""
+    x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)).bernoulli()
+    for prior in ("vamp", "normal", "vamp"):
+        vae = build_vae((1, 8, 8), hidden=[16], z_dim=3, prior=prior, prior_components=4)
+        poutine.trace(poutine.replay(vae.model, trace=poutine.trace(vae.guide).get_trace(x))).get_trace(x)
+        store = pyro.get_param_store()
+        names = [store.param_name(p) for p in vae.parameters() if p.requires_grad]
+        assert len(set(names)) == len(names) and None not in names
+        assert set(names) <= set(store.keys())
