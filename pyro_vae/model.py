@@ -30,9 +30,9 @@ class VAE(PyroModule):
     posterior family (guides.py) a diagonal Gaussian N(encoder(x)) by default. model() registers the
     parameters of the decoder, prior and likelihood, guide() those of the encoder and family, in Pyro's
     param store under their state_dict names prefixed "vae$$$" (`param_prefix`), e.g.
-    "vae$$$decoder.net.0.weight"; the VampPrior's encoder is the guide's, so its tensors are there
-    twice, as "vae$$$encoder..." and "vae$$$prior.encoder...". (Inside param_sites(False), neither
-    registers anything.) Checkpoints are vae.state_dict(), which holds the same tensors."""
+    "vae$$$decoder.net.0.weight"; each tensor under one name, the first it has in named_parameters()
+    (the VampPrior's encoder is the guide's: its tensors are "vae$$$encoder..." in the model too).
+    (Inside param_sites(False), neither registers anything.) Checkpoints are vae.state_dict(), which holds the same tensors."""
 
     is_autoencoder = False
     param_prefix = "vae"
