@@ -251,11 +251,15 @@ RESULT_FILES = ("eval.json", EVAL_EXAMPLES, "compare.json", "compare.md", "compa
                 "diagnose.json", "diagnose.md", "diagnose_*.png", "diagnose_posterior.nc")
 
 
-def model_stamp(run: Path, checkpoint: str = CHECKPOINT) -> dict:
-    """Which model a result file describes: the checkpoint file, the epochs it completed, its step (and
-    the batch inside the next epoch, for a checkpoint written mid-epoch)."""
-    state = load_checkpoint(Path(run) / checkpoint)
-    stamp = {"checkpoint": checkpoint, "epoch": int(state["epoch"]) - 1, "step": int(state["step"])}
+def model_stamp(run: Path, checkpoint: str | None = None) -> dict:
+    """Which model a result file describes: the file (by default model_file's: best.pt where early
+    stopping kept one, which is what evaluate, sample, compare and diagnose load), the epochs it had
+    completed, its step (and, for a checkpoint written mid-epoch, the batch inside the next epoch)."""
+    path = model_file(run) if checkpoint is None else Path(run) / checkpoint
+    state = load_checkpoint(path)
+    if path.name == BEST:  # written at the end of its epoch
+        return {"checkpoint": BEST, "epoch": int(state["epoch"]), "step": int(state["step"])}
+    stamp = {"checkpoint": path.name, "epoch": int(state["epoch"]) - 1, "step": int(state["step"])}
     return {**stamp, "batch": int(state["batch"])} if int(state["batch"]) else stamp
 
 

@@ -135,3 +135,14 @@ def test_bad_protocol_settings_are_input_errors(settings, message):
 
     with pytest.raises(InputError, match=message):
         Config.from_dict(settings)
+
+
+def test_results_say_they_describe_best_pt_when_early_stopping_kept_one(tmp_path):
+    """evaluate loads best.pt where it exists; eval.json's stamp names it, with its epoch and step."""
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "3", "--validation-size", "50", "--early-stop", "5", "--out", str(run),
+                 "--train-size", "200", "--test-size", "30", "--eval-k", "5", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--k", "5"]) == 0
+    stamp = json.loads((run / "eval.json").read_text())["model_checkpoint"]
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert stamp == {"checkpoint": "best.pt", "epoch": int(best["epoch"]), "step": int(best["step"])}
