@@ -1,4 +1,4 @@
-"""How the library's models reach Pyro's param store: `register_params`, which model() and guide()
+"""How the library's models reach Pyro's param store: `register_named`, which model() and guide()
 call, as Pyro's own examples call `pyro.module`, so that `pyro.infer.SVI` with a `pyro.optim`
 optimizer finds and steps their parameters; and `param_sites(False)`, for a training loop that steps
 the parameters with its own optimizer and so needs no param sites (step.SVIStep)."""
@@ -18,7 +18,7 @@ _PARAM_SITES: ContextVar[bool] = ContextVar("pyro_vae_param_sites", default=True
 
 @contextmanager
 def param_sites(enabled: bool) -> Iterator[None]:
-    """Within the block, register_params registers (True, the default outside) or does nothing (False):
+    """Within the block, register_named registers (True, the default outside) or does nothing (False):
     no param sites in the traces, the param store untouched. Each site costs about 10 µs of Python,
     some 2-3% of a CPU training step of the MLP VAE; a loop that optimizes vae.parameters() itself
     saves that. Pyro's SVI needs the sites. Scoped to this thread (and asyncio task)."""
@@ -30,28 +30,20 @@ def param_sites(enabled: bool) -> Iterator[None]:
 
 
 def param_sites_enabled() -> bool:
-    """Whether register_params registers here (False inside param_sites(False))."""
+    """Whether register_named registers here (False inside param_sites(False))."""
     return _PARAM_SITES.get()
 
 
-def register_params(prefix: str, modules: dict[str, nn.Module]) -> None:
-    """pyro.module for each named module: a param site for each trainable parameter, named
-    "prefix$$$module_name.parameter_name" (its state_dict name under a module holding them all,
-    registered with pyro.module(prefix, ...)), so that SVI finds it and its pyro.optim optimizer
-    steps it. The param store holds these very tensors: where it holds another tensor under one of
-    the names (a model built earlier in this process with the same names, or a param store loaded
-    from a file), this one takes its place. (pyro.module would keep the other tensor and put it in
-    the param site, and SVI would step the other model's tensors, silently.)"""
-    if _PARAM_SITES.get():
-        register_named(prefix, {name: param for module_name, module in modules.items()
-                                for name, param in module.named_parameters(prefix=module_name)})
-
-
 def register_named(prefix: str, params: dict[str, nn.Parameter]) -> None:
-    """register_params for parameters already named ("module_name.parameter_name"). A tensor must
-    have one name only: the store maps each tensor back to its name, and a tensor under two names
-    breaks that map once one of them is replaced (a model that reaches a shared module by two paths,
-    as the VampPrior reaches the encoder, passes each tensor once, under its canonical name)."""
+    """What pyro.module does, for parameters named "module_name.parameter_name": a param site for each
+    trainable one, named "prefix$$$module_name.parameter_name", so that SVI finds it and its pyro.optim
+    optimizer steps it. The param store holds these very tensors: where it holds another tensor under
+    one of the names (a model built earlier in this process with the same names, or a param store
+    loaded from a file), this one takes its place (pyro.module would keep the other tensor and put it
+    in the param site, and SVI would step the other model's tensors, silently). A tensor must have one
+    name only: the store maps each tensor back to its name, and a tensor under two names breaks that
+    map once one of them is replaced (a model that reaches a shared module by two paths, as the
+    VampPrior reaches the encoder, passes each tensor once, under its canonical name)."""
     if not _PARAM_SITES.get():
         return
     store = pyro.get_param_store()
