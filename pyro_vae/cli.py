@@ -67,6 +67,17 @@ HELP = {
                "holding it on the device (default 0: on the device)",
     "cuda_graph": "auto (default: on for pyro-vae's own VAE on one CUDA GPU, else off) | on | off: capture "
                   "the training step as one CUDA graph and replay it (one GPU, one process)",
+    "labels": "--model m2 or classifier: N labelled training examples, balanced over the classes and drawn "
+              "with --seed; the rest of the training set is unlabelled",
+    "classes": "--model m2 or classifier: the number of classes (default: those in the data's labels)",
+    "discrete": "--model m2: how the sum over the class y is estimated: enum (summed exactly, parallel "
+                "enumeration), score (sampled, score-function gradient with a baseline) or relaxed "
+                "(Gumbel-softmax, reparameterized) (default enum)",
+    "aux_loss": "--model m2: alpha, the weight of the classifier's log-likelihood of the labels added to the "
+                "ELBO (Kingma et al.'s J^alpha; default 0)",
+    "temperature": "--discrete relaxed: the Gumbel-softmax temperature at the first step (default 1)",
+    "temperature_final": "--discrete relaxed: anneal the temperature geometrically to this value at the last "
+                         "step (default: constant)",
     "threads": "torch threads for this run (default 1: on a busy or small CPU more threads only wait for "
                "each other; docs/usage.md has the measurement); may change on resume",
     "plugins": "import MODULE first; it registers priors, likelihoods or estimators of your own (repeat for "

@@ -18,12 +18,15 @@ from .errors import InputError
 from .estimators import ESTIMATORS
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS, SIGMA_MODES, make_likelihood
-from .model import MODELS
+from .m2 import DISCRETE
+from .model import MODELS as VAE_MODELS
 from .nets import NETWORKS
 from .priors import PRIORS
 from .registry import load_plugins
 
 DEVICES = ("auto", "cpu", "cuda")
+LABELLED_MODELS = ("m2", "classifier")  # semi-supervised M2 and its classifier-only baseline (m2.py)
+MODELS = VAE_MODELS + LABELLED_MODELS
 PRIOR_INITS = ("noise", "data")
 MIXTURE_PRIORS = ("mog", "vamp")  # the priors that take --prior-components
 CUDA_GRAPH_MODES = ("auto", "off", "on")
@@ -32,7 +35,8 @@ RESUMABLE = {"epochs", "device", "lr", "clip_grad", "checkpoint_every", "eval_k"
              "cuda_graph", "plugins", "threads"}
 # the settings that build pyro-vae's own VAE; a user's own model/guide pair brings its own networks
 MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init",
-                  "guide", "guide_rank", "flows")
+                  "guide", "guide_rank", "flows", "labels", "classes", "discrete", "aux_loss", "temperature",
+                  "temperature_final")
 
 
 @dataclass
@@ -78,6 +82,12 @@ class Config:
     cuda_graph: str = "auto"
     threads: int = 1  # torch threads the CLI gives a run (docs/usage.md: one is fastest on a shared CPU)
     plugins: list[str] = field(default_factory=list)  # modules that register priors, likelihoods, estimators
+    labels: int | None = None  # --model m2/classifier: labelled training examples, balanced over classes
+    classes: int | None = None  # --model m2/classifier: the number of classes (None: those of the data)
+    discrete: str = "enum"  # --model m2: how the sum over the class y is estimated (discrete.py)
+    aux_loss: float = 0.0  # --model m2: alpha, weight of the classifier's log-likelihood of the labels
+    temperature: float = 1.0  # --discrete relaxed: the Gumbel-softmax temperature at the first step
+    temperature_final: float | None = None  # --discrete relaxed: annealed geometrically to this by the end
 
     def __post_init__(self) -> None:
         load_plugins(self.plugins)  # first: they may register the names used below
@@ -104,6 +114,7 @@ class Config:
         choices = {
             "binarize": BINARIZE_MODES, "encoder": tuple(NETWORKS), "sigma_mode": SIGMA_MODES,
             "device": DEVICES, "model": MODELS, "prior_init": PRIOR_INITS, "cuda_graph": CUDA_GRAPH_MODES,
+            "discrete": DISCRETE,
         }
         for registry, name in ((PRIORS, self.prior), (LIKELIHOODS, self.likelihood),
                                (ESTIMATORS, self.estimator), (GUIDES, self.guide)):
@@ -115,7 +126,7 @@ class Config:
                 )
         for name in ("z_dim", "particles", "epochs", "batch_size", "eval_k", "channels", "threads",
                      "image_size", "train_size", "test_size", "prior_components", "validation_size",
-                     "early_stop", "guide_rank", "flows"):
+                     "early_stop", "guide_rank", "flows", "labels", "classes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -126,8 +137,8 @@ class Config:
         if not self.checkpoint_every >= 0:
             raise InputError(f"--checkpoint-every must be >= 0 minutes (0: only at epoch ends), "
                              f"got {self.checkpoint_every}")
-        for name in ("lr", "sigma", "beta"):
-            if not getattr(self, name) > 0:
+        for name in ("lr", "sigma", "beta", "temperature", "temperature_final"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise InputError(f"--{name} must be a positive number, got {getattr(self, name)}")
         if self.kl_anneal < 0:
             raise InputError(f"--kl-anneal must be a number of epochs >= 0, got {self.kl_anneal}")
@@ -158,6 +169,7 @@ class Config:
                              "with --prior vamp")
         self._validate_protocol()
         self._validate_guide()
+        self._validate_labelled()
         if self.model == "ae":
             vae_only = {"guide": "diagonal", "prior": "normal", "estimator": "mc", "particles": 1,
                         "beta": 1.0, "kl_anneal": 0}
@@ -185,6 +197,42 @@ class Config:
         if self.early_stop is not None and self.model == "ae":
             raise InputError("--early-stop watches the validation ELBO, and --model ae has no ELBO; "
                              "use it with --model vae")
+
+    def _validate_labelled(self) -> None:
+        """The settings of the semi-supervised models: --labels with them only, --discrete, --aux-loss
+        and the temperature with M2 only (the only model with a discrete latent), and none of the VAE's
+        continuous-ELBO settings."""
+        labelled = self.model in LABELLED_MODELS
+        if labelled and self.labels is None:
+            raise InputError(f"--model {self.model} learns from labelled examples: say how many "
+                             "with --labels N (balanced over the classes; the rest are unlabelled)")
+        if not labelled and (self.labels is not None or self.classes is not None):
+            raise InputError("--labels and --classes apply to --model m2 or classifier, not "
+                             f"--model {self.model}")
+        if self.aux_loss < 0:
+            raise InputError(f"--aux-loss must be a weight >= 0, got {self.aux_loss}")
+        m2_only = {"discrete": "enum", "aux_loss": 0.0, "temperature": 1.0, "temperature_final": None}
+        changed = [k for k, v in m2_only.items() if getattr(self, k) != v]
+        if changed and self.model != "m2":
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise InputError(f"{flags} set(s) how M2's discrete "
+                             f"latent y is handled, and --model {self.model} has no discrete latent: use "
+                             "--model m2")
+        relaxed_only = [k for k in ("temperature", "temperature_final") if getattr(self, k) != m2_only[k]]
+        if relaxed_only and self.discrete != "relaxed":
+            raise InputError(f"--{relaxed_only[0].replace('_', '-')} is the Gumbel-softmax temperature of "
+                             f"--discrete relaxed; --discrete {self.discrete} does not relax y")
+        if labelled:
+            vae_only = {"estimator": "mc", "particles": 1, "guide": "diagonal", "workers": 0}
+            wrong = [k for k, v in vae_only.items() if getattr(self, k) != v]
+            if wrong:
+                flags = ", ".join("--" + k for k in wrong)
+                raise InputError(f"{flags} do(es) not apply to --model {self.model} "
+                                 "(--discrete chooses M2's estimator; labels are read with the images in "
+                                 "memory): leave them at their defaults")
+        if self.model == "classifier" and self.early_stop is not None:
+            raise InputError("--early-stop watches the validation ELBO, and --model classifier has none; "
+                             "drop --early-stop")
 
     def _validate_guide(self) -> None:
         """--flows only with the iaf guide, --guide-rank only with lowrank and below z_dim (a user's

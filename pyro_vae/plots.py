@@ -87,6 +87,21 @@ def plot_samples(program: object, x: Tensor, path: Path, n: int = 64, seed: int 
 
 
 @torch.no_grad()
+def plot_class_samples(model: object, x: Tensor, path: Path, class_names: list[str] | None = None,
+                       n_styles: int = 10, seed: int = 0) -> Path:
+    """For a model with a class latent (M2, m2.py): the mean of p(x|y, z_j), one row per class y, one
+    column per draw z_j ~ p(z) shared by the rows: the "style" z kept, the class changed."""
+    _check_pictures(x)
+    with _seeded(seed, x.device):
+        z = model.prior().sample((n_styles,))
+    images = model.class_samples(z).flatten(0, 1).reshape(-1, *x.shape[1:]).cpu()
+    names = class_names or [str(c) for c in range(model.n_classes)]
+    return _save_grid(image_grid(images, model.n_classes, n_styles), path,
+                      "class-conditional samples: one class per row, one z ~ p(z) per column",
+                      "z_j ~ p(z), the same in every row", row_labels=[f"y={name}" for name in names])
+
+
+@torch.no_grad()
 def plot_reconstructions(program: object, x: Tensor, path: Path, n: int = 16) -> Path:
     """Top row: test images; bottom row: mean of p(x|z) at z = E_q[z|x]."""
     _check_pictures(x)
@@ -225,11 +240,11 @@ def save_figures(
     program: object, data: Dataset | Tensor, out: Path, metrics: list[dict] | None = None, seed: int = 0,
     n_samples: int = 64,
 ) -> list[Path]:
-    """Write samples.png, reconstructions.png, traversal.png, latent_map.png (and curves.png when
-    metrics are given) into the folder `out` (made if missing), for our VAE or any model/guide pair
-    (Program.of); data: a Dataset (its test images and labels) or a tensor of test images. A figure
-    the pair cannot give is skipped with a one-line warning saying why; a pair that breaks the
-    contract is an InputError. Returns the paths written."""
+    """Write samples.png, reconstructions.png, traversal.png, latent_map.png (class_samples.png for a
+    model with a class latent, curves.png when metrics are given) into the folder `out` (made if missing), for
+    our VAE or any model/guide pair (Program.of); data: a Dataset (its test images and labels) or a tensor of
+    test images. A figure the pair cannot give is skipped with a one-line warning saying why; a pair that
+    breaks the contract is an InputError. Returns the paths written."""
     program, out = Program.of(program), Path(out)
     x, labels = (data, None) if isinstance(data, Tensor) else (data.test_x, data.test_y)
     class_names = None if isinstance(data, Tensor) else CLASS_NAMES.get(data.name)
@@ -241,6 +256,9 @@ def save_figures(
         ("traversal.png", lambda path: plot_traversal(program, x, path)),
         ("latent_map.png", lambda path: plot_latent_map(program, x, labels, path, class_names)),
     ]
+    if callable(getattr(program.owner, "class_samples", None)):
+        figures.append(("class_samples.png",
+                        lambda path: plot_class_samples(program.owner, x, path, class_names, seed=seed)))
     if metrics:
         figures.append(("curves.png", lambda path: plot_curves(metrics, path)))
     paths = []

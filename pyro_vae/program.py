@@ -136,15 +136,20 @@ class Program:
 
     def posterior_moments(self, x: Tensor, draws: int = MOMENT_DRAWS) -> dict[str, tuple[Tensor, Tensor]]:
         """Per latent site, the mean and standard deviation of q(z|x), each shaped like the site's
-        value (N, *event): in closed form where the guide's distribution has them, else estimated
-        from `draws` joint draws of the guide (as for a site whose q depends on an earlier site)."""
+        value (N, *event) (for a discrete site, its most likely value and 0): in closed form where the guide's
+        distribution has them, else estimated from `draws` joint draws of the guide (as for a site whose q
+        depends on an earlier site)."""
         with torch.no_grad():
             guide_trace = poutine.trace(self.guide).get_trace(x)
             moments, sampled = {}, None
             for name in self.sites(x).latent:
                 site = guide_trace.nodes[name]
+                shape = site["value"].shape
+                if site["fn"].support.is_discrete:  # a class has no mean: its most likely value, no spread
+                    mode = site["fn"].mode.expand(shape)
+                    moments[name] = (mode, torch.zeros(shape, device=mode.device))
+                    continue
                 try:
-                    shape = site["value"].shape
                     moments[name] = (site["fn"].mean.expand(shape), site["fn"].stddev.expand(shape))
                 except (NotImplementedError, AttributeError):
                     if sampled is None:

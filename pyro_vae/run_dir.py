@@ -21,8 +21,9 @@ import pyro
 import torch
 from torch import Tensor, nn
 
-from .config import MODEL_SETTINGS, Config
+from .config import LABELLED_MODELS, MODEL_SETTINGS, Config
 from .errors import InputError
+from .m2 import M2, LabelClassifier, build_m2
 from .model import VAE, build_vae
 from .program import Program, Sites
 
@@ -220,8 +221,15 @@ def load_pair(run: Path, pair: object, device: torch.device | str = "cpu") -> Pr
     return program
 
 
-def build_from_config(config: Config, x_shape: tuple[int, ...]) -> VAE:
-    """The (untrained) VAE that `config` describes."""
+def build_from_config(config: Config, x_shape: tuple[int, ...]) -> VAE | M2 | LabelClassifier:
+    """The (untrained) VAE that `config` describes (M2 or the classifier with --model m2/classifier)."""
+    if config.model in LABELLED_MODELS:
+        return build_m2(
+            x_shape, config.classes, encoder=config.encoder, hidden=config.hidden, z_dim=config.z_dim,
+            prior=config.prior, likelihood=config.likelihood, discrete=config.discrete,
+            aux_loss=config.aux_loss, temperature=config.temperature, model=config.model,
+            sigma=config.sigma, sigma_mode=config.sigma_mode, prior_components=config.prior_components,
+        )
     return build_vae(
         x_shape, encoder=config.encoder, hidden=config.hidden, z_dim=config.z_dim,
         prior=config.prior, likelihood=config.likelihood, sigma=config.sigma,

@@ -39,13 +39,15 @@ from tqdm.auto import tqdm
 from . import distributed, plots
 from .board import Board
 from .board import check_available as check_tensorboard
-from .config import DEVICES, Config
+from .config import DEVICES, LABELLED_MODELS, Config
 from .data import Dataset, UnreadableImage, batch_indices, binarize
+from .discrete import make_discrete_estimator, temperature, test_accuracy
 from .errors import InputError, TrainingError
 from .estimators import check_analytic_kl, make_estimator
 from .evaluate import elbo_terms, evaluate
 from .faults import NumericalFault, locate_nonfinite
 from .kl_weight import kl_weight, scale_latents
+from .m2 import UNLABELLED
 from .model import VAE
 from .program import Program
 from .rng import get_rng_state, set_rng_state
@@ -71,7 +73,7 @@ from .run_dir import (
     write_jsonl,
 )
 from .step import CUDAGraphStep, SVIStep
-from .train_data import prepare_data, prepare_stream, stop_on_unreadable, streamed
+from .train_data import n_classes, prepare_data, prepare_stream, stop_on_unreadable, streamed
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates
 FAULT_CHECK_EVERY = 100  # steps between checks for a non-finite step (each waits for the device)
@@ -193,8 +195,12 @@ class Trainer:
         pyro.set_rng_seed(config.seed)
         self.stream, data = prepare_stream(config) if config.workers else (None, prepare_data(config))
         self.data = data.to(self.device)
+        if config.model in LABELLED_MODELS and config.classes is None:
+            config.classes = n_classes(self.data)  # recorded in config.json: the model is rebuilt from it
+        self.labels = self.data.train_y if config.model in LABELLED_MODELS else None
         self._build_model()
-        self.elbo = make_estimator(config.estimator, config.particles)
+        self.elbo = (make_discrete_estimator(config.discrete) if config.model == "m2"
+                     else make_estimator(config.estimator, config.particles))
         self.kl_record = check_analytic_kl(config.estimator, self.program.model, self.program.guide,
                                            self.data.test_x)
         self.optimizer = torch.optim.Adam(self.params.values(), lr=config.lr, fused=True,
@@ -235,8 +241,12 @@ class Trainer:
             config.check_for_pair()
         # auto: the graph where it is known to hold (our own VAE, one GPU, one process: measured equal to
         # eager and 10x faster, docs/scaling.md); a user's pair only when asked for
+        if config.cuda_graph == "on" and config.model in LABELLED_MODELS:
+            raise InputError(f"--cuda-graph on captures the VAE's step; --model {config.model} runs eagerly: "
+                             "leave --cuda-graph at auto or off")
         self.cuda_graph = config.cuda_graph == "on" or (
-            config.cuda_graph == "auto" and self.own_vae and device.type == "cuda" and not ranks.active)
+            config.cuda_graph == "auto" and self.own_vae and device.type == "cuda" and not ranks.active
+            and config.model not in LABELLED_MODELS)
         if not self.resume:
             self.out = check_run_dir(self.out, self.overwrite)
             return
@@ -279,7 +289,7 @@ class Trainer:
         # without drawing from the run's random stream (a run replays exactly)
         self._train_mode(False)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            self.sites = self.program.sites(x)
+            self.sites = None if self.is_classifier else self.program.sites(x)
             params = dict(self.pair.named_parameters()) if self.own_vae else pair_parameters(self.program, x)
         self.params = {name: p for name, p in params.items() if p.requires_grad}
 
@@ -324,6 +334,11 @@ class Trainer:
 
     # -- one epoch, one step -------------------------------------------------------------------------
 
+    @property
+    def is_classifier(self) -> bool:
+        """Whether the model is the classifier baseline: no latent, no ELBO, accuracy alone."""
+        return bool(getattr(self.pair, "is_classifier", False))
+
     def run_epoch(self) -> None:
         """The steps of the current epoch from self.batch on (0, or where a checkpoint stopped), each
         followed by the checks and the checkpoints that are due; then end_epoch."""
@@ -362,7 +377,9 @@ class Trainer:
         """One SVI step on x, this process's share of the global batch `idx`; returns its loss (-ELBO
         per example, on the device)."""
         per = len(idx) / self.ranks.world_size
-        loss = self.svi_step(x, self._kl_weight(self.steps), per)
+        if self.config.discrete == "relaxed":
+            self.pair.temperature = self._temperature(self.steps)
+        loss = self.svi_step(x, self._kl_weight(self.steps), per, *self._labels(idx))
         self.epoch_total += loss * per
         self.steps, self.batch = self.steps + 1, self.batch + 1
         if self.board is not None:
@@ -374,18 +391,20 @@ class Trainer:
         start and metrics.jsonl."""
         self._check_fault()
         self._train_mode(False)
-        test = elbo_terms(self.program.model, self.program.guide, self.data.test_x)
-        row = {
-            "epoch": self.epoch,
-            "step": self.steps,
-            "train_loss": float(self.ranks.sum(self.epoch_total)) / self.n_train,
-            "test_elbo": None if self.program.is_autoencoder else float(test["elbo"].mean()),
-            "test_recon": float(test["recon"].mean()),
-            "seconds": time.perf_counter() - started,
-        }
+        row = {"epoch": self.epoch, "step": self.steps,
+               "train_loss": float(self.ranks.sum(self.epoch_total)) / self.n_train}
+        if not self.is_classifier:
+            test = elbo_terms(self.program.model, self.program.guide, self.data.test_x)
+            row["test_elbo"] = None if self.program.is_autoencoder else float(test["elbo"].mean())
+            row["test_recon"] = float(test["recon"].mean())
+        if self.labels is not None:
+            row["test_accuracy"] = test_accuracy(self.pair, self.data)[0]
+        if self.config.discrete == "relaxed":
+            row["temperature"] = self._temperature(self.steps - 1)
+        row["seconds"] = time.perf_counter() - started
         if self.config.beta != 1.0 or self.config.kl_anneal:
             row["kl_weight"] = self._kl_weight(self.steps - 1)  # that of the epoch's last step
-        if self.data.val_x is not None:
+        if self.data.val_x is not None and not self.is_classifier:
             row["validation_elbo"] = self.validation_elbo()
             if self.config.early_stop is not None:
                 self._track_best(row["validation_elbo"])
@@ -403,7 +422,8 @@ class Trainer:
             self.step_losses = []
             self.board.epoch(row, self.program, self.data.test_x, self.config.seed)
         if self.progress:
-            tested = (f"test reconstruction log p(x|z) {row['test_recon']:.2f}" if self.program.is_autoencoder
+            tested = (f"test accuracy {row['test_accuracy']:.4f}" if self.is_classifier else
+                      f"test reconstruction log p(x|z) {row['test_recon']:.2f}" if self.program.is_autoencoder
                       else f"test ELBO {row['test_elbo']:.2f}")
             tqdm.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.2f}, {tested} nats "
                        f"({row['seconds']:.1f} s)")
@@ -434,12 +454,25 @@ class Trainer:
         """The trained parameters as checkpoints hold them (a pair's by param-store name)."""
         return self.pair.state_dict() if self.own_vae else {n: p.detach() for n, p in self.params.items()}
 
-    def _loss(self, x: Tensor, weight: float, per: float) -> Tensor:
+    def _loss(self, x: Tensor, weight: float, per: float, *labels: Tensor) -> Tensor:
         """-ELBO with KL weight `weight` on every latent site, summed over the examples of x, divided by
-        `per`: the examples in x, or with W processes, those in the step's global batch divided by W."""
+        `per`: the examples in x, or with W processes, those in the step's global batch divided by W.
+        `labels` (M2, the classifier) go to model and guide after x."""
+        if self.sites is None:  # nothing latent to weight
+            return self.elbo.differentiable_loss(self.program.model, self.program.guide, x, *labels) / per
         latent = self.sites.latent
-        return self.elbo.differentiable_loss(scale_latents(self.program.model, weight, latent),
-                                             scale_latents(self.program.guide, weight, latent), x) / per
+        model, guide = (scale_latents(fn, weight, latent) for fn in (self.program.model, self.program.guide))
+        return self.elbo.differentiable_loss(model, guide, x, *labels) / per
+
+    def _labels(self, idx: Tensor) -> tuple[Tensor, ...]:
+        """The labels of this process's share of batch `idx` (UNLABELLED where none), as the one extra
+        argument of model and guide; () for a model without labels."""
+        return () if self.labels is None else (self.labels[self.ranks.shard(idx)],)
+
+    def _temperature(self, step: int) -> float:
+        """The Gumbel-softmax temperature of step `step` (--discrete relaxed)."""
+        return temperature(self.config.temperature, self.config.temperature_final, step,
+                           self.config.epochs * self.n_batches)
 
     def _kl_weight(self, step: int) -> float:
         """The KL weight of step `step` (counted from 0 over the whole run)."""
@@ -487,7 +520,8 @@ class Trainer:
         x = self.x_epoch[self.ranks.shard(idx)] if self.stream is None else \
             next(streamed(self.stream, [idx], 0, self.ranks, self.device, None))  # read again, not binarized
         per = len(idx) / self.ranks.world_size
-        loss = self.svi_step.gradients(x, self._kl_weight(bad_step), per)  # the model as that step saw it
+        # the model as that step saw it
+        loss = self.svi_step.gradients(x, self._kl_weight(bad_step), per, *self._labels(idx))
         raise NumericalFault(
             f"{locate_nonfinite(self.program, self.params, x, loss)} at step {bad_step + 1} (epoch "
             f"{self.epoch}); this step was not applied and the last good checkpoint is in {self.out}. "
@@ -536,7 +570,11 @@ class Trainer:
             return RunResult(self.out, self.metrics, {})
         self._train_mode(False)
         best = self._restore_best()
-        final = evaluate(self.pair, self.data.test_x, k=self.config.eval_k, progress=self.progress)
+        final = {} if self.is_classifier else evaluate(self.pair, self.data.test_x, k=self.config.eval_k,
+                                                        progress=self.progress)
+        if self.labels is not None:
+            final["test_accuracy"], final["test_accuracy_se"] = test_accuracy(self.pair, self.data)
+            final["labels"] = int((self.labels != UNLABELLED).sum())
         summary = {
             **final,
             "epochs": self.metrics[-1]["epoch"] if self.metrics else 0,
@@ -553,5 +591,6 @@ class Trainer:
         write_json(self.out / SUMMARY, summary)
         if self.board is not None:
             self.board.close()
-        plots.save_figures(self.pair, self.data, self.out, self.metrics, seed=self.config.seed)
+        if not self.is_classifier:
+            plots.save_figures(self.pair, self.data, self.out, self.metrics, seed=self.config.seed)
         return RunResult(self.out, self.metrics, summary)
