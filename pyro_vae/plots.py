@@ -97,7 +97,7 @@ def plot_class_samples(model: object, x: Tensor, path: Path, class_names: list[s
     images = model.class_samples(z).flatten(0, 1).reshape(-1, *x.shape[1:]).cpu()
     names = class_names or [str(c) for c in range(model.n_classes)]
     return _save_grid(image_grid(images, model.n_classes, n_styles), path,
-                      "class-conditional samples: one class per row, one z ~ p(z) per column",
+                      "one class per row, one shared z ~ p(z) per column",
                       "z_j ~ p(z), the same in every row", row_labels=[f"y={name}" for name in names])
 
 

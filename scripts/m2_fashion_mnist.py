@@ -1,0 +1,148 @@
+"""The semi-supervised table of docs/results.md: M2 on Fashion-MNIST with N labelled training examples
+(the rest unlabelled), each way of handling the class y, against the classifier alone trained on the
+same N labels with the same network. Rows: enum + aux (y summed out, plus alpha * log q(y|x) on the
+labels), enum, score (y sampled, score function with a baseline), relaxed (Gumbel-softmax), classifier.
+Cells: test accuracy of q(y|x), mean +- standard error over seeds, and the test ELBO.
+
+Each run is `pyro-vae train` in its own process with one torch thread, JOBS at a time; a run already
+finished (summary.json) is kept, one interrupted (checkpoint.pt) is resumed, so the script can be
+stopped and started again. Prints the Markdown table and writes it (table.md, table.json) to OUT.
+
+    nice -n 19 python scripts/m2_fashion_mnist.py --data-dir /usr/share/datasets/fashion-mnist \
+        --epochs 5 --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROWS = {  # label -> the settings of the row
+    "enum + aux": ["--model", "m2", "--discrete", "enum", "--aux-loss", "{aux}"],
+    "enum": ["--model", "m2", "--discrete", "enum"],
+    "score": ["--model", "m2", "--discrete", "score"],
+    "relaxed": ["--model", "m2", "--discrete", "relaxed", "--temperature", "1", "--temperature-final", "0.3"],
+    "classifier": ["--model", "classifier"],
+}
+SLUG = {"enum + aux": "enum-aux", "enum": "enum", "score": "score", "relaxed": "relaxed",
+        "classifier": "classifier"}
+
+
+def run_dir(out: Path, row: str, labels: int, seed: int) -> Path:
+    """Where the run of `row` with `labels` labels and `seed` lives."""
+    return out / f"n{labels}-{SLUG[row]}-s{seed}"
+
+
+def command(args: argparse.Namespace, row: str, labels: int, seed: int) -> list[str]:
+    """The `pyro-vae train` command line of one run (or its --resume)."""
+    out = run_dir(args.out, row, labels, seed)
+    if (out / "checkpoint.pt").is_file():
+        return [sys.executable, "-m", "pyro_vae", "train", "--resume", str(out), "--quiet"]
+    epochs = args.classifier_epochs if row == "classifier" else args.epochs
+    settings = [s.format(aux=args.aux_loss) for s in ROWS[row]]
+    cmd = [sys.executable, "-m", "pyro_vae", "train", "--dataset", args.dataset, "--data-dir", args.data_dir,
+           *settings, "--labels", str(labels), "--seed", str(seed), "--epochs", str(epochs),
+           "--hidden", *map(str, args.hidden), "--z-dim", str(args.z_dim),
+           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--eval-k", str(args.k),
+           "--checkpoint-every", "5", "--out", str(out), "--quiet"]
+    for flag in ("train_size", "test_size"):
+        if getattr(args, flag) is not None:
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return cmd
+
+
+def train_one(args: argparse.Namespace, row: str, labels: int, seed: int) -> None:
+    """Train one run unless it has finished; its output goes to OUT/<run>.log."""
+    out = run_dir(args.out, row, labels, seed)
+    if (out / "summary.json").is_file():
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(f"{out}.log", "a") as log:
+        done = subprocess.run(command(args, row, labels, seed), env=env, stdout=log, stderr=subprocess.STDOUT)
+    status = "done" if done.returncode == 0 else f"failed (exit {done.returncode}), see {out}.log"
+    print(f"{out.name}: {status}", flush=True)
+
+
+def summarize(out: Path, rows: list[str], labels: list[int], seeds: list[int]) -> dict:
+    """Per (labels, row): accuracy mean and standard error over the seeds that finished, the test ELBO
+    mean, epochs, seconds per run, device."""
+    table = {}
+    for n in labels:
+        for row in rows:
+            runs = [json.loads((run_dir(out, row, n, s) / "summary.json").read_text()) for s in seeds
+                    if (run_dir(out, row, n, s) / "summary.json").is_file()]
+            if not runs:
+                continue
+            acc = [r["test_accuracy"] for r in runs]
+            elbo = [r["test_elbo"] for r in runs if r.get("test_elbo") is not None]
+            table[f"{n}/{row}"] = {
+                "labels": n, "row": row, "seeds": len(runs),
+                "accuracy": statistics.fmean(acc),
+                "accuracy_se": statistics.stdev(acc) / len(acc) ** 0.5 if len(acc) > 1 else None,
+                "test_elbo": statistics.fmean(elbo) if elbo else None,
+                "epochs": runs[0]["epochs"], "seconds": statistics.fmean(r["train_seconds"] for r in runs),
+                "device": runs[0]["device"],
+            }
+    return table
+
+
+def markdown(table: dict, labels: list[int], rows: list[str]) -> str:
+    """Rows: the ways of handling y; columns: accuracy (and ELBO) per number of labels."""
+    head = "| | " + " | ".join(f"N = {n}: accuracy | test ELBO" for n in labels) + " |"
+    lines = [head, "|---|" + "---|---|" * len(labels)]
+    for row in rows:
+        cells = []
+        for n in labels:
+            cell = table.get(f"{n}/{row}")
+            if cell is None:
+                cells += ["", ""]
+                continue
+            se = f" ± {cell['accuracy_se']:.3f}" if cell["accuracy_se"] is not None else ""
+            cells.append(f"{cell['accuracy']:.3f}{se} ({cell['seeds']} seeds, {cell['epochs']} ep)")
+            cells.append("" if cell["test_elbo"] is None else f"{cell['test_elbo']:.1f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--out", type=Path, default=Path("runs/m2-fashion-mnist"))
+    parser.add_argument("--labels", type=int, nargs="+", default=[100, 1000, 3000])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs of each M2 run")
+    parser.add_argument("--classifier-epochs", type=int, default=200,
+                        help="epochs of the classifier over its N labelled examples")
+    parser.add_argument("--aux-loss", type=float, default=50.0, help="alpha of the enum + aux row")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[500])
+    parser.add_argument("--z-dim", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--k", type=int, default=100, help="importance samples for the final log p(x)")
+    parser.add_argument("--train-size", type=int, default=None)
+    parser.add_argument("--test-size", type=int, default=None)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each")
+    args = parser.parse_args(argv)
+    rows = [r for r in ROWS if r in args.rows]
+    jobs = [(row, n, s) for s in args.seeds for n in args.labels for row in rows]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda job: train_one(args, *job), jobs))
+    table = summarize(args.out, rows, args.labels, args.seeds)
+    text = markdown(table, args.labels, rows)
+    (args.out / "table.md").write_text(text)
+    (args.out / "table.json").write_text(json.dumps(table, indent=2))
+    print(text)
+    return table
+
+
+if __name__ == "__main__":
+    main()
