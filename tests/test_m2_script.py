@@ -1,0 +1,58 @@
+"""scripts/m2_fashion_mnist.py: the table's cells are the mean and standard error over seeds of the runs'
+summaries, a finished run is not trained again, and an interrupted one is resumed."""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import m2_fashion_mnist as script  # noqa: E402
+
+
+def _write_summary(out: Path, row: str, labels: int, seed: int, accuracy: float, elbo: float | None) -> None:
+    run = script.run_dir(out, row, labels, seed)
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({
+        "test_accuracy": accuracy, "test_elbo": elbo, "epochs": 3, "train_seconds": 10.0 + seed,
+        "device": "cpu"}))
+
+
+def test_cells_are_mean_and_standard_error_over_seeds(tmp_path):
+    accuracies = {0: 0.61, 1: 0.67, 2: 0.58}
+    for seed, a in accuracies.items():
+        _write_summary(tmp_path, "enum", 100, seed, a, -250.0 - seed)
+        _write_summary(tmp_path, "classifier", 100, seed, a - 0.1, None)
+    table = script.summarize(tmp_path, ["enum", "classifier"], [100, 1000], [0, 1, 2])
+    cell = table["100/enum"]
+    values = list(accuracies.values())
+    assert cell["seeds"] == 3
+    assert abs(cell["accuracy"] - statistics.fmean(values)) < 1e-12
+    assert abs(cell["accuracy_se"] - statistics.stdev(values) / 3 ** 0.5) < 1e-12
+    assert abs(cell["test_elbo"] - (-251.0)) < 1e-12
+    assert table["100/classifier"]["test_elbo"] is None
+    assert "1000/enum" not in table  # no run: no cell
+    text = script.markdown(table, [100, 1000], ["enum", "classifier"])
+    assert f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) / 3 ** 0.5:.3f}" in text
+
+
+def test_finished_runs_are_kept_and_interrupted_ones_resumed(tmp_path, monkeypatch):
+    args = script.argparse.Namespace(
+        out=tmp_path, dataset="digits", data_dir="data", epochs=1, classifier_epochs=2, aux_loss=5.0,
+        hidden=[8], z_dim=2, batch_size=64, lr=1e-3, k=2, train_size=None, test_size=None)
+    _write_summary(tmp_path, "enum", 20, 0, 0.5, -40.0)
+    calls = []
+    monkeypatch.setattr(script.subprocess, "run", lambda cmd, **_: calls.append(cmd) or
+                        script.subprocess.CompletedProcess(cmd, 0))
+    script.train_one(args, "enum", 20, 0)
+    assert calls == []  # summary.json: finished
+    interrupted = script.run_dir(tmp_path, "score", 20, 0)
+    interrupted.mkdir()
+    (interrupted / "checkpoint.pt").write_bytes(b"")
+    script.train_one(args, "score", 20, 0)
+    assert calls[-1][3:5] == ["train", "--resume"] and calls[-1][5] == str(interrupted)
+    script.train_one(args, "enum + aux", 20, 1)
+    fresh = calls[-1]
+    assert fresh[fresh.index("--aux-loss") + 1] == "5.0" and fresh[fresh.index("--seed") + 1] == "1"
