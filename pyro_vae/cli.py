@@ -273,15 +273,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _positive("k", args.k)
     _positive("test-size", args.test_size)
     result, config, vae = evaluate_run(args.run, args.k, args.test_size, args.device, progress=not args.quiet)
+    classifier = getattr(vae, "is_classifier", False)
     rows = ((("recon", "log p(x | code)"), ("mse", "squared error (sum)")) if vae.is_autoencoder else
+            () if classifier else
             (("test_elbo", "test ELBO"), ("log_px", f"log p(x), k={args.k}"),
              ("recon", "E_q log p(x|z)"), ("kl", "KL(q(z|x) || p(z))")))
+    if "test_accuracy" in result:
+        rows = (("test_accuracy", "test accuracy"), *rows)
     print(f"{'metric':<22}{'per example':>18}{'std. error':>12}")
     for name, label in rows:
         print(f"{label:<22}{result[name]:>18.3f}{result[name + '_se']:>12.3f}")
     if vae.is_autoencoder:
         print("an autoencoder has no ELBO and no estimate of log p(x): compare reconstructions only")
-    print(f"active units {result['active_units']} of {config.z_dim}; {result['n_examples']} test examples")
+    if not classifier:
+        print(f"active units {result['active_units']} of {config.z_dim}; "
+              f"{result['n_examples']} test examples")
     print(f"wrote {Path(args.run) / EVAL}")
 
 
@@ -290,6 +296,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     _positive("n", args.n)
     _, vae, data = _load_run(args.run, args.device)
+    if getattr(vae, "is_classifier", False):
+        raise InputError(f"{args.run} trained the classifier baseline (--model classifier): it generates no "
+                         "images; sample an M2 or VAE run")
     for path in plots.save_figures(vae, data, Path(args.run), seed=args.seed, n_samples=args.n):
         print(f"wrote {path}")
 

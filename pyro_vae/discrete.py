@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .elbo import OnDeviceTrace_ELBO
 from .errors import InputError
+from .evaluate import labelled_correct
 from .m2 import DISCRETE, UNLABELLED
 
 MAX_PLATE_NESTING = 1  # the data plate; enumeration takes dim -2
@@ -88,17 +89,8 @@ def mask_labels(labels: Tensor, labelled: Tensor) -> Tensor:
     return masked
 
 
-def accuracy(predicted: Tensor, labels: Tensor) -> tuple[float, float]:
-    """The fraction of correct predictions and its standard error sqrt(a (1 - a) / n)."""
-    a = float((predicted == labels).double().mean())
-    return a, math.sqrt(a * (1 - a) / labels.numel())
-
-
-PREDICT_BATCH = 2000  # test examples classified at a time
-
-
 def test_accuracy(model, data) -> tuple[float, float]:
     """The test accuracy of `model.predict` (q(y|x)'s most likely class) on data.test_x against
-    data.test_y, and its standard error."""
-    predicted = torch.cat([model.predict(x) for x in data.test_x.split(PREDICT_BATCH)])
-    return accuracy(predicted, data.test_y)
+    data.test_y, and its standard error over the test examples."""
+    correct = labelled_correct(model, data.test_x, data.test_y)
+    return float(correct.mean()), float(correct.std() / math.sqrt(len(correct)))

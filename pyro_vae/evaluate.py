@@ -196,8 +196,24 @@ def evaluate_run(run: str | Path, k: int = 5000, test_size: int | None = None, d
     run, torch_device = Path(run), resolve_device(device)
     config, vae = load_model(run, torch_device)
     config.test_size = test_size or config.test_size
-    x = prepare_data(config).to(torch_device).test_x
-    values = per_example(vae, x, k=k, progress=progress)
-    result = summarize(vae, x, values, k)
+    data = prepare_data(config).to(torch_device)
+    x = data.test_x
+    classifier = getattr(vae, "is_classifier", False)
+    values = {} if classifier else per_example(vae, x, k=k, progress=progress)
+    result = {"n_examples": int(x.shape[0])} if classifier else summarize(vae, x, values, k)
+    if callable(getattr(vae, "predict", None)) and data.test_y is not None:
+        values["correct"] = labelled_correct(vae, data.test_x, data.test_y)
+        result["test_accuracy"], result["test_accuracy_se"] = _mean_se(values["correct"])
     write_evaluation(run, result, values, x, model_stamp(run))
     return result, config, vae
+
+
+PREDICT_BATCH = 2000  # test examples classified at a time
+
+
+@torch.no_grad()
+def labelled_correct(model: object, x: Tensor, labels: Tensor) -> Tensor:
+    """1.0 where `model.predict` (q(y|x)'s most likely class) gives the label, else 0.0, per example: its
+    mean is the accuracy, its standard error sqrt(a (1 - a) / (n - 1))."""
+    predicted = torch.cat([model.predict(batch) for batch in x.split(PREDICT_BATCH)])
+    return (predicted == labels).double()
