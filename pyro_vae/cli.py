@@ -246,9 +246,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     s = result.summary
     if not s:  # a process of a multi-process run other than rank 0: rank 0 reports
         return
-    measured = (f"test reconstruction log p(x|z) {s['recon']:.2f} nats, squared error {s['mse']:.2f}"
-                if s.get("model") == "ae" else
-                f"test ELBO {s['test_elbo']:.2f} nats, log p(x) {s['log_px']:.2f} nats (k={s['k']})")
+    if s.get("model") == "ae":
+        measured = f"test reconstruction log p(x|z) {s['recon']:.2f} nats, squared error {s['mse']:.2f}"
+    elif "test_elbo" not in s:  # the classifier baseline: no ELBO, its accuracy alone
+        measured = f"test accuracy {s['test_accuracy']:.4f} ± {s['test_accuracy_se']:.4f}"
+    else:
+        measured = f"test ELBO {s['test_elbo']:.2f} nats, log p(x) {s['log_px']:.2f} nats (k={s['k']})"
     print(f"{measured}, {s['epochs']} epochs in {s['train_seconds']:.1f} s on {s['device']}")
     print(f"wrote run directory {result.out}")
 
