@@ -14,7 +14,7 @@ contract) and one fixed test batch, for each ELBO estimator and number of partic
 Every measurement of an estimator starts from the same seed, so a result does not depend on which
 other estimators were compared with it. `compare` measures a pair in Python; `compare_estimators`
 (the CLI's) measures a run or a config's model; `write_comparison` writes compare.json, compare.md
-and two PNG figures.
+and two PNG figures. An M2 run (a discrete latent y) is measured by compare_discrete.py instead.
 """
 
 from __future__ import annotations

@@ -135,3 +135,15 @@ def test_an_m2_config_is_refused(tmp_path, capsys):
     assert main(["compare", "--config", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "compare measures a trained M2: give its run directory" in err, err
+
+
+def test_a_run_trained_relaxed_and_one_trained_with_score_bring_their_own_temperature_and_baseline(tmp_path):
+    relaxed, score = tmp_path / "relaxed", tmp_path / "score"
+    assert main(["train", "--model", "m2", *TINY, "--discrete", "relaxed", "--temperature", "1.0",
+                 "--temperature-final", "0.7", "--out", str(relaxed)]) == 0
+    assert main(["train", "--model", "m2", *TINY, "--discrete", "score", "--out", str(score)]) == 0
+    for run in (relaxed, score):
+        assert main(["compare", str(run), "--repeats", "3", "--batch-size", "8", "--k-ref", "10",
+                     "--quiet"]) == 0
+    assert json.loads((relaxed / "compare.json").read_text())["temperature"] == 0.7
+    assert json.loads((score / "compare.json").read_text())["score_baseline"].startswith("the run's b(x)")
