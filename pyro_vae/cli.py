@@ -160,7 +160,8 @@ def _add_compare_parser(sub) -> None:
     compare.add_argument("--config", help="compare on a fresh model from this YAML/JSON file, not a run")
     compare.add_argument("--out", help="where to write (default: RUN; required with --config)")
     compare.add_argument("--estimators", nargs="+", metavar="NAME[:K]", default=None,
-                         help="estimators to compare, NAME or NAME:K (e.g. mc iwae:50); default: all")
+                         help="estimators to compare, NAME or NAME:K (e.g. mc iwae:50); default: all (for an "
+                              "M2 run: enum score relaxed)")
     compare.add_argument("--particles-list", type=int, nargs="+", default=[1, 5, 50], metavar="K",
                          help="particles K for each bare NAME (default 1 5 50)")
     compare.add_argument("--repeats", type=int, default=100, help="draws per estimator (default 100)")
@@ -172,6 +173,9 @@ def _add_compare_parser(sub) -> None:
                               "N epochs and report the final log p(x) (default 0: off)")
     compare.add_argument("--pretrain-epochs", type=int, default=0, metavar="N",
                          help="with --config: train the fresh model N epochs before measuring (default 0)")
+    compare.add_argument("--temperature", type=float, default=None, metavar="TAU",
+                         help="M2 runs: the Gumbel-softmax temperature of the 'relaxed' estimator "
+                              "(default: the run's final one, or 0.5 if it did not train relaxed)")
     compare.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     compare.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                          help="auto (default) | cpu | cuda")
@@ -309,10 +313,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     options = CompareOptions(
         particles=args.particles_list, repeats=args.repeats, batch_size=args.batch_size, k_ref=args.k_ref,
         train_epochs=args.train_epochs, pretrain_epochs=args.pretrain_epochs, seed=args.seed,
-        device=args.device, progress=not args.quiet,
+        device=args.device, progress=not args.quiet, temperature=args.temperature, estimators=args.estimators,
     )
-    if args.estimators:
-        options.estimators = args.estimators
     result = compare_estimators(args.run, args.config, args.out, options)
     print((result.out / "compare.md").read_text(), end="")
     for path in result.paths:

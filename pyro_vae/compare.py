@@ -14,7 +14,7 @@ contract) and one fixed test batch, for each ELBO estimator and number of partic
 Every measurement of an estimator starts from the same seed, so a result does not depend on which
 other estimators were compared with it. `compare` measures a pair in Python; `compare_estimators`
 (the CLI's) measures a run or a config's model; `write_comparison` writes compare.json, compare.md
-and two PNG figures.
+and two PNG figures. An M2 run (a discrete latent y) is measured by compare_discrete.py instead.
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ BOUNDS: dict[str, Callable[[Callable, Callable, Tensor, int], Tensor]] = {
 class CompareOptions:
     """What to compare and how hard to look (the `pyro-vae compare` flags)."""
 
-    # NAME or NAME:K; by default every registered estimator whose bound compare knows (the built-in ones)
-    estimators: list[str] = field(default_factory=lambda: [n for n in ESTIMATORS if n in BOUNDS])
+    # NAME or NAME:K; None: for a VAE every registered estimator whose bound compare knows (the built-in
+    # ones, default_estimators), for an M2 its three discrete estimators (compare_discrete.py)
+    estimators: list[str] | None = None
     particles: list[int] = field(default_factory=lambda: [1, 5, 50])  # K for a bare NAME
     repeats: int = 100
     batch_size: int = 64
@@ -88,6 +89,7 @@ class CompareOptions:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    temperature: float | None = None  # M2's 'relaxed': the Gumbel-softmax tau (None: the run's final, or 0.5)
 
     def validate(self) -> None:
         """Raise InputError for values outside their range."""
@@ -103,14 +105,18 @@ class CompareOptions:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.particles or min(self.particles) < 1:
             raise InputError(f"--particles-list needs positive integers, got {self.particles}")
-        parse_specs(self.estimators, self.particles)
 
 
-def parse_specs(estimators: Sequence[str], particles: Sequence[int]) -> list[tuple[str, int]]:
+def default_estimators() -> list[str]:
+    """The estimators compared on a VAE by default: every registered one whose bound compare knows."""
+    return [n for n in ESTIMATORS if n in BOUNDS]
+
+
+def parse_specs(estimators: Sequence[str] | None, particles: Sequence[int]) -> list[tuple[str, int]]:
     """(name, K) pairs in order, without repeats: 'iwae:50' is iwae with K=50, a bare 'iwae' is iwae
-    with each K in `particles`."""
+    with each K in `particles`; None: default_estimators()."""
     specs: list[tuple[str, int]] = []
-    for item in estimators:
+    for item in default_estimators() if estimators is None else estimators:
         name, colon, k = item.partition(":")
         if name not in BOUNDS:
             raise InputError(f"unknown estimator {name!r} in --estimators: choose one of "
@@ -169,13 +175,13 @@ def _sync(device: torch.device) -> None:
 
 
 def gradient_stats(elbo: pyro.infer.ELBO, program: object, x: Tensor, repeats: int, progress: bool = False,
-                   desc: str = "gradients") -> dict:
-    """R draws g_r of the gradient of loss = -bound/N (as in a training step): per group (see
-    parameter_groups), the per-parameter variance var_r(g) and SNR |mean_r g| / std_r g, each averaged
-    over the group's parameters (those with std > 0); and the median wall time of one loss +
-    backward, in ms. The parameters' .grad are cleared before and after."""
+                   desc: str = "gradients", groups: dict[str, list[Tensor]] | None = None) -> dict:
+    """R draws g_r of the gradient of loss = -bound/N (as in a training step): per group of parameters
+    (`groups`, by default parameter_groups'), the per-parameter variance var_r(g) and SNR
+    |mean_r g| / std_r g, each averaged over the group's parameters (those with std > 0); and the
+    median wall time of one loss + backward, in ms. The parameters' .grad are cleared before and after."""
     program = Program.of(program)
-    groups = parameter_groups(program, x)
+    groups = parameter_groups(program, x) if groups is None else groups
     sums = {g: torch.zeros(sum(p.numel() for p in ps), dtype=torch.float64, device=x.device)
             for g, ps in groups.items()}
     squares = {g: s.clone() for g, s in sums.items()}
@@ -299,14 +305,27 @@ def compare_estimators(run: str | Path | None = None, config_file: str | Path | 
         raise InputError("compare --config needs --out DIR: where to write the comparison")
     if options.pretrain_epochs and config_file is None:
         raise InputError("--pretrain-epochs applies to --config (a fresh model); a run is already trained")
-    specs = parse_specs(options.estimators, options.particles)
     device = resolve_device(options.device)
     out_dir = Path(out if out is not None else run)
     run, config_file = Path(run) if run else None, Path(config_file) if config_file else None
     config = _read_config(run, config_file, device)
-    if getattr(config, "model", "vae") != "vae":
+    model = getattr(config, "model", "vae")
+    if model == "m2":
+        if run is None:
+            raise InputError("compare measures a trained M2: give its run directory, not --config")
+        from .compare_discrete import compare_m2_run
+
+        return compare_m2_run(run, config, out_dir, options)
+    if model == "classifier":
+        raise InputError(f"{run or config_file} is the classifier baseline (model 'classifier'): it has no "
+                         "latent and no ELBO to estimate; compare an M2 or a VAE run")
+    if model != "vae":
         raise InputError(f"{run or config_file} is an autoencoder (model {config.model!r}): it has no ELBO "
                          "to estimate; compare a VAE")
+    if options.temperature is not None:
+        raise InputError("--temperature is the Gumbel-softmax temperature of an M2 run's 'relaxed' "
+                         "estimator; a VAE has no discrete latent")
+    specs = parse_specs(options.estimators, options.particles)
     if options.train_epochs:  # refuse a bad pairing (an estimator the config cannot train with) up front
         for name, k in specs:
             dataclasses.replace(config, estimator=name, particles=k, epochs=options.train_epochs).validate()
@@ -354,11 +373,16 @@ def compare(program: object, x: Tensor, estimators: Sequence[str] | None = None,
 def write_comparison(record: dict, out: str | Path) -> list[Path]:
     """Write compare.json, compare.md, compare_snr.png and compare_estimates.png into `out`."""
     out = Path(out)
+    return [*write_comparison_files(record, out, markdown(record)), plot_snr(record, out / SNR_FIGURE),
+            plot_estimates(record, out / ESTIMATES_FIGURE)]
+
+
+def write_comparison_files(record: dict, out: Path, table: str) -> list[Path]:
+    """Write the record as compare.json and the Markdown `table` as compare.md into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / JSON, record)
-    (out / MARKDOWN).write_text(markdown(record))
-    return [out / JSON, out / MARKDOWN, plot_snr(record, out / SNR_FIGURE),
-            plot_estimates(record, out / ESTIMATES_FIGURE)]
+    (out / MARKDOWN).write_text(table)
+    return [out / JSON, out / MARKDOWN]
 
 
 def markdown(record: dict) -> str:

@@ -91,6 +91,7 @@ BAD = [
     (["--pretrain-epochs", "2"], "--pretrain-epochs applies to --config"),
     (["--config", "CONFIG"], "either a run directory or --config FILE (not both)"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--temperature", "0.5"], "a VAE has no discrete latent"),
 ]
 
 
