@@ -11,8 +11,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pyro_vae.discrete import ScoreFunction_ELBO, make_discrete_estimator
+from pyro_vae.config import Config
+from pyro_vae.data import Dataset, load_dataset
+from pyro_vae.discrete import ScoreFunction_ELBO, choose_labelled, make_discrete_estimator
+from pyro_vae.errors import InputError
 from pyro_vae.m2 import UNLABELLED, build_m2
+from pyro_vae.train_data import label_training_set, prepare_data
 
 C, Z, X_SHAPE = 3, 2, (1, 4, 4)
 
@@ -198,3 +202,63 @@ def test_the_relaxed_bound_tends_to_the_enumerated_one_as_the_temperature_falls(
     assert bias[0.01] < 4 * float(se[0.01]), (bias, se)
     for hot, cold in ((1.0, 0.3), (0.3, 0.01)):
         assert bias[hot] - bias[cold] > 4 * float(se[hot] + se[cold]), (hot, bias, se)
+
+
+# -- the labelled subset ------------------------------------------------------------------------------
+
+
+def test_the_labelled_subset_is_balanced_over_the_classes_and_fixed_by_the_seed():
+    """n // C examples of each class, the remainder (one more each) to the first classes; the same seed
+    picks the same examples, another seed others; indices into the labels given, without repeats."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(4, (400,), generator=g)
+    chosen = choose_labelled(labels, 14, seed=5)
+    assert chosen.unique().numel() == 14 and 0 <= int(chosen.min()) and int(chosen.max()) < 400
+    assert labels[chosen].bincount(minlength=4).tolist() == [4, 4, 3, 3]
+    assert torch.equal(choose_labelled(labels, 14, seed=5), chosen)
+    assert not torch.equal(choose_labelled(labels, 14, seed=6), chosen)
+    assert labels[choose_labelled(labels, 40, seed=1)].bincount().tolist() == [10] * 4
+    with pytest.raises(InputError, match="more labelled examples than the 400"):
+        choose_labelled(labels, 401, seed=0)
+    with pytest.raises(InputError, match="cannot cover the 4 classes"):
+        choose_labelled(labels, 3, seed=0)
+    rare = torch.tensor([0] * 10 + [1] * 2)
+    with pytest.raises(InputError, match="needs 3 examples of class 1"):
+        choose_labelled(rare, 6, seed=0)
+
+
+def _tagged(n=60, classes=3):
+    """A dataset whose image i holds the value i everywhere (so rows can be traced), label i % classes."""
+    x = torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    y = torch.arange(n) % classes
+    return Dataset("tags", x, x[:9] + 1000, y, y[:9].flip(0))
+
+
+def test_m2_keeps_every_training_example_and_hides_all_labels_but_the_chosen():
+    data = _tagged()
+    m2 = label_training_set(data, "m2", 12, seed=3)
+    chosen = choose_labelled(data.train_y, 12, seed=3)
+    assert torch.equal(m2.train_x, data.train_x)
+    assert torch.equal((m2.train_y != UNLABELLED).nonzero().squeeze(-1), chosen)
+    assert torch.equal(m2.train_y[chosen], data.train_y[chosen])
+    assert torch.equal(m2.test_y, data.test_y) and torch.equal(m2.test_x, data.test_x)  # untouched
+    classifier = label_training_set(data, "classifier", 12, seed=3)
+    assert torch.equal(classifier.train_x, data.train_x[chosen])  # exactly the labelled examples
+    assert torch.equal(classifier.train_y, data.train_y[chosen])
+    assert torch.equal(classifier.test_y, data.test_y)
+
+
+def test_with_a_validation_split_the_labels_are_drawn_from_what_is_left_to_train_on():
+    """Through prepare_data on digits (every training image distinct): the labelled examples are training
+    rows, none of them in the validation set; the test labels are those of the dataset."""
+    config = Config.from_dict({"model": "m2", "labels": 50, "validation_size": 300, "binarize": "none"})
+    data = prepare_data(config)
+    full = load_dataset("digits")
+    assert data.train_x.shape[0] == full.train_x.shape[0] - 300 and data.val_x.shape[0] == 300
+    labelled = data.train_x[data.train_y != UNLABELLED].flatten(1)
+    assert labelled.shape[0] == 50
+    assert not (labelled[:, None, :] == data.val_x.flatten(1)[None]).all(-1).any()
+    assert torch.equal(data.test_y, full.test_y)
+    rows = (full.train_x.flatten(1)[None] == labelled[:, None]).all(-1).float().argmax(-1)
+    assert torch.equal(full.train_y[rows], data.train_y[data.train_y != UNLABELLED])  # their own labels
+    assert full.train_y[rows].bincount().tolist() == [5] * 10
