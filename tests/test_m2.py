@@ -7,15 +7,18 @@ few standard errors of the quantity compared."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 
+from pyro_vae.cli import main
 from pyro_vae.config import Config
 from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.discrete import ScoreFunction_ELBO, choose_labelled, make_discrete_estimator
 from pyro_vae.errors import InputError
 from pyro_vae.m2 import UNLABELLED, build_m2
+from pyro_vae.train import train
 from pyro_vae.train_data import label_training_set, prepare_data
 
 C, Z, X_SHAPE = 3, 2, (1, 4, 4)
@@ -262,3 +265,62 @@ def test_with_a_validation_split_the_labels_are_drawn_from_what_is_left_to_train
     rows = (full.train_x.flatten(1)[None] == labelled[:, None]).all(-1).float().argmax(-1)
     assert torch.equal(full.train_y[rows], data.train_y[data.train_y != UNLABELLED])  # their own labels
     assert full.train_y[rows].bincount().tolist() == [5] * 10
+
+
+# -- training runs -------------------------------------------------------------------------------------
+
+RUN = {"hidden": [64], "z_dim": 8, "batch_size": 64, "eval_k": 5, "lr": 3e-3, "epochs": 5}
+
+
+@pytest.mark.parametrize("model, extra", [("m2", {"aux_loss": 50.0}), ("classifier", {})])
+def test_test_accuracy_beats_chance_on_digits_after_a_short_run(model, extra, tmp_path):
+    """With 100 labels (10 a class), 5 epochs: test accuracy above chance (0.1) by more than 5 of its
+    standard errors; every epoch's row records it, and the summary the number of labels used."""
+    config = Config.from_dict({"model": model, "labels": 100, **RUN, **extra})
+    result = train(config, tmp_path / model, progress=False)
+    summary = result.summary
+    assert summary["labels"] == 100
+    assert summary["test_accuracy"] > 0.1 + 5 * summary["test_accuracy_se"], summary
+    assert summary["test_accuracy"] == result.metrics[-1]["test_accuracy"]
+    assert summary["n_train"] == (100 if model == "classifier" else load_dataset("digits").train_x.shape[0])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "m2", "--labels", "100000"], "asks for more labelled examples than the 1438 training"),
+    (["--model", "m2", "--labels", "5"], "cannot cover the 10 classes"),
+    (["--model", "m2", "--labels", "10", "--dataset", "UNLABELLED"], "needs class labels"),
+    (["--model", "classifier", "--labels", "10", "--dataset", "UNLABELLED"], "needs class labels"),
+    (["--discrete", "score"], "has no discrete latent"),
+    (["--model", "classifier", "--labels", "100", "--aux-loss", "1"], "has no discrete latent"),
+    (["--model", "m2"], "say how many with --labels N"),
+    (["--labels", "100"], "--labels and --classes apply to --model m2 or classifier"),
+    (["--model", "m2", "--labels", "100", "--temperature", "0.5"], "--discrete enum does not relax y"),
+    (["--model", "m2", "--labels", "100", "--discrete", "score", "--temperature-final", "0.3"],
+     "--discrete score does not relax y"),
+    (["--model", "m2", "--labels", "100", "--estimator", "iwae"], "do(es) not apply to --model m2"),
+    (["--model", "m2", "--labels", "100", "--prior", "vamp"], "--prior vamp builds p(z) from q(z|x)"),
+    (["--model", "m2", "--labels", "100", "--encoder", "conv"], "builds MLP networks"),
+    (["--model", "m2", "--labels", "100", "--aux-loss", "-1"], "--aux-loss must be a weight >= 0"),
+    (["--model", "m2", "--labels", "100", "--discrete", "exact"], "unknown discrete 'exact'"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_semi_supervised_inputs_exit_2_with_one_line(args, message, tmp_path, capsys):
+    images = tmp_path / "unlabelled.npy"
+    np.save(images, np.random.default_rng(0).random((30, 8, 8), dtype=np.float32))
+    argv = ["train", *[str(images) if a == "UNLABELLED" else a for a in args], "--out", str(tmp_path / "run"),
+            "--epochs", "1", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyro-vae: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_input_errors_are_input_errors_from_python():
+    with pytest.raises(InputError, match="asks for more labelled examples"):
+        prepare_data(Config.from_dict({"model": "m2", "labels": 100000}))
+    with pytest.raises(InputError, match="has no discrete latent"):
+        Config.from_dict({"discrete": "relaxed"})
+    with pytest.raises(InputError, match="builds MLP networks"):
+        build_m2(X_SHAPE, C, encoder="conv")
+    with pytest.raises(InputError, match="--prior vamp"):
+        build_m2(X_SHAPE, C, prior="vamp")
