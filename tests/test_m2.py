@@ -5,13 +5,17 @@ training set; M2 and the classifier beat chance on digits; bad inputs are refuse
 bit-identical; Pyro's own SVI trains the model. Statistical checks use fixed seeds and tolerances of a
 few standard errors of the quantity compared."""
 
+import importlib
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 
+from pyro_vae import run_dir
 from pyro_vae.cli import main
 from pyro_vae.config import Config
 from pyro_vae.data import Dataset, load_dataset
@@ -20,6 +24,8 @@ from pyro_vae.errors import InputError
 from pyro_vae.m2 import UNLABELLED, build_m2
 from pyro_vae.train import train
 from pyro_vae.train_data import label_training_set, prepare_data
+
+train_module = importlib.import_module("pyro_vae.train")  # the module (pyro_vae.train is the function)
 
 C, Z, X_SHAPE = 3, 2, (1, 4, 4)
 
@@ -324,3 +330,63 @@ def test_the_input_errors_are_input_errors_from_python():
         build_m2(X_SHAPE, C, encoder="conv")
     with pytest.raises(InputError, match="--prior vamp"):
         build_m2(X_SHAPE, C, prior="vamp")
+
+
+# -- resume ---------------------------------------------------------------------------------------------
+
+SMALL_RUN = ["--model", "m2", "--labels", "30", "--train-size", "200", "--test-size", "60", "--hidden", "16",
+             "--z-dim", "2", "--batch-size", "32", "--eval-k", "5", "--quiet"]
+
+
+def _run_state(run):
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("seconds")  # wall time differs; nothing else may
+    return ckpt["model"], rows, json.loads((run / "summary.json").read_text())
+
+
+def _assert_same_run(a, b):
+    model_a, rows_a, summary_a = _run_state(a)
+    model_b, rows_b, summary_b = _run_state(b)
+    assert rows_a == rows_b
+    assert model_a.keys() == model_b.keys() and all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    for key in ("test_accuracy", "log_px", "steps", "labels"):
+        assert summary_a[key] == summary_b[key], key
+
+
+def test_an_m2_run_resumed_after_two_epochs_is_bit_identical_to_a_straight_one(tmp_path):
+    assert main(["train", "--epochs", "3", "--aux-loss", "10", "--out", str(tmp_path / "straight"),
+                 *SMALL_RUN]) == 0
+    assert main(["train", "--epochs", "2", "--aux-loss", "10", "--out", str(tmp_path / "run"),
+                 *SMALL_RUN]) == 0
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "3", "--quiet"]) == 0
+    _assert_same_run(tmp_path / "straight", tmp_path / "run")
+    assert len(_run_state(tmp_path / "run")[1]) == 3
+
+
+@pytest.mark.parametrize("discrete", [["--discrete", "relaxed", "--temperature-final", "0.2"],
+                                      ["--discrete", "score"]], ids=["relaxed-annealed", "score"])
+def test_an_m2_run_resumed_from_a_mid_epoch_checkpoint_is_bit_identical(discrete, tmp_path, monkeypatch):
+    """A checkpoint 3 steps into epoch 2 (kept as a crashed run would leave it) resumes to the run that
+    never stopped: the annealed temperature and the score estimator's baseline continue as they were."""
+    args = ["--epochs", "2", *discrete, *SMALL_RUN]
+    assert main(["train", *args, "--out", str(tmp_path / "straight")]) == 0
+    saved = []
+    real_save = run_dir.save_checkpoint
+
+    def save_and_keep(path, state):
+        real_save(path, state)
+        if state["epoch"] == 2 and state["batch"] == 3 and not saved:
+            shutil.copytree(path.parent, tmp_path / "crashed")
+            saved.append(state["step"])
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_and_keep)
+    assert main(["train", *args, "--checkpoint-every", "1e-6", "--out", str(tmp_path / "run")]) == 0
+    monkeypatch.undo()
+    assert saved == [7 + 3]  # ceil(200 / 32) = 7 steps in epoch 1, then 3 into epoch 2
+    assert main(["train", "--resume", str(tmp_path / "crashed"), "--quiet"]) == 0
+    _assert_same_run(tmp_path / "straight", tmp_path / "crashed")
+    rows = _run_state(tmp_path / "crashed")[1]
+    if "relaxed" in discrete:
+        assert rows[0]["temperature"] > rows[1]["temperature"] == pytest.approx(0.2)
