@@ -296,6 +296,7 @@ def test_test_accuracy_beats_chance_on_digits_after_a_short_run(model, extra, tm
 @pytest.mark.parametrize("args, message", [
     (["--model", "m2", "--labels", "100000"], "asks for more labelled examples than the 1438 training"),
     (["--model", "m2", "--labels", "5"], "cannot cover the 10 classes"),
+    (["--model", "m2", "--labels", "1300"], "needs 130 examples of class 2, and the training set has 126"),
     (["--model", "m2", "--labels", "10", "--dataset", "UNLABELLED"], "needs class labels"),
     (["--model", "classifier", "--labels", "10", "--dataset", "UNLABELLED"], "needs class labels"),
     (["--discrete", "score"], "has no discrete latent"),
