@@ -186,9 +186,21 @@ class M2(_Registers):
         with pyro.plate("data", x.shape[0]):
             logits = self.classifier(x)
             with poutine.mask(mask=True if labelled is None else ~labelled):
-                sampled = pyro.sample("y", self._class_posterior(logits), infer=self._infer(x))
+                sampled = pyro.sample("y", self._class_posterior(self._at_labels(logits, y)),
+                                      infer=self._infer(x))
             onehot = self._onehot(sampled, y)
             return pyro.sample("z", dist.Normal(*self.encoder(x, onehot)).to_event(1))
+
+    def _at_labels(self, logits: Tensor, y: Tensor | None) -> Tensor:
+        """The guide's logits for y: q(y|x)'s, with a point mass at the label where there is one (unless
+        relaxed). The mask of the site "y" zeroes log q(y|x) there, but not its score function, which
+        weights the costs under enumeration and multiplies them under 'score': with q(y|x)'s logits a
+        labelled example's L(x, y) would be weighted by q(y|x) over C draws of z, and would give the
+        classifier a gradient it has no part in."""
+        if y is None or self.relaxed:
+            return logits
+        point = torch.full_like(logits, -math.inf).scatter(-1, y.clamp(min=0).unsqueeze(-1), 0.0)
+        return torch.where((y != UNLABELLED).unsqueeze(-1), point, logits)
 
     def _class_prior(self) -> dist.Distribution:
         """p(y): uniform over the classes (relaxed while training with discrete='relaxed')."""
