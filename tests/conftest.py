@@ -1,5 +1,8 @@
 """Shared fixtures: a small trained run on the embedded digits, made once per test session."""
 
+import importlib
+import shutil
+
 import pyro
 import pytest
 import torch
@@ -26,6 +29,30 @@ def digits_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "digits"
     assert main(["train", "--epochs", "3", "--out", str(out), *QUICK]) == 0
     return out
+
+
+@pytest.fixture
+def crash_copy(monkeypatch):
+    """arm(dest, epoch, batch): when training writes the checkpoint at (epoch, batch), copy the run
+    directory to `dest`, as a run killed right after it would be left; returns the list that receives
+    that checkpoint's step. monkeypatch.undo() disarms it."""
+    from pyro_vae import run_dir
+
+    train_module = importlib.import_module("pyro_vae.train")  # the module (pyro_vae.train is the function)
+
+    def arm(dest, epoch: int, batch: int) -> list[int]:
+        saved, real_save = [], run_dir.save_checkpoint
+
+        def save_and_keep(path, state):
+            real_save(path, state)
+            if state["epoch"] == epoch and state["batch"] == batch and not saved:
+                shutil.copytree(path.parent, dest)
+                saved.append(state["step"])
+
+        monkeypatch.setattr(train_module, "save_checkpoint", save_and_keep)
+        return saved
+
+    return arm
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ and a NaN stops training with the step and the site named, keeping the last good
 
 import importlib
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -59,17 +58,8 @@ def test_four_epochs_equal_two_plus_two_resumed(straight, tmp_path):
     _assert_same_run(straight / "fast4", tmp_path / "run")
 
 
-def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(straight, tmp_path, monkeypatch):
-    saved = []
-    real_save = run_dir.save_checkpoint
-
-    def save_and_keep(path, state):
-        real_save(path, state)
-        if state["epoch"] == 2 and state["batch"] == 3 and not saved:
-            shutil.copytree(path.parent, tmp_path / "crashed")
-            saved.append(state["step"])
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_and_keep)
+def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(straight, tmp_path, monkeypatch, crash_copy):
+    saved = crash_copy(tmp_path / "crashed", epoch=2, batch=3)
     # checkpoint after every step (a minute is 60 s; this is a millionth of one)
     assert main(["train", "--epochs", "4", "--checkpoint-every", "1e-6",
                  "--out", str(tmp_path / "run"), *FAST]) == 0
@@ -80,21 +70,12 @@ def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(straight, tmp_path,
 
 
 @pytest.mark.parametrize("weighting", [["--beta", "0.5"], ["--kl-anneal", "2"]], ids=["beta", "kl-anneal"])
-def test_resume_after_an_epochs_last_step_with_a_kl_weight(tmp_path, monkeypatch, weighting):
+def test_resume_after_an_epochs_last_step_with_a_kl_weight(tmp_path, monkeypatch, weighting, crash_copy):
     """A checkpoint written after the last step of an epoch but before its end (what a SIGTERM in that
     step, or --checkpoint-every then kill -9, leaves) resumes to the run that never stopped, with a KL
     weight too: the weight the epoch's metrics row records was once set only inside the batch loop."""
     assert main(["train", "--epochs", "2", "--out", str(tmp_path / "straight"), *FAST, *weighting]) == 0
-    saved = []
-    real_save = run_dir.save_checkpoint
-
-    def save_and_keep(path, state):
-        real_save(path, state)
-        if state["epoch"] == 1 and state["batch"] == 7 and not saved:  # 7 steps: ceil(200 / 32)
-            shutil.copytree(path.parent, tmp_path / "crashed")
-            saved.append(state["step"])
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_and_keep)
+    saved = crash_copy(tmp_path / "crashed", epoch=1, batch=7)  # 7 steps: ceil(200 / 32)
     assert main(["train", "--epochs", "2", "--checkpoint-every", "1e-6", "--out", str(tmp_path / "run"),
                  *FAST, *weighting]) == 0
     monkeypatch.undo()

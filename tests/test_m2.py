@@ -8,7 +8,6 @@ few standard errors of the quantity compared."""
 import importlib
 import json
 import math
-import shutil
 import warnings
 
 import numpy as np
@@ -17,7 +16,6 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pyro_vae import run_dir
 from pyro_vae.cli import main
 from pyro_vae.config import Config
 from pyro_vae.data import Dataset, load_dataset
@@ -370,21 +368,13 @@ def test_an_m2_run_resumed_after_two_epochs_is_bit_identical_to_a_straight_one(t
 
 @pytest.mark.parametrize("discrete", [["--discrete", "relaxed", "--temperature-final", "0.2"],
                                       ["--discrete", "score"]], ids=["relaxed-annealed", "score"])
-def test_an_m2_run_resumed_from_a_mid_epoch_checkpoint_is_bit_identical(discrete, tmp_path, monkeypatch):
+def test_an_m2_run_resumed_from_a_mid_epoch_checkpoint_is_bit_identical(discrete, tmp_path, monkeypatch,
+                                                                       crash_copy):
     """A checkpoint 3 steps into epoch 2 (kept as a crashed run would leave it) resumes to the run that
     never stopped: the annealed temperature and the score estimator's baseline continue as they were."""
     args = ["--epochs", "2", *discrete, *SMALL_RUN]
     assert main(["train", *args, "--out", str(tmp_path / "straight")]) == 0
-    saved = []
-    real_save = run_dir.save_checkpoint
-
-    def save_and_keep(path, state):
-        real_save(path, state)
-        if state["epoch"] == 2 and state["batch"] == 3 and not saved:
-            shutil.copytree(path.parent, tmp_path / "crashed")
-            saved.append(state["step"])
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_and_keep)
+    saved = crash_copy(tmp_path / "crashed", epoch=2, batch=3)
     assert main(["train", *args, "--checkpoint-every", "1e-6", "--out", str(tmp_path / "run")]) == 0
     monkeypatch.undo()
     assert saved == [7 + 3]  # ceil(200 / 32) = 7 steps in epoch 1, then 3 into epoch 2
