@@ -114,16 +114,18 @@ def plot_reconstructions(program: object, x: Tensor, path: Path, n: int = 16) ->
 @torch.no_grad()
 def plot_traversal(program: object, x: Tensor, path: Path, n_dims: int = 8, steps: int = 9) -> Path:
     """Vary one coordinate of the latent site at a time from -3 to 3, the others fixed at E_q[z|x] of
-    one test image; one row per coordinate, the most used coordinates (largest Var_x E_q[z]) first.
-    Needs a program with one latent site."""
+    one test image (a discrete site, such as M2's class, at its most likely value there); one row per
+    coordinate, the most used coordinates (largest Var_x E_q[z]) first. Needs a program with one
+    continuous latent site."""
     program = Program.of(program)
     _check_pictures(x)
-    latent = program.sites(x).latent
+    latent = program.continuous_sites(x)
     if len(latent) != 1:
-        raise InputError(f"a traversal varies the coordinates of one latent site; this pair has "
+        raise InputError(f"a traversal varies the coordinates of one continuous latent site; this pair has "
                          f"{len(latent)} ({', '.join(map(repr, latent))})")
     (name,) = latent
-    mean, _ = program.posterior_moments(x[:512])[name]
+    moments = program.posterior_moments(x[:512])
+    mean, _ = moments[name]
     means = mean.flatten(1)
     dims = means.var(0).argsort(descending=True)[:n_dims] if len(means) > 1 else torch.arange(n_dims)
     dims = dims[: means.shape[-1]]
@@ -132,7 +134,9 @@ def plot_traversal(program: object, x: Tensor, path: Path, n_dims: int = 8, step
     for row, d in enumerate(dims):
         z[row, :, d] = values
     z = z.reshape(-1, *mean.shape[1:])
-    images = program.decode(_rows(x, z.shape[0]), {name: z}).cpu()
+    fixed = {site: mode[:1].expand(z.shape[0], *mode.shape[1:]) for site, (mode, _) in moments.items()
+             if site != name}
+    images = program.decode(_rows(x, z.shape[0]), {name: z, **fixed}).cpu()
     return _save_grid(image_grid(images, len(dims), steps), path,
                       "latent traversal: one coordinate per row, most used first",
                       f"{name}_u from -{TRAVERSAL_RANGE:g} to {TRAVERSAL_RANGE:g}, "
@@ -155,12 +159,13 @@ def latent_2d(means: Tensor, name: str = "z") -> tuple[Tensor, str]:
 def plot_latent_map(program: object, x: Tensor, labels: Tensor | None, path: Path,
                     class_names: Sequence[str] | None = None) -> Path:
     """Scatter of E_q[z|x] over test images, coloured by label (PCA to 2-D above 2 dimensions; with
-    several latent sites, of all their coordinates together): a legend entry per class (its name from
-    class_names where known) up to 20 classes, a colour bar beyond. Needs 2 or more examples."""
+    several continuous latent sites, of all their coordinates together; discrete sites have no mean): a
+    legend entry per class (its name from class_names where known) up to 20 classes, a colour bar
+    beyond. Needs 2 or more examples."""
     program = Program.of(program)
     if x.shape[0] < 2:
         raise InputError(f"a latent map needs 2 or more test examples, there is {x.shape[0]}")
-    latent = program.sites(x).latent
+    latent = program.continuous_sites(x)
     name = latent[0] if len(latent) == 1 else f"({', '.join(latent)})"
     points, axis = latent_2d(program.posterior_means(x).cpu(), name)
     fig, ax = subplots(figsize=(7, 5))

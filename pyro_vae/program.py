@@ -160,9 +160,18 @@ class Program:
         return moments
 
     def posterior_means(self, x: Tensor) -> Tensor:
-        """E_q[z|x] for every latent site, flattened and concatenated per example: shape (N, D)."""
-        means = [mean.reshape(x.shape[0], -1) for mean, _ in self.posterior_moments(x).values()]
+        """E_q[z|x] for every continuous latent site (a discrete one, such as a class, has no mean),
+        flattened and concatenated per example: shape (N, D)."""
+        continuous = self.continuous_sites(x)
+        means = [mean.reshape(x.shape[0], -1) for name, (mean, _) in self.posterior_moments(x).items()
+                 if name in continuous]
         return torch.cat(means, dim=-1)
+
+    def continuous_sites(self, x: Tensor) -> tuple[str, ...]:
+        """The latent sites whose values are not discrete (all but, e.g., a class y), by one guide trace."""
+        with torch.no_grad():
+            guide_trace = poutine.trace(self.guide).get_trace(x[:2])
+        return tuple(n for n in self.sites(x).latent if not guide_trace.nodes[n]["fn"].support.is_discrete)
 
     @torch.no_grad()
     def decode(self, x_like: Tensor, latents: dict[str, Tensor] | None = None) -> Tensor:

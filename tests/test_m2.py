@@ -418,3 +418,28 @@ def test_pyro_svi_with_trace_enum_elbo_trains_m2_on_digits(aux_loss):
     assert moved == set(before), set(before) - moved
     stored = {id(v) for v in pyro.get_param_store().values()}
     assert stored == {id(p) for p in m2.parameters()}
+
+
+def test_m2_figures_vary_z_with_the_class_fixed_and_map_z_alone(tmp_path):
+    """M2 has a continuous z and a discrete y: the traversal varies z's coordinates with y at its most
+    likely class (no warning), the latent map shows E_q[z|x] without the class index, and
+    class_samples.png has one row per class."""
+    import warnings
+
+    from pyro_vae.plots import save_figures
+    from pyro_vae.program import Program
+
+    m2 = build_m2((1, 8, 8), 10, hidden=[16], z_dim=3).eval()
+    x = torch.rand(40, 1, 8, 8).bernoulli()
+    program = Program.of(m2)
+    assert program.continuous_sites(x) == ("z",)
+    assert program.posterior_means(x).shape == (40, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = save_figures(m2, x, tmp_path, n_samples=9)
+    assert sorted(p.name for p in paths) == ["class_samples.png", "latent_map.png", "reconstructions.png",
+                                             "samples.png", "traversal.png"]
+    images = m2.class_samples(torch.zeros(4, 3))
+    assert images.shape == (10, 4, 1, 8, 8)
+    assert not torch.allclose(images[0], images[1])  # the decoder sees the class: rows differ
+    assert torch.allclose(images[:, 0], images[:, 1])  # the same z in every column here: columns agree

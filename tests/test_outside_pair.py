@@ -227,7 +227,7 @@ def test_diagnose_runs_nuts_over_both_latent_sites_and_fits_q_star_per_site(two_
 def test_figures_of_two_sites_skip_the_traversal_with_a_one_line_warning(two_sites, tmp_path):
     pair, x = two_sites
     with pytest.warns(UserWarning, match="skipped traversal.png: a traversal varies the coordinates of one "
-                                         "latent site; this pair has 2") as caught:
+                                         "continuous latent site; this pair has 2") as caught:
         paths = save_figures(pair, x, tmp_path, n_samples=9)
     _assert_pngs(paths, ["samples.png", "reconstructions.png", "latent_map.png"])
     assert all("\n" not in str(w.message) for w in caught)
