@@ -33,14 +33,13 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.nn import PyroModule
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .errors import InputError
 from .likelihoods import Likelihood, make_likelihood
 from .nets import _gaussian_params, _mlp
-from .param_store import param_sites_enabled, register_named
+from .param_store import RegisteringModule
 from .priors import make_prior
 
 UNLABELLED = -1  # the label of an example without one
@@ -119,27 +118,14 @@ def _labelled(y: Tensor | None) -> Tensor | None:
     return None if y is None else y != UNLABELLED
 
 
-class _Registers(PyroModule):
-    """Registers the parameters of named submodules in Pyro's param store, as `pyro.module` does
-    (under "<param_prefix>$$$<state_dict name>"); nothing inside param_sites(False)."""
-
-    param_prefix = "m2"
-
-    def _register(self, *parts: str) -> None:
-        if not param_sites_enabled():
-            return
-        names = {param: name for name, param in self.named_parameters()}
-        register_named(self.param_prefix,
-                       {names[p]: p for part in parts for p in self._modules[part].parameters()})
-
-
-class M2(_Registers):
+class M2(RegisteringModule):
     """The M2 model and guide (see the module's docstring). `discrete` ('enum', 'score', 'relaxed')
     says how y is handled while training, `temperature` is the relaxation's (the trainer anneals it),
     `aux_loss` Kingma et al.'s alpha."""
 
     is_autoencoder = False
     needs_labels = True
+    param_prefix = "m2"
 
     def __init__(self, classifier: Classifier, encoder: ClassEncoder, decoder: ClassDecoder, prior: nn.Module,
                  likelihood: Likelihood, n_classes: int, discrete: str = "enum", aux_loss: float = 0.0,
@@ -161,7 +147,7 @@ class M2(_Registers):
     def model(self, x: Tensor | None = None, y: Tensor | None = None, n: int | None = None) -> Tensor:
         """p(y) p(z) p(x|y,z) for a batch x (N, C, H, W) with labels y (UNLABELLED where none); with
         x=None it generates n examples."""
-        self._register("decoder", "prior", "likelihood", *(("classifier",) if self.aux_loss else ()))
+        self.register_parts("decoder", "prior", "likelihood", *(("classifier",) if self.aux_loss else ()))
         labelled = _labelled(y)
         with pyro.plate("data", n if x is None else x.shape[0]):
             prior_y = self._class_prior()
@@ -181,7 +167,7 @@ class M2(_Registers):
 
     def guide(self, x: Tensor, y: Tensor | None = None, n: int | None = None) -> Tensor:
         """q(y|x) q(z|x,y): y drawn (or enumerated, or relaxed) where there is no label."""
-        self._register("classifier", "encoder", *(("baseline",) if self.baseline is not None else ()))
+        self.register_parts("classifier", "encoder", *(("baseline",) if self.baseline is not None else ()))
         labelled = _labelled(y)
         with pyro.plate("data", x.shape[0]):
             logits = self.classifier(x)
@@ -255,7 +241,7 @@ class M2(_Registers):
         return self.likelihood.mean(self.decoder(z, classes))
 
 
-class LabelClassifier(_Registers):
+class LabelClassifier(RegisteringModule):
     """The baseline: the classifier of M2 alone, trained on the labelled examples by maximum
     likelihood, as a Pyro program with no latent: the model observes y ~ Categorical(classifier(x)),
     masked to the labelled examples; the guide is empty. -ELBO is then -sum log q(y|x)."""
@@ -271,7 +257,7 @@ class LabelClassifier(_Registers):
 
     def model(self, x: Tensor, y: Tensor | None = None, n: int | None = None) -> None:
         """log q(y|x) of the labels of the labelled examples of x."""
-        self._register("classifier")
+        self.register_parts("classifier")
         labelled = _labelled(y)
         if labelled is None:
             return

@@ -14,18 +14,17 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 from .errors import InputError
 from .guides import DEFAULT_GUIDE, Diagonal, GuideFamily, make_guide
 from .likelihoods import Likelihood, make_likelihood
 from .nets import make_networks
-from .param_store import param_sites_enabled, register_named
+from .param_store import RegisteringModule
 from .priors import make_prior
 
 
-class VAE(PyroModule):
+class VAE(RegisteringModule):
     """p(x, z) = p(z) p(x|z) with p(x|z) = likelihood(decoder(z)); q(z|x) = family(encoder(x)), the
     posterior family (guides.py) a diagonal Gaussian N(encoder(x)) by default. model() registers the
     parameters of the decoder, prior and likelihood, guide() those of the encoder and family, in Pyro's
@@ -52,7 +51,7 @@ class VAE(PyroModule):
 
     def model(self, x: Tensor | None = None, n: int | None = None) -> Tensor:
         """p(z) p(x|z) for a batch x (N, C, H, W); with x=None it generates n examples."""
-        self._register("decoder", "prior", "likelihood")
+        self.register_parts("decoder", "prior", "likelihood")
         with pyro.plate("data", n if x is None else x.shape[0]):
             z = pyro.sample("z", self.prior())
             return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
@@ -60,19 +59,9 @@ class VAE(PyroModule):
     def guide(self, x: Tensor, n: int | None = None) -> Tensor:
         """q(z|x) = family(encoder(x)), reparameterized (by default N(z; mu(x), diag sigma(x)^2),
         z = mu + sigma * eps)."""
-        self._register(*self._guide_parts)
+        self.register_parts(*self._guide_parts)
         with pyro.plate("data", x.shape[0]):
             return pyro.sample("z", self.posterior(x))
-
-    def _register(self, *parts: str) -> None:
-        """register_named for the parameters of the submodules named `parts`, each under its name in
-        the whole VAE (a tensor reached by two paths, as the VampPrior reaches the encoder's, keeps
-        the one name it has in self.named_parameters(): one name per tensor in model and guide)."""
-        if not param_sites_enabled():
-            return
-        names = {param: name for name, param in self.named_parameters()}
-        register_named(self.param_prefix,
-                       {names[p]: p for part in parts for p in self._modules[part].parameters()})
 
     def posterior(self, x: Tensor) -> dist.Distribution:
         """q(z|x) as a distribution, without running Pyro (for plots and diagnostics)."""

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import pyro
+from pyro.nn import PyroModule
 from pyro.params import param_with_module_name
 from torch import nn
 
@@ -60,3 +61,21 @@ def register_named(prefix: str, params: dict[str, nn.Parameter]) -> None:
                 raise ValueError(f"parameter {name!r} is not contiguous, so Pyro's param store would "
                                  "hold a copy of it; make it contiguous (p.data = p.data.contiguous())")
         pyro.param(name, param)
+
+
+class RegisteringModule(PyroModule):
+    """A PyroModule whose model() and guide() register the parameters of the submodules they use, by
+    `register_parts`, each under its name in the whole module prefixed "<param_prefix>$$$" (a tensor
+    reached by two paths, as the VampPrior reaches the encoder, keeps the one name it has in
+    self.named_parameters(): one name per tensor in model and guide)."""
+
+    param_prefix = "module"
+
+    def register_parts(self, *parts: str) -> None:
+        """register_named for the parameters of the submodules named `parts` (nothing inside
+        param_sites(False))."""
+        if not param_sites_enabled():
+            return
+        names = {param: name for name, param in self.named_parameters()}
+        register_named(self.param_prefix,
+                       {names[p]: p for part in parts for p in self._modules[part].parameters()})
