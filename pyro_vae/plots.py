@@ -218,15 +218,21 @@ def plot_curves(metrics: list[dict], path: Path) -> Path:
 
 
 def plot_run_curves(runs: dict[str, list[dict]], path: Path) -> Path:
-    """Several runs' learning curves on one axis, a colour per run: train bound (-train loss, solid),
-    validation ELBO (dotted, where recorded) and test ELBO (dashed) per epoch, in nats per example;
-    `runs` maps a run's name to its metrics.jsonl rows."""
-    fig, ax = subplots(figsize=(7, 4.5))
+    """Several runs' learning curves, a colour per run: train bound (-train loss, solid), validation
+    ELBO (dotted, where recorded) and test ELBO (dashed) per epoch, in nats per example; where runs
+    record a test accuracy (M2, the classifier), a second panel with it per epoch. A run without a
+    bound (the classifier) is in the accuracy panel alone. `runs` maps a run's name to its
+    metrics.jsonl rows."""
+    accuracy = any(m.get("test_accuracy") is not None for rows in runs.values() for m in rows)
+    fig, axes = subplots(1, 2 if accuracy else 1, figsize=(12 if accuracy else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
     styles = (("train", lambda m: -m["train_loss"], "-"),
               ("validation", lambda m: m.get("validation_elbo"), ":"),
               ("test", lambda m: m.get("test_elbo"), "--"))
     for i, (name, metrics) in enumerate(runs.items()):
         colour = f"C{i % 10}"
+        if not any(m.get("test_elbo") is not None for m in metrics):
+            continue  # no bound: its loss is not in nats of x
         for kind, value, style in styles:
             points = [(m["epoch"], value(m)) for m in metrics if value(m) is not None]
             if points:
@@ -238,6 +244,18 @@ def plot_run_curves(runs: dict[str, list[dict]], path: Path) -> Path:
     ax.xaxis.get_major_locator().set_params(integer=True)
     if ax.lines:
         ax.legend(fontsize="small", ncol=2 if len(ax.lines) > 6 else 1)
+    if accuracy:
+        acc = axes[0][1]
+        for i, (name, metrics) in enumerate(runs.items()):
+            points = [(m["epoch"], m["test_accuracy"]) for m in metrics if m.get("test_accuracy") is not None]
+            if points:
+                acc.plot(*zip(*points, strict=True), "-", marker="." if len(points) < 30 else None,
+                         color=f"C{i % 10}", label=name)
+        acc.set_xscale("log")
+        acc.set_xlabel("epoch (log scale)")
+        acc.set_ylabel("test accuracy of q(y|x)")
+        acc.set_title("test accuracy per epoch")
+        acc.legend(fontsize="small")
     return save_figure(fig, path)
 
 

@@ -39,10 +39,10 @@ from .run_dir import (
 )
 
 MARKDOWN, CSV, JSON, CURVES = "report.md", "report.csv", "report.json", "report_curves.png"
-PAIRED = ("log_px", "elbo")  # the per-example values whose paired difference the report gives
-COLUMNS = ("run", "log_px", "log_px_se", "test_elbo", "test_elbo_se", "kl", "active_units", "epochs",
-           "best_epoch", "train_seconds", "device", "n_examples", "k", "diff_log_px", "diff_log_px_se",
-           "diff_elbo", "diff_elbo_se")
+PAIRED = ("log_px", "elbo", "correct")  # the per-example values whose paired difference the report gives
+COLUMNS = ("run", "log_px", "log_px_se", "test_elbo", "test_elbo_se", "kl", "active_units", "accuracy",
+           "accuracy_se", "epochs", "best_epoch", "train_seconds", "device", "n_examples", "k",
+           "diff_log_px", "diff_log_px_se", "diff_elbo", "diff_elbo_se", "diff_correct", "diff_correct_se")
 
 
 @dataclass
@@ -84,7 +84,7 @@ def read_run(run: str | Path, name: str | None = None) -> EvaluatedRun:
     if not (path / EVAL).is_file():
         raise InputError(f"run {name} ({path}) has not been evaluated: run `pyro-vae evaluate {path}` first")
     evaluation = _read_json(path / EVAL)
-    if evaluation.get("log_px") is None:
+    if evaluation.get("log_px") is None and evaluation.get("test_accuracy") is None:
         raise InputError(f"run {name} ({path}) is an autoencoder: it has no log p(x) to compare")
     if not (path / EVAL_EXAMPLES).is_file() or "test_fingerprint" not in evaluation:
         raise InputError(f"run {name} ({path}) was evaluated without per-example values (an older "
@@ -96,19 +96,21 @@ def read_run(run: str | Path, name: str | None = None) -> EvaluatedRun:
             raise InputError(f"run {name} ({path}) was evaluated at step {stamp['step']} (epoch "
                              f"{stamp['epoch']}) but {stamp['checkpoint']} is now at step {now['step']}: run "
                              f"`pyro-vae evaluate {path}` again")
-    values = load_checkpoint_values(path / EVAL_EXAMPLES)
+    needed = ("log_px", "elbo") if evaluation.get("log_px") is not None else ("correct",)
+    values = load_checkpoint_values(path / EVAL_EXAMPLES, needed)
     summary = _read_json(path / SUMMARY) if (path / SUMMARY).is_file() else {}
     return EvaluatedRun(name, path, evaluation, values, summary, read_jsonl(path / METRICS))
 
 
-def load_checkpoint_values(path: Path) -> dict[str, Tensor]:
-    """The per-example values of eval_examples.pt (weights-only load), each of shape (N,)."""
+def load_checkpoint_values(path: Path, needed: tuple[str, ...] = ("log_px", "elbo")) -> dict[str, Tensor]:
+    """The per-example values of eval_examples.pt (weights-only load), each of shape (N,); those
+    `needed` must be there."""
     try:
         values = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a corrupt file fails in any way the unpickler likes
         raise InputError(f"{path} is corrupt ({type(err).__name__}); evaluate the run again") from None
-    if not isinstance(values, dict) or not set(PAIRED) <= set(values):
-        raise InputError(f"{path} lacks per-example {', '.join(PAIRED)}; evaluate the run again")
+    if not isinstance(values, dict) or not set(needed) <= set(values):
+        raise InputError(f"{path} lacks per-example {', '.join(needed)}; evaluate the run again")
     return values
 
 
@@ -149,19 +151,21 @@ def epochs_trained(run: EvaluatedRun) -> int:
 
 def rows(runs: list[EvaluatedRun]) -> list[dict]:
     """One row per run (COLUMNS): its evaluation, training facts, and its paired difference from the
-    first run (None for the first)."""
+    first run (None for the first, and where either run lacks the value: a classifier has no log p(x),
+    a VAE no accuracy)."""
     table = []
     for run in runs:
         e = run.evaluation
-        row = {"run": run.name, "log_px": e["log_px"], "log_px_se": e["log_px_se"],
-               "test_elbo": e["test_elbo"], "test_elbo_se": e["test_elbo_se"], "kl": e["kl"],
-               "active_units": e["active_units"],
+        row = {"run": run.name, "log_px": e.get("log_px"), "log_px_se": e.get("log_px_se"),
+               "test_elbo": e.get("test_elbo"), "test_elbo_se": e.get("test_elbo_se"), "kl": e.get("kl"),
+               "active_units": e.get("active_units"), "accuracy": e.get("test_accuracy"),
+               "accuracy_se": e.get("test_accuracy_se"),
                "epochs": epochs_trained(run), "best_epoch": best_epoch(run),
                "train_seconds": run.summary.get("train_seconds"), "device": run.summary.get("device"),
                "n_examples": e["n_examples"], "k": e.get("k")}
         for key in PAIRED:
-            first = run is runs[0]
-            diff = (None, None) if first else paired_difference(runs[0].values[key], run.values[key])
+            both = run is not runs[0] and key in runs[0].values and key in run.values
+            diff = paired_difference(runs[0].values[key], run.values[key]) if both else (None, None)
             row[f"diff_{key}"], row[f"diff_{key}_se"] = diff
         table.append(row)
     return table
@@ -181,23 +185,30 @@ def _pm(value: float | None, se: float | None, digits: int = 2) -> str:
 
 def markdown(table: list[dict]) -> str:
     """The table as markdown: bounds in nats per example, ± one standard error; the paired columns are
-    each run minus the first run on the same test examples."""
+    each run minus the first run on the same test examples; accuracy columns where a run has one."""
     first = table[0]["run"]
-    head = ("| run | log p(x) (nats) | ELBO (nats) | KL (nats) | active units | epochs | best epoch | "
-            f"wall time (s) | device | Δ log p(x) vs {first} | Δ ELBO vs {first} |")
+    accuracy = any(r["accuracy"] is not None for r in table)
+    head = ("| run | log p(x) (nats) | ELBO (nats) | KL (nats) | active units | "
+            + ("accuracy | " if accuracy else "") + "epochs | best epoch | "
+            f"wall time (s) | device | Δ log p(x) vs {first} | Δ ELBO vs {first} |"
+            + (f" Δ accuracy vs {first} |" if accuracy else ""))
     lines = [head, "|" + " --- |" * (len(head.split("|")) - 2)]
     for r in table:
         lines.append(
             f"| {r['run']} | {_pm(r['log_px'], r['log_px_se'])} | {_pm(r['test_elbo'], r['test_elbo_se'])} | "
-            f"{_fmt(r['kl'])} | {r['active_units']} | {r['epochs']} | {_fmt(r['best_epoch'])} | "
+            f"{_fmt(r['kl'])} | {_fmt(r['active_units'])} | "
+            + (f"{_pm(r['accuracy'], r['accuracy_se'], 4)} | " if accuracy else "")
+            + f"{r['epochs']} | {_fmt(r['best_epoch'])} | "
             f"{_fmt(r['train_seconds'], 1)} | {_fmt(r['device'])} | "
             f"{_pm(r['diff_log_px'], r['diff_log_px_se'], 3)} | "
-            f"{_pm(r['diff_elbo'], r['diff_elbo_se'], 3)} |")
-    n, k = table[0]["n_examples"], table[0]["k"]
+            f"{_pm(r['diff_elbo'], r['diff_elbo_se'], 3)} |"
+            + (f" {_pm(r['diff_correct'], r['diff_correct_se'], 4)} |" if accuracy else ""))
+    n, k = table[0]["n_examples"], next((r["k"] for r in table if r["k"] is not None), None)
     lines.append("")
     lines.append(f"{n} test examples, the same in every run; log p(x) by importance sampling with k={k}; "
                  "± one standard error over examples; Δ: the run minus the first run per example, ± the "
-                 "paired standard error sd(Δ)/sqrt(N).")
+                 "paired standard error sd(Δ)/sqrt(N)"
+                 + (" (for accuracy, of the per-example difference of correctness)." if accuracy else "."))
     return "\n".join(lines) + "\n"
 
 

@@ -132,3 +132,22 @@ def test_resume_with_fewer_epochs_is_refused_and_leaves_the_run_as_it_was(tmp_pa
         err = capsys.readouterr().err
         assert "already trained 2 epoch(s)" in err and "--epochs 3" in err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_report_pairs_the_accuracy_of_m2_and_the_classifier_on_the_same_test_examples(tmp_path):
+    """An M2 run and the classifier baseline: accuracy ± s.e. per run, and the classifier's paired
+    difference of correctness from M2, whose s.e. is that of the per-example difference (computed here
+    from eval_examples.pt); the classifier has no log p(x): its bound cells are empty."""
+    m2 = _train(tmp_path / "m2", "--epochs", "1", "--model", "m2", "--labels", "20")
+    clf = _train(tmp_path / "clf", "--epochs", "5", "--model", "classifier", "--labels", "20")
+    for run in (m2, clf):
+        assert main(["evaluate", str(run), "--k", "5", "--quiet"]) == 0
+    assert main(["report", str(m2), str(clf), "--out", str(tmp_path / "rep")]) == 0
+    rows = json.loads((tmp_path / "rep" / "report.json").read_text())["runs"]
+    a, b = (torch.load(run / "eval_examples.pt", weights_only=True)["correct"] for run in (m2, clf))
+    d = (b - a).numpy()
+    assert rows[0]["accuracy"] == pytest.approx(float(a.mean()))
+    assert rows[1]["diff_correct"] == pytest.approx(d.mean())
+    assert rows[1]["diff_correct_se"] == pytest.approx(d.std(ddof=1) / math.sqrt(len(d)))
+    assert rows[1]["log_px"] is None and rows[1]["diff_log_px"] is None
+    assert "Δ accuracy vs m2" in (tmp_path / "rep" / "report.md").read_text()
