@@ -51,13 +51,18 @@ class Board:
 
     @torch.no_grad()
     def epoch(self, row: dict, program, x: Tensor, seed: int) -> None:
-        """The epoch's row of metrics.jsonl (test ELBO, its terms, KL weight, validation ELBO where
-        present), the active units on x, and sample and reconstruction grids, at the row's step."""
+        """The epoch's row of metrics.jsonl (test ELBO, its terms, KL weight, validation ELBO, test
+        accuracy where present), the active units on x, and sample and reconstruction grids, at the
+        row's step (for a model without a latent, the classifier baseline, the scalars alone)."""
         step = row["step"]
         for key, tag in (("test_elbo", "test/elbo"), ("test_recon", "test/recon"),
-                         ("validation_elbo", "validation/elbo")):
+                         ("validation_elbo", "validation/elbo"), ("test_accuracy", "test/accuracy"),
+                         ("temperature", "train/temperature")):
             if row.get(key) is not None:
                 self.writer.add_scalar(tag, row[key], step)
+        if getattr(program.owner, "is_classifier", False):
+            self.writer.flush()
+            return
         if row.get("test_elbo") is not None:
             self.writer.add_scalar("test/kl", row["test_recon"] - row["test_elbo"], step)
         self.writer.add_scalar("train/kl_weight", row.get("kl_weight", 1.0), step)  # recorded when not 1

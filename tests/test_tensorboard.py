@@ -46,3 +46,28 @@ def test_tensorboard_without_the_package_is_an_input_error_saying_how_to_install
     err = capsys.readouterr().err
     assert 'pip install -e ".[tensorboard]"' in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("model", [["--model", "m2", "--discrete", "relaxed", "--temperature-final", "0.5"],
+                                   ["--model", "classifier"]], ids=["m2-relaxed", "classifier"])
+def test_labelled_models_log_their_accuracy(model, tmp_path):
+    """M2 and the classifier write the test accuracy of each epoch (M2 relaxed also its temperature);
+    the classifier, which generates nothing, no images."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--epochs", "2", "--tensorboard", "--labels", "20", *model,
+                 *TINY]) == 0
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accuracy = [e.value for e in events.Scalars("test/accuracy")]
+    assert accuracy == pytest.approx([r["test_accuracy"] for r in rows])
+    tags = events.Tags()
+    if "m2" in model:
+        assert [e.value for e in events.Scalars("train/temperature")] == pytest.approx(
+            [r["temperature"] for r in rows])
+        assert "samples" in tags["images"]
+    else:
+        assert tags["images"] == []
