@@ -93,6 +93,37 @@ def summarize(out: Path, rows: list[str], labels: list[int], seeds: list[int]) -
     return table
 
 
+def correct(run: Path):
+    """Per test example, whether the run's q(y|x) (or classifier) gets its label: 1.0 or 0.0."""
+    from pyro_vae.evaluate import labelled_correct
+    from pyro_vae.run_dir import load_model
+    from pyro_vae.train_data import prepare_data
+
+    config, model = load_model(run)
+    data = prepare_data(config)
+    return labelled_correct(model, data.test_x, data.test_y)
+
+
+def paired_with_classifier(out: Path, table: dict, rows: list[str], labels: list[int],
+                           seeds: list[int]) -> None:
+    """Add to each M2 cell the accuracy minus the classifier's, paired by seed and by test example:
+    "vs_classifier" the mean over seeds of mean_i (correct_M2 - correct_classifier), "vs_classifier_se"
+    its standard error over seeds (or, with one seed, over test examples)."""
+    for n in labels:
+        both = [s for s in seeds if (run_dir(out, "classifier", n, s) / "summary.json").is_file()]
+        baseline = {s: correct(run_dir(out, "classifier", n, s)) for s in both}
+        for row in rows:
+            cell = table.get(f"{n}/{row}")
+            runs = [s for s in both if (run_dir(out, row, n, s) / "summary.json").is_file()]
+            if row == "classifier" or cell is None or not runs:
+                continue
+            diffs = [correct(run_dir(out, row, n, s)) - baseline[s] for s in runs]
+            means = [float(d.mean()) for d in diffs]
+            cell["vs_classifier"] = statistics.fmean(means)
+            cell["vs_classifier_se"] = (statistics.stdev(means) / len(means) ** 0.5 if len(means) > 1
+                                        else float(diffs[0].std() / len(diffs[0]) ** 0.5))
+
+
 def markdown(table: dict, labels: list[int], rows: list[str]) -> str:
     """Rows: the ways of handling y; columns: accuracy (and ELBO) per number of labels."""
     head = "| | " + " | ".join(f"N = {n}: accuracy | test ELBO" for n in labels) + " |"
@@ -105,7 +136,9 @@ def markdown(table: dict, labels: list[int], rows: list[str]) -> str:
                 cells += ["", ""]
                 continue
             se = f" ± {cell['accuracy_se']:.3f}" if cell["accuracy_se"] is not None else ""
-            cells.append(f"{cell['accuracy']:.3f}{se} ({cell['seeds']} seeds, {cell['epochs']} ep)")
+            paired = (f"; {cell['vs_classifier']:+.3f} ± {cell['vs_classifier_se']:.3f} vs classifier"
+                      if "vs_classifier" in cell else "")
+            cells.append(f"{cell['accuracy']:.3f}{se} ({cell['seeds']} seeds, {cell['epochs']} ep{paired})")
             cells.append("" if cell["test_elbo"] is None else f"{cell['test_elbo']:.1f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -137,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda job: train_one(args, *job), jobs))
     table = summarize(args.out, rows, args.labels, args.seeds)
+    paired_with_classifier(args.out, table, rows, args.labels, args.seeds)
     text = markdown(table, args.labels, rows)
     (args.out / "table.md").write_text(text)
     (args.out / "table.json").write_text(json.dumps(table, indent=2))

@@ -56,3 +56,24 @@ def test_finished_runs_are_kept_and_interrupted_ones_resumed(tmp_path, monkeypat
     script.train_one(args, "enum + aux", 20, 1)
     fresh = calls[-1]
     assert fresh[fresh.index("--aux-loss") + 1] == "5.0" and fresh[fresh.index("--seed") + 1] == "1"
+
+
+def test_the_paired_difference_from_the_classifier_is_by_seed_and_by_example(tmp_path, monkeypatch):
+    """Each seed's M2 run against the classifier of the same seed on the same test examples: the mean of
+    the per-seed differences of correct answers, its standard error over the seeds."""
+    import torch
+
+    answers = {("enum", 0): [1, 1, 0, 0], ("classifier", 0): [1, 0, 0, 0],
+               ("enum", 1): [1, 1, 1, 0], ("classifier", 1): [0, 0, 1, 0]}
+    for (row, seed) in answers:
+        _write_summary(tmp_path, row, 100, seed, 0.5, None)
+    by_dir = {script.run_dir(tmp_path, row, 100, seed): torch.tensor(v, dtype=torch.float64)
+              for (row, seed), v in answers.items()}
+    monkeypatch.setattr(script, "correct", lambda run: by_dir[run])
+    table = script.summarize(tmp_path, ["enum", "classifier"], [100], [0, 1])
+    script.paired_with_classifier(tmp_path, table, ["enum", "classifier"], [100], [0, 1])
+    per_seed = [0.25, 0.5]  # (2 - 1) / 4 and (3 - 1) / 4
+    assert table["100/enum"]["vs_classifier"] == statistics.fmean(per_seed)
+    assert abs(table["100/enum"]["vs_classifier_se"] - statistics.stdev(per_seed) / 2 ** 0.5) < 1e-12
+    assert "vs_classifier" not in table["100/classifier"]
+    assert "+0.375 ± 0.125 vs classifier" in script.markdown(table, [100], ["enum", "classifier"])
