@@ -443,3 +443,37 @@ def test_m2_figures_vary_z_with_the_class_fixed_and_map_z_alone(tmp_path):
     assert images.shape == (10, 4, 1, 8, 8)
     assert not torch.allclose(images[0], images[1])  # the decoder sees the class: rows differ
     assert torch.allclose(images[:, 0], images[:, 1])  # the same z in every column here: columns agree
+
+
+@pytest.mark.parametrize("source", ["mnist-idx", "image-folder"])
+def test_m2_reads_its_labels_from_mnist_files_and_from_class_folders(source, tmp_path):
+    """`--model m2 --labels N` on MNIST's IDX files (as torchvision's download leaves them) and on a
+    folder of images in one subfolder per class: the labelled subset is balanced over the classes
+    the files name, and the test accuracy is measured against the files' test labels."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.test_data import write_idx_set
+
+    if source == "mnist-idx":
+        arrays = write_idx_set(tmp_path / "data" / "mnist", gz=True, seed=0, n_train=60, n_test=20)
+        dataset = ["--dataset", "mnist", "--data-dir", str(tmp_path / "data")]
+        classes = len(np.unique(np.concatenate([arrays["train"][1], arrays["test"][1]])))
+        n_test, labels = 20, len(np.unique(arrays["train"][1]))  # one per class the training files name
+    else:
+        rng = np.random.default_rng(0)
+        for split, n in (("train", 12), ("test", 4)):
+            for c in ("cat", "dog", "eel"):
+                folder = tmp_path / "images" / split / c
+                folder.mkdir(parents=True)
+                for i in range(n):
+                    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"{i}.png")
+        dataset = ["--dataset", str(tmp_path / "images"), "--image-size", "8"]
+        classes, n_test, labels = 3, 12, 6
+    out = tmp_path / "run"
+    assert main(["train", *dataset, "--model", "m2", "--labels", str(labels), "--epochs", "1",
+                 "--hidden", "8", "--z-dim", "2", "--eval-k", "2", "--quiet", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["labels"] == labels and summary["n_examples"] == n_test
+    assert config["classes"] >= classes and 0.0 <= summary["test_accuracy"] <= 1.0
