@@ -204,16 +204,27 @@ def save_figure(fig: Figure, path: Path) -> Path:
 
 def plot_curves(metrics: list[dict], path: Path) -> Path:
     """Train ELBO (= -train loss) and test ELBO per epoch, in nats per example (for an autoencoder:
-    the reconstruction log-likelihood, train and test)."""
-    fig, ax = subplots(figsize=(6, 4))
+    the reconstruction log-likelihood, train and test); for a model with labels (M2), a second panel
+    with the test accuracy per epoch, and the train curve is -loss (the ELBO plus alpha log q(y|x)
+    on the labels where --aux-loss is set)."""
+    accuracy = any(m.get("test_accuracy") is not None for m in metrics)
+    fig, axes = subplots(1, 2 if accuracy else 1, figsize=(11 if accuracy else 6, 4), squeeze=False)
+    ax = axes[0][0]
     epochs = [m["epoch"] for m in metrics]
     ae = metrics[0].get("test_elbo") is None
     key, name = ("test_recon", "log p(x|z)") if ae else ("test_elbo", "ELBO")
-    ax.plot(epochs, [-m["train_loss"] for m in metrics], marker=".", label=f"train {name}")
+    ax.plot(epochs, [-m["train_loss"] for m in metrics], marker=".",
+            label="train -loss" if accuracy else f"train {name}")
     ax.plot(epochs, [m[key] for m in metrics], marker=".", label=f"test {name}")
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{name} (nats per example)")
     ax.legend()
+    if accuracy:
+        acc = axes[0][1]
+        acc.plot(epochs, [m.get("test_accuracy") for m in metrics], marker=".", color="C2")
+        acc.set_xlabel("epoch")
+        acc.set_ylabel("test accuracy of q(y|x)")
+        acc.set_title("most likely class of q(y|x) against the test labels", fontsize="medium")
     return save_figure(fig, path)
 
 
