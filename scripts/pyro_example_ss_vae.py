@@ -58,7 +58,8 @@ class SSVAE(nn.Module):
             ys = pyro.sample("y", dist.OneHotCategorical(xs.new_full((n, self.y_dim), 1.0 / self.y_dim)),
                              obs=ys)
             probs = torch.sigmoid(self.decoder(concat(zs, ys)))
-            pyro.sample("x", dist.Bernoulli(probs).to_event(1), obs=xs)
+            # grey levels as Bernoulli targets, as theirs (written before Pyro validated the support)
+            pyro.sample("x", dist.Bernoulli(probs, validate_args=False).to_event(1), obs=xs)
 
     def guide(self, xs, ys=None):
         with pyro.plate("data", xs.shape[0]):
@@ -140,8 +141,8 @@ def main():
                 totals[k] += svi.step(xs, ys)
         seconds = time.time() - start
         acc = accuracy(vae, test_x, d.test_y)
-        print(f"epoch {epoch} test_acc {acc:.4f} sec {seconds:.1f} elbo_loss/ex {totals[0] / len(train_x):.2f} "
-              f"aux_loss {totals[1]:.2f}", flush=True)
+        print(f"epoch {epoch} test_acc {acc:.4f} sec {seconds:.1f} "
+              f"elbo_loss/ex {totals[0] / len(train_x):.2f} aux_loss {totals[1]:.2f}", flush=True)
     print(f"final seed {args.seed} labels {args.labels} epochs {args.epochs} test_acc {acc:.4f}", flush=True)
 
 
