@@ -43,6 +43,7 @@ from .run_dir import build_from_config, load_model, model_stamp, read_config, wr
 
 JSON, MARKDOWN = "compare.json", "compare.md"
 SNR_FIGURE, ESTIMATES_FIGURE = "compare_snr.png", "compare_estimates.png"
+VAE_GROUPS = ("encoder", "decoder")  # the guide's parameters (q) and the model's (p), parameter_groups
 TRAIN_DIR = "compare-train"  # where --train-epochs writes one run per estimator
 PRETRAINED_DIR = "model"  # where --pretrain-epochs writes the model it measures
 
@@ -385,29 +386,45 @@ def write_comparison_files(record: dict, out: Path, table: str) -> list[Path]:
     return [out / JSON, out / MARKDOWN]
 
 
-def markdown(record: dict) -> str:
-    """The comparison as a Markdown table, with a line saying what was measured and how."""
-    final = any("final" in row for row in record["estimators"])
-    header = ["estimator", "K", "bound (nats)", "std of one draw (nats)", "bias vs log p(x) (nats)",
-              "encoder grad var", "encoder SNR", "decoder grad var", "decoder SNR", "ms/step"]
-    if final:
-        epochs = next(row["final"]["epochs"] for row in record["estimators"])
-        header.append(f"log p(x) after {epochs} epochs (nats)")
-    lines = [
+def table_head(record: dict, header: list[str], examples: str, reference: str = "") -> list[str]:
+    """The lines above a comparison's rows: what was measured (model, `examples`, draws, seed, device,
+    the reference log p(x), with `reference` added to how it was computed) and the table's header."""
+    return [
         f"Model: {record['model']}" + (f" ({record['dataset']})" if record.get("dataset") else "")
-        + f"; {record['n_examples']} test examples, "
-        f"{record['repeats']} draws per estimator, seed {record['seed']}, device {record['device']}. "
-        f"Reference log p(x) = {record['log_px_ref']:.2f} nats (IWAE, k={record['k_ref']}).",
+        + f"; {record['n_examples']} {examples}, {record['repeats']} draws per estimator, "
+        f"seed {record['seed']}, device {record['device']}. Reference log p(x) = {record['log_px_ref']:.2f} "
+        f"nats (IWAE, k={record['k_ref']}{reference}).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
+
+
+def measured_columns(estimate: str, groups: Sequence[str]) -> list[str]:
+    """The header of the columns every comparison has: the estimate, its spread and bias, gradient
+    variance and SNR per parameter group, ms per step."""
+    return [estimate, "std of one draw (nats)", "bias vs log p(x) (nats)",
+            *(f"{g} {m}" for g in groups for m in ("grad var", "SNR")), "ms/step"]
+
+
+def measured_cells(row: dict, groups: Sequence[str]) -> list[str]:
+    """A row's cells under measured_columns."""
+    return [f"{row['value_mean']:.2f} ± {row['value_mean_se']:.2f}", f"{row['value_std']:.2f}",
+            f"{row['bias']:.2f}",
+            *(cell for g in groups for cell in (f"{row[g]['grad_var']:.2e}", f"{row[g]['snr']:.3f}")),
+            f"{row['ms_per_step']:.1f}"]
+
+
+def markdown(record: dict) -> str:
+    """The comparison as a Markdown table, with a line saying what was measured and how."""
+    final = any("final" in row for row in record["estimators"])
+    header = ["estimator", "K", *measured_columns("bound (nats)", VAE_GROUPS)]
+    if final:
+        epochs = next(row["final"]["epochs"] for row in record["estimators"])
+        header.append(f"log p(x) after {epochs} epochs (nats)")
+    lines = table_head(record, header, "test examples")
     for row in record["estimators"]:
-        cells = [row["estimator"], str(row["particles"]),
-                 f"{row['value_mean']:.2f} ± {row['value_mean_se']:.2f}", f"{row['value_std']:.2f}",
-                 f"{row['bias']:.2f}", f"{row['encoder']['grad_var']:.2e}", f"{row['encoder']['snr']:.3f}",
-                 f"{row['decoder']['grad_var']:.2e}", f"{row['decoder']['snr']:.3f}",
-                 f"{row['ms_per_step']:.1f}"]
+        cells = [row["estimator"], str(row["particles"]), *measured_cells(row, VAE_GROUPS)]
         if final:
             cells.append(f"{row['final']['log_px']:.2f} ± {row['final']['log_px_se']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -442,7 +459,7 @@ def plot_snr(record: dict, path: Path) -> Path:
     names = list(dict.fromkeys(row["estimator"] for row in record["estimators"]))
     ks = sorted({row["particles"] for row in record["estimators"]})
     styles = [("o", "-"), ("s", "--"), ("^", ":"), ("v", "-."), ("D", "-"), ("x", "--")]
-    for ax, group in zip(axes, ("encoder", "decoder"), strict=True):
+    for ax, group in zip(axes, VAE_GROUPS, strict=True):
         for i, name in enumerate(names):
             rows = sorted((r for r in record["estimators"] if r["estimator"] == name),
                           key=lambda r: r["particles"])

@@ -33,7 +33,10 @@ from .compare import (
     CompareResult,
     _se,
     gradient_stats,
+    measured_cells,
+    measured_columns,
     plot_estimates,
+    table_head,
     write_comparison_files,
 )
 from .config import Config
@@ -209,23 +212,10 @@ def compare_m2_run(run: Path, config: Config, out: Path, options: CompareOptions
 
 def markdown(record: dict) -> str:
     """The M2 comparison as a Markdown table, with what was measured and how."""
-    header = ["estimator", "bound", "estimate (nats)", "std of one draw (nats)", "bias vs log p(x) (nats)",
-              *(f"{g} {m}" for g in GROUPS for m in ("grad var", "SNR")), "ms/step"]
-    lines = [
-        f"Model: {record['model']}" + (f" ({record['dataset']})" if record.get("dataset") else "")
-        + f"; {record['n_examples']} unlabelled test examples, {record['repeats']} draws per estimator, "
-        f"seed {record['seed']}, device {record['device']}. Reference log p(x) = {record['log_px_ref']:.2f} "
-        f"nats (IWAE, k={record['k_ref']}, y drawn from q(y|x)).",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
+    header = ["estimator", "bound", *measured_columns("estimate (nats)", GROUPS)]
+    lines = table_head(record, header, "unlabelled test examples", ", y drawn from q(y|x)")
     for row in record["estimators"]:
-        cells = [row["estimator"], row["bound"], f"{row['value_mean']:.2f} ± {row['value_mean_se']:.2f}",
-                 f"{row['value_std']:.2f}", f"{row['bias']:.2f}",
-                 *(f"{row[g]['grad_var']:.2e} | {row[g]['snr']:.3f}" for g in GROUPS),
-                 f"{row['ms_per_step']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([row["estimator"], row["bound"], *measured_cells(row, GROUPS)]) + " |")
     lines += [
         "",
         "enum sums over the class y exactly (one z per class), score draws y ~ q(y|x) and uses the score "
