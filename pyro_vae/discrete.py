@@ -13,15 +13,12 @@ For an unlabelled x the bound is U(x) = sum_y q(y|x) L(x, y) + H(q(y|x)); the th
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pyro.infer import ELBO, TraceEnum_ELBO, TraceGraph_ELBO
 from torch import Tensor
 
 from .elbo import OnDeviceTrace_ELBO
 from .errors import InputError
-from .evaluate import labelled_correct
 from .m2 import DISCRETE, UNLABELLED
 
 MAX_PLATE_NESTING = 1  # the data plate; enumeration takes dim -2
@@ -38,10 +35,10 @@ class ScoreFunction_ELBO(TraceGraph_ELBO):
         return surrogate + (-elbo - surrogate).detach()
 
 
-def make_discrete_estimator(discrete: str, particles: int = 1) -> ELBO:
-    """The ELBO estimator for M2 with `discrete` = 'enum', 'score' or 'relaxed'."""
-    options = {"num_particles": particles, "vectorize_particles": particles > 1,
-               "max_plate_nesting": MAX_PLATE_NESTING + (particles > 1)}
+def make_discrete_estimator(discrete: str) -> ELBO:
+    """The ELBO estimator for M2 with `discrete` = 'enum', 'score' or 'relaxed' (one particle: M2 refuses
+    --particles)."""
+    options = {"max_plate_nesting": MAX_PLATE_NESTING}
     if discrete == "enum":
         return TraceEnum_ELBO(strict_enumeration_warning=False, **options)
     if discrete == "score":
@@ -88,9 +85,3 @@ def mask_labels(labels: Tensor, labelled: Tensor) -> Tensor:
     masked[labelled] = labels[labelled]
     return masked
 
-
-def test_accuracy(model, data) -> tuple[float, float]:
-    """The test accuracy of `model.predict` (q(y|x)'s most likely class) on data.test_x against
-    data.test_y, and its standard error over the test examples."""
-    correct = labelled_correct(model, data.test_x, data.test_y)
-    return float(correct.mean()), float(correct.std() / math.sqrt(len(correct)))

@@ -217,3 +217,9 @@ def labelled_correct(model: object, x: Tensor, labels: Tensor) -> Tensor:
     mean is the accuracy, its standard error sqrt(a (1 - a) / (n - 1))."""
     predicted = torch.cat([model.predict(batch) for batch in x.split(PREDICT_BATCH)])
     return (predicted == labels).double()
+
+
+def test_accuracy(model: object, data) -> tuple[float, float]:
+    """The test accuracy of `model.predict` on data.test_x against data.test_y, and its standard error
+    over the test examples."""
+    return _mean_se(labelled_correct(model, data.test_x, data.test_y))

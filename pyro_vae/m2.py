@@ -135,7 +135,7 @@ class M2(RegisteringModule):
             raise InputError(f"unknown --discrete {discrete!r}: choose one of {', '.join(DISCRETE)}")
         self.classifier, self.encoder, self.decoder = classifier, encoder, decoder
         self.prior, self.likelihood = prior, likelihood
-        self.baseline = baseline if baseline is not None or discrete != "score" else None
+        self.baseline = baseline
         self.n_classes, self.discrete, self.aux_loss = n_classes, discrete, aux_loss
         self.temperature = temperature
 

@@ -41,10 +41,10 @@ from .board import Board
 from .board import check_available as check_tensorboard
 from .config import DEVICES, LABELLED_MODELS, Config
 from .data import Dataset, UnreadableImage, batch_indices, binarize
-from .discrete import make_discrete_estimator, temperature, test_accuracy
+from .discrete import make_discrete_estimator, temperature
 from .errors import InputError, TrainingError
 from .estimators import check_analytic_kl, make_estimator
-from .evaluate import elbo_terms, evaluate
+from .evaluate import elbo_terms, evaluate, test_accuracy
 from .faults import NumericalFault, locate_nonfinite
 from .kl_weight import kl_weight, scale_latents
 from .m2 import UNLABELLED
