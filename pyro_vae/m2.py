@@ -124,7 +124,6 @@ class M2(RegisteringModule):
     `aux_loss` Kingma et al.'s alpha."""
 
     is_autoencoder = False
-    needs_labels = True
     param_prefix = "m2"
 
     def __init__(self, classifier: Classifier, encoder: ClassEncoder, decoder: ClassDecoder, prior: nn.Module,
@@ -190,13 +189,12 @@ class M2(RegisteringModule):
 
     def _class_prior(self) -> dist.Distribution:
         """p(y): uniform over the classes (relaxed while training with discrete='relaxed')."""
-        logits = torch.zeros(self.n_classes, device=next(self.decoder.parameters()).device)
-        if self.relaxed:
-            return GumbelSoftmax(torch.tensor(self.temperature, device=logits.device), logits=logits)
-        return dist.Categorical(logits=logits)
+        device = next(self.decoder.parameters()).device
+        return self._class_posterior(torch.zeros(self.n_classes, device=device))
 
     def _class_posterior(self, logits: Tensor) -> dist.Distribution:
-        """q(y|x) from the classifier's logits (relaxed while training with discrete='relaxed')."""
+        """A class distribution with these logits: q(y|x) from the classifier's, p(y) from zeros; relaxed
+        while training with discrete='relaxed'."""
         if self.relaxed:
             return GumbelSoftmax(torch.tensor(self.temperature, device=logits.device), logits=logits)
         return dist.Categorical(logits=logits)
@@ -247,7 +245,6 @@ class LabelClassifier(RegisteringModule):
     masked to the labelled examples; the guide is empty. -ELBO is then -sum log q(y|x)."""
 
     is_autoencoder = False
-    needs_labels = True
     is_classifier = True
     param_prefix = "classifier"
 
