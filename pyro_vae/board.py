@@ -60,7 +60,7 @@ class Board:
                          ("temperature", "train/temperature")):
             if row.get(key) is not None:
                 self.writer.add_scalar(tag, row[key], step)
-        if getattr(program.owner, "is_classifier", False):
+        if program.is_classifier:
             self.writer.flush()
             return
         if row.get("test_elbo") is not None:

@@ -277,7 +277,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _positive("k", args.k)
     _positive("test-size", args.test_size)
     result, config, vae = evaluate_run(args.run, args.k, args.test_size, args.device, progress=not args.quiet)
-    classifier = getattr(vae, "is_classifier", False)
+    classifier = vae.is_classifier
     rows = ((("recon", "log p(x | code)"), ("mse", "squared error (sum)")) if vae.is_autoencoder else
             () if classifier else
             (("test_elbo", "test ELBO"), ("log_px", f"log p(x), k={args.k}"),
@@ -300,7 +300,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     _positive("n", args.n)
     _, vae, data = _load_run(args.run, args.device)
-    if getattr(vae, "is_classifier", False):
+    if vae.is_classifier:
         raise InputError(f"{args.run} trained the classifier baseline (--model classifier): it generates no "
                          "images; sample an M2 or VAE run")
     for path in plots.save_figures(vae, data, Path(args.run), seed=args.seed, n_samples=args.n):

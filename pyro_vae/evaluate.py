@@ -198,7 +198,7 @@ def evaluate_run(run: str | Path, k: int = 5000, test_size: int | None = None, d
     config.test_size = test_size or config.test_size
     data = prepare_data(config).to(torch_device)
     x = data.test_x
-    classifier = getattr(vae, "is_classifier", False)
+    classifier = vae.is_classifier
     values = {} if classifier else per_example(vae, x, k=k, progress=progress)
     result = {"n_examples": int(x.shape[0])} if classifier else summarize(vae, x, values, k)
     if callable(getattr(vae, "predict", None)) and data.test_y is not None:

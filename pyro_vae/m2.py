@@ -124,6 +124,7 @@ class M2(RegisteringModule):
     `aux_loss` Kingma et al.'s alpha."""
 
     is_autoencoder = False
+    is_classifier = False
     param_prefix = "m2"
 
     def __init__(self, classifier: Classifier, encoder: ClassEncoder, decoder: ClassDecoder, prior: nn.Module,

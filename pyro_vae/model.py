@@ -35,6 +35,7 @@ class VAE(RegisteringModule):
     holds the same tensors."""
 
     is_autoencoder = False
+    is_classifier = False
     param_prefix = "vae"
 
     def __init__(

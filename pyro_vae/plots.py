@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -203,71 +204,98 @@ def save_figure(fig: Figure, path: Path) -> Path:
 
 
 def plot_curves(metrics: list[dict], path: Path) -> Path:
-    """Train ELBO (= -train loss) and test ELBO per epoch, in nats per example (for an autoencoder:
-    the reconstruction log-likelihood, train and test); for a model with labels (M2), a second panel
-    with the test accuracy per epoch, and the train curve is -loss (the ELBO plus alpha log q(y|x)
-    on the labels where --aux-loss is set)."""
-    accuracy = any(m.get("test_accuracy") is not None for m in metrics)
-    fig, axes = subplots(1, 2 if accuracy else 1, figsize=(11 if accuracy else 6, 4), squeeze=False)
-    ax = axes[0][0]
-    epochs = [m["epoch"] for m in metrics]
-    ae = metrics[0].get("test_elbo") is None
-    key, name = ("test_recon", "log p(x|z)") if ae else ("test_elbo", "ELBO")
-    ax.plot(epochs, [-m["train_loss"] for m in metrics], marker=".",
-            label="train -loss" if accuracy else f"train {name}")
-    ax.plot(epochs, [m[key] for m in metrics], marker=".", label=f"test {name}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"{name} (nats per example)")
-    ax.legend()
-    if accuracy:
-        acc = axes[0][1]
-        acc.plot(epochs, [m.get("test_accuracy") for m in metrics], marker=".", color="C2")
-        acc.set_xlabel("epoch")
-        acc.set_ylabel("test accuracy of q(y|x)")
-        acc.set_title("most likely class of q(y|x) against the test labels", fontsize="medium")
-    return save_figure(fig, path)
+    """One run's learning curves (see plot_run_curves): -train loss, validation and test ELBO per epoch
+    in nats per example (for an autoencoder the reconstruction log p(x|z)), the best epoch where early
+    stopping kept one; for a model with labels (M2), a second panel with the test accuracy."""
+    return plot_run_curves({"": metrics}, path)
+
+
+def _accuracy_panel(ax: Axes, runs: dict[str, list[dict]]) -> None:
+    """Test accuracy of q(y|x) per epoch into `ax`, a colour per run (`runs`: name -> metrics rows);
+    the epoch axis is logarithmic when the runs' lengths differ tenfold (M2 and the classifier)."""
+    lengths = []
+    for i, (name, metrics) in enumerate(runs.items()):
+        points = [(m["epoch"], m["test_accuracy"]) for m in metrics if m.get("test_accuracy") is not None]
+        if points:
+            lengths.append(points[-1][0])
+            ax.plot(*zip(*points, strict=True), "-", marker="." if len(points) < 30 else None,
+                    color=f"C{i % 10}", label=name)
+    log = bool(lengths) and max(lengths) >= 10 * max(min(lengths), 1)
+    if log:
+        ax.set_xscale("log")
+    else:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("epoch (log scale)" if log else "epoch")
+    ax.set_ylabel("test accuracy of q(y|x)")
+    ax.set_title("test accuracy per epoch (most likely class of q(y|x))", fontsize="medium")
+    if len(runs) > 1:
+        ax.legend(fontsize="small")
 
 
 def plot_run_curves(runs: dict[str, list[dict]], path: Path) -> Path:
-    """Several runs' learning curves, a colour per run: train bound (-train loss, solid), validation
-    ELBO (dotted, where recorded) and test ELBO (dashed) per epoch, in nats per example; where runs
-    record a test accuracy (M2, the classifier), a second panel with it per epoch. A run without a
-    bound (the classifier) is in the accuracy panel alone. `runs` maps a run's name to its
-    metrics.jsonl rows."""
+    """run_curves_figure(runs) written to `path`; returns path."""
+    return save_figure(run_curves_figure(runs), path)
+
+
+def run_curves_figure(runs: dict[str, list[dict]]) -> Figure:
+    """Several runs' learning curves, a colour per run: the train bound (-train loss, solid; below the
+    ELBO only by the KL weight during warm-up and alpha log q(y|x) with --aux-loss), the validation
+    ELBO (dotted, where recorded) and the test ELBO (dashed) per epoch, in nats per example, and a
+    vertical line at each run's best epoch (early stopping); autoencoders give log p(x|z) instead of
+    the ELBO. Where runs record a test accuracy (M2, the classifier), a second panel with it per
+    epoch; a run without a bound (the classifier) is in that panel alone. `runs` maps a run's name
+    ("" for a lone run) to its metrics.jsonl rows."""
     accuracy = any(m.get("test_accuracy") is not None for rows in runs.values() for m in rows)
     fig, axes = subplots(1, 2 if accuracy else 1, figsize=(12 if accuracy else 7, 4.5), squeeze=False)
     ax = axes[0][0]
-    styles = (("train", lambda m: -m["train_loss"], "-"),
-              ("validation", lambda m: m.get("validation_elbo"), ":"),
-              ("test", lambda m: m.get("test_elbo"), "--"))
+    bounded = {name: rows for name, rows in runs.items() if rows and "train_loss" in rows[0]
+               and any(m.get("test_elbo") is not None or m.get("test_recon") is not None for m in rows)}
+    ae = bool(bounded) and all(m.get("test_elbo") is None for rows in bounded.values() for m in rows)
+    test_key, quantity = ("test_recon", "log p(x|z)") if ae else ("test_elbo", "ELBO")
+    styles = (("-train loss", lambda m: -m["train_loss"], "-"),
+              (f"validation {quantity}", lambda m: m.get("validation_elbo"), ":"),
+              (f"test {quantity}", lambda m: m.get(test_key), "--"))
     for i, (name, metrics) in enumerate(runs.items()):
-        colour = f"C{i % 10}"
-        if not any(m.get("test_elbo") is not None for m in metrics):
+        if name not in bounded:
             continue  # no bound: its loss is not in nats of x
+        colour = f"C{i % 10}"
         for kind, value, style in styles:
             points = [(m["epoch"], value(m)) for m in metrics if value(m) is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), style, marker="." if len(points) < 30 else None,
-                        color=colour, label=f"{name}, {kind}")
+                        color=colour, label=f"{name}, {kind}" if name else kind)
+        best = metrics[-1].get("best_epoch")
+        if best is not None:
+            ax.axvline(best, color=colour, linewidth=0.8, alpha=0.6,
+                       label=f"{name}, best epoch {best}" if name else f"best epoch {best}")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("bound (nats per example)")
-    ax.set_title("learning curves: train bound (-loss) solid, validation dotted, test dashed")
+    ax.set_ylabel(f"{quantity} (nats per example)")
+    ax.set_title("learning curves: -train loss solid, validation dotted, test dashed", fontsize="medium")
     ax.xaxis.get_major_locator().set_params(integer=True)
     if ax.lines:
-        ax.legend(fontsize="small", ncol=2 if len(ax.lines) > 6 else 1)
+        outside = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if len(ax.lines) > 4 else {}
+        ax.legend(fontsize="small", **outside)
+        _clip_warmup(ax, bounded, test_key)
     if accuracy:
-        acc = axes[0][1]
-        for i, (name, metrics) in enumerate(runs.items()):
-            points = [(m["epoch"], m["test_accuracy"]) for m in metrics if m.get("test_accuracy") is not None]
-            if points:
-                acc.plot(*zip(*points, strict=True), "-", marker="." if len(points) < 30 else None,
-                         color=f"C{i % 10}", label=name)
-        acc.set_xscale("log")
-        acc.set_xlabel("epoch (log scale)")
-        acc.set_ylabel("test accuracy of q(y|x)")
-        acc.set_title("test accuracy per epoch")
-        acc.legend(fontsize="small")
-    return save_figure(fig, path)
+        _accuracy_panel(axes[0][1], runs)
+    return fig
+
+
+def _clip_warmup(ax: Axes, runs: dict[str, list[dict]], test_key: str) -> None:
+    """Zoom the y axis on convergence for long runs (20 epochs or more): it spans the plotted values
+    (test_key: the test curve's metric) of the last three quarters of each run's epochs at full KL
+    weight, and a margin; the first epochs (bounds hundreds of nats lower) and the warm-up's -loss
+    (not a bound) run off the axis."""
+    tail = []
+    for rows in runs.values():
+        full = [m for m in rows if m.get("kl_weight", 1.0) == 1.0]
+        tail += [v for m in full[len(full) // 4:] for v in
+                 (-m["train_loss"], m.get("validation_elbo"), m.get(test_key))
+                 if v is not None]
+    if len(tail) > 1 and max(len(rows) for rows in runs.values()) >= 20:
+        low, high = min(tail), max(tail)
+        margin = 0.1 * (high - low) + 1e-6
+        ax.set_ylim(low - margin, high + margin)
 
 
 def save_figures(

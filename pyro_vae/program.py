@@ -76,6 +76,11 @@ class Program:
         """Whether the guide is a point mass (an autoencoder): then there is no ELBO or log p(x)."""
         return bool(getattr(self.owner, "is_autoencoder", False))
 
+    @property
+    def is_classifier(self) -> bool:
+        """Whether the program is a classifier with no latent (no ELBO, no images): accuracy alone."""
+        return bool(getattr(self.owner, "is_classifier", False))
+
     def traces(self, x: Tensor) -> tuple[Trace, Trace]:
         """One model trace replayed on one guide trace, for the batch x."""
         guide_trace = poutine.trace(self.guide).get_trace(x)

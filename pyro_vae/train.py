@@ -289,7 +289,7 @@ class Trainer:
         # without drawing from the run's random stream (a run replays exactly)
         self._train_mode(False)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            self.sites = None if self.is_classifier else self.program.sites(x)
+            self.sites = None if self.program.is_classifier else self.program.sites(x)
             params = dict(self.pair.named_parameters()) if self.own_vae else pair_parameters(self.program, x)
         self.params = {name: p for name, p in params.items() if p.requires_grad}
 
@@ -333,11 +333,6 @@ class Trainer:
             write_json(self.out / CONFIG, config_record(self.config, self.data.shape, pair))
 
     # -- one epoch, one step -------------------------------------------------------------------------
-
-    @property
-    def is_classifier(self) -> bool:
-        """Whether the model is the classifier baseline: no latent, no ELBO, accuracy alone."""
-        return bool(getattr(self.pair, "is_classifier", False))
 
     def run_epoch(self) -> None:
         """The steps of the current epoch from self.batch on (0, or where a checkpoint stopped), each
@@ -393,7 +388,7 @@ class Trainer:
         self._train_mode(False)
         row = {"epoch": self.epoch, "step": self.steps,
                "train_loss": float(self.ranks.sum(self.epoch_total)) / self.n_train}
-        if not self.is_classifier:
+        if not self.program.is_classifier:
             test = elbo_terms(self.program.model, self.program.guide, self.data.test_x)
             row["test_elbo"] = None if self.program.is_autoencoder else float(test["elbo"].mean())
             row["test_recon"] = float(test["recon"].mean())
@@ -404,7 +399,7 @@ class Trainer:
         row["seconds"] = time.perf_counter() - started
         if self.config.beta != 1.0 or self.config.kl_anneal:
             row["kl_weight"] = self._kl_weight(self.steps - 1)  # that of the epoch's last step
-        if self.data.val_x is not None and not self.is_classifier:
+        if self.data.val_x is not None and not self.program.is_classifier:
             row["validation_elbo"] = self.validation_elbo()
             if self.config.early_stop is not None:
                 self._track_best(row["validation_elbo"])
@@ -422,7 +417,7 @@ class Trainer:
             self.step_losses = []
             self.board.epoch(row, self.program, self.data.test_x, self.config.seed)
         if self.progress:
-            tested = (f"test accuracy {row['test_accuracy']:.4f}" if self.is_classifier else
+            tested = (f"test accuracy {row['test_accuracy']:.4f}" if self.program.is_classifier else
                       f"test reconstruction log p(x|z) {row['test_recon']:.2f}" if self.program.is_autoencoder
                       else f"test ELBO {row['test_elbo']:.2f}")
             tqdm.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.2f}, {tested} nats "
@@ -570,8 +565,8 @@ class Trainer:
             return RunResult(self.out, self.metrics, {})
         self._train_mode(False)
         best = self._restore_best()
-        final = {} if self.is_classifier else evaluate(self.pair, self.data.test_x, k=self.config.eval_k,
-                                                        progress=self.progress)
+        final = {} if self.program.is_classifier else evaluate(self.pair, self.data.test_x,
+                                                                k=self.config.eval_k, progress=self.progress)
         if self.labels is not None:
             final["test_accuracy"], final["test_accuracy_se"] = test_accuracy(self.pair, self.data)
             final["labels"] = int((self.labels != UNLABELLED).sum())
@@ -591,6 +586,6 @@ class Trainer:
         write_json(self.out / SUMMARY, summary)
         if self.board is not None:
             self.board.close()
-        if not self.is_classifier:
+        if not self.program.is_classifier:
             plots.save_figures(self.pair, self.data, self.out, self.metrics, seed=self.config.seed)
         return RunResult(self.out, self.metrics, summary)

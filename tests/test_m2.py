@@ -489,4 +489,4 @@ def test_curves_of_a_labelled_run_add_the_accuracy_per_epoch(tmp_path, monkeypat
     plots.plot_curves(rows, tmp_path / "curves.png")
     left, right = saved["fig"].axes
     assert list(right.lines[0].get_ydata()) == pytest.approx([0.1, 0.2, 0.3])
-    assert [line.get_label() for line in left.lines] == ["train -loss", "test ELBO"]
+    assert [line.get_label() for line in left.lines] == ["-train loss", "test ELBO"]
