@@ -149,6 +149,7 @@ def test_the_crafted_checkpoint_would_run_code_if_loaded_unsafely(fixtures, tmp_
     assert marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch's, on random bytes
 def test_any_random_bytes_as_a_checkpoint_are_refused_as_input(tmp_path):
     """Bytes that are not a zip fall to the legacy unpickler, which fails in many ways (IndexError,
     KeyError, struct.error, ...): every one must become the one-line InputError."""

@@ -227,7 +227,8 @@ def test_plugin_flag_trains_a_run_that_records_and_reimports_the_plugin(plugin_p
     assert main(["evaluate", str(run), "--k", "5", "--quiet"]) == 0
     assert built("plugin_cli")["prior"] >= 1 and built("plugin_cli")["likelihood"] >= 1
     forget_plugins()
-    assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
+    with pytest.warns(UserWarning, match="training continues"):
+        assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
     assert built("plugin_cli")["estimator"] >= 1
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert json.loads((run / "config.json").read_text())["plugins"] == ["plugin_cli"]
@@ -270,7 +271,9 @@ def test_a_run_trained_with_an_unrecorded_plugin_takes_it_as_a_flag(plugin_path,
     assert "unknown prior 'laplace'" in capsys.readouterr().err
     assert main(["evaluate", str(run), "--k", "5", "--quiet", "--plugin", "plugin_script"]) == 0
     forget_plugins()
-    assert main(["train", "--resume", str(run), "--epochs", "2", "--plugin", "plugin_script", "--quiet"]) == 0
+    with pytest.warns(UserWarning, match="training continues"):
+        assert main(["train", "--resume", str(run), "--epochs", "2", "--plugin", "plugin_script",
+                     "--quiet"]) == 0
 
 
 def test_a_fresh_process_evaluates_a_plugin_run_from_pythonpath(plugin_path, tmp_path):
