@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .errors import InputError
 from .run_dir import (
+    BEST,
     CHECKPOINT,
     CONFIG,
     EVAL,
@@ -136,8 +137,21 @@ def paired_difference(a: Tensor, b: Tensor) -> tuple[float, float]:
 
 
 def best_epoch(run: EvaluatedRun) -> int | None:
-    """The epoch the run's early stopping kept (summary.json "best_epoch"), or None without it."""
-    return run.summary.get("best_epoch")
+    """The epoch the run's early stopping kept: summary.json's "best_epoch"; for a run not finished (no
+    summary yet), the epoch of the best.pt its evaluation scored; None without early stopping."""
+    if "best_epoch" in run.summary:
+        return run.summary["best_epoch"]
+    scored = run.evaluation.get("model_checkpoint") or {}
+    return scored.get("epoch") if scored.get("checkpoint") == BEST else None
+
+
+def train_seconds(run: EvaluatedRun) -> float | None:
+    """Training wall time: summary.json's "train_seconds"; for a run not finished, the sum of its
+    epochs' seconds in metrics.jsonl (None without either)."""
+    if "train_seconds" in run.summary:
+        return run.summary["train_seconds"]
+    seconds = [m["seconds"] for m in run.metrics if m.get("seconds") is not None]
+    return float(sum(seconds)) if seconds else None
 
 
 def epochs_trained(run: EvaluatedRun) -> int:
@@ -161,7 +175,7 @@ def rows(runs: list[EvaluatedRun]) -> list[dict]:
                "active_units": e.get("active_units"), "accuracy": e.get("test_accuracy"),
                "accuracy_se": e.get("test_accuracy_se"),
                "epochs": epochs_trained(run), "best_epoch": best_epoch(run),
-               "train_seconds": run.summary.get("train_seconds"), "device": run.summary.get("device"),
+               "train_seconds": train_seconds(run), "device": run.summary.get("device"),
                "n_examples": e["n_examples"], "k": e.get("k")}
         for key in PAIRED:
             both = run is not runs[0] and key in runs[0].values and key in run.values

@@ -74,6 +74,24 @@ def test_paired_standard_error_is_that_of_the_per_example_difference(two_runs, t
     assert rows[0]["epochs"] == 1 and rows[0]["device"] == "cpu" and rows[0]["best_epoch"] is None
 
 
+def test_a_run_not_finished_reports_the_evaluated_best_epoch_and_the_epochs_wall_time(tmp_path):
+    """A run stopped before early stopping (no summary.json yet): the best epoch is that of the best.pt
+    its evaluation scored, the wall time the sum of its epochs' seconds; no early stopping, none."""
+    from pyro_vae.report import EvaluatedRun, best_epoch, train_seconds
+
+    metrics = [{"epoch": e, "seconds": 2.5 * e} for e in (1, 2, 3)]
+    scored = {"checkpoint": "best.pt", "epoch": 2, "step": 20}
+    running = EvaluatedRun("r", tmp_path, {"model_checkpoint": scored}, {}, {}, metrics)
+    assert best_epoch(running) == 2 and train_seconds(running) == 15.0
+    last = EvaluatedRun("r", tmp_path, {"model_checkpoint": {**scored, "checkpoint": "checkpoint.pt"}}, {},
+                        {}, metrics)
+    assert best_epoch(last) is None
+    finished = EvaluatedRun("r", tmp_path, {"model_checkpoint": scored}, {},
+                            {"best_epoch": 3, "train_seconds": 9.0}, metrics)
+    assert best_epoch(finished) == 3 and train_seconds(finished) == 9.0
+    assert train_seconds(EvaluatedRun("r", tmp_path, {}, {})) is None
+
+
 def test_paired_difference_of_one_example_has_no_standard_error():
     mean, se = paired_difference(torch.tensor([1.0]), torch.tensor([3.0]))
     assert mean == 2.0 and math.isnan(se)
