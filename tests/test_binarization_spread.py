@@ -1,0 +1,33 @@
+"""scripts/binarization_spread.py: another Bernoulli draw of the same test images moves the test bound;
+the script scores the run's model on several draws, and each draw is reproducible."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyro_vae.cli import main as cli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import binarization_spread as script  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("spread") / "run"
+    assert cli(["train", "--out", str(out), "--train-size", "200", "--test-size", "60", "--epochs", "2",
+                "--hidden", "32", "--z-dim", "4", "--eval-k", "5", "--quiet"]) == 0
+    return out
+
+
+def test_draws_differ_and_repeat(run, capsys):
+    first = script.main([str(run), "--draws", "3", "--samples", "50"])
+    again = script.main([str(run), "--draws", "3", "--samples", "50"])
+    assert first["means"] == again["means"]  # each draw is fixed by its seed
+    assert len(set(first["means"])) == 3 and first["sd"] > 0  # the draws are different test sets
+    assert first["own"] == pytest.approx(json.loads((run / "summary.json").read_text())["test_elbo"])
+    # the run's own draw is one draw among others: within a few s.d. of theirs, not equal to any
+    assert abs(first["own"] - first["mean"]) < 10 * first["sd"] + 1.0
+    assert "s.d." in capsys.readouterr().out
