@@ -210,6 +210,12 @@ def plot_curves(metrics: list[dict], path: Path) -> Path:
     return plot_run_curves({"": metrics}, path)
 
 
+def _plot_points(ax: Axes, points: list[tuple[int, float]], style: str, colour: str, label: str) -> None:
+    """One curve of (epoch, value) points; dots mark the epochs where there are few (under 30)."""
+    ax.plot(*zip(*points, strict=True), style, marker="." if len(points) < 30 else None, color=colour,
+            label=label)
+
+
 def _accuracy_panel(ax: Axes, runs: dict[str, list[dict]]) -> None:
     """Test accuracy of q(y|x) per epoch into `ax`, a colour per run (`runs`: name -> metrics rows);
     the epoch axis is logarithmic when the runs' lengths differ tenfold (M2 and the classifier)."""
@@ -218,8 +224,7 @@ def _accuracy_panel(ax: Axes, runs: dict[str, list[dict]]) -> None:
         points = [(m["epoch"], m["test_accuracy"]) for m in metrics if m.get("test_accuracy") is not None]
         if points:
             lengths.append(points[-1][0])
-            ax.plot(*zip(*points, strict=True), "-", marker="." if len(points) < 30 else None,
-                    color=f"C{i % 10}", label=name)
+            _plot_points(ax, points, "-", f"C{i % 10}", name)
     log = bool(lengths) and max(lengths) >= 10 * max(min(lengths), 1)
     if log:
         ax.set_xscale("log")
@@ -262,8 +267,7 @@ def run_curves_figure(runs: dict[str, list[dict]]) -> Figure:
         for kind, value, style in styles:
             points = [(m["epoch"], value(m)) for m in metrics if value(m) is not None]
             if points:
-                ax.plot(*zip(*points, strict=True), style, marker="." if len(points) < 30 else None,
-                        color=colour, label=f"{name}, {kind}" if name else kind)
+                _plot_points(ax, points, style, colour, f"{name}, {kind}" if name else kind)
         best = metrics[-1].get("best_epoch")
         if best is not None:
             ax.axvline(best, color=colour, linewidth=0.8, alpha=0.6,
