@@ -479,14 +479,11 @@ def test_m2_reads_its_labels_from_mnist_files_and_from_class_folders(source, tmp
     assert config["classes"] >= classes and 0.0 <= summary["test_accuracy"] <= 1.0
 
 
-def test_curves_of_a_labelled_run_add_the_accuracy_per_epoch(tmp_path, monkeypatch):
-    from pyro_vae import plots
+def test_curves_of_a_labelled_run_add_the_accuracy_per_epoch():
+    from pyro_vae.plots import run_curves_figure
 
     rows = [{"epoch": e, "train_loss": 30.0 - e, "test_elbo": -31.0 + e, "test_accuracy": 0.1 * e}
             for e in (1, 2, 3)]
-    saved = {}
-    monkeypatch.setattr(plots, "save_figure", lambda fig, path: saved.setdefault("fig", fig) and path)
-    plots.plot_curves(rows, tmp_path / "curves.png")
-    left, right = saved["fig"].axes
+    left, right = run_curves_figure({"": rows}).axes  # what plot_curves(rows, path) writes
     assert list(right.lines[0].get_ydata()) == pytest.approx([0.1, 0.2, 0.3])
     assert [line.get_label() for line in left.lines] == ["-train loss", "test ELBO"]
