@@ -90,13 +90,15 @@ class Config:
     temperature_final: float | None = None  # --discrete relaxed: annealed geometrically to this by the end
 
     def __post_init__(self) -> None:
-        load_plugins(self.plugins)  # first: they may register the names used below
         if self.binarize is None:
             self.binarize = "dynamic" if self._discrete() else "none"
 
     @classmethod
     def from_dict(cls, values: dict) -> Config:
-        """A checked Config from a mapping of setting names to values (unknown keys refused)."""
+        """A checked Config from a mapping of setting names to values (unknown keys refused): the edge
+        where settings from outside Python (a config file, flags, a run's config.json) come in, so it
+        first imports the plugin modules they name, which may register the names the settings use.
+        Constructing a Config directly imports nothing: in Python, import your plugin yourself."""
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
@@ -105,6 +107,7 @@ class Config:
             )
         hints = typing.get_type_hints(cls)
         checked = {name: _coerce(name, value, hints[name]) for name, value in values.items()}
+        load_plugins(checked.get("plugins", []))
         config = cls(**checked)
         config.validate()
         return config

@@ -340,3 +340,12 @@ def test_plugins_in_a_config_file_are_imported(plugin_path, tmp_path):
     run = tmp_path / "run"
     assert main(train_argv(run, "--config", str(tmp_path / "config.yaml"))) == 0
     assert json.loads((run / "config.json").read_text())["plugins"] == ["plugin_yaml"]
+
+
+def test_constructing_a_config_records_its_plugins_and_imports_none(plugin_path):
+    write_plugin(plugin_path, "plugin_recorded")
+    config = Config(plugins=["plugin_recorded"])
+    assert config.plugins == ["plugin_recorded"] and "plugin_recorded" not in sys.modules
+    assert "laplace" not in PRIORS  # nothing it would register is there either
+    config = Config.from_dict({"plugins": ["plugin_recorded"], "prior": "laplace"})  # the edge imports it
+    assert "plugin_recorded" in sys.modules and config.prior == "laplace"
