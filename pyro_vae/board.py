@@ -17,6 +17,7 @@ from torch import Tensor
 from .errors import InputError
 from .evaluate import active_units
 from .plots import image_grid
+from .rng import seeded
 
 FOLDER = "tensorboard"
 GRID = 8  # images per side of the sample grid; reconstructions: one row of GRID under their inputs
@@ -69,8 +70,7 @@ class Board:
         self.writer.add_scalar("test/active_units", active_units(program, x), step)
         if x.dim() == 4 and x.shape[1] in (1, 3):
             rows = x[torch.arange(GRID, device=x.device) % x.shape[0]]
-            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-                torch.manual_seed(seed)
+            with seeded(seed, x.device):
                 samples = program.sample(rows[torch.arange(GRID * GRID, device=x.device) % GRID])
             self.writer.add_image("samples", image_grid(samples.cpu(), GRID, GRID), step, dataformats="HWC")
             recon = torch.cat([rows, program.reconstruct(rows)]).cpu()

@@ -8,6 +8,8 @@ import sys
 import types
 import typing
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -219,9 +221,21 @@ def _positive(name: str, value: int | None) -> None:
         raise InputError(f"--{name} must be a positive integer, got {value}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch on `threads` threads for the command (a run's --threads), the process's count restored
+    afterwards: the command line sets threads; the library never does."""
     import torch
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
     from .presets import describe_presets
     from .train import train
 
@@ -232,17 +246,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise InputError(f"--preset starts a run; --resume {args.resume} continues one with its own recorded "
                          "settings: drop --preset")
     config = _resume_config(args) if args.resume else resolve_config(args)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)  # --threads, recorded in config.json; restored on return
-    try:
+    with torch_threads(config.threads):  # --threads, recorded in config.json
         if args.resume:
             result = train(config, out=args.resume, resume=True, progress=not args.quiet,
                            tensorboard=args.tensorboard)
         else:
             result = train(config, out=args.out, progress=not args.quiet, overwrite=args.overwrite,
                            tensorboard=args.tensorboard)
-    finally:
-        torch.set_num_threads(threads)
     s = result.summary
     if not s:  # a process of a multi-process run other than rank 0: rank 0 reports
         return
@@ -344,10 +354,11 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 
     for name in ("n-examples", "k", "svi-steps", "num-samples", "warmup", "chains"):
         _positive(name, getattr(args, name.replace("-", "_")))
-    _, vae, data = _load_run(args.run, args.device)
-    result = diagnose(vae, data.test_x, n_examples=args.n_examples, mcmc_examples=args.mcmc_examples,
-                      k=args.k, svi_steps=args.svi_steps, num_samples=args.num_samples, warmup=args.warmup,
-                      chains=args.chains, seed=args.seed, progress=not args.quiet)
+    config, vae, data = _load_run(args.run, args.device)
+    with torch_threads(config.threads):  # the run's --threads (NUTS on a few z gains nothing from more)
+        result = diagnose(vae, data.test_x, n_examples=args.n_examples, mcmc_examples=args.mcmc_examples,
+                          k=args.k, svi_steps=args.svi_steps, num_samples=args.num_samples,
+                          warmup=args.warmup, chains=args.chains, seed=args.seed, progress=not args.quiet)
     from .run_dir import model_stamp
 
     result.summary["model_checkpoint"] = model_stamp(Path(args.run))

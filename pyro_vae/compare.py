@@ -39,6 +39,7 @@ from .evaluate import elbo_terms, iwae_log_px
 from .model import VAE
 from .plots import save_figure, subplots
 from .program import Program
+from .rng import forked_rng
 from .run_dir import build_from_config, load_model, model_stamp, read_config, write_json
 
 JSON, MARKDOWN = "compare.json", "compare.md"
@@ -295,10 +296,19 @@ class CompareResult:
 def compare_estimators(run: str | Path | None = None, config_file: str | Path | None = None,
                        out: str | Path | None = None, options: CompareOptions | None = None) -> CompareResult:
     """Compare estimators on a trained run (RUN) or on a fresh model from a config file (then `out`
-    is required); write compare.json, compare.md and the figures to `out` (default: RUN)."""
+    is required); write compare.json, compare.md and the figures to `out` (default: RUN). Seeded with
+    options.seed, on forked generators: the caller's random state is as it was afterwards."""
     from .train import resolve_device
 
     options = options or CompareOptions()
+    with forked_rng(resolve_device(options.device)):
+        return _compare_estimators(run, config_file, out, options)
+
+
+def _compare_estimators(run: str | Path | None, config_file: str | Path | None, out: str | Path | None,
+                        options: CompareOptions) -> CompareResult:
+    from .train import resolve_device
+
     options.validate()
     if (run is None) == (config_file is None):
         raise InputError("compare needs either a run directory or --config FILE (not both)")
@@ -357,18 +367,20 @@ def compare(program: object, x: Tensor, estimators: Sequence[str] | None = None,
     .guide, a (model, guide) tuple or a Program) and the batch x: the record compare.json holds (a
     reference log p(x) by IWAE with k_ref draws, and per estimator NAME or NAME:K, K from `particles`
     for a bare NAME: value spread and bias over `repeats` draws, gradient variance and SNR of the
-    guide's ("encoder") and the model's ("decoder") parameters, time). write_comparison writes it."""
+    guide's ("encoder") and the model's ("decoder") parameters, time). write_comparison writes it.
+    Seeded with `seed`, on forked generators: the caller's random state is as it was afterwards."""
     options = CompareOptions(estimators=list(estimators or ESTIMATORS), particles=list(particles),
                              repeats=repeats, k_ref=k_ref, seed=seed, progress=progress)
     options.validate()
     program = Program.of(program)
-    program.sites(x)
-    if program.is_autoencoder:
-        raise InputError(f"{_describe(program)} is an autoencoder (a point-mass guide): it has no ELBO to "
-                         "estimate; compare a VAE")
-    specs = parse_specs(options.estimators, options.particles)
-    return {"model": _describe(program), "dataset": None,
-            **measure(program, x, specs, repeats, k_ref, seed, progress)}
+    with forked_rng(x.device):  # tracing the pair draws too
+        program.sites(x)
+        if program.is_autoencoder:
+            raise InputError(f"{_describe(program)} is an autoencoder (a point-mass guide): it has no ELBO "
+                             "to estimate; compare a VAE")
+        specs = parse_specs(options.estimators, options.particles)
+        record = measure(program, x, specs, repeats, k_ref, seed, progress)
+    return {"model": _describe(program), "dataset": None, **record}
 
 
 def write_comparison(record: dict, out: str | Path) -> list[Path]:

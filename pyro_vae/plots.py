@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor
 from .data import CLASS_NAMES, IMAGE_CHANNELS, Dataset
 from .errors import InputError
 from .program import Program
+from .rng import seeded
 
 TRAVERSAL_RANGE = 3.0  # z_u from -3 to 3: three prior standard deviations
 MAX_LEGEND_CLASSES = 20  # the latent map names its classes in a legend up to this many
@@ -65,21 +65,13 @@ def _rows(x: Tensor, n: int) -> Tensor:
     return x[torch.arange(n, device=x.device) % x.shape[0]]
 
 
-@contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Draw from torch's generator seeded with `seed`, and leave the caller's generator as it was."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
-
-
 @torch.no_grad()
 def plot_samples(program: object, x: Tensor, path: Path, n: int = 64, seed: int = 0) -> Path:
     """x = mean of p(x|z) for z ~ p(z): what the model generates from its prior (for an autoencoder,
     which has no prior: z ~ N(0, I) noise); x gives the pictures' shape."""
     program = Program.of(program)
     _check_pictures(x)
-    with _seeded(seed, x.device):
+    with seeded(seed, x.device):
         images = program.sample(_rows(x, n)).cpu()
     cols = math.ceil(n**0.5)
     title = ("decoded N(0, I) noise (an autoencoder has no prior)" if program.is_autoencoder
@@ -93,7 +85,7 @@ def plot_class_samples(model: object, x: Tensor, path: Path, class_names: list[s
     """For a model with a class latent (M2, m2.py): the mean of p(x|y, z_j), one row per class y, one
     column per draw z_j ~ p(z) shared by the rows: the "style" z kept, the class changed."""
     _check_pictures(x)
-    with _seeded(seed, x.device):
+    with seeded(seed, x.device):
         z = model.prior().sample((n_styles,))
     images = model.class_samples(z).flatten(0, 1).reshape(-1, *x.shape[1:]).cpu()
     names = class_names or [str(c) for c in range(model.n_classes)]

@@ -1,11 +1,15 @@
 """Every random-number state a run uses (torch CPU and CUDA, NumPy, Python) as plain tensors and
-numbers, so a checkpoint that holds them still loads with torch.load(weights_only=True)."""
+numbers, so a checkpoint that holds them still loads with torch.load(weights_only=True); and the
+caller's random state kept while the library draws and seeds (forked_rng, seeded)."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
+import pyro
 import torch
 
 
@@ -35,3 +39,27 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+@contextmanager
+def forked_rng(device: torch.device | None = None) -> Iterator[None]:
+    """Run the body on the caller's random generators (torch CPU, CUDA on a CUDA `device`, NumPy,
+    Python's random) and give them back as they were: whatever the body draws or seeds, the caller's
+    next draw is the one it would have made without the call."""
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    cuda = [device] if device is not None and torch.device(device).type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """forked_rng with every generator seeded with `seed` inside (pyro.set_rng_seed): draws that
+    repeat from the seed, and the caller's generators as they were afterwards."""
+    with forked_rng(device):
+        pyro.set_rng_seed(seed)
+        yield

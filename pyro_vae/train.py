@@ -50,7 +50,7 @@ from .kl_weight import kl_weight, scale_latents
 from .m2 import UNLABELLED
 from .model import VAE
 from .program import Program
-from .rng import get_rng_state, set_rng_state
+from .rng import forked_rng, get_rng_state, set_rng_state
 from .run_dir import (
     BEST,
     CHECKPOINT,
@@ -288,7 +288,7 @@ class Trainer:
         # the sites and parameters are found by tracing once, in eval mode (no batch statistics change),
         # without drawing from the run's random stream (a run replays exactly)
         self._train_mode(False)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with forked_rng(self.device):
             self.sites = None if self.program.is_classifier else self.program.sites(x)
             params = dict(self.pair.named_parameters()) if self.own_vae else pair_parameters(self.program, x)
         self.params = {name: p for name, p in params.items() if p.requires_grad}

@@ -1,14 +1,27 @@
 """Importing pyro_vae changes no global state: matplotlib's backend and warnings.formatwarning stay
 as the user set them, also after drawing a figure; the CLI's main restores formatwarning when it
-returns. Each check runs in a fresh interpreter, where nothing else has touched either."""
+returns (each of these checks runs in a fresh interpreter, where nothing else has touched either).
+Calling it changes none either: compare and diagnose leave the caller's random generators as they
+were, and only the command line sets torch's thread count."""
 
 import os
+import random
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+
+from pyro_vae import Config, train
+from pyro_vae.cli import main
+from pyro_vae.compare import CompareOptions, compare, compare_estimators
+from pyro_vae.diagnostics import diagnose
+from pyro_vae.run_dir import load_model, read_config
+from pyro_vae.train import prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +80,62 @@ def test_main_restores_the_warning_format_when_it_returns(tmp_path, digits_run, 
         assert warnings.formatwarning is original
         assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
     """, tmp_path)
+
+
+# ---- no global state changed behind the caller's back (in this process) ----
+
+def _draws() -> tuple:
+    """One draw from each of the caller's generators: torch, NumPy, Python's random."""
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()
+
+
+def _compare(vae, x, run, tmp_path):
+    compare(vae, x[:8], estimators=["mc", "iwae"], particles=[2], repeats=2, k_ref=10, seed=5)
+
+
+def _compare_run(vae, x, run, tmp_path):
+    options = CompareOptions(estimators=["mc"], particles=[1], repeats=2, batch_size=8, k_ref=10, seed=5,
+                             progress=False)
+    compare_estimators(run, out=tmp_path / "compare", options=options)
+
+
+def _diagnose(vae, x, run, tmp_path):
+    diagnose(vae, x, n_examples=4, mcmc_examples=0, k=10, svi_steps=2, seed=5)
+
+
+@pytest.mark.parametrize("call", [_compare, _compare_run, _diagnose],
+                         ids=["compare", "compare-run", "diagnose"])
+def test_compare_and_diagnose_leave_the_callers_random_state_as_it_was(call, digits_run, tmp_path):
+    """They seed their own draws (reproducible from their seed), on forked generators: the caller's next
+    draw after the call is the one it would have made without it."""
+    _, vae = load_model(digits_run)
+    x = prepare_data(read_config(digits_run)[0]).test_x[:16]
+    torch.manual_seed(11), np.random.seed(11), random.seed(11)
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    call(vae, x, digits_run, tmp_path)
+    after = _draws()
+    torch.set_rng_state(states[0]), np.random.set_state(states[1]), random.setstate(states[2])
+    assert after == _draws()
+
+
+def test_train_and_diagnose_in_python_never_set_torch_threads(tmp_path, monkeypatch, digits_run):
+    """`threads` is the command line's to apply: train(config) with threads=3, and diagnose with NUTS,
+    leave the process's thread count alone (not even changed and restored)."""
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    before = torch.get_num_threads()
+    config = Config(threads=3, epochs=1, hidden=[16], z_dim=2, train_size=100, test_size=20, eval_k=5)
+    train(config, out=tmp_path / "run", progress=False)
+    _, vae = load_model(digits_run)
+    diagnose(vae, prepare_data(read_config(digits_run)[0]).test_x, n_examples=2, mcmc_examples=1, k=10,
+             svi_steps=2, num_samples=5, warmup=5, chains=1)
+    assert calls == [] and torch.get_num_threads() == before
+
+
+def test_the_command_line_runs_diagnose_with_the_runs_threads(tmp_path, monkeypatch, digits_run):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    run = shutil.copytree(digits_run, tmp_path / "run")
+    assert main(["diagnose", str(run), "--n-examples", "4", "--mcmc-examples", "0", "--k", "10",
+                 "--svi-steps", "2", "--quiet"]) == 0
+    assert calls == [read_config(run)[0].threads, torch.get_num_threads()]  # the run's, then restored

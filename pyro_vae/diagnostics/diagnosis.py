@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..program import Program
+from ..rng import forked_rng
 from .importance import (
     KHAT_GOOD,
     KHAT_THRESHOLD,
@@ -101,10 +102,18 @@ def diagnose(
     also by NUTS): log p(x) >= L[q*] >= L[q], with log p(x) - L[q*] the approximation gap and
     L[q*] - L[q] the amortization gap (Cremer, Li & Duvenaud 2018). `program`: our VAE, an object
     with .model and .guide, a (model, guide) tuple or a Program (its modules as they are: put them
-    in eval mode first if they have dropout or batch norm)."""
+    in eval mode first if they have dropout or batch norm). Seeded with `seed`, on forked generators:
+    the caller's random state is as it was afterwards."""
     program = Program.of(program)
-    _check(program, x, n_examples, mcmc_examples, k)
-    pyro.set_rng_seed(seed)
+    with forked_rng(x.device):  # checking the pair traces it: a draw too
+        _check(program, x, n_examples, mcmc_examples, k)
+        pyro.set_rng_seed(seed)
+        return _diagnose(program, x, n_examples, mcmc_examples, k, svi_steps, num_samples, warmup, chains,
+                         seed, progress)
+
+
+def _diagnose(program: Program, x: Tensor, n_examples: int, mcmc_examples: int, k: int, svi_steps: int,
+              num_samples: int, warmup: int, chains: int, seed: int, progress: bool) -> Diagnosis:
     index = sample_examples(x.shape[0], n_examples, seed)
     xs = x[index.to(x.device)]
     seconds: dict[str, float] = {}

@@ -10,8 +10,6 @@ its step size and tree depth: one example with a hard posterior makes all of the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyro
@@ -26,18 +24,6 @@ from ..program import Program
 from .optimal_guide import frozen
 
 MAX_TREE_DEPTH = 8  # at most 2^8 leapfrog steps per draw
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one thread for the duration: NUTS evaluates the decoder on a handful of z at a
-    time, where more threads only add synchronization (and stall badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -87,7 +73,7 @@ def nuts_posterior(
         q_scale = _flat({n: s for n, (_, s) in moments.items()}, names, 1)
     coordinates = [f"{name}_{u}" for name in names for u in range(moments[name][0][0].numel())]
     draws, divergences, step_size = [], [], []
-    with frozen(program.parameters(x).values()), single_thread(), warnings.catch_warnings():
+    with frozen(program.parameters(x).values()), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`torch.jit.trace` is deprecated", FutureWarning)
         for chain in range(chains):
             pyro.set_rng_seed(seed + chain)
