@@ -167,6 +167,9 @@ class Trainer:
         self.stop = [0]  # the signal that asked to stop after the current step, or 0
         # early stopping: {"best_epoch", "best_validation_elbo", "epochs_since_best"}, None before epoch 1
         self.early: dict | None = None
+        # wall time of the run's earlier sessions (a resumed run's checkpoint): in all, and in the epoch
+        # the checkpoint stopped in; this session's clock starts at the end of setup
+        self.seconds_before, self.epoch_seconds_before, self.epoch_started = 0.0, 0.0, 0.0
 
     def run(self) -> RunResult:
         """setup, every epoch left up to config.epochs, finish."""
@@ -309,6 +312,9 @@ class Trainer:
             self.epoch_total = state["epoch_total"].to(self.device)
         self.metrics = list(state["metrics"])
         self.early = state.get("early_stop")
+        # checkpoints before pyro-vae recorded the seconds: the sum of their whole epochs' seconds
+        self.seconds_before = float(state.get("seconds", sum(m.get("seconds") or 0.0 for m in self.metrics)))
+        self.epoch_seconds_before = float(state.get("epoch_seconds", 0.0))
         self.resumed_rng = self.ranks.rng_state(state)
         if self.ranks.is_main:
             remove_stale_temp_files(self.out)
@@ -338,7 +344,8 @@ class Trainer:
         """The steps of the current epoch from self.batch on (0, or where a checkpoint stopped), each
         followed by the checks and the checkpoints that are due; then end_epoch."""
         config, ranks = self.config, self.ranks
-        started = time.perf_counter()
+        started = self.epoch_started = time.perf_counter() - self.epoch_seconds_before  # a resumed epoch's
+        self.epoch_seconds_before = 0.0  # seconds before the checkpoint count in it
         self._train_mode(True)
         self.epoch_state = self.generator.get_state()  # everything random in this epoch starts here
         self.x_epoch = binarize(self.data.train_x, self.generator) if config.binarize == "dynamic" \
@@ -501,10 +508,18 @@ class Trainer:
         save_checkpoint(self.out / CHECKPOINT, {
             "model": self._parameters(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
             "batch": self.batch, "step": self.steps, "epoch_generator": self.epoch_state,
-            "epoch_total": total, "metrics": self.metrics, "rng": rng[0],
+            "epoch_total": total, "metrics": self.metrics, "rng": rng[0], "seconds": self.elapsed(),
+            "epoch_seconds": time.perf_counter() - self.epoch_started if self.batch else 0.0,
             **({"rng_ranks": rng} if self.ranks.active else {}),
             **({"early_stop": dict(self.early)} if self.early is not None else {}),
         })
+
+    def elapsed(self) -> float:
+        """The run's wall time so far in seconds, summed over its sessions (a checkpoint carries the sum
+        up to it): each session from the end of its setup to its last checkpoint (the last session: to
+        summary.json), so epochs, their test ELBO, checkpoints and the final evaluation count; setup,
+        figures, a session's time after its last checkpoint and the time between sessions do not."""
+        return self.seconds_before + time.perf_counter() - self.started
 
     def _check_fault(self) -> None:
         """Raise NumericalFault naming the first step of this epoch that was not applied, if any."""
@@ -575,7 +590,7 @@ class Trainer:
             "epochs": self.metrics[-1]["epoch"] if self.metrics else 0,
             "steps": self.steps,
             "train_loss": self.metrics[-1]["train_loss"] if self.metrics else None,
-            "train_seconds": time.perf_counter() - self.started,
+            "train_seconds": self.elapsed(),
             "device": str(self.device),
             "processes": self.ranks.world_size,
             "cuda_graph": self.cuda_graph,

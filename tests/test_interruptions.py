@@ -207,3 +207,32 @@ def test_overwrite_replaces_a_run_and_resume_may_change_the_learning_rate(tmp_pa
     assert main(["train", "--resume", str(out), "--epochs", "2", "--lr", "1e-4", "--quiet"]) == 0
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["optimizer"]["param_groups"][0]["lr"] == 1e-4
+
+
+def test_wall_time_sums_every_session_of_a_resumed_run(tmp_path, monkeypatch, crash_copy):
+    """The first session spends >= 1.75 s in epoch 1 and >= 0.75 s in epoch 2 before the checkpoint the
+    crash leaves (0.25 s asleep in each step); the resumed session does not sleep. Epoch 2's seconds,
+    summary.json's train_seconds and report's wall time count the first session's part too."""
+    step = train_module.Trainer.step
+
+    def slow_step(self, idx, x):
+        if self.epoch <= 2:
+            time.sleep(0.25)
+        return step(self, idx, x)
+
+    monkeypatch.setattr(train_module.Trainer, "step", slow_step)
+    saved = crash_copy(tmp_path / "crashed", epoch=2, batch=3)
+    assert main(["train", "--epochs", "3", "--checkpoint-every", "1e-6", "--out", str(tmp_path / "run"),
+                 *FAST]) == 0
+    monkeypatch.undo()
+    assert saved == [7 + 3]
+    assert main(["train", "--resume", str(tmp_path / "crashed"), "--quiet"]) == 0
+    run = tmp_path / "crashed"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["seconds"] >= 7 * 0.25 and rows[1]["seconds"] >= 3 * 0.25
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train_seconds"] >= sum(r["seconds"] for r in rows) >= 10 * 0.25
+    assert main(["evaluate", str(run), "--k", "5", "--quiet"]) == 0
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    table = json.loads((tmp_path / "report" / "report.json").read_text())["runs"]
+    assert table[0]["train_seconds"] == summary["train_seconds"]
