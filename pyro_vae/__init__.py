@@ -9,7 +9,7 @@ from .config import Config
 from .data import Dataset, load_dataset
 from .errors import InputError
 from .estimators import log_weights, make_estimator, register_estimator
-from .evaluate import elbo_terms, evaluate, iwae_log_px
+from .evaluate import elbo_terms, evaluate, evaluate_run, iwae_log_px
 from .guides import register_guide
 from .likelihoods import register_likelihood
 from .model import VAE, build_vae
@@ -18,7 +18,7 @@ from .train import RunResult, train
 
 __all__ = [
     "VAE", "Config", "Dataset", "InputError", "RunResult", "build_vae", "elbo_terms", "evaluate",
-    "iwae_log_px", "load_dataset", "log_weights", "make_estimator", "register_estimator",
+    "evaluate_run", "iwae_log_px", "load_dataset", "log_weights", "make_estimator", "register_estimator",
     "register_guide", "register_likelihood", "register_prior", "train",
 ]
 __version__ = "0.1.0"

@@ -187,18 +187,24 @@ def write_evaluation(run: str | Path, result: dict, values: dict[str, Tensor], x
 
 
 def evaluate_run(run: str | Path, k: int = 5000, test_size: int | None = None, device: str = "auto",
-                 progress: bool = False) -> tuple[dict, object, object]:
+                 progress: bool = False, program: object | None = None) -> tuple[dict, object, object]:
     """Evaluate the model of a run directory on its test set (the first `test_size` examples, if given)
-    and write RUN/eval.json and RUN/eval_examples.pt (write_evaluation); returns (result, config, model)."""
-    from .run_dir import load_model, model_stamp
+    and write RUN/eval.json and RUN/eval_examples.pt (write_evaluation); returns (result, config, model).
+    A run of your own model/guide pair (trained with train(..., program=pair)) needs `program`: the
+    same pair, built the same way, into which the run's parameters are loaded (run_dir.load_pair)."""
+    from .run_dir import load_model, load_pair, model_stamp, read_config
     from .train import prepare_data, resolve_device
 
     run, torch_device = Path(run), resolve_device(device)
-    config, vae = load_model(run, torch_device)
+    if program is None:
+        config, vae = load_model(run, torch_device)
+    else:
+        load_pair(run, program, torch_device)
+        config, vae = read_config(run, pair=True)[0], program
     config.test_size = test_size or config.test_size
     data = prepare_data(config).to(torch_device)
     x = data.test_x
-    classifier = vae.is_classifier
+    classifier = Program.of(vae).is_classifier
     values = {} if classifier else per_example(vae, x, k=k, progress=progress)
     result = {"n_examples": int(x.shape[0])} if classifier else summarize(vae, x, values, k)
     if callable(getattr(vae, "predict", None)) and data.test_y is not None:

@@ -33,9 +33,11 @@ from .run_dir import (
     EVAL_EXAMPLES,
     METRICS,
     SUMMARY,
+    evaluate_pair_hint,
     load_checkpoint,
     model_stamp,
     read_jsonl,
+    recorded_pair,
     write_json,
 )
 
@@ -83,24 +85,32 @@ def read_run(run: str | Path, name: str | None = None) -> EvaluatedRun:
     if not (path / CONFIG).is_file():
         raise InputError(f"run {name} ({path}) is not a pyro-vae run directory (no {CONFIG})")
     if not (path / EVAL).is_file():
-        raise InputError(f"run {name} ({path}) has not been evaluated: run `pyro-vae evaluate {path}` first")
+        raise InputError(f"run {name} ({path}) has not been evaluated: run {_evaluate_hint(path)} first")
     evaluation = _read_json(path / EVAL)
     if evaluation.get("log_px") is None and evaluation.get("test_accuracy") is None:
         raise InputError(f"run {name} ({path}) is an autoencoder: it has no log p(x) to compare")
     if not (path / EVAL_EXAMPLES).is_file() or "test_fingerprint" not in evaluation:
         raise InputError(f"run {name} ({path}) was evaluated without per-example values (an older "
-                         f"pyro-vae): run `pyro-vae evaluate {path}` again")
+                         f"pyro-vae): run {_evaluate_hint(path)} again")
     stamp = evaluation.get("model_checkpoint")
     if stamp and (path / stamp["checkpoint"]).is_file():
         now = model_stamp(path, stamp["checkpoint"])
         if now["step"] != stamp["step"]:
             raise InputError(f"run {name} ({path}) was evaluated at step {stamp['step']} (epoch "
                              f"{stamp['epoch']}) but {stamp['checkpoint']} is now at step {now['step']}: run "
-                             f"`pyro-vae evaluate {path}` again")
+                             f"{_evaluate_hint(path)} again")
     needed = ("log_px", "elbo") if evaluation.get("log_px") is not None else ("correct",)
     values = load_checkpoint_values(path / EVAL_EXAMPLES, needed)
     summary = _read_json(path / SUMMARY) if (path / SUMMARY).is_file() else {}
     return EvaluatedRun(name, path, evaluation, values, summary, read_jsonl(path / METRICS))
+
+
+def _evaluate_hint(path: Path) -> str:
+    """How to evaluate the run: `pyro-vae evaluate RUN`, or for a run of the user's own model/guide pair,
+    which the command line cannot rebuild, the Python call that can."""
+    if recorded_pair(path) is not None:
+        return f"`{evaluate_pair_hint(path)}` in Python"
+    return f"`pyro-vae evaluate {path}`"
 
 
 def load_checkpoint_values(path: Path, needed: tuple[str, ...] = ("log_px", "elbo")) -> dict[str, Tensor]:
@@ -146,8 +156,8 @@ def best_epoch(run: EvaluatedRun) -> int | None:
 
 
 def train_seconds(run: EvaluatedRun) -> float | None:
-    """Training wall time: summary.json's "train_seconds"; for a run not finished, the sum of its
-    epochs' seconds in metrics.jsonl (None without either)."""
+    """Training wall time, summed over the run's sessions: summary.json's "train_seconds"; for a run not
+    finished, the sum of its epochs' seconds in metrics.jsonl (None without either)."""
     if "train_seconds" in run.summary:
         return run.summary["train_seconds"]
     seconds = [m["seconds"] for m in run.metrics if m.get("seconds") is not None]

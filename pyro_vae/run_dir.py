@@ -153,17 +153,25 @@ def recorded_pair(run: Path) -> dict | None:
     return _read_record(run).get("pair")
 
 
-def read_config(run: Path) -> tuple[Config, tuple[int, int, int]]:
+def read_config(run: Path, pair: bool = False) -> tuple[Config, tuple[int, int, int]]:
     """The Config and the example shape (C, H, W) recorded in RUN/config.json (of a run of pyro-vae's
-    own VAE: a user's pair cannot be rebuilt from the file, and is refused)."""
+    own VAE: a user's pair cannot be rebuilt from the file, and is refused, unless pair=True: the
+    caller brings the pair, and reads only the settings)."""
     values = _read_record(run)
-    if "pair" in values:
+    if "pair" in values and pair:
+        values.pop("pair")
+    elif "pair" in values:
         name = values["pair"].get("name", "?") if isinstance(values["pair"], dict) else "?"
         raise InputError(f"{run} trained your own model/guide pair ({name}), which cannot be rebuilt from "
-                         "the run directory: use the Python API with the pair (pyro_vae.run_dir.load_pair, "
-                         "then pyro_vae.evaluate; train(..., program=pair, resume=True) to continue)")
+                         f"the run directory: use the Python API with the pair ({evaluate_pair_hint(run)}; "
+                         "train(..., program=pair, resume=True) to continue)")
     x_shape = tuple(values.pop("x_shape"))
     return Config.from_dict(values), x_shape
+
+
+def evaluate_pair_hint(run: Path) -> str:
+    """The Python call that evaluates a run of a user's own pair (for messages: the CLI cannot)."""
+    return f"pyro_vae.evaluate_run({str(run)!r}, program=<the same pair>)"
 
 
 def config_record(config: Config, x_shape: tuple[int, ...], pair: dict | None = None) -> dict:

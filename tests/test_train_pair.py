@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
+import pyro_vae
 from pyro_vae.cli import main
 from pyro_vae.config import MODEL_SETTINGS, Config
 from pyro_vae.data import binarize
@@ -189,6 +190,28 @@ def test_the_command_line_refuses_a_pair_run_in_one_line(trained, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "your own model/guide pair" in err and "Python API" in err, err
+
+
+def test_report_on_a_pair_run_names_the_python_call_that_evaluates_it_and_that_call_works(
+        trained, tmp_path, capsys, digits_run):
+    """`pyro-vae evaluate` refuses a pair's run, so report's hint is the Python call; made as the hint
+    says (with a fresh pair built the same way), it writes what report reads, and report then runs."""
+    pair, _, trained_out = trained
+    out = shutil.copytree(trained_out, tmp_path / "run")
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pyro-vae evaluate" not in err, err
+    hint = f"pyro_vae.evaluate_run({str(out)!r}, program=<the same pair>)"
+    assert hint in err, err
+    result, _, evaluated = pyro_vae.evaluate_run(str(out), k=5, program=_pair(seed=1))
+    for p, q in zip(pair.parameters(), evaluated.parameters(), strict=True):
+        assert torch.equal(p, q)  # the run's parameters, not the fresh pair's
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    table = json.loads((tmp_path / "report" / "report.json").read_text())["runs"]
+    assert table[0]["log_px"] == result["log_px"] and table[0]["n_examples"] == 64
+    with pytest.raises(InputError, match="not a pair of yours"):  # and a pair for pyro-vae's VAE's run
+        pyro_vae.evaluate_run(digits_run, k=5, program=_pair())
+    assert main(["evaluate", str(out)]) == 2 and hint in capsys.readouterr().err  # evaluate's hint too
 
 
 def test_resuming_with_the_other_kind_of_model_is_refused(trained, digits_run):
