@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -494,14 +495,34 @@ SNR_OFFSET = 1.06  # the factor between neighbouring estimators' K positions in 
 
 
 def plot_estimates(record: dict, path: Path) -> Path:
-    """The distribution of each estimator's batch-mean estimate over draws, against the reference."""
+    """estimates_figure(record) written to `path`; returns path."""
+    return save_figure(estimates_figure(record), path)
+
+
+SURROGATE_LABEL = "surrogate, not a bound"
+
+
+def estimates_figure(record: dict) -> Figure:
+    """The distribution of each estimator's batch-mean estimate over draws, against the reference
+    log p(x): the bounds first (grey boxes), then, apart beyond a dotted line, the rows whose value is a
+    surrogate (row["surrogate"], e.g. M2's 'relaxed'; orange boxes, labelled "surrogate, not a bound"),
+    which may lie on either side of log p(x)."""
     rows = record["estimators"]
+    bounds = [r for r in rows if not r.get("surrogate")]
+    surrogates = [r for r in rows if r.get("surrogate")]
     fig, ax = subplots(figsize=(max(5.0, 1.1 * len(rows)), 4.5))
-    ax.boxplot([r["batch_means"] for r in rows],
-               tick_labels=[f"{r['estimator']}\nK={r['particles']}" for r in rows])
+    for group, start, colour, label in ((bounds, 1, "lightgrey", "bound"),
+                                        (surrogates, len(bounds) + 1, "tab:orange", SURROGATE_LABEL)):
+        if not group:
+            continue
+        ax.boxplot([r["batch_means"] for r in group], positions=range(start, start + len(group)),
+                   tick_labels=[f"{r['estimator']}\nK={r['particles']}" for r in group], patch_artist=True,
+                   boxprops={"facecolor": colour}, medianprops={"color": "k"}, label=label)
+    if bounds and surrogates:
+        ax.axvline(len(bounds) + 0.5, color="grey", linestyle=":", linewidth=1)
     ax.axhline(record["log_px_ref"], color="k", linestyle="--", linewidth=1,
                label=f"log p(x), IWAE k={record['k_ref']}")
     ax.set_ylabel("estimate (nats per example, batch mean)")
     ax.set_title(f"{record['repeats']} draws on {record['n_examples']} test examples")
     ax.legend()
-    return save_figure(fig, path)
+    return fig

@@ -2,10 +2,12 @@
 'enum', 'score' and 'relaxed', side by side on one trained M2 and one fixed batch of unlabelled test
 examples (model and guide called with x alone), as `pyro-vae compare RUN` measures them for an M2 run:
 
-* the estimate: R draws of every example's bound as the estimator sees it (enum: the sum over y
-  exact, one z per class; score: y drawn from q(y|x); relaxed: y a Gumbel-softmax draw at temperature
-  tau, a bound on the relaxed model, not on M2's), mean, per-example std of one draw, and bias against
-  an IWAE reference log p(x) of the discrete M2 (eval mode);
+* the estimate: R draws of every example's value as the estimator sees it (enum: the ELBO with the
+  sum over y exact, one z per class; score: the ELBO with y drawn from q(y|x); relaxed: y a
+  Gumbel-softmax draw at temperature tau and the categorical log-mass in place of log p(y) and
+  log q(y|x), a surrogate that is a bound on neither M2 nor the relaxed model, discrete.py), mean,
+  per-example std of one draw, and difference from an IWAE reference log p(x) of the discrete M2 (eval
+  mode);
 * the gradient of the training loss (-bound / N, one particle): variance and SNR per parameter,
   averaged over the classifier q(y|x), the encoder q(z|x,y) and the decoder (p(x|y,z), with the prior
   and likelihood parameters), by compare.gradient_stats; and ms per loss + backward.
@@ -171,7 +173,9 @@ def measure_m2(m2: M2, x: Tensor, names: list[str], repeats: int, k_ref: int, te
             pyro.set_rng_seed(seed)
             row.update(gradient_stats(make_discrete_estimator(name), m2, x, repeats, progress, name, groups))
         baseline.zero_grad(set_to_none=True)  # the baseline loss's gradient, measured in no group
-        row["bound"] = f"relaxed ELBO (tau={temperature:g})" if name == "relaxed" else "ELBO"
+        surrogate = name == "relaxed"
+        row["objective"] = f"surrogate (tau={temperature:g}), not a bound" if surrogate else "ELBO"
+        row["surrogate"] = surrogate
         rows.append(row)
     record["estimators"] = rows
     return record
@@ -212,20 +216,22 @@ def compare_m2_run(run: Path, config: Config, out: Path, options: CompareOptions
 
 def markdown(record: dict) -> str:
     """The M2 comparison as a Markdown table, with what was measured and how."""
-    header = ["estimator", "bound", *measured_columns("estimate (nats)", GROUPS)]
+    header = ["estimator", "objective", *measured_columns("estimate (nats)", GROUPS)]
     lines = table_head(record, header, "unlabelled test examples", ", y drawn from q(y|x)")
     for row in record["estimators"]:
-        lines.append("| " + " | ".join([row["estimator"], row["bound"], *measured_cells(row, GROUPS)]) + " |")
+        cells = [row["estimator"], row["objective"], *measured_cells(row, GROUPS)]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "enum sums over the class y exactly (one z per class), score draws y ~ q(y|x) and uses the score "
         f"function with a baseline ({record['score_baseline']}), relaxed draws a Gumbel-softmax y at "
-        f"tau = {record['temperature']:g}: its estimate is of the relaxed model's bound, not of M2's, so "
-        "its bias is not comparable. Estimate: mean over draws and examples ± its standard error over "
-        "draws; std of one draw: per-example standard deviation of a single estimate. Gradients of the "
-        "training loss (−bound per example, averaged over the batch): variance per parameter and SNR = "
-        "|mean| / std per parameter, averaged over the classifier q(y|x), the encoder q(z|x,y) and the "
-        "decoder p(x|y,z). ms/step: median wall time of one loss + backward.",
+        f"tau = {record['temperature']:g} and scores it with the categorical log-mass sum_k y_k log pi_k in "
+        "place of the densities of p(y) and q(y|x): a surrogate, not a bound on M2 or on the relaxed model "
+        "(it may exceed log p(x)), so its bias is not comparable. Estimate: mean over draws and examples "
+        "± its standard error over draws; std of one draw: per-example standard deviation of a single "
+        "estimate. Gradients of the training loss (−objective per example, averaged over the batch): "
+        "variance per parameter and SNR = |mean| / std per parameter, averaged over the classifier q(y|x), "
+        "the encoder q(z|x,y) and the decoder p(x|y,z). ms/step: median wall time of one loss + backward.",
     ]
     return "\n".join(lines) + "\n"
 

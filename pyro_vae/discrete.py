@@ -8,7 +8,10 @@ For an unlabelled x the bound is U(x) = sum_y q(y|x) L(x, y) + H(q(y|x)); the th
   (Pyro's TraceGraph_ELBO with nn_baseline); unbiased for the gradient of U(x).
 * 'relaxed': y = softmax((log pi + g) / tau), g ~ Gumbel, in the guide and (with uniform pi) in the
   model: the Concrete relaxation, reparameterized (Jang et al. 2017; Maddison et al. 2017), with
-  Pyro's Trace_ELBO; a bound on a relaxed model, which becomes M2 as tau -> 0.
+  Pyro's Trace_ELBO on a surrogate: log p(y) and log q(y|x) are the categorical log-mass
+  sum_k y_k log pi_k of the soft y (m2.GumbelSoftmax), which is not a density on the simplex, nor the
+  Concrete density y is drawn from, so the value is a bound on neither M2 nor the relaxed model (it
+  can exceed their log p(x); tests/test_m2.py shows one); it tends to M2's ELBO as tau -> 0.
 """
 
 from __future__ import annotations

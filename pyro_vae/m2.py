@@ -16,9 +16,9 @@ How the sum over y is estimated is `discrete` (discrete.py): 'enum' sums it exac
 enumeration, TraceEnum_ELBO), 'score' samples y and uses the score-function gradient with a learned
 baseline b(x) (TraceGraph_ELBO's nn_baseline), 'relaxed' samples a relaxed one-hot y from the
 Gumbel-softmax (Concrete) distribution at temperature `temperature`, reparameterized, in the model
-and the guide alike (GumbelSoftmax: its log_prob is the categorical one of the soft draw). The relaxation is a
-training device: in eval mode y is categorical whatever `discrete` is, so every M2 is evaluated as the same
-discrete model.
+and the guide alike (GumbelSoftmax: its log_prob is the categorical one of the soft draw, so 'relaxed'
+trains on a surrogate, not a bound: discrete.py). The relaxation is a training device: in eval mode y is
+categorical whatever `discrete` is, so every M2 is evaluated as the same discrete model.
 
 With aux_loss = alpha > 0 the model also scores the labels under the classifier, alpha * log q(y|x) on
 labelled examples (Kingma et al.'s J^alpha), as the masked, scaled observed site "y_aux".
@@ -52,7 +52,8 @@ class GumbelSoftmax(dist.RelaxedOneHotCategorical):
     y = softmax((log pi + g) / tau), g ~ Gumbel(0, 1), reparameterized. Its log_prob is the categorical
     log-mass of the soft draw, sum_k y_k log pi_k, which tends to log pi_y as tau -> 0 (the Concrete
     density itself does not give the categorical KL back as tau falls, and overflows float32 there), so
-    that E[log p(y) - log q(y)] tends to -KL(q(y|x) || p(y)) and the relaxed ELBO to M2's."""
+    that E[log p(y) - log q(y)] tends to -KL(q(y|x) || p(y)) and the surrogate to M2's ELBO. For tau > 0
+    it is no density of the soft y: the ELBO it enters is a surrogate, a bound on no model."""
 
     def log_prob(self, value: Tensor) -> Tensor:
         return (value * self.logits).sum(-1)

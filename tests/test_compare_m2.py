@@ -7,6 +7,7 @@ import pyro
 import pytest
 
 from pyro_vae.cli import main
+from pyro_vae.compare import SURROGATE_LABEL, estimates_figure
 from pyro_vae.compare_discrete import DEFAULT_TEMPERATURE, GROUPS, bound_draw, estimating, fit_baseline
 from pyro_vae.discrete import make_discrete_estimator
 from pyro_vae.run_dir import load_model
@@ -50,9 +51,11 @@ def test_the_record_has_the_three_estimators_with_every_group(compared):
                    *(row[g][m] for g in GROUPS for m in ("grad_var", "snr"))]
         assert all(math.isfinite(v) for v in numbers), row
         assert row["value_mean"] < 0 and row["value_std"] > 0 and len(row["batch_means"]) == REPEATS
-    assert _rows(record)["relaxed"]["bound"].startswith("relaxed ELBO")
+    assert [row["surrogate"] for row in record["estimators"]] == [False, False, True]
+    assert _rows(record)["relaxed"]["objective"] == f"surrogate (tau={DEFAULT_TEMPERATURE:g}), not a bound"
     table = (run / "compare.md").read_text()
-    assert "| estimator | bound | estimate (nats) |" in table and "classifier SNR" in table
+    assert "| estimator | objective | estimate (nats) |" in table and "classifier SNR" in table
+    assert "| relaxed | surrogate (tau=0.5), not a bound |" in table and "relaxed ELBO" not in table
     assert sum(line.startswith(("| enum |", "| score |", "| relaxed |")) for line in table.splitlines()) == 3
 
 
@@ -99,7 +102,29 @@ def test_temperature_flag_and_one_estimator(m2_run, tmp_path):
     assert main(argv) == 0
     record = json.loads((tmp_path / "compare.json").read_text())
     assert [r["estimator"] for r in record["estimators"]] == ["relaxed"] and record["temperature"] == 0.3
-    assert record["estimators"][0]["bound"] == "relaxed ELBO (tau=0.3)"
+    assert record["estimators"][0]["objective"] == "surrogate (tau=0.3), not a bound"
+
+
+def test_the_estimates_figure_draws_the_surrogate_apart_from_the_bounds(compared):
+    """compare_estimates.png's data: the bounds' boxes first, the surrogate's after a dotted divider, in
+    their own colour, under their own legend entry "surrogate, not a bound"; the reference line apart."""
+    _, record = compared
+    ax = estimates_figure(record).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["enum\nK=1", "score\nK=1", "relaxed\nK=1"]
+    handles, labels = ax.get_legend_handles_labels()
+    assert labels == ["bound", SURROGATE_LABEL, f"log p(x), IWAE k={record['k_ref']}"]
+    assert SURROGATE_LABEL == "surrogate, not a bound"
+    assert handles[0].get_facecolor() != handles[1].get_facecolor()
+    boxes = [p for p in ax.patches if p.get_facecolor() == handles[1].get_facecolor()]
+    assert len(boxes) == 1 and boxes[0].get_path().get_extents().x0 > 2.5  # the relaxed box, third place
+    assert [line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == ":"] == [2.5]
+
+
+def test_a_vae_comparison_draws_bounds_only():
+    record = {"estimators": [{"estimator": "mc", "particles": 1, "batch_means": [-3.0, -2.0]}],
+              "log_px_ref": -1.0, "k_ref": 10, "repeats": 2, "n_examples": 4}
+    labels = estimates_figure(record).axes[0].get_legend_handles_labels()[1]
+    assert labels == ["bound", "log p(x), IWAE k=10"]
 
 
 BAD = [
