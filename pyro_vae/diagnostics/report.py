@@ -19,6 +19,7 @@ SHORTFALL_SE = 2.0  # standard errors above 0 at which the reference log p(x) is
 JSON, MARKDOWN = "diagnose.json", "diagnose.md"
 KHAT_FIGURE, POSTERIOR_FIGURE = "diagnose_khat.png", "diagnose_posterior.png"
 POSTERIOR_NETCDF = "diagnose_posterior.nc"
+NETCDF_ENGINE = "h5netcdf"  # a declared dependency; xarray would otherwise try netCDF4 first, then fail
 
 
 def _row(label: str, value: dict) -> str:
@@ -149,6 +150,6 @@ def write_report(diagnosis: Diagnosis, run: Path) -> list[Path]:
              plot_khat(per["khat"], per["khat_q_star_full_rank"], run / KHAT_FIGURE)]
     if diagnosis.nuts is not None:
         paths.append(plot_posterior(diagnosis, run / POSTERIOR_FIGURE))
-        diagnosis.posterior.to_netcdf(str(run / POSTERIOR_NETCDF))
+        diagnosis.posterior.to_netcdf(str(run / POSTERIOR_NETCDF), engine=NETCDF_ENGINE)
         paths.append(run / POSTERIOR_NETCDF)
     return paths
