@@ -12,10 +12,10 @@ import importlib.metadata
 import pkgutil
 import re
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import pyro_vae
 from pyro_vae.diagnostics import report as diagnose_report
@@ -102,4 +102,4 @@ def test_the_ci_script_installs_into_a_fresh_environment_and_runs_the_readme_com
     command = re.search(r"^(python -m pytest)\b", readme, re.M)
     assert command, "README shows the test command on a line of its own"
     assert "-m venv" in script and '".[dev]"' in script
-    assert re.search(r'"\$VENV/bin/python" -m pytest\b', script), "the tests run with the new environment's python"
+    assert re.search(r'"\$VENV/bin/python" -m pytest\b', script), "tests run with the new environment"
