@@ -42,6 +42,7 @@ from .plots import save_figure, subplots
 from .program import Program
 from .rng import forked_rng
 from .run_dir import build_from_config, load_model, model_stamp, read_config, write_json
+from .staging import write_all_or_none
 
 JSON, MARKDOWN = "compare.json", "compare.md"
 SNR_FIGURE, ESTIMATES_FIGURE = "compare_snr.png", "compare_estimates.png"
@@ -384,19 +385,18 @@ def compare(program: object, x: Tensor, estimators: Sequence[str] | None = None,
     return {"model": _describe(program), "dataset": None, **record}
 
 
-def write_comparison(record: dict, out: str | Path) -> list[Path]:
-    """Write compare.json, compare.md, compare_snr.png and compare_estimates.png into `out`."""
-    out = Path(out)
-    return [*write_comparison_files(record, out, markdown(record)), plot_snr(record, out / SNR_FIGURE),
-            plot_estimates(record, out / ESTIMATES_FIGURE)]
+def write_comparison(record: dict, out: str | Path, table: str | None = None,
+                     snr_figure: Callable[[dict, Path], Path] | None = None) -> list[Path]:
+    """Write compare.json, compare.md (the Markdown `table`, default: the VAE's), compare_snr.png (drawn
+    by `snr_figure`, default: the VAE's) and compare_estimates.png into `out`: all of them, or none."""
 
+    def write(folder: Path) -> list[Path]:
+        write_json(folder / JSON, record)
+        (folder / MARKDOWN).write_text(markdown(record) if table is None else table)
+        return [folder / JSON, folder / MARKDOWN, (snr_figure or plot_snr)(record, folder / SNR_FIGURE),
+                plot_estimates(record, folder / ESTIMATES_FIGURE)]
 
-def write_comparison_files(record: dict, out: Path, table: str) -> list[Path]:
-    """Write the record as compare.json and the Markdown `table` as compare.md into `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / JSON, record)
-    (out / MARKDOWN).write_text(table)
-    return [out / JSON, out / MARKDOWN]
+    return write_all_or_none(out, write)
 
 
 def table_head(record: dict, header: list[str], examples: str, reference: str = "") -> list[str]:

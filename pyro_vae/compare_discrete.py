@@ -37,9 +37,8 @@ from .compare import (
     gradient_stats,
     measured_cells,
     measured_columns,
-    plot_estimates,
     table_head,
-    write_comparison_files,
+    write_comparison,
 )
 from .config import Config
 from .data import binarize
@@ -54,7 +53,6 @@ DEFAULT_TEMPERATURE = 0.5  # the relaxation's tau where the run did not train wi
 BASELINE_EXAMPLES = 2000  # training examples the score function's baseline is fitted on, at most
 BASELINE_RIDGE = 1.0  # the ridge penalty of that least-squares fit (not on the intercept)
 GROUPS = ("classifier", "encoder", "decoder")
-SNR_FIGURE = "compare_snr.png"
 
 
 def parse_discrete(estimators: list[str] | None) -> list[str]:
@@ -209,9 +207,7 @@ def compare_m2_run(run: Path, config: Config, out: Path, options: CompareOptions
                         options.progress)
     record.update(model=f"{run} (M2, trained with --discrete {config.discrete})", dataset=config.dataset,
                   prior=config.prior, score_baseline=fitted, model_checkpoint=model_stamp(run))
-    paths = write_comparison_files(record, out, markdown(record))
-    return CompareResult(out, record, [*paths, plot_snr(record, out / SNR_FIGURE),
-                                       plot_estimates(record, out / "compare_estimates.png")])
+    return CompareResult(out, record, write_comparison(record, out, markdown(record), plot_snr))
 
 
 def markdown(record: dict) -> str:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .estimators import log_weights, traces
 from .program import Program
+from .staging import write_all_or_none
 
 MAX_ELEMENTS = 2**24  # particles x examples x pixels per chunk: bounds memory (~64 MB a tensor)
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q[z_u]) > 0.01
@@ -175,15 +176,20 @@ def write_evaluation(run: str | Path, result: dict, values: dict[str, Tensor], x
                      model: dict | None = None) -> tuple[Path, Path]:
     """Write RUN/eval.json (`result`, the test set's fingerprint and size, and `model`: which checkpoint
     it describes, see run_dir.model_stamp) and the per-example values behind it, RUN/eval_examples.pt
-    (a dict of float64 tensors of shape (N,), loadable with torch.load(weights_only=True))."""
+    (a dict of float64 tensors of shape (N,), loadable with torch.load(weights_only=True)): both or none."""
     from .run_dir import EVAL, EVAL_EXAMPLES, save_checkpoint, write_json
 
-    run = Path(run)
     record = {**result, "test_fingerprint": test_fingerprint(x), "examples_file": EVAL_EXAMPLES,
               **({"model_checkpoint": model} if model is not None else {})}
-    save_checkpoint(run / EVAL_EXAMPLES, {name: v.detach().double().cpu() for name, v in values.items()})
-    write_json(run / EVAL, record)
-    return run / EVAL, run / EVAL_EXAMPLES
+
+    def write(folder: Path) -> list[Path]:
+        save_checkpoint(folder / EVAL_EXAMPLES,
+                        {name: v.detach().double().cpu() for name, v in values.items()})
+        write_json(folder / EVAL, record)
+        return [folder / EVAL, folder / EVAL_EXAMPLES]
+
+    eval_json, examples = write_all_or_none(run, write)
+    return eval_json, examples
 
 
 def evaluate_run(run: str | Path, k: int = 5000, test_size: int | None = None, device: str = "auto",

@@ -21,6 +21,7 @@ from .data import CLASS_NAMES, IMAGE_CHANNELS, Dataset
 from .errors import InputError
 from .program import Program
 from .rng import seeded
+from .staging import write_all_or_none
 
 TRAVERSAL_RANGE = 3.0  # z_u from -3 to 3: three prior standard deviations
 MAX_LEGEND_CLASSES = 20  # the latent map names its classes in a legend up to this many
@@ -307,7 +308,6 @@ def save_figures(
     x, labels = (data, None) if isinstance(data, Tensor) else (data.test_x, data.test_y)
     class_names = None if isinstance(data, Tensor) else CLASS_NAMES.get(data.name)
     program.sites(x)  # a pair that breaks the contract is an error, not a figure to skip
-    out.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, Callable[[Path], Path]]] = [
         ("samples.png", lambda path: plot_samples(program, x, path, n=n_samples, seed=seed)),
         ("reconstructions.png", lambda path: plot_reconstructions(program, x, path)),
@@ -319,10 +319,14 @@ def save_figures(
                         lambda path: plot_class_samples(program.owner, x, path, class_names, seed=seed)))
     if metrics:
         figures.append(("curves.png", lambda path: plot_curves(metrics, path)))
-    paths = []
-    for name, draw in figures:
-        try:
-            paths.append(draw(out / name))
-        except InputError as err:
-            warnings.warn(f"skipped {name}: {err}", UserWarning, stacklevel=2)
-    return paths
+
+    def write(folder: Path) -> list[Path]:
+        paths = []
+        for name, draw in figures:
+            try:
+                paths.append(draw(folder / name))
+            except InputError as err:
+                warnings.warn(f"skipped {name}: {err}", UserWarning, stacklevel=4)
+        return paths
+
+    return write_all_or_none(out, write)

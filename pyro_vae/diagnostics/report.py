@@ -12,6 +12,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..plots import save_figure, subplots
 from ..run_dir import write_json
+from ..staging import write_all_or_none
 from .diagnosis import R_HAT_OK, Diagnosis
 from .importance import KHAT_GOOD, KHAT_THRESHOLD
 
@@ -19,6 +20,7 @@ SHORTFALL_SE = 2.0  # standard errors above 0 at which the reference log p(x) is
 JSON, MARKDOWN = "diagnose.json", "diagnose.md"
 KHAT_FIGURE, POSTERIOR_FIGURE = "diagnose_khat.png", "diagnose_posterior.png"
 POSTERIOR_NETCDF = "diagnose_posterior.nc"
+NETCDF_ENGINE = "h5netcdf"  # a declared dependency; xarray would otherwise try netCDF4 first, then fail
 
 
 def _row(label: str, value: dict) -> str:
@@ -139,16 +141,18 @@ def plot_posterior(diagnosis: Diagnosis, path: Path) -> Path:
 
 def write_report(diagnosis: Diagnosis, run: Path) -> list[Path]:
     """Write diagnose.json, diagnose.md and the figures (and the NetCDF posterior) into the folder
-    `run` (made if missing)."""
-    run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
-    write_json(run / JSON, diagnosis.summary)
-    (run / MARKDOWN).write_text(markdown(diagnosis.summary))
-    per = diagnosis.per_example
-    paths = [run / JSON, run / MARKDOWN,
-             plot_khat(per["khat"], per["khat_q_star_full_rank"], run / KHAT_FIGURE)]
-    if diagnosis.nuts is not None:
-        paths.append(plot_posterior(diagnosis, run / POSTERIOR_FIGURE))
-        diagnosis.posterior.to_netcdf(str(run / POSTERIOR_NETCDF))
-        paths.append(run / POSTERIOR_NETCDF)
-    return paths
+    `run` (made if missing): all of them, or none if one fails."""
+
+    def write(folder: Path) -> list[Path]:
+        write_json(folder / JSON, diagnosis.summary)
+        (folder / MARKDOWN).write_text(markdown(diagnosis.summary))
+        per = diagnosis.per_example
+        paths = [folder / JSON, folder / MARKDOWN,
+                 plot_khat(per["khat"], per["khat_q_star_full_rank"], folder / KHAT_FIGURE)]
+        if diagnosis.nuts is not None:
+            paths.append(plot_posterior(diagnosis, folder / POSTERIOR_FIGURE))
+            diagnosis.posterior.to_netcdf(str(folder / POSTERIOR_NETCDF), engine=NETCDF_ENGINE)
+            paths.append(folder / POSTERIOR_NETCDF)
+        return paths
+
+    return write_all_or_none(run, write)
