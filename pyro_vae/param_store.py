@@ -10,7 +10,8 @@ What a model finds in the store under one of its names, on each model()/guide() 
   into the model's parameter, in place, and the model's tensor then stands in the store (so SVI
   steps it, and a later `save` writes it). A value of another shape is replaced, with a warning;
 * a tensor another of our models put there: replaced by this model's, so that no model steps
-  another's tensors; with a warning (once per model) when that model is still alive.
+  another's tensors; with a warning (once per model) when that model is still alive, silently when
+  it is gone (its values are never copied into a new model: a checkpoint just loaded stays).
 To tell these apart the module keeps weak references to our models and to the tensors they own
 (nothing is kept alive by them)."""
 
