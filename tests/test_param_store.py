@@ -11,7 +11,6 @@ DIR/<case>.pt the tests saved and writes what it measured to DIR/child.json."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
@@ -237,12 +236,13 @@ def test_a_stored_value_of_another_shape_is_replaced_with_one_warning_and_the_re
 
 def test_the_tensors_of_a_model_now_gone_are_not_loaded_into_a_new_one():
     """A model of ours leaves its tensors in the store when it goes; a new model with the same names
-    (a checkpoint just loaded into it, say) keeps its own values, without a warning."""
+    (a checkpoint just loaded into it, say) keeps its own values, without a warning, even while the
+    old one, caught in a reference cycle, still waits for the garbage collector."""
     x, y = _data()
     old = _build("vae", seed=0)
     _svi(old, 3, x, y)
+    old.cycle = [old]
     del old
-    gc.collect()
     new = _build("vae", seed=1)
     own = _snapshot(new)
     with warnings.catch_warnings():
@@ -250,6 +250,20 @@ def test_the_tensors_of_a_model_now_gone_are_not_loaded_into_a_new_one():
         _loss(new, x, y)
     assert not _moved(new, own)
     assert _store_is(new)
+
+
+def test_a_live_models_tensors_put_in_the_store_by_pyro_module_are_not_loaded_into_another():
+    """pyro.module("vae", first) puts the live first model's tensors under the names a second VAE
+    uses: the second replaces them (one warning) and keeps its own values."""
+    x, y = _data()
+    first = _build("vae", seed=0)
+    pyro.module("vae", first)
+    second = _build("vae", seed=1)
+    own = _snapshot(second)
+    with pytest.warns(UserWarning, match="another live model"):
+        _loss(second, x, y)
+    assert not _moved(second, own)
+    assert _store_is(second)
 
 
 if __name__ == "__main__":
