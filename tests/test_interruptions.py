@@ -116,14 +116,26 @@ def test_a_stop_request_mid_epoch_checkpoints_and_resumes_bit_identically(straig
     _assert_same_run(straight / "fast4", out)
 
 
-def _start(out: Path, *extra: str) -> subprocess.Popen:
-    """`pyro-vae train` in a process of its own, for more epochs than it will be let run: a line on
-    stdout at the end of each epoch, stderr (progress bars, the last line) to OUT.err."""
-    with open(out.with_suffix(".err"), "w") as err:
-        return subprocess.Popen([sys.executable, "-m", "pyro_vae", "train", "--epochs", "1000",
-                                 "--out", str(out), *[f for f in FAST if f != "--quiet"], *extra],
-                                stdout=subprocess.PIPE, stderr=err, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+@pytest.fixture
+def start():
+    """start(out, *flags): `pyro-vae train` in a process of its own, for more epochs than it will be let
+    run: a line on stdout at the end of each epoch, stderr (progress bars, the last line) to OUT.err.
+    A process still running when the test ends is killed."""
+    started = []
+
+    def spawn(out: Path, *extra: str) -> subprocess.Popen:
+        with open(out.with_suffix(".err"), "w") as err:
+            started.append(subprocess.Popen(
+                [sys.executable, "-m", "pyro_vae", "train", "--epochs", "1000", "--out", str(out),
+                 *[f for f in FAST if f != "--quiet"], *extra],
+                stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+        return started[-1]
+
+    yield spawn
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def _wait_for_first_epoch(proc: subprocess.Popen, out: Path) -> None:
@@ -132,12 +144,12 @@ def _wait_for_first_epoch(proc: subprocess.Popen, out: Path) -> None:
     assert line.startswith("epoch 1:"), line + out.with_suffix(".err").read_text()[-2000:]
 
 
-def test_a_real_signal_exits_130_or_143_leaving_a_checkpoint_that_resumes(tmp_path):
+def test_a_real_signal_exits_130_or_143_leaving_a_checkpoint_that_resumes(tmp_path, start):
     """The smoke test of the real handlers: SIGINT to one `pyro-vae train` process and SIGTERM to another,
     once each has finished epoch 1: each exits 128 + signum saying how to resume, and its checkpoint
     resumes to the end of the epoch it stopped in."""
     runs = {signum: tmp_path / signal.Signals(signum).name for signum in (signal.SIGINT, signal.SIGTERM)}
-    procs = {signum: _start(out) for signum, out in runs.items()}
+    procs = {signum: start(out) for signum, out in runs.items()}
     for signum, proc in procs.items():
         _wait_for_first_epoch(proc, runs[signum])
         proc.send_signal(signum)
@@ -155,9 +167,9 @@ def test_a_real_signal_exits_130_or_143_leaving_a_checkpoint_that_resumes(tmp_pa
         assert json.loads((out / "summary.json").read_text())["epochs"] == state["epoch"]
 
 
-def test_kill_9_always_leaves_a_loadable_checkpoint(tmp_path):
+def test_kill_9_always_leaves_a_loadable_checkpoint(tmp_path, start):
     out = tmp_path / "run"
-    proc = _start(out, "--checkpoint-every", "1e-6")  # rewrite the checkpoint after every step
+    proc = start(out, "--checkpoint-every", "1e-6")  # rewrite the checkpoint after every step
     _wait_for_first_epoch(proc, out)
     for _ in range(20):  # while the process rewrites it
         state = run_dir.load_checkpoint(out / "checkpoint.pt")  # never half-written
