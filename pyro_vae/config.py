@@ -30,6 +30,9 @@ MODELS = VAE_MODELS + LABELLED_MODELS
 PRIOR_INITS = ("noise", "data")
 MIXTURE_PRIORS = ("mog", "vamp")  # the priors that take --prior-components
 CUDA_GRAPH_MODES = ("auto", "off", "on")
+# the settings of the latent z and the model of x: without them (--model classifier) they mean nothing
+LATENT_SETTINGS = ("z_dim", "prior", "prior_components", "prior_init", "likelihood", "sigma", "sigma_mode",
+                   "beta", "kl_anneal", "eval_k")
 # settings that may change when a run is resumed: they do not change the model or the data
 RESUMABLE = {"epochs", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir", "workers",
              "cuda_graph", "plugins", "threads"}
@@ -154,6 +157,13 @@ class Config:
 
     def _validate_combination(self) -> None:
         """Raise InputError for settings that are valid alone but make no sense together."""
+        if self.model == "classifier":
+            given = self._changed(LATENT_SETTINGS)
+            if given:
+                flags = ", ".join("--" + k.replace("_", "-") for k in given)
+                raise InputError(f"--model classifier learns q(y|x) alone and has no latent z, no prior, no "
+                                 f"likelihood of x and no ELBO, so {flags} cannot apply; drop "
+                                 f"{'it' if len(given) == 1 else 'them'} or use --model m2")
         if self.binarize != "none" and not self._discrete():
             raise InputError(
                 f"--binarize {self.binarize} makes binary data, but likelihood {self.likelihood!r} is a "
@@ -250,6 +260,12 @@ class Config:
         if self.guide == "lowrank" and self.guide_rank is not None and self.guide_rank >= self.z_dim:
             raise InputError(f"--guide-rank must be below --z-dim ({self.z_dim}), got {self.guide_rank}; "
                              "for a full covariance use --guide fullrank")
+
+    def _changed(self, names: tuple[str, ...]) -> list[str]:
+        """Those of the settings `names` whose value is not the default: set by a flag, a config file
+        or a preset (a default given explicitly is the default)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return [name for name in names if getattr(self, name) != defaults[name]]
 
     def _discrete(self) -> bool:
         """Whether the likelihood is a probability mass function (False where it cannot be made:

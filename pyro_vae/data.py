@@ -416,11 +416,22 @@ def _check_finite(data: Dataset) -> None:
             raise InputError(f"dataset {data.name!r} has NaN or infinite values in its {split} images")
 
 
+def check_subset_size(split: str, size: int | None, available: int, dataset: str) -> None:
+    """Raise InputError unless `size` (--train-size or --test-size, by `split`: 'train' or 'test') is
+    None (all examples) or a positive number no larger than the `available` examples of `dataset`."""
+    flag = f"--{split}-size"
+    if size is not None and size < 1:
+        raise InputError(f"{flag} must be a positive number of examples, got {size}")
+    if size is not None and size > available:
+        what = "training" if split == "train" else split
+        raise InputError(f"{flag} {size} asks for more {what} examples than dataset {dataset!r} has "
+                         f"({available}); give {available} or fewer, or leave {flag} out to use all of them")
+
+
 def _subset(data: Dataset, train_size: int | None, test_size: int | None) -> Dataset:
     """Keep the first `train_size` / `test_size` examples (all where None)."""
-    for flag, size in (("--train-size", train_size), ("--test-size", test_size)):
-        if size is not None and size < 1:
-            raise InputError(f"{flag} must be a positive number of examples, got {size}")
+    check_subset_size("train", train_size, data.train_x.shape[0], data.name)
+    check_subset_size("test", test_size, data.test_x.shape[0], data.name)
     cut = lambda t, n: None if t is None else t[:n]  # noqa: E731
     return Dataset(
         data.name,

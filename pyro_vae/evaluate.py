@@ -111,7 +111,8 @@ def _mean_se(values: Tensor) -> tuple[float, float]:
 def per_example(program: object, x: Tensor, k: int = 5000, elbo_samples: int = 10,
                 progress: bool = False) -> dict[str, Tensor]:
     """The per-example values behind `evaluate`, each of shape (N,), in nats: "elbo" = "recon" - "kl"
-    and "log_px" (IWAE, k draws); for an autoencoder "recon" and "mse" (see evaluate_autoencoder).
+    and "log_px" (IWAE, k draws); for an autoencoder "recon" = log p(x | decoder(encoder(x))) and
+    "mse" = ||x - mean of p(x|z)||^2 summed over pixels.
     `program`: a model/guide pair (Program.of); an InputError if it breaks the contract (e.g. a
     global latent, which cannot be scored per example)."""
     program = Program.of(program)
@@ -129,16 +130,16 @@ def per_example(program: object, x: Tensor, k: int = 5000, elbo_samples: int = 1
 def evaluate(program: object, x: Tensor, k: int = 5000, elbo_samples: int = 10,
              progress: bool = False) -> dict[str, float]:
     """All evaluation metrics on x, in nats per example, with standard errors over examples (for an
-    autoencoder: its reconstruction error, see evaluate_autoencoder); `progress` shows a bar over the
-    importance-sampling chunks, the long part. `program`: our VAE, an object with .model and .guide,
-    a (model, guide) tuple or a Program; per_example gives the values behind the means."""
+    autoencoder: its reconstruction error, and None for the ELBO and log p(x)); `progress` shows a
+    bar over the importance-sampling chunks, the long part. `program`: our VAE, an object with .model
+    and .guide, a (model, guide) tuple or a Program; per_example gives the values behind the means."""
     return summarize(program, x, per_example(program, x, k, elbo_samples, progress), k)
 
 
 @torch.no_grad()
 def summarize(program: object, x: Tensor, values: dict[str, Tensor], k: int) -> dict[str, float | None]:
     """The means (and standard errors sd/sqrt(N)) of per_example's `values` on x, the active units and
-    the number of examples: what evaluate returns. An autoencoder's see evaluate_autoencoder."""
+    the number of examples: what evaluate returns (an autoencoder has no ELBO and no log p(x): None)."""
     program = Program.of(program)
     if program.is_autoencoder:
         result: dict[str, float | None] = {"model": "ae", "test_elbo": None, "test_elbo_se": None,
@@ -153,14 +154,6 @@ def summarize(program: object, x: Tensor, values: dict[str, Tensor], k: int) -> 
     if not program.is_autoencoder:
         result["k"] = k
     return result
-
-
-@torch.no_grad()
-def evaluate_autoencoder(program: object, x: Tensor) -> dict[str, float | None]:
-    """The deterministic autoencoder's reconstruction error per example: recon = log p(x | decoder(c(x)))
-    in nats and mse = ||x - mean of p(x|z)||^2 summed over pixels. It has no ELBO and no estimate of
-    log p(x): those are None."""
-    return summarize(program, x, per_example(program, x), 0)
 
 
 def test_fingerprint(x: Tensor) -> str:

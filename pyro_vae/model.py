@@ -31,8 +31,9 @@ class VAE(RegisteringModule):
     param store under their state_dict names prefixed "vae$$$" (`param_prefix`), e.g.
     "vae$$$decoder.net.0.weight"; each tensor under one name, the first it has in named_parameters()
     (the VampPrior's encoder is the guide's: its tensors are "vae$$$encoder..." in the model too).
-    (Inside param_sites(False), neither registers anything.) Checkpoints are vae.state_dict(), which
-    holds the same tensors."""
+    Values loaded into the store under those names are copied into the parameters at the first call
+    (param_store.py). (Inside param_sites(False), neither registers anything; loaded values are still
+    copied in.) Checkpoints are vae.state_dict(), which holds the same tensors."""
 
     is_autoencoder = False
     is_classifier = False

@@ -54,14 +54,6 @@ def write_json(path: Path, obj: dict) -> None:
     _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def append_jsonl(path: Path, row: dict) -> None:
-    """Append one JSON object as a line and flush it to disk."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Replace a JSON-lines file with `rows`, atomically."""
     _atomic_write(Path(path), lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))

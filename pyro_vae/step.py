@@ -26,7 +26,8 @@ class SVIStep:
     loss_fn must not wait for the device either: the registry's estimators do not (elbo.py, iwae.py);
     any other pyro.infer.ELBO works too, at the cost of its host syncs. The step optimizes `params`
     itself, so the library's models emit no param sites during it (param_store.param_sites(False)):
-    Pyro's param store is left as it was."""
+    Pyro's param store is left as it was, except that values loaded into it are copied into the
+    model first (param_store.py)."""
 
     def __init__(self, loss_fn: Callable[..., Tensor], optimizer: torch.optim.Optimizer,
                  params: list[Tensor], clip_grad: float | None, device: torch.device):

@@ -115,10 +115,9 @@ def init_prior(vae: VAE, config: Config, data: Dataset) -> None:
 
 
 @contextmanager
-def _stop_requests():
-    """Turn SIGINT/SIGTERM into a request to stop after the current step (a second one stops at
-    once). Yields a one-item list holding the signal number, or 0."""
-    requested = [0]
+def _stop_requests(requested: list[int]):
+    """Turn SIGINT/SIGTERM into a request to stop after the current step, recorded in `requested` (a
+    one-item list holding the signal number, or 0); a second one stops at once."""
     if threading.current_thread() is not threading.main_thread():
         yield requested
         return
@@ -174,11 +173,16 @@ class Trainer:
     def run(self) -> RunResult:
         """setup, every epoch left up to config.epochs, finish."""
         self.setup()
-        with _stop_requests() as self.stop, warnings.catch_warnings():
+        with _stop_requests(self.stop), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # we stop on NaN ourselves
             while self.epoch <= self.config.epochs and not self.stopped_early():
                 self.run_epoch()
         return self.finish()
+
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        """Stop after the step in progress, as SIGINT/SIGTERM `signum` does: a checkpoint is written and
+        Interrupted raised (the CLI exits 128 + signum). Safe to call from another thread or a step hook."""
+        self.stop[0] = signum
 
     # -- setup ---------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from .data import (
     ImageStream,
     UnreadableImage,
     binarize,
+    check_subset_size,
     image_folder_parts,
     load_dataset,
     read_images,
@@ -113,8 +114,10 @@ def prepare_stream(config: Config) -> tuple[ImageStream, Dataset]:
         raise InputError(f"{what} needs the training images in memory; with --workers use --binarize "
                          "dynamic or none and --prior-init noise, or leave --workers at 0")
     train, test = image_folder_parts(root, config.image_size or 28, config.channels)
-    train = Subset(train, range(min(config.train_size or len(train), len(train))))
-    test_x, test_y = read_images(Subset(test, range(min(config.test_size or len(test), len(test)))), root)
+    check_subset_size("train", config.train_size, len(train), root.name)
+    check_subset_size("test", config.test_size, len(test), root.name)
+    train = Subset(train, range(config.train_size or len(train)))
+    test_x, test_y = read_images(Subset(test, range(config.test_size or len(test))), root)
     if config.binarize != "none":
         test_x = binarize_held_out(test_x)
     make_likelihood(config.likelihood, sigma=config.sigma, sigma_mode=config.sigma_mode).check(test_x)

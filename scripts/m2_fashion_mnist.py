@@ -46,11 +46,11 @@ def command(args: argparse.Namespace, row: str, labels: int, seed: int) -> list[
         return [sys.executable, "-m", "pyro_vae", "train", "--resume", str(out), "--quiet"]
     epochs = args.classifier_epochs if row == "classifier" else args.epochs
     settings = [s.format(aux=args.aux_loss) for s in ROWS[row]]
+    latent = [] if row == "classifier" else ["--z-dim", str(args.z_dim), "--eval-k", str(args.k)]  # M2's z
     cmd = [sys.executable, "-m", "pyro_vae", "train", "--dataset", args.dataset, "--data-dir", args.data_dir,
            *settings, "--labels", str(labels), "--seed", str(seed), "--epochs", str(epochs),
-           "--hidden", *map(str, args.hidden), "--z-dim", str(args.z_dim),
-           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--eval-k", str(args.k),
-           "--checkpoint-every", "5", "--out", str(out), "--quiet"]
+           "--hidden", *map(str, args.hidden), *latent, "--batch-size", str(args.batch_size),
+           "--lr", str(args.lr), "--checkpoint-every", "5", "--out", str(out), "--quiet"]
     for flag in ("train_size", "test_size"):
         if getattr(args, flag) is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]

@@ -1,15 +1,38 @@
 """Shared fixtures: a small trained run on the embedded digits, made once per test session."""
 
 import importlib
+import math
 import shutil
+from pathlib import Path
 
 import pyro
 import pytest
 import torch
 
 from pyro_vae.cli import main
+from pyro_vae.evaluate import per_example
+from pyro_vae.run_dir import load_model
+from pyro_vae.train_data import prepare_data
 
 QUICK = ["--train-size", "400", "--test-size", "120", "--eval-k", "20", "--quiet"]
+N_SE = 4.0  # statistical tolerance in standard errors: a true statement fails with probability ~6e-5
+
+
+def run_values(run: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The per-example values (elbo, log_px, kl, recon) of a run's model on its test set, with k =
+    the run's eval_k, as its summary was computed (seeded)."""
+    config, vae = load_model(run)
+    pyro.set_rng_seed(seed)
+    return per_example(vae, prepare_data(config).test_x, k=config.eval_k)
+
+
+def assert_log_px_at_least_elbo(values: dict[str, torch.Tensor]) -> None:
+    """log p(x) >= ELBO for every example, and the IWAE estimate is at least the ELBO in expectation:
+    the mean of the paired differences log_px_i - elbo_i is above -N_SE of its own standard error
+    (that of the differences, not of the spread of either value across examples, which is far wider)."""
+    gap = (values["log_px"] - values["elbo"]).double()
+    se = float(gap.std()) / math.sqrt(len(gap))
+    assert float(gap.mean()) > -N_SE * se, (float(gap.mean()), se)
 
 
 def unregister_all() -> None:

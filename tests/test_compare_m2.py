@@ -13,8 +13,9 @@ from pyro_vae.discrete import make_discrete_estimator
 from pyro_vae.run_dir import load_model
 from pyro_vae.train import prepare_data
 
-TINY = ["--labels", "50", "--epochs", "1", "--train-size", "400", "--test-size", "120", "--eval-k", "20",
-        "--hidden", "32", "--z-dim", "4", "--quiet"]
+NO_LATENT = ["--labels", "50", "--epochs", "1", "--train-size", "400", "--test-size", "120", "--hidden", "32",
+             "--quiet"]
+TINY = [*NO_LATENT, "--eval-k", "20", "--z-dim", "4"]
 REPEATS, BATCH = 20, 32
 SMALL = ["--repeats", str(REPEATS), "--batch-size", str(BATCH), "--k-ref", "50", "--quiet"]
 
@@ -146,7 +147,7 @@ def test_bad_input_on_an_m2_run_is_one_line_and_writes_nothing(flags, expected, 
 
 def test_a_classifier_run_is_refused(tmp_path, capsys):
     run = tmp_path / "classifier"
-    assert main(["train", "--model", "classifier", *TINY, "--out", str(run)]) == 0
+    assert main(["train", "--model", "classifier", *NO_LATENT, "--out", str(run)]) == 0
     capsys.readouterr()
     assert main(["compare", str(run), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err

@@ -103,9 +103,9 @@ def fixtures(tmp_path_factory, digits_run):
     for name in ("eval.json", "eval_examples.pt"):
         (f / "run_not_evaluated" / name).unlink(missing_ok=True)
     small = ["--labels", "20", "--epochs", "1", "--train-size", "200", "--test-size", "40", "--hidden", "16",
-             "--z-dim", "2", "--eval-k", "2", "--quiet"]
-    for model in ("m2", "classifier"):
-        assert main(["train", "--model", model, *small, "--out", str(f / f"run_{model}")]) == 0
+             "--quiet"]
+    for model, latent in (("m2", ["--z-dim", "2", "--eval-k", "2"]), ("classifier", [])):  # it has no z
+        assert main(["train", "--model", model, *small, *latent, "--out", str(f / f"run_{model}")]) == 0
     (f / "m2.yaml").write_text("model: m2\nlabels: 20\n")
     shutil.copytree(digits_run, f / "run_pair")  # config.json as a run of a user's pair records it
     record = {k: v for k, v in json.loads((digits_run / "config.json").read_text()).items()

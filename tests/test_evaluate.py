@@ -113,5 +113,5 @@ def test_importance_chunks_cover_every_example_and_draw_once_within_the_budget(n
     for rows, draws in importance_chunks(x, k, budget):
         seen[draws, rows] += 1
         size = (rows.stop - rows.start) * (draws.stop - draws.start) * 64
-        assert size <= budget or size == 64
+        assert size <= max(budget, 64)  # over the budget only where one draw of one example is
     assert torch.equal(seen, torch.ones(k, n, dtype=torch.int64))

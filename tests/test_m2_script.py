@@ -77,3 +77,17 @@ def test_the_paired_difference_from_the_classifier_is_by_seed_and_by_example(tmp
     assert abs(table["100/enum"]["vs_classifier_se"] - statistics.stdev(per_seed) / 2 ** 0.5) < 1e-12
     assert "vs_classifier" not in table["100/classifier"]
     assert "+0.375 ± 0.125 vs classifier" in script.markdown(table, [100], ["enum", "classifier"])
+
+
+def test_every_rows_command_is_one_the_config_accepts(tmp_path):
+    """The classifier has no latent: its command carries no --z-dim or --eval-k (pyro-vae refuses them)."""
+    from pyro_vae.cli import build_parser, resolve_config
+
+    args = script.argparse.Namespace(
+        out=tmp_path, dataset="digits", data_dir="data", epochs=1, classifier_epochs=2, aux_loss=5.0,
+        hidden=[8], z_dim=2, batch_size=64, lr=1e-3, k=2, train_size=None, test_size=None)
+    for row in script.ROWS:
+        config = resolve_config(build_parser().parse_args(script.command(args, row, 20, 0)[3:]))
+        assert config.model == ("classifier" if row == "classifier" else "m2")
+        assert (config.z_dim, config.eval_k) == ((20, 100) if row == "classifier" else (2, 2))
+

@@ -6,6 +6,7 @@ estimator of the registry and without a warning."""
 import io
 import math
 import warnings
+from contextlib import nullcontext
 
 import pyro
 import pytest
@@ -124,24 +125,6 @@ def test_param_sites_can_be_turned_off_for_a_block_and_come_back_after_it(digits
     assert len(param_sites_in_a_trace()) == len(list(vae.parameters()))
 
 
-def test_two_models_with_the_same_parameter_names_each_train_their_own_tensors(digits):
-    """The store holds the tensors of the model that ran last; with pyro.module's rule (the first
-    tensor registered under a name wins) SVI on the second model would step the first one's."""
-    pyro.set_rng_seed(0)
-    first, second = (build_vae(digits.shape[1:], **SMALL) for _ in range(2))
-    before = {"first": _snapshot(first), "second": _snapshot(second)}
-    _svi_losses(first, "mc", digits, steps=3)
-    _svi_losses(second, "mc", digits, steps=3)
-    assert _moved(second, before["second"]) == set(before["second"])
-    first_after = _snapshot(first)
-    assert not _moved(first, first_after)
-    store = pyro.get_param_store()
-    assert all(store[f"vae$$${n}"] is p for n, p in second.named_parameters())
-    _svi_losses(first, "mc", digits, steps=3)  # and back
-    assert _moved(first, first_after) == set(first_after)
-    assert all(store[f"vae$$${n}"] is p for n, p in first.named_parameters())
-
-
 def test_a_model_trained_by_pyro_svi_saves_and_loads_as_a_state_dict(digits):
     pyro.set_rng_seed(0)
     vae = build_vae(digits.shape[1:], prior="learned", **SMALL)
@@ -153,9 +136,10 @@ def test_a_model_trained_by_pyro_svi_saves_and_loads_as_a_state_dict(digits):
     copy.load_state_dict(torch.load(buffer, weights_only=True))
     elbo, x = make_estimator("mc"), digits[:32]
     values = []
-    for model in (vae, copy):
+    for model in (vae, copy):  # the copy's tensors replace the live vae's in the store: one warning
         pyro.set_rng_seed(1)
-        values.append(elbo.loss(model.model, model.guide, x))
+        with pytest.warns(UserWarning, match="another live model") if model is copy else nullcontext():
+            values.append(elbo.loss(model.model, model.guide, x))
     assert values[0] == values[1]
 
 

@@ -12,12 +12,12 @@ import torch
 from pyro_vae.cli import main
 from pyro_vae.report import paired_difference
 
-TINY = ["--train-size", "200", "--test-size", "40", "--eval-k", "5", "--hidden", "32", "--z-dim", "4",
-        "--quiet"]
+NO_LATENT = ["--train-size", "200", "--test-size", "40", "--hidden", "32", "--quiet"]
+TINY = [*NO_LATENT, "--eval-k", "5", "--z-dim", "4"]
 
 
-def _train(out, *flags):
-    assert main(["train", "--out", str(out), *TINY, *flags]) == 0
+def _train(out, *flags, settings=TINY):
+    assert main(["train", "--out", str(out), *settings, *flags]) == 0
     return out
 
 
@@ -157,7 +157,8 @@ def test_report_pairs_the_accuracy_of_m2_and_the_classifier_on_the_same_test_exa
     difference of correctness from M2, whose s.e. is that of the per-example difference (computed here
     from eval_examples.pt); the classifier has no log p(x): its bound cells are empty."""
     m2 = _train(tmp_path / "m2", "--epochs", "1", "--model", "m2", "--labels", "20")
-    clf = _train(tmp_path / "clf", "--epochs", "5", "--model", "classifier", "--labels", "20")
+    clf = _train(tmp_path / "clf", "--epochs", "5", "--model", "classifier", "--labels", "20",
+                 settings=NO_LATENT)
     for run in (m2, clf):
         assert main(["evaluate", str(run), "--k", "5", "--quiet"]) == 0
     assert main(["report", str(m2), str(clf), "--out", str(tmp_path / "rep")]) == 0
