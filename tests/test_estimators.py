@@ -425,18 +425,19 @@ def test_with_validation_a_log_density_shaped_against_its_plates_raises_as_trace
 class TwoLatents(nn.Module):
     """a ~ N(0, 1), b | a ~ N(a, 1), x | b ~ N(b, 1) per example, so log p(x) = log N(x; 0, 3). The guide
     is the exact posterior written in the model's order, q(a|x) q(b|a, x) = N(a; x/3, 2/3)
-    N(b; (a + x)/2, 1/2): b's distribution depends on a's value. `r` (1 at the posterior) scales the
-    guide's locations; `discrete`: a is a Bernoulli draw instead (no rsample)."""
+    N(b; (a + x)/2, 1/2): b's distribution depends on a's value. `m` and `r` (1 here) scale the model's
+    and the guide's locations; `discrete`: a is a Bernoulli draw instead (no rsample)."""
 
     def __init__(self, discrete=False):
         super().__init__()
+        self.m = nn.Parameter(torch.ones(()))
         self.r = nn.Parameter(torch.ones(()))
         self.discrete = discrete
 
     def model(self, x):
         with pyro.plate("data", x.shape[0]):
             a = pyro.sample("a", dist.Bernoulli(0.5) if self.discrete else dist.Normal(0.0, 1.0))
-            b = pyro.sample("b", dist.Normal(a, 1.0))
+            b = pyro.sample("b", dist.Normal(self.m * a, 1.0))
             pyro.sample("x", dist.Normal(b, 1.0), obs=x)
 
     def guide(self, x):
