@@ -536,7 +536,8 @@ def plot_snr(record: dict, path: Path) -> Path:
         ax.set_xlabel("particles K (points offset slightly per estimator)")
         ax.set_ylabel("gradient SNR (|mean| / std, averaged)")
         ax.set_title(f"{group} parameters")
-        ax.legend(fontsize="small")
+        if names:
+            ax.legend(fontsize="small")
     return save_figure(fig, path)
 
 
@@ -547,8 +548,9 @@ def plot_estimates(record: dict, path: Path) -> Path:
     """The distribution of each estimator's batch-mean estimate over draws, against the reference."""
     rows = measured_rows(record)
     fig, ax = subplots(figsize=(max(5.0, 1.1 * len(rows)), 4.5))
-    ax.boxplot([r["batch_means"] for r in rows],
-               tick_labels=[f"{r['estimator']}\nK={r['particles']}" for r in rows])
+    if rows:  # none where every estimator was skipped
+        ax.boxplot([r["batch_means"] for r in rows],
+                   tick_labels=[f"{r['estimator']}\nK={r['particles']}" for r in rows])
     ax.axhline(record["log_px_ref"], color="k", linestyle="--", linewidth=1,
                label=f"log p(x), IWAE k={record['k_ref']}")
     ax.set_ylabel("estimate (nats per example, batch mean)")

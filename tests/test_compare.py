@@ -224,6 +224,9 @@ def test_an_estimator_that_refuses_the_pair_is_skipped_with_a_one_line_note(tmp_
     notes = [line for line in (tmp_path / "compare.md").read_text().splitlines() if line.startswith("- ")]
     assert notes == [f"- `stl` K=2 not measured: {stl_row['skipped']}"]
     assert json.loads((tmp_path / "compare.json").read_text())["estimators"][1] == stl_row
+    nothing_measured = compare(module, XS, estimators=["stl:2"], repeats=3, k_ref=10)
+    for path in write_comparison(nothing_measured, tmp_path / "none"):  # the files, the figures empty
+        assert path.stat().st_size > 0
 
 
 PLUGIN_RENYI = """import pyro_vae
