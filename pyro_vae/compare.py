@@ -394,9 +394,10 @@ def compare(program: object, x: Tensor, estimators: Sequence[str] | None = None,
             progress: bool = False) -> dict:
     """Compare ELBO estimators on the model/guide pair `program` (our VAE, an object with .model and
     .guide, a (model, guide) tuple or a Program) and the batch x: the record compare.json holds (a
-    reference log p(x) by IWAE with k_ref draws, and per estimator NAME or NAME:K, K from `particles`
-    for a bare NAME: value spread and bias over `repeats` draws, gradient variance and SNR of the
-    guide's ("encoder") and the model's ("decoder") parameters, time). write_comparison writes it."""
+    reference log p(x) by IWAE with k_ref draws, and per estimator NAME or NAME:K (default: every
+    registered one), K from `particles` for a bare NAME: value spread and bias over `repeats` draws,
+    gradient variance and SNR of the guide's ("encoder") and the model's ("decoder") parameters, time;
+    or a note, see the module's docstring). write_comparison writes it."""
     options = CompareOptions(estimators=list(estimators or ESTIMATORS), particles=list(particles),
                              repeats=repeats, k_ref=k_ref, seed=seed, progress=progress)
     options.validate()

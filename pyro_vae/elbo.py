@@ -16,7 +16,7 @@ Each also answers `per_example_bound(model, guide, x)`: one draw of every exampl
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import reduce
 
 import torch
@@ -144,7 +144,8 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
         return _sum(costs) - _sum(gains)
 
 
-def mean_field_terms(model, guide, num_particles: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+def mean_field_terms(model: Callable, guide: Callable, num_particles: int, *args,
+                     **kwargs) -> tuple[Tensor, Tensor]:
     """Per example, shapes (N,), unscaled and unmasked: recon = (1/K) sum_k log p(x|z_k) (the observed
     sites) and kl = KL(q(z|x) || p(z)) summed over the latent sites, in closed form where torch has it,
     else (1/K) sum_k [log q(z_k|x) - log p(z_k)]; z_k ~ q(z|x), K = num_particles vectorized draws."""
