@@ -11,6 +11,12 @@ contract) and one fixed test batch, for each ELBO estimator and number of partic
 * optionally, the final test log p(x) when each estimator trains the same network from the same
   initialization for the same number of epochs.
 
+Each estimator answers for itself how its value is computed: `per_example_bound(model, guide, x)`,
+one draw of every example's bound (the built-in ones: elbo.py, iwae.py). A registered pyro.infer.ELBO
+without that method is measured through its own loss (the batch mean, no per-example spread) and its
+differentiable_loss or loss_and_grads; one that refuses the pair (a ValueError or
+NotImplementedError while it computes, `Refused`) is skipped, and compare.md says why in one line.
+
 Every measurement of an estimator starts from the same seed, so a result does not depend on which
 other estimators were compared with it. `compare` measures a pair in Python; `compare_estimators`
 (the CLI's) measures a run or a config's model; `write_comparison` writes compare.json, compare.md
@@ -22,7 +28,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +42,8 @@ from tqdm.auto import tqdm
 
 from .config import Config, load_config_file
 from .errors import InputError
-from .estimators import ESTIMATORS, check_analytic_kl, log_weights, make_estimator
-from .evaluate import elbo_terms, iwae_log_px
+from .estimators import ESTIMATORS, check_analytic_kl, make_estimator
+from .evaluate import iwae_log_px
 from .model import VAE
 from .plots import save_figure, subplots
 from .program import Program
@@ -56,33 +63,30 @@ def _se(values: Tensor) -> float | None:
     return float(values.std() / math.sqrt(len(values))) if len(values) > 1 else None
 
 
-def _elbo(log_w: Tensor) -> Tensor:
-    """ELBO estimate per example: mean_k log w_k."""
-    return log_w.mean(0)
+class Refused(ValueError):
+    """The estimator refused the pair: its ValueError or NotImplementedError, as one line."""
 
 
-def _iwae(log_w: Tensor) -> Tensor:
-    """IWAE_K per example: logsumexp_k log w_k - log K."""
-    return log_w.logsumexp(0) - math.log(log_w.shape[0])
+@contextmanager
+def refusals() -> Iterator[None]:
+    """Within the block, an estimator's ValueError or NotImplementedError becomes Refused (one line)."""
+    try:
+        yield
+    except (ValueError, NotImplementedError) as err:
+        raise Refused(" ".join(str(err).split())) from err
 
 
-# The bound each estimator estimates, as one draw per example from K particles: the ELBO mean_k log w_k,
-# the same ELBO with the KL in closed form (E_q log p(x|z) - KL), or IWAE_K = logsumexp_k log w_k - log K.
-BOUNDS: dict[str, Callable[[Callable, Callable, Tensor, int], Tensor]] = {
-    "mc": lambda model, guide, x, k: _elbo(log_weights(model, guide, x, k)),
-    "stl": lambda model, guide, x, k: _elbo(log_weights(model, guide, x, k)),
-    "analytic": lambda model, guide, x, k: elbo_terms(model, guide, x, samples=k)["elbo"],
-    "iwae": lambda model, guide, x, k: _iwae(log_weights(model, guide, x, k)),
-    "iwae-dreg": lambda model, guide, x, k: _iwae(log_weights(model, guide, x, k)),
-}
+# the note of a row measured through the estimator's loss (an ELBO without per_example_bound)
+BATCH_ONLY = ("has no per_example_bound: measured through its loss, the batch's mean bound, so the std of "
+              "one draw is not available (—)")
 
 
 @dataclass
 class CompareOptions:
     """What to compare and how hard to look (the `pyro-vae compare` flags)."""
 
-    # NAME or NAME:K; None: for a VAE every registered estimator whose bound compare knows (the built-in
-    # ones, default_estimators), for an M2 its three discrete estimators (compare_discrete.py)
+    # NAME or NAME:K; None: for a VAE every registered estimator (default_estimators), for an M2 its
+    # three discrete estimators (compare_discrete.py)
     estimators: list[str] | None = None
     particles: list[int] = field(default_factory=lambda: [1, 5, 50])  # K for a bare NAME
     repeats: int = 100
@@ -112,8 +116,8 @@ class CompareOptions:
 
 
 def default_estimators() -> list[str]:
-    """The estimators compared on a VAE by default: every registered one whose bound compare knows."""
-    return [n for n in ESTIMATORS if n in BOUNDS]
+    """The estimators compared on a VAE by default: every registered one."""
+    return list(ESTIMATORS)
 
 
 def parse_specs(estimators: Sequence[str] | None, particles: Sequence[int]) -> list[tuple[str, int]]:
@@ -122,9 +126,10 @@ def parse_specs(estimators: Sequence[str] | None, particles: Sequence[int]) -> l
     specs: list[tuple[str, int]] = []
     for item in default_estimators() if estimators is None else estimators:
         name, colon, k = item.partition(":")
-        if name not in BOUNDS:
+        if name not in ESTIMATORS:
             raise InputError(f"unknown estimator {name!r} in --estimators: choose one of "
-                             f"{', '.join(BOUNDS)}, optionally as NAME:K (e.g. iwae:50)")
+                             f"{', '.join(ESTIMATORS)} (or one a --plugin registers), optionally as NAME:K "
+                             "(e.g. iwae:50)")
         if colon and not (k.isdigit() and int(k) >= 1):
             raise InputError(f"--estimators {item!r}: the number of particles after ':' must be a "
                              "positive integer, e.g. iwae:50")
@@ -137,20 +142,32 @@ def parse_specs(estimators: Sequence[str] | None, particles: Sequence[int]) -> l
 
 
 @torch.no_grad()
-def estimate_stats(name: str, k: int, program: object, x: Tensor, repeats: int, log_px: Tensor) -> dict:
-    """R draws b_rn of every example's bound: mean over r and n (and its standard error over draws),
-    per-example std sqrt(mean_n var_r b_rn), bias mean - mean_n log p(x_n), and the R batch means."""
+def estimate_stats(elbo: pyro.infer.ELBO, program: object, x: Tensor, repeats: int, log_px: Tensor) -> dict:
+    """R draws b_rn of every example's bound, by the estimator's per_example_bound: mean over r and n
+    (and its standard error over draws), per-example std sqrt(mean_n var_r b_rn), bias mean - mean_n
+    log p(x_n), and the R batch means. An ELBO without per_example_bound gives R batch means
+    -loss/N only: value_std is None and the row has a note saying so. The estimator's refusal of the
+    pair is Refused."""
     program = Program.of(program)
-    draws = torch.stack([BOUNDS[name](program.model, program.guide, x, k) for _ in range(repeats)])  # (R, N)
-    batch_means = draws.mean(1)
+    per_example = getattr(elbo, "per_example_bound", None)
+    with refusals():
+        if per_example is not None:  # draws b_rn, (R, N)
+            draws = torch.stack([per_example(program.model, program.guide, x) for _ in range(repeats)])
+        else:
+            losses = [float(elbo.loss(program.model, program.guide, x)) for _ in range(repeats)]
+    if per_example is not None:
+        batch_means, value_std = draws.mean(1), float(draws.var(0).mean().sqrt())
+    else:
+        batch_means, value_std = -torch.tensor(losses, dtype=torch.float64) / x.shape[0], None
     mean = float(batch_means.mean())
-    return {
+    stats = {
         "value_mean": mean,
         "value_mean_se": float(batch_means.std() / math.sqrt(repeats)),
-        "value_std": float(draws.var(0).mean().sqrt()),
+        "value_std": value_std,
         "bias": mean - float(log_px.mean()),
         "batch_means": batch_means.tolist(),
     }
+    return stats if per_example is not None else {**stats, "note": BATCH_ONLY}
 
 
 def parameter_groups(program: object, x: Tensor) -> dict[str, list[Tensor]]:
@@ -178,10 +195,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _backward(elbo: pyro.infer.ELBO, program: Program, x: Tensor, groups: dict[str, list[Tensor]]) -> None:
+    """Backpropagate the gradient of loss = -bound/N into the parameters' .grad: through the
+    estimator's differentiable_loss, or where it has none (Pyro's RenyiELBO, TraceGraph_ELBO) through
+    its loss_and_grads, which backpropagates -bound itself: the groups' gradients are then divided by N.
+    The estimator's refusal of the pair is Refused."""
+    if hasattr(elbo, "differentiable_loss"):
+        with refusals():
+            loss = elbo.differentiable_loss(program.model, program.guide, x)
+        (loss / x.shape[0]).backward()
+        return
+    with refusals():
+        elbo.loss_and_grads(program.model, program.guide, x)
+    for params in groups.values():
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(x.shape[0])
+
+
 def gradient_stats(elbo: pyro.infer.ELBO, program: object, x: Tensor, repeats: int, progress: bool = False,
                    desc: str = "gradients", groups: dict[str, list[Tensor]] | None = None) -> dict:
-    """R draws g_r of the gradient of loss = -bound/N (as in a training step): per group of parameters
-    (`groups`, by default parameter_groups'), the per-parameter variance var_r(g) and SNR
+    """R draws g_r of the gradient of loss = -bound/N (as in a training step; _backward): per group of
+    parameters (`groups`, by default parameter_groups'), the per-parameter variance var_r(g) and SNR
     |mean_r g| / std_r g, each averaged over the group's parameters (those with std > 0); and the
     median wall time of one loss + backward, in ms. The parameters' .grad are cleared before and after."""
     program = Program.of(program)
@@ -194,7 +229,7 @@ def gradient_stats(elbo: pyro.infer.ELBO, program: object, x: Tensor, repeats: i
         _clear_grads(groups)
         _sync(x.device)
         start = time.perf_counter()
-        (elbo.differentiable_loss(program.model, program.guide, x) / x.shape[0]).backward()
+        _backward(elbo, program, x, groups)
         _sync(x.device)
         if r == 0:
             continue  # a warm-up step: first-call costs are not part of the time or the statistics
@@ -228,10 +263,14 @@ def measure(program: object, x: Tensor, specs: Sequence[tuple[str, int]], repeat
         record["analytic_kl"] = check_analytic_kl("analytic", program.model, program.guide, x)
     rows = []
     for name, k in tqdm(specs, desc="estimators", disable=not progress):
-        pyro.set_rng_seed(seed)
-        row = {"estimator": name, "particles": k, **estimate_stats(name, k, program, x, repeats, log_px)}
-        pyro.set_rng_seed(seed)
-        row.update(gradient_stats(make_estimator(name, k), program, x, repeats, progress, f"{name} K={k}"))
+        elbo = make_estimator(name, k)
+        try:
+            pyro.set_rng_seed(seed)
+            row = {"estimator": name, "particles": k, **estimate_stats(elbo, program, x, repeats, log_px)}
+            pyro.set_rng_seed(seed)
+            row.update(gradient_stats(elbo, program, x, repeats, progress, f"{name} K={k}"))
+        except Refused as err:  # the estimator refuses this pair: say why
+            row = {"estimator": name, "particles": k, "skipped": str(err)}
         rows.append(row)
     record["estimators"] = rows
     return record
@@ -367,10 +406,11 @@ def compare(program: object, x: Tensor, estimators: Sequence[str] | None = None,
             progress: bool = False) -> dict:
     """Compare ELBO estimators on the model/guide pair `program` (our VAE, an object with .model and
     .guide, a (model, guide) tuple or a Program) and the batch x: the record compare.json holds (a
-    reference log p(x) by IWAE with k_ref draws, and per estimator NAME or NAME:K, K from `particles`
-    for a bare NAME: value spread and bias over `repeats` draws, gradient variance and SNR of the
-    guide's ("encoder") and the model's ("decoder") parameters, time). write_comparison writes it.
-    Seeded with `seed`, on forked generators: the caller's random state is as it was afterwards."""
+    reference log p(x) by IWAE with k_ref draws, and per estimator NAME or NAME:K (default: every
+    registered one), K from `particles` for a bare NAME: value spread and bias over `repeats` draws,
+    gradient variance and SNR of the guide's ("encoder") and the model's ("decoder") parameters, time;
+    or a note, see the module's docstring). write_comparison writes it. Seeded with `seed`, on forked
+    generators: the caller's random state is as it was afterwards."""
     options = CompareOptions(estimators=list(estimators or ESTIMATORS), particles=list(particles),
                              repeats=repeats, k_ref=k_ref, seed=seed, progress=progress)
     options.validate()
@@ -421,22 +461,42 @@ def measured_columns(estimate: str, groups: Sequence[str]) -> list[str]:
 
 
 def measured_cells(row: dict, groups: Sequence[str]) -> list[str]:
-    """A row's cells under measured_columns."""
-    return [f"{row['value_mean']:.2f} ± {row['value_mean_se']:.2f}", f"{row['value_std']:.2f}",
+    """A row's cells under measured_columns ("—" for a value not measured)."""
+    std = "—" if row["value_std"] is None else f"{row['value_std']:.2f}"
+    return [f"{row['value_mean']:.2f} ± {row['value_mean_se']:.2f}", std,
             f"{row['bias']:.2f}",
             *(cell for g in groups for cell in (f"{row[g]['grad_var']:.2e}", f"{row[g]['snr']:.3f}")),
             f"{row['ms_per_step']:.1f}"]
 
 
+def measured_rows(record: dict) -> list[dict]:
+    """The record's rows that were measured (not skipped)."""
+    return [row for row in record["estimators"] if "skipped" not in row]
+
+
+def row_notes(record: dict) -> list[str]:
+    """One line per row that was skipped, or measured in part, saying why."""
+    notes = []
+    for row in record["estimators"]:
+        label = f"`{row['estimator']}` K={row['particles']}"
+        if "skipped" in row:
+            notes.append(f"- {label} not measured: {row['skipped']}")
+        elif "note" in row:
+            notes.append(f"- {label} {row['note']}")
+    return notes
+
+
 def markdown(record: dict) -> str:
-    """The comparison as a Markdown table, with a line saying what was measured and how."""
-    final = any("final" in row for row in record["estimators"])
+    """The comparison as a Markdown table, with a line saying what was measured and how, and one line
+    for each estimator skipped or measured in part."""
+    rows = measured_rows(record)
+    final = any("final" in row for row in rows)
     header = ["estimator", "K", *measured_columns("bound (nats)", VAE_GROUPS)]
     if final:
-        epochs = next(row["final"]["epochs"] for row in record["estimators"])
+        epochs = next(row["final"]["epochs"] for row in rows if "final" in row)
         header.append(f"log p(x) after {epochs} epochs (nats)")
     lines = table_head(record, header, "test examples")
-    for row in record["estimators"]:
+    for row in rows:
         cells = [row["estimator"], str(row["particles"]), *measured_cells(row, VAE_GROUPS)]
         if final:
             cells.append(f"{row['final']['log_px']:.2f} ± {row['final']['log_px_se']:.2f}")
@@ -450,6 +510,8 @@ def markdown(record: dict) -> str:
         "per parameter, averaged over the encoder's (the guide's parameters, q) and the decoder's (the "
         "model's parameters, p). ms/step: median wall time of one loss + backward.",
     ]
+    if row_notes(record):
+        lines += ["", *row_notes(record)]
     if record.get("prior") == "vamp":
         lines += ["", VAMP_NOTE]
     return "\n".join(lines) + "\n"
@@ -469,12 +531,13 @@ def plot_snr(record: dict, path: Path) -> Path:
     each estimator's points are offset a little along K so that lines which coincide (e.g. mc,
     analytic and stl on the decoder) stay visible; the ticks are the K values measured."""
     fig, axes = subplots(1, 2, figsize=(11, 4.5), sharex=True)
-    names = list(dict.fromkeys(row["estimator"] for row in record["estimators"]))
-    ks = sorted({row["particles"] for row in record["estimators"]})
+    measured = measured_rows(record)
+    names = list(dict.fromkeys(row["estimator"] for row in measured))
+    ks = sorted({row["particles"] for row in measured})
     styles = [("o", "-"), ("s", "--"), ("^", ":"), ("v", "-."), ("D", "-"), ("x", "--")]
     for ax, group in zip(axes, VAE_GROUPS, strict=True):
         for i, name in enumerate(names):
-            rows = sorted((r for r in record["estimators"] if r["estimator"] == name),
+            rows = sorted((r for r in measured if r["estimator"] == name),
                           key=lambda r: r["particles"])
             marker, line = styles[i % len(styles)]
             offset = SNR_OFFSET ** (i - (len(names) - 1) / 2)
@@ -487,7 +550,8 @@ def plot_snr(record: dict, path: Path) -> Path:
         ax.set_xlabel("particles K (points offset slightly per estimator)")
         ax.set_ylabel("gradient SNR (|mean| / std, averaged)")
         ax.set_title(f"{group} parameters")
-        ax.legend(fontsize="small")
+        if names:
+            ax.legend(fontsize="small")
     return save_figure(fig, path)
 
 
@@ -506,8 +570,9 @@ def estimates_figure(record: dict) -> Figure:
     """The distribution of each estimator's batch-mean estimate over draws, against the reference
     log p(x): the bounds first (grey boxes), then, apart beyond a dotted line, the rows whose value is a
     surrogate (row["surrogate"], e.g. M2's 'relaxed'; orange boxes, labelled "surrogate, not a bound"),
-    which may lie on either side of log p(x)."""
-    rows = record["estimators"]
+    which may lie on either side of log p(x). Rows without a measurement (skipped estimators) are not
+    drawn."""
+    rows = measured_rows(record)
     bounds = [r for r in rows if not r.get("surrogate")]
     surrogates = [r for r in rows if r.get("surrogate")]
     fig, ax = subplots(figsize=(max(5.0, 1.1 * len(rows)), 4.5))

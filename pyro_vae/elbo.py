@@ -8,12 +8,15 @@ host: each a host-device synchronization, every step. Here the loss stays a tens
 value and gradient, and there is no NaN check: the caller checks finiteness on the device
 (step.SVIStep does). Only `differentiable_loss` changes: `loss` and `loss_and_grads`, which
 pyro.infer.SVI calls, are Pyro's own, floats and warnings included.
+
+Each also answers `per_example_bound(model, guide, x)`: one draw of every example's ELBO, the value
+`compare` measures (the IWAE family's are in iwae.py).
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import reduce
 
 import torch
@@ -28,6 +31,8 @@ from pyro.infer.util import (
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 from torch.distributions import kl_divergence
+
+from .iwae import particle_traces, weights
 
 
 def _sum(terms: list[Tensor]) -> Tensor | float:
@@ -67,6 +72,12 @@ class OnDeviceTrace_ELBO(_OnDeviceLoss, Trace_ELBO):
     """Trace_ELBO (`mc`): ELBO = sum log p(x, z) - sum log q(z|x) at z ~ q(z|x), the KL term by Monte
     Carlo; its differentiable_loss stays on the device (module docstring)."""
 
+    def per_example_bound(self, model, guide, *args, **kwargs) -> Tensor:
+        """One draw of every example's ELBO, (1/K) sum_k [log p(x, z_k) - log q(z_k|x)] with K =
+        num_particles vectorized draws, shape (N,), unscaled (no poutine.scale, subsampling factor or
+        KL weight)."""
+        return weights(model, guide, self.num_particles, *args, **kwargs).log_w.mean(0)
+
     def _particle_loss(self, model_trace: Trace, guide_trace: Trace) -> Tensor:
         """-ELBO = sum log q(z|x) - sum log p(x, z) of one particle (costs - gains), with the gradient of
         Trace_ELBO's surrogate: a reparameterized guide site's log q enters as its entropy term (which
@@ -94,6 +105,12 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
     closed form where torch has it (log q(z|x) - log p(z) at the sampled z where not). Assumes, as
     Pyro's does, a mean-field guide with reparameterized latent sites; its differentiable_loss stays
     on the device (module docstring)."""
+
+    def per_example_bound(self, model, guide, *args, **kwargs) -> Tensor:
+        """One draw of every example's ELBO = recon - KL (mean_field_terms, K = num_particles), shape
+        (N,), unscaled."""
+        recon, kl = mean_field_terms(model, guide, self.num_particles, *args, **kwargs)
+        return recon - kl
 
     def _particle_loss(self, model_trace: Trace, guide_trace: Trace) -> Tensor:
         """-ELBO = sum KL - sum log p(x|z) of one particle (costs - gains), as
@@ -125,3 +142,24 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
                     check_fully_reparametrized(guide_site)
                 costs.append(guide_site["score_parts"].entropy_term.sum())
         return _sum(costs) - _sum(gains)
+
+
+def mean_field_terms(model: Callable, guide: Callable, num_particles: int, *args,
+                     **kwargs) -> tuple[Tensor, Tensor]:
+    """Per example, shapes (N,), unscaled and unmasked: recon = (1/K) sum_k log p(x|z_k) (the observed
+    sites) and kl = KL(q(z|x) || p(z)) summed over the latent sites, in closed form where torch has it,
+    else (1/K) sum_k [log q(z_k|x) - log p(z_k)]; z_k ~ q(z|x), K = num_particles vectorized draws."""
+    model_trace, guide_trace = particle_traces(model, guide, num_particles, *args, **kwargs)
+    device = next(site["unscaled_log_prob"].device for _, site in _sample_sites(model_trace))
+    recon, kl = torch.zeros((), device=device), torch.zeros((), device=device)
+    for name, site in _sample_sites(model_trace):
+        if site["is_observed"]:
+            recon = recon + site["unscaled_log_prob"]
+            continue
+        q = guide_trace.nodes[name]
+        try:
+            kl = kl + kl_divergence(q["fn"], site["fn"])
+        except NotImplementedError:
+            kl = kl + q["unscaled_log_prob"] - site["unscaled_log_prob"]
+    n = recon.shape[-1] if recon.dim() else kl.shape[-1]
+    return recon.expand(num_particles, n).mean(0), kl.expand(num_particles, n).mean(0)

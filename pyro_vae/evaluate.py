@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
-from .estimators import log_weights, traces
+from .elbo import mean_field_terms
+from .estimators import log_weights
 from .program import Program
 from .staging import write_all_or_none
 
@@ -64,23 +64,9 @@ def elbo_terms(
     poutine.scale, e.g. a KL weight, is ignored: these are the true terms). Shapes (N,)."""
     recon, kl = [], []
     for rows in example_chunks(x, samples):
-        model_trace, guide_trace = traces(model, guide, x[rows], samples)
-        r = torch.zeros((), device=x.device)
-        k = torch.zeros((), device=x.device)
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if site["is_observed"]:
-                r = r + site["unscaled_log_prob"]
-                continue
-            q = guide_trace.nodes[name]
-            try:
-                k = k + kl_divergence(q["fn"], site["fn"])
-            except NotImplementedError:
-                k = k + q["unscaled_log_prob"] - site["unscaled_log_prob"]
-        n = rows.stop - rows.start
-        recon.append(r.expand(samples, n).mean(0))
-        kl.append(k.expand(samples, n).mean(0))
+        r, k = mean_field_terms(model, guide, samples, x[rows])
+        recon.append(r)
+        kl.append(k)
     recon_t, kl_t = torch.cat(recon), torch.cat(kl)
     return {"elbo": recon_t - kl_t, "recon": recon_t, "kl": kl_t}
 

@@ -17,6 +17,12 @@ The bound is per example: the logsumexp over particles runs inside the data plat
 the sites (N/n from a subsampled plate, or a poutine.scale) multiplies each example's bound after
 the logsumexp, so a scaled minibatch bound is unbiased for the full-data one. Pyro's
 RenyiELBO(alpha=0) scales before the logsumexp and takes it over the whole batch (pyro#3104).
+
+The traces are built as Trace_ELBO builds its own (Pyro's get_importance_trace), so under Pyro's
+validation the same checks run: a model latent missing from the guide warns, a log density whose
+shape disagrees with its plates raises. What the gradients assume is checked on every call and
+refused with an InputError: latent sites with rsample (all three), and for STL and DReG latent
+sites that do not depend on one another (`_PerExampleBound.check_guide`).
 """
 
 from __future__ import annotations
@@ -27,13 +33,17 @@ from dataclasses import dataclass
 
 import pyro
 import torch
-from pyro import poutine
 from pyro.distributions.util import detach, scale_and_mask
 from pyro.infer import ELBO
+from pyro.infer.enum import get_importance_trace
+from pyro.infer.inspect import get_dependencies
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
-from pyro.util import warn_if_nan
+from pyro.util import check_if_enumerated, warn_if_nan
 from torch import Tensor
+
+from .errors import InputError
 
 MAX_PLATE_NESTING = 1  # the data plate; particle plates go to the left of it
 PARTICLE_DIM = -MAX_PLATE_NESTING - 1
@@ -42,25 +52,38 @@ PARTICLE_DIM = -MAX_PLATE_NESTING - 1
 def particle_traces(model: Callable, guide: Callable, num_particles: int, *args,
                     **kwargs) -> tuple[Trace, Trace]:
     """Model and guide traces with `num_particles` vectorized draws of every latent site per example
-    (a plate at PARTICLE_DIM, left of the data plate); log probs are not computed yet."""
-    with pyro.plate("particles", num_particles, dim=PARTICLE_DIM):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    (a plate at PARTICLE_DIM, left of the data plate), built as Trace_ELBO builds its own: by Pyro's
+    get_importance_trace, which drops the plates' subsample sites and computes the model's log
+    densities and the guide's score parts ("unscaled_log_prob" too). Under pyro's validation it runs
+    Trace_ELBO's checks: check_model_guide_match (a model latent missing from the guide warns, as
+    does a guide site missing from the model), check_site_shape (a log density whose shape
+    disagrees with its plates raises) and check_if_enumerated."""
+    model_trace, guide_trace = get_importance_trace(
+        "flat", -PARTICLE_DIM, _in_particles(model, num_particles), _in_particles(guide, num_particles),
+        args, kwargs)
+    if is_validation_enabled():
+        check_if_enumerated(guide_trace)
     return model_trace, guide_trace
+
+
+def _in_particles(fn: Callable, num_particles: int) -> Callable:
+    """fn run inside the particle plate (a plate of its own per function, as Pyro's ELBO does)."""
+    return pyro.plate("particles", num_particles, dim=PARTICLE_DIM)(fn)
 
 
 @dataclass
 class Weights:
     """One draw of K particles per example: log w (K, N), unscaled; the same sum with each site's
     log density times its scale, as Trace_ELBO sums them; the scale shared by every site (None where
-    the sites disagree, e.g. a KL weight); the guide's latent values (K, N, *event) and whether all
-    of them are reparameterized."""
+    the sites disagree, e.g. a KL weight); the guide's latent sites' names and values (K, N, *event),
+    and the names of those without rsample."""
 
     log_w: Tensor
     scaled_log_w: Tensor
     scale: Tensor | float | None
+    latent_names: list[str]
     latents: list[Tensor]
-    reparameterized: bool
+    not_reparameterized: list[str]
 
 
 def _sample_sites(trace: Trace) -> list[dict]:
@@ -69,12 +92,13 @@ def _sample_sites(trace: Trace) -> list[dict]:
 
 
 def _log_prob(site: dict, stop_params: bool = False) -> Tensor:
-    """log fn(value), masked as the site says but not scaled; stop_params: at detached parameters.
-    Pyro's `detach` deep-copies the distribution with every tensor in it detached: a Cholesky or
-    low-rank factor, and a flow's networks, their conditioning context and cached values too (a flow
-    then scores `value` by inverting its steps); the value keeps its path (tests/test_guides.py)."""
-    fn = detach(site["fn"]) if stop_params else site["fn"]
-    return scale_and_mask(fn.log_prob(site["value"]), 1.0, site["mask"])
+    """log fn(value), masked as the site says but not scaled (the trace's "unscaled_log_prob");
+    stop_params: at detached parameters. Pyro's `detach` deep-copies the distribution with every
+    tensor in it detached: a Cholesky or low-rank factor, and a flow's networks, their conditioning
+    context and cached values too (a flow then scores `value` by inverting its steps); the value keeps
+    its path (tests/test_guides.py)."""
+    log_p = detach(site["fn"]).log_prob(site["value"]) if stop_params else site["unscaled_log_prob"]
+    return scale_and_mask(log_p, 1.0, site["mask"])
 
 
 def _common_scale(sites: list[dict], device: torch.device) -> Tensor | float | None:
@@ -101,12 +125,18 @@ def weights(model: Callable, guide: Callable, num_particles: int, *args, stop_q_
     """log w_k(x) = log p(x, z_k) - log q(z_k|x) for z_k ~ q(z|x), shape (num_particles, N);
     stop_q_params=True evaluates log q at detached variational parameters (z keeps its path to them).
     Every sample site must be per example, i.e. inside the data plate at dim -1."""
-    model_trace, guide_trace = particle_traces(model, guide, num_particles, *args, **kwargs)
+    return trace_weights(*particle_traces(model, guide, num_particles, *args, **kwargs), num_particles,
+                         stop_q_params)
+
+
+def trace_weights(model_trace: Trace, guide_trace: Trace, num_particles: int,
+                  stop_q_params: bool = False) -> Weights:
+    """The Weights of traces made by particle_traces with num_particles (see `weights`)."""
     model_sites = _sample_sites(model_trace)
     latent_sites = [s for s in _sample_sites(guide_trace) if not s["is_observed"]]
     for site in model_sites + latent_sites:
         if not any(frame.dim == -1 for frame in site["cond_indep_stack"]):
-            raise ValueError(
+            raise InputError(
                 f"sample site {site['name']!r} is outside the data plate: per-example importance weights "
                 "need every sample site inside the plate at dim -1 (one latent per example)"
             )
@@ -118,8 +148,9 @@ def weights(model: Callable, guide: Callable, num_particles: int, *args, stop_q_
         log_w=log_w.expand(shape),
         scaled_log_w=sum(lp * scale for lp, scale in terms).expand(shape),
         scale=_common_scale(model_sites + latent_sites, log_w.device),
+        latent_names=[s["name"] for s in latent_sites],
         latents=[s["value"] for s in latent_sites],
-        reparameterized=all(s["fn"].has_rsample for s in latent_sites),
+        not_reparameterized=[s["name"] for s in latent_sites if not s["fn"].has_rsample],
     )
 
 
@@ -140,31 +171,81 @@ class _PerExampleBound(ELBO):
             raise ValueError(f"num_particles must be a positive integer, got {num_particles}")
         super().__init__(num_particles=num_particles, max_plate_nesting=MAX_PLATE_NESTING,
                          vectorize_particles=True, **kwargs)
+        self._independent_guides: set = set()  # (guide, latent names) found independent: check_guide
 
     def _get_trace(self, model, guide, args, kwargs) -> tuple[Trace, Trace]:
-        """Model and guide traces of one vectorized draw of all particles."""
+        """Model and guide traces of one vectorized draw of all particles (particle_traces: Pyro's
+        get_importance_trace, and its checks under validation)."""
         return particle_traces(model, guide, self.num_particles, *args, **kwargs)
+
+    def _weights(self, model, guide, args: tuple, kwargs: dict, stop_q_params: bool = False) -> Weights:
+        return trace_weights(*self._get_trace(model, guide, args, kwargs), self.num_particles, stop_q_params)
+
+    def bound(self, log_w: Tensor) -> Tensor:
+        """The bound per example from log w (K, N), unscaled: shape (N,)."""
+        raise NotImplementedError
 
     def bound_and_surrogate(self, w: Weights) -> tuple[Tensor, Tensor]:
         """Per example and scaled, shape (N,): the bound's value, and the function whose gradient
         is used."""
         raise NotImplementedError
 
+    def per_example_bound(self, model, guide, *args, **kwargs) -> Tensor:
+        """One draw of every example's bound b(x_n) with num_particles particles, shape (N,), in nats:
+        unscaled (no poutine.scale, subsampling factor or KL weight), the value `compare` measures.
+        The value does not depend on how the gradient is taken, so check_guide does not run."""
+        return self.bound(self._weights(model, guide, args, kwargs).log_w)
+
     def shared_scale(self, w: Weights) -> Tensor | float:
         """The one scale of every site, which multiplies a bound taken after a logsumexp."""
         if w.scale is None:
-            raise ValueError(f"{type(self).__name__} needs every sample site to have the same scale (it "
+            raise InputError(f"{type(self).__name__} needs every sample site to have the same scale (it "
                              "multiplies each example's bound after the logsumexp); a poutine.scale on "
                              "some sites only, such as a KL weight beta != 1, has no importance-weighted "
                              "meaning: use --estimator mc, analytic or stl with it")
         return w.scale
 
+    def check_guide(self, guide: Callable, w: Weights, args: tuple, kwargs: dict) -> None:
+        """Refuse, with an InputError, a guide whose gradient this estimator would get wrong: a latent
+        site without rsample (the gradient runs through z_k), and for STL and DReG (stop_q_params)
+        latent sites that depend on one another. Those two detach a site's whole distribution to stop
+        the variational parameters' gradient, which would also cut the path through another latent
+        that its parameters are computed from (and DReG's hook would weight such a path twice).
+
+        Dependence is found by Pyro's provenance tracking (pyro.infer.inspect.get_dependencies): one
+        extra run of the guide, without gradients and with the RNG forked, the first time this
+        estimator object meets the guide with these latent sites; nothing for a guide with a single
+        latent site (every guide of the registries)."""
+        name = type(self).__name__
+        if w.not_reparameterized:
+            verb = "is" if len(w.not_reparameterized) == 1 else "are"
+            raise InputError(f"{name} needs every latent site of the guide reparameterized (rsample); "
+                             f"{_names(w.not_reparameterized)} {verb} not: use --estimator mc (Trace_ELBO, "
+                             "with its score-function gradient) for such a guide")
+        if not self.stop_q_params or len(w.latent_names) < 2:
+            return
+        key = (guide, tuple(w.latent_names))
+        try:
+            if key in self._independent_guides:
+                return
+        except TypeError:  # a guide that cannot be hashed: checked on every call
+            key = None
+        dependencies = get_dependencies(guide, args, kwargs)["prior_dependencies"]
+        for site in w.latent_names:
+            upstream = [u for u in w.latent_names if u != site and u in dependencies.get(site, ())]
+            if upstream:
+                raise InputError(
+                    f"{name} stops the variational parameters' gradient by detaching each latent site's "
+                    f"distribution, but the guide's latent site {site!r} is drawn given "
+                    f"{_names(upstream, 'latent site')}, a path the detach would cut (a biased gradient): "
+                    "use --estimator iwae (or mc) for a guide whose latent sites depend on one another")
+        if key is not None:
+            self._independent_guides.add(key)
+
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
         """-sum_n scale_n b(x_n): its value is the bound's, its gradient the estimator's."""
-        w = weights(model, guide, self.num_particles, *args, stop_q_params=self.stop_q_params, **kwargs)
-        if not w.reparameterized:
-            raise ValueError(f"{type(self).__name__} needs reparameterized latent sites in the guide "
-                             "(rsample); use Trace_ELBO (--estimator mc) for discrete latents")
+        w = self._weights(model, guide, args, kwargs, self.stop_q_params)
+        self.check_guide(guide, w, args, kwargs)
         value, surrogate = self.bound_and_surrogate(w)
         if surrogate is not value:
             value = value.detach() + (surrogate - surrogate.detach())
@@ -184,6 +265,11 @@ class _PerExampleBound(ELBO):
         return warn_if_nan(loss.detach().item(), "loss")
 
 
+def _names(names: list[str], what: str = "site") -> str:
+    """'site 'a'' or 'sites 'a', 'b'' (with `what` for 'site')."""
+    return f"{what}{'s' if len(names) > 1 else ''} {', '.join(repr(n) for n in names)}"
+
+
 def _iwae(log_w: Tensor) -> Tensor:
     """IWAE_K = logsumexp_k(log w_k) - log K, per example."""
     return log_w.logsumexp(0) - math.log(log_w.shape[0])
@@ -195,11 +281,15 @@ class IWAE(_PerExampleBound):
 
     Tighter than the ELBO for K > 1, but its encoder gradient's signal-to-noise ratio falls like
     1/sqrt(K) (Rainforth et al. 2018); `DReG` has the same value and a better encoder gradient.
-    Assumes every latent site is per example and reparameterized (checked).
+    Assumes every latent site is per example and reparameterized (checked); latent sites may depend
+    on one another (z2 drawn given z1): autograd follows every path.
     """
 
+    def bound(self, log_w: Tensor) -> Tensor:
+        return _iwae(log_w)
+
     def bound_and_surrogate(self, w: Weights) -> tuple[Tensor, Tensor]:
-        value = self.shared_scale(w) * _iwae(w.log_w)
+        value = self.shared_scale(w) * self.bound(w.log_w)
         return value, value
 
 
@@ -210,10 +300,14 @@ class STL(_PerExampleBound):
 
     Unbiased for the ELBO's gradient because the dropped score term has zero mean under q. Its
     variance vanishes where q(z|x) is the exact posterior; far from it, it can be larger than the
-    full gradient's. Assumes reparameterized, per-example latent sites (checked).
+    full gradient's. Assumes reparameterized, per-example latent sites that do not depend on one
+    another (checked: check_guide).
     """
 
     stop_q_params = True
+
+    def bound(self, log_w: Tensor) -> Tensor:
+        return log_w.mean(0)
 
     def bound_and_surrogate(self, w: Weights) -> tuple[Tensor, Tensor]:
         value = w.scaled_log_w.mean(0)  # linear in log w: each site keeps its own scale, as in Trace_ELBO
@@ -227,11 +321,15 @@ class DReG(_PerExampleBound):
 
     One backward pass: the surrogate sum_k w~_k log w_k gives the decoder's gradient, and a hook on
     each latent value z_k multiplies the gradient arriving there by w~_k, giving the encoder's.
-    Assumes the guide's latent sites do not depend on one another (true for the VAE's single "z"):
-    a site computed from another would receive the factor w~ twice. At K=1 this is STL.
+    Assumes the guide's latent sites do not depend on one another (true for the VAE's single "z";
+    checked: check_guide): a site computed from another would receive the factor w~ twice, and its
+    detached distribution would cut the path through the other. At K=1 this is STL.
     """
 
     stop_q_params = True
+
+    def bound(self, log_w: Tensor) -> Tensor:
+        return _iwae(log_w)
 
     def bound_and_surrogate(self, w: Weights) -> tuple[Tensor, Tensor]:
         scale = self.shared_scale(w)
@@ -240,4 +338,4 @@ class DReG(_PerExampleBound):
             if z.requires_grad:
                 factor = w_tilde.reshape(w_tilde.shape + (1,) * (z.dim() - w_tilde.dim()))
                 z.register_hook(lambda grad, factor=factor: grad * factor)
-        return scale * _iwae(w.log_w), scale * (w_tilde * w.log_w).sum(0)
+        return scale * self.bound(w.log_w), scale * (w_tilde * w.log_w).sum(0)

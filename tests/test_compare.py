@@ -3,13 +3,21 @@
 import json
 import math
 import shutil
+import sys
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 
-from pyro_vae import build_vae
+from pyro_vae import build_vae, register_estimator
 from pyro_vae.cli import main
-from pyro_vae.compare import parameter_groups
+from pyro_vae.compare import BATCH_ONLY, VAE_GROUPS, compare, markdown, parameter_groups, write_comparison
+from pyro_vae.estimators import make_estimator
+
+from .conftest import unregister_all
+from .test_estimators import X0, XS, Tiny, TwoLatents
 
 SMALL = ["--repeats", "4", "--batch-size", "16", "--k-ref", "50", "--quiet"]
 
@@ -129,3 +137,126 @@ def test_parameter_groups_are_the_guides_parameters_and_the_models_others():
     assert {id(p) for p in groups["encoder"]} == encoder
     assert {id(p) for p in groups["decoder"]} == {id(p) for p in vae.parameters()} - encoder
     assert len(groups["encoder"]) + len(groups["decoder"]) == len(list(vae.parameters()))
+
+
+# ---- each estimator answers for its own value; a registered one is measured, or skipped with a note ----
+
+
+def _direct_bound(name, tiny, x, k):
+    """One draw of each example's bound on Tiny's pair, from the guide's draws z (K, N, 1) and its
+    densities in closed form: the ELBO mean_k log w_k (mc, stl), IWAE_K (iwae, iwae-dreg), or
+    mean_k log p(x|z_k) - KL(N(loc, s) || N(0, 1)) (analytic)."""
+    with pyro.plate("particles", k, dim=-2):
+        z = poutine.trace(tiny.guide).get_trace(x).nodes["z"]["value"]
+    loc, scale = (x * tiny.c).sum(-1, keepdim=True) + tiny.d, tiny.s.exp()
+    log_lik = dist.Normal(z * tiny.a + tiny.b, 1.0).log_prob(x).sum(-1)
+    log_w = dist.Normal(0.0, 1.0).log_prob(z).sum(-1) + log_lik - dist.Normal(loc, scale).log_prob(z).sum(-1)
+    if name in ("mc", "stl"):
+        return log_w.mean(0)
+    if name in ("iwae", "iwae-dreg"):
+        return log_w.logsumexp(0) - math.log(k)
+    kl = (0.5 * (scale**2 + loc**2 - 1) - scale.log()).sum(-1)
+    return log_lik.mean(0) - kl
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("name", ["mc", "analytic", "iwae", "stl", "iwae-dreg"])
+def test_each_builtin_estimators_per_example_bound_is_its_direct_computation(name, k):
+    """What compare measures for a built-in estimator: its per_example_bound, the same draw as the
+    closed-form computation from the same seed."""
+    tiny, x = Tiny(), X0.repeat(3, 1)
+    for seed in range(2):
+        pyro.set_rng_seed(seed)
+        with torch.no_grad():
+            value = make_estimator(name, k).per_example_bound(tiny.model, tiny.guide, x)
+        pyro.set_rng_seed(seed)
+        torch.testing.assert_close(value, _direct_bound(name, tiny, x, k).detach())
+
+
+class PlainELBO(pyro.infer.Trace_ELBO):
+    """A user's estimator: Pyro's Trace_ELBO as it is, with no per_example_bound."""
+
+
+def _renyi(**options):
+    return pyro.infer.RenyiELBO(alpha=0.0, **options)
+
+
+def test_compare_measures_a_registered_elbo_through_its_own_loss():
+    """At K = 1 and the same seed, Trace_ELBO (differentiable_loss) and RenyiELBO(alpha=0) (no
+    differentiable_loss: loss_and_grads, its gradient divided by N) draw the same z as `mc` and
+    estimate the same ELBO: the same batch means and gradient variances, with no per-example std."""
+    torch.manual_seed(0)
+    vae = build_vae((1, 4, 4), hidden=[8], z_dim=2)
+    x = (torch.rand(12, 1, 4, 4) > 0.5).float()
+    register_estimator("plain-mc", PlainELBO)
+    register_estimator("renyi", _renyi)
+    try:
+        record = compare(vae, x, particles=[1], repeats=5, k_ref=20)
+    finally:
+        unregister_all()
+    rows = {row["estimator"]: row for row in record["estimators"]}
+    assert list(rows) == ["mc", "analytic", "iwae", "stl", "iwae-dreg", "plain-mc", "renyi"]
+    mc = rows["mc"]
+    assert mc["value_std"] > 0 and "note" not in mc
+    for name in ("plain-mc", "renyi"):
+        row = rows[name]
+        assert row["value_std"] is None and row["note"] == BATCH_ONLY
+        assert row["batch_means"] == pytest.approx(mc["batch_means"], rel=1e-5)
+        assert row["value_mean_se"] == pytest.approx(mc["value_mean_se"], rel=1e-3)
+        for group in ("encoder", "decoder"):
+            assert row[group]["grad_var"] == pytest.approx(mc[group]["grad_var"], rel=1e-3)
+    table = markdown(record)
+    assert f"- `renyi` K=1 {BATCH_ONLY}" in table.splitlines()
+    assert "| renyi | 1 |" in table and "| —" in table
+
+
+def test_an_estimator_that_refuses_the_pair_is_skipped_with_a_one_line_note(tmp_path):
+    """STL refuses a guide whose latent sites depend on one another; compare measures IWAE on it (the
+    exact posterior, so every draw is log p(x)) and says in one line why STL was not measured."""
+    module = TwoLatents()
+    record = compare(module, XS, estimators=["iwae:2", "stl:2"], repeats=3, k_ref=10)
+    iwae_row, stl_row = record["estimators"]
+    assert set(stl_row) == {"estimator", "particles", "skipped"}
+    assert "latent site 'b' is drawn given latent site 'a'" in stl_row["skipped"]
+    log_px = float(dist.Normal(0.0, 3.0**0.5).log_prob(XS).mean())
+    assert iwae_row["value_mean"] == pytest.approx(log_px, abs=1e-5) and iwae_row["value_std"] < 1e-5
+    write_comparison(record, tmp_path)
+    notes = [line for line in (tmp_path / "compare.md").read_text().splitlines() if line.startswith("- ")]
+    assert notes == [f"- `stl` K=2 not measured: {stl_row['skipped']}"]
+    assert json.loads((tmp_path / "compare.json").read_text())["estimators"][1] == stl_row
+    nothing_measured = compare(module, XS, estimators=["stl:2"], repeats=3, k_ref=10)
+    for path in write_comparison(nothing_measured, tmp_path / "none"):  # the files, the figures empty
+        assert path.stat().st_size > 0
+
+
+PLUGIN_RENYI = """import pyro_vae
+from pyro.infer import RenyiELBO
+
+
+def make_renyi(**options):
+    return RenyiELBO(alpha=0.0, **options)
+
+
+pyro_vae.register_estimator("renyi", make_renyi)
+"""
+
+
+def test_compare_cli_measures_an_estimator_a_plugin_registers(digits_run, tmp_path, monkeypatch, capsys):
+    (tmp_path / "plugin_renyi.py").write_text(PLUGIN_RENYI)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    argv = ["compare", str(digits_run), "--plugin", "plugin_renyi", "--estimators", "renyi:2", "mc:1",
+            "--out", str(out), *SMALL]
+    try:
+        assert main(argv) == 0, capsys.readouterr().err
+    finally:
+        unregister_all()
+        sys.modules.pop("plugin_renyi", None)
+    printed = capsys.readouterr().out
+    renyi, mc = json.loads((out / "compare.json").read_text())["estimators"]
+    assert (renyi["estimator"], renyi["particles"], renyi["value_std"]) == ("renyi", 2, None)
+    numbers = [renyi["value_mean"], renyi["bias"],
+               *(renyi[g][m] for g in VAE_GROUPS for m in ("grad_var", "snr"))]
+    assert all(math.isfinite(v) for v in numbers) and renyi["value_mean"] < 0
+    note = f"- `renyi` K=2 {BATCH_ONLY}"
+    assert note in printed.splitlines() and note in (out / "compare.md").read_text().splitlines()

@@ -7,6 +7,7 @@ float64 draws through a closed-form log w where it is not (IWAE).
 """
 
 import math
+import warnings
 
 import numpy as np
 import pyro
@@ -16,9 +17,10 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyro_vae import build_vae
+from pyro_vae import build_vae, iwae
 from pyro_vae.compare import gradient_stats
 from pyro_vae.config import Config
+from pyro_vae.errors import InputError
 from pyro_vae.estimators import ESTIMATORS, make_estimator
 from pyro_vae.run_dir import load_model
 from pyro_vae.train import prepare_data, train
@@ -362,3 +364,142 @@ def test_our_mc_and_analytic_compute_pyros_value_and_gradient(case, vectorize):
         loss = ours.loss(model, guide, x)
         pyro.set_rng_seed(seed)
         assert isinstance(loss, float) and loss == pyros.loss(model, guide, x)
+
+
+# ---- Pyro's checks, and what STL and DReG assume ----
+
+IWAE_FAMILY = ["iwae", "stl", "iwae-dreg"]
+
+
+class ForgottenLatent(Tiny):
+    """Tiny with a second latent u in the model that the guide does not sample."""
+
+    def model(self, x, size=None):
+        with pyro.plate("data", x.shape[0]):
+            u = pyro.sample("u", dist.Normal(0.0, 1.0))
+            z = pyro.sample("z", dist.Normal(torch.zeros(1), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z * self.a + self.b + u[..., None], 1.0).to_event(1), obs=x)
+
+
+class MisshapedObservation(Tiny):
+    """Tiny whose observation has an extra dimension, (N, 1, 2): its log density has shape (N, N),
+    not the (N,) that its data plate says."""
+
+    def model(self, x, size=None):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(1), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z * self.a + self.b, 1.0).to_event(1), obs=x[:, None, :])
+
+
+def _warnings_of(elbo, module, x):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        elbo.loss(module.model, module.guide, x)
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("name", IWAE_FAMILY)
+def test_with_validation_a_model_latent_missing_from_the_guide_warns_as_trace_elbo_does(name):
+    module, x = ForgottenLatent(), X0
+    with pyro.validation_enabled(True):
+        expected = _warnings_of(pyro.infer.Trace_ELBO(), module, x)
+        ours = _warnings_of(make_estimator(name, 3), module, x)
+    assert expected == ["Found vars in model but not guide: {'u'}"]
+    assert ours == expected
+    with pyro.validation_enabled(False):  # Pyro's checks, like Pyro's, run under validation only
+        assert _warnings_of(make_estimator(name, 3), module, x) == []
+
+
+@pytest.mark.parametrize("name", IWAE_FAMILY)
+def test_with_validation_a_log_density_shaped_against_its_plates_raises_as_trace_elbo_does(name):
+    """Pyro's check_site_shape; the particle plate is a second plate dim, as in a vectorized
+    Trace_ELBO, so Pyro's reference gets max_plate_nesting=2."""
+    module, message = MisshapedObservation(), 'at site "x", invalid log_prob shape'
+    with pyro.validation_enabled(True):
+        with pytest.raises(ValueError, match=message):
+            pyro.infer.Trace_ELBO(max_plate_nesting=2).loss(module.model, module.guide, X0)
+        with pytest.raises(ValueError, match=message):
+            make_estimator(name, 1).loss(module.model, module.guide, X0)
+
+
+class TwoLatents(nn.Module):
+    """a ~ N(0, 1), b | a ~ N(a, 1), x | b ~ N(b, 1) per example, so log p(x) = log N(x; 0, 3). The guide
+    is the exact posterior written in the model's order, q(a|x) q(b|a, x) = N(a; x/3, 2/3)
+    N(b; (a + x)/2, 1/2): b's distribution depends on a's value. `m` and `r` (1 here) scale the model's
+    and the guide's locations; `discrete`: a is a Bernoulli draw instead (no rsample)."""
+
+    def __init__(self, discrete=False):
+        super().__init__()
+        self.m = nn.Parameter(torch.ones(()))
+        self.r = nn.Parameter(torch.ones(()))
+        self.discrete = discrete
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            a = pyro.sample("a", dist.Bernoulli(0.5) if self.discrete else dist.Normal(0.0, 1.0))
+            b = pyro.sample("b", dist.Normal(self.m * a, 1.0))
+            pyro.sample("x", dist.Normal(b, 1.0), obs=x)
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            if self.discrete:
+                a = pyro.sample("a", dist.Bernoulli(logits=self.r * x))
+            else:
+                a = pyro.sample("a", dist.Normal(self.r * x / 3, (2 / 3) ** 0.5))
+            pyro.sample("b", dist.Normal(self.r * (a + x) / 2, 0.5**0.5))
+
+
+XS = torch.tensor([-1.5, 0.2, 2.0])
+
+
+@pytest.mark.parametrize("name", ["stl", "iwae-dreg"])
+def test_stl_and_dreg_refuse_latent_sites_that_depend_on_one_another(name):
+    module = TwoLatents()
+    expected = "latent site 'b' is drawn given latent site 'a'.*use --estimator iwae"
+    with pytest.raises(InputError, match=expected):
+        make_estimator(name, 3).differentiable_loss(module.model, module.guide, XS)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_iwae_takes_dependent_latent_sites_and_its_bound_is_log_px_at_the_exact_posterior(k):
+    """At q(a, b | x) = p(a, b | x), every log w_k = log p(x): the bound is exactly log N(x; 0, 3) per
+    example, draw by draw; a wrong or missing term for the dependent site b would make it vary."""
+    module, elbo = TwoLatents(), make_estimator("iwae", k)
+    log_px = dist.Normal(0.0, 3.0**0.5).log_prob(XS)
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        loss = elbo.differentiable_loss(module.model, module.guide, XS)
+        torch.testing.assert_close(elbo.per_example_bound(module.model, module.guide, XS), log_px)
+        assert float(loss.detach()) == pytest.approx(-float(log_px.sum()), abs=1e-5)
+        assert loss.requires_grad
+
+
+@pytest.mark.parametrize("name", IWAE_FAMILY)
+def test_a_latent_site_without_rsample_is_refused_by_name(name):
+    module = TwoLatents(discrete=True)
+    with pytest.raises(InputError, match="site 'a' is not: use --estimator mc"):
+        make_estimator(name, 2).differentiable_loss(module.model, module.guide, XS)
+
+
+class IndependentLatents(TwoLatents):
+    """Two latent sites whose guide distributions both depend on x only."""
+
+    def guide(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("a", dist.Normal(self.r * x / 3, 1.0))
+            pyro.sample("b", dist.Normal(self.r * x / 2, 1.0))
+
+
+@pytest.mark.parametrize("name", ["stl", "iwae-dreg"])
+def test_stl_and_dreg_take_independent_latent_sites_and_look_once_per_guide(name, monkeypatch):
+    """The dependence check runs Pyro's provenance tracking once per guide and estimator object."""
+    calls = []
+    real = iwae.get_dependencies
+    monkeypatch.setattr(iwae, "get_dependencies", lambda *a, **k: calls.append(1) or real(*a, **k))
+    module, elbo = IndependentLatents(), make_estimator(name, 3)
+    for _ in range(3):
+        loss = elbo.differentiable_loss(module.model, module.guide, XS)
+        assert torch.isfinite(loss) and loss.requires_grad
+    assert len(calls) == 1
+    make_estimator(name, 3).differentiable_loss(module.model, module.guide, XS)
+    assert len(calls) == 2
