@@ -8,8 +8,8 @@ import pytest
 
 from pyro_vae.cli import main
 
-TINY = ["--train-size", "200", "--test-size", "40", "--hidden", "16", "--z-dim", "3", "--eval-k", "5",
-        "--batch-size", "50", "--quiet"]
+BASE = ["--train-size", "200", "--test-size", "40", "--hidden", "16", "--batch-size", "50", "--quiet"]
+TINY = [*BASE, "--z-dim", "3", "--eval-k", "5"]  # the latent's settings: a classifier refuses them
 
 
 def test_the_events_hold_every_step_loss_and_each_epochs_metrics(tmp_path):
@@ -48,7 +48,8 @@ def test_tensorboard_without_the_package_is_an_input_error_saying_how_to_install
     assert not out.exists()
 
 
-@pytest.mark.parametrize("model", [["--model", "m2", "--discrete", "relaxed", "--temperature-final", "0.5"],
+@pytest.mark.parametrize("model", [["--model", "m2", "--discrete", "relaxed", "--temperature-final", "0.5",
+                                    "--z-dim", "3", "--eval-k", "5"],
                                    ["--model", "classifier"]], ids=["m2-relaxed", "classifier"])
 def test_labelled_models_log_their_accuracy(model, tmp_path):
     """M2 and the classifier write the test accuracy of each epoch (M2 relaxed also its temperature);
@@ -58,7 +59,7 @@ def test_labelled_models_log_their_accuracy(model, tmp_path):
 
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--epochs", "2", "--tensorboard", "--labels", "20", *model,
-                 *TINY]) == 0
+                 *BASE]) == 0
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
