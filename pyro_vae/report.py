@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from .run_dir import (
     SUMMARY,
     load_checkpoint,
     model_stamp,
+    read_json,
     read_jsonl,
     write_json,
 )
@@ -67,13 +67,6 @@ class Report:
     paths: list[Path]
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path} cannot be read ({type(err).__name__}); evaluate the run again") from None
-
-
 def read_run(run: str | Path, name: str | None = None) -> EvaluatedRun:
     """A run's evaluation (eval.json and its per-example values), summary and metrics; an InputError
     naming the run if it has not been evaluated, its evaluation predates the per-example file or the
@@ -84,7 +77,7 @@ def read_run(run: str | Path, name: str | None = None) -> EvaluatedRun:
         raise InputError(f"run {name} ({path}) is not a pyro-vae run directory (no {CONFIG})")
     if not (path / EVAL).is_file():
         raise InputError(f"run {name} ({path}) has not been evaluated: run `pyro-vae evaluate {path}` first")
-    evaluation = _read_json(path / EVAL)
+    evaluation = read_json(path / EVAL)
     if evaluation.get("log_px") is None and evaluation.get("test_accuracy") is None:
         raise InputError(f"run {name} ({path}) is an autoencoder: it has no log p(x) to compare")
     if not (path / EVAL_EXAMPLES).is_file() or "test_fingerprint" not in evaluation:
@@ -99,7 +92,7 @@ def read_run(run: str | Path, name: str | None = None) -> EvaluatedRun:
                              f"`pyro-vae evaluate {path}` again")
     needed = ("log_px", "elbo") if evaluation.get("log_px") is not None else ("correct",)
     values = load_checkpoint_values(path / EVAL_EXAMPLES, needed)
-    summary = _read_json(path / SUMMARY) if (path / SUMMARY).is_file() else {}
+    summary = read_json(path / SUMMARY) if (path / SUMMARY).is_file() else {}
     return EvaluatedRun(name, path, evaluation, values, summary, read_jsonl(path / METRICS))
 
 

@@ -22,12 +22,11 @@ evaluation and figures describe the model in best.pt.
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,10 +58,13 @@ from .run_dir import (
     STALE,
     SUMMARY,
     build_from_config,
+    check_data_shape,
     check_run_dir,
     config_record,
     describe_pair,
+    empty_directory,
     load_checkpoint,
+    load_parameters,
     pair_parameters,
     recorded_pair,
     remove_stale_temp_files,
@@ -72,6 +74,7 @@ from .run_dir import (
     write_json,
     write_jsonl,
 )
+from .run_lock import run_lock
 from .step import CUDAGraphStep, SVIStep
 from .train_data import n_classes, prepare_data, prepare_stream, stop_on_unreadable, streamed
 
@@ -167,15 +170,29 @@ class Trainer:
         self.stop = [0]  # the signal that asked to stop after the current step, or 0
         # early stopping: {"best_epoch", "best_validation_elbo", "epochs_since_best"}, None before epoch 1
         self.early: dict | None = None
+        self.lock = ExitStack()  # holds the run directory's lock (run_lock.py) from setup to the end
+        self.fresh = False  # whether this run emptied (or made) its directory and wrote config.json
 
     def run(self) -> RunResult:
-        """setup, every epoch left up to config.epochs, finish."""
-        self.setup()
-        with _stop_requests() as self.stop, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # we stop on NaN ourselves
-            while self.epoch <= self.config.epochs and not self.stopped_early():
-                self.run_epoch()
-        return self.finish()
+        """setup, every epoch left up to config.epochs, finish; the run directory locked throughout."""
+        with self.lock:
+            try:
+                self.setup()
+                with _stop_requests() as self.stop, warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # we stop on NaN
+                    while self.epoch <= self.config.epochs and not self.stopped_early():
+                        self.run_epoch()
+            except BaseException as err:
+                self._discard_unstarted(err)
+                raise
+            return self.finish()
+
+    def _discard_unstarted(self, err: BaseException) -> None:
+        """A new run stopped (Ctrl-C, bad input) before its first checkpoint: empty its directory, so
+        nothing half-written is left (the lock removes the directory it made). A TrainingError's
+        message points at the directory, which stays."""
+        if self.fresh and not isinstance(err, TrainingError) and not (self.out / CHECKPOINT).exists():
+            empty_directory(self.out)
 
     # -- setup ---------------------------------------------------------------------------------------
 
@@ -195,6 +212,8 @@ class Trainer:
         pyro.set_rng_seed(config.seed)
         self.stream, data = prepare_stream(config) if config.workers else (None, prepare_data(config))
         self.data = data.to(self.device)
+        if state is not None:
+            check_data_shape(self.out, self.data.shape)
         if config.model in LABELLED_MODELS and config.classes is None:
             config.classes = n_classes(self.data)  # recorded in config.json: the model is rebuilt from it
         self.labels = self.data.train_y if config.model in LABELLED_MODELS else None
@@ -249,9 +268,13 @@ class Trainer:
             and config.model not in LABELLED_MODELS)
         if not self.resume:
             self.out = check_run_dir(self.out, self.overwrite)
+            if ranks.is_main:  # made now if new, and removed again if start-up fails
+                self.lock.enter_context(run_lock(self.out, create=True))
             return
         if self.out is None:
             raise InputError("resume=True continues a run: pass its directory as out")
+        if ranks.is_main:
+            self.lock.enter_context(run_lock(self.out))
         recorded = recorded_pair(self.out)
         if recorded is not None and self.own_vae:
             raise InputError(f"{self.out} trained your own model/guide pair ({recorded.get('name')}); to "
@@ -296,7 +319,7 @@ class Trainer:
     def _continue_from(self, state: dict) -> None:
         """Restore parameters, optimizer, position, the epoch's random state and metrics."""
         if self.own_vae:
-            self.pair.load_state_dict(state["model"])
+            load_parameters(self.pair, state["model"], self.out / CHECKPOINT)
         else:
             restore_parameters(self.params, state["model"], self.out / CHECKPOINT)
         for group in state["optimizer"]["param_groups"]:  # --lr and --cuda-graph may change on resume;
@@ -326,9 +349,9 @@ class Trainer:
             init_prior(self.pair, self.config, self.data)
         self.ranks.barrier()  # every process has checked the run directory before rank 0 fills it
         if self.ranks.is_main:
-            if self.out.exists():
-                shutil.rmtree(self.out)  # only reached with --overwrite on a pyro-vae run
-            self.out.mkdir(parents=True)
+            empty_directory(self.out)  # holds a run only with --overwrite; the lock made it if new
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.fresh = True
             pair = None if self.own_vae else describe_pair(self.program, self.sites)
             write_json(self.out / CONFIG, config_record(self.config, self.data.shape, pair))
 
@@ -549,7 +572,7 @@ class Trainer:
             return {}
         state = load_checkpoint(self.out / BEST, self.device)
         if self.own_vae:
-            self.pair.load_state_dict(state["model"])
+            load_parameters(self.pair, state["model"], self.out / BEST)
         else:
             restore_parameters(self.params, state["model"], self.out / BEST)
         return {"best_epoch": int(state["epoch"]), "best_step": int(state["step"]),

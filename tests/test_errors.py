@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -112,7 +113,51 @@ def fixtures(tmp_path_factory, digits_run):
               if k not in MODEL_SETTINGS}
     record["pair"] = {"name": "my_vae.ExampleVAE", "latent_sites": ["latent"], "observed_site": "obs"}
     (f / "run_pair" / "config.json").write_text(json.dumps(record))
-    return f
+    _broken_runs(f, digits_run)
+    holder = hold_lock(f / "run_locked")  # another writer, in its own process
+    yield f
+    holder.kill()
+    holder.wait()
+
+
+def _edit_config(run: Path, **changes) -> None:
+    """Change settings in RUN/config.json (None: remove the setting)."""
+    record = json.loads((run / "config.json").read_text())
+    record.update(changes)
+    (run / "config.json").write_text(json.dumps({k: v for k, v in record.items() if k not in changes
+                                                 or changes[k] is not None}))
+
+
+def _broken_runs(f: Path, digits_run: Path) -> None:
+    """Runs whose files are corrupt, of another version, or disagree with each other."""
+    for name in ("run_not_utf8", "run_z_dim_edited", "run_newer_config", "run_older_config", "run_bad_step",
+                 "run_x_shape", "run_locked"):
+        shutil.copytree(digits_run, f / name)
+    evaluated = f / "run_evaluated"  # what report reads: eval.json and eval_examples.pt too
+    shutil.copytree(digits_run, evaluated)
+    assert main(["evaluate", str(evaluated), "--k", "2", "--quiet"]) == 0
+    for name in ("run_bad_metrics", "run_bad_summary", "run_eval_list"):
+        shutil.copytree(evaluated, f / name)
+    (f / "run_not_utf8" / "config.json").write_bytes(b'{"dataset": "digits\xff"}')
+    _edit_config(f / "run_z_dim_edited", z_dim=5)
+    _edit_config(f / "run_newer_config", decoder_dropout=0.1)
+    _edit_config(f / "run_older_config", z_dim=None)
+    (f / "run_bad_metrics" / "metrics.jsonl").write_text('{"epoch": 1, "step": 4}\n{"epoch": 2, "st\n')
+    (f / "run_bad_summary" / "summary.json").write_text("{ not json")
+    (f / "run_eval_list" / "eval.json").write_text("[1, 2]")
+    state = torch.load(f / "run_bad_step" / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "step": "many"}, f / "run_bad_step" / "checkpoint.pt")
+    _edit_config(f / "run_x_shape", x_shape=[1, 4, 4])
+
+
+def hold_lock(run: Path) -> subprocess.Popen:
+    """A process that holds the write lock on `run` (as a training run would) until it is killed."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pyro_vae.run_lock import run_lock\n"
+         "with run_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(3600)\n", str(run)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    return holder
 
 
 def test_the_catalogue_has_at_least_20_distinct_bad_inputs():
