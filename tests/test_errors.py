@@ -7,7 +7,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from PIL import Image
 
 from pyro_vae.cli import main
 from pyro_vae.config import MODEL_SETTINGS
+
+from .test_run_lock import hold_lock
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 ROW = re.compile(r"^\| (\d+) \| (.+?) \| `pyro-vae (.+?)` \| `(.+?)` \|$")
@@ -149,15 +150,6 @@ def _broken_runs(f: Path, digits_run: Path) -> None:
     torch.save({**state, "step": "many"}, f / "run_bad_step" / "checkpoint.pt")
     _edit_config(f / "run_x_shape", x_shape=[1, 4, 4])
 
-
-def hold_lock(run: Path) -> subprocess.Popen:
-    """A process that holds the write lock on `run` (as a training run would) until it is killed."""
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pyro_vae.run_lock import run_lock\n"
-         "with run_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(3600)\n", str(run)],
-        stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline() == "locked\n"
-    return holder
 
 
 def test_the_catalogue_has_at_least_20_distinct_bad_inputs():
