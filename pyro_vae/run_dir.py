@@ -203,9 +203,9 @@ def _read_record(run: Path) -> dict:
                          "pass the --out directory of a `pyro-vae train` run")
     try:
         values = json.loads((run / CONFIG).read_bytes())
-        if not isinstance(values, dict) or not isinstance(values["x_shape"], list) \
-                or not all(isinstance(n, int) and n > 0 for n in values["x_shape"]):
-            raise TypeError("not a mapping with x_shape")
+        shape = values["x_shape"] if isinstance(values, dict) else None
+        if not isinstance(shape, list) or len(shape) != 3 or not all(type(n) is int and n > 0 for n in shape):
+            raise TypeError("not a mapping with x_shape (C, H, W)")
     except (OSError, ValueError, KeyError, TypeError) as err:  # ValueError: not UTF-8, or not JSON
         raise InputError(f"{run / CONFIG} is corrupt ({type(err).__name__}); it cannot be read") from None
     return values

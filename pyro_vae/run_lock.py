@@ -46,9 +46,12 @@ def run_lock(run: str | Path, create: bool = False) -> Iterator[Path]:
     and removed on the way out if it is still empty); an InputError if another process holds it."""
     run = Path(run)
     created = False
-    if create and not run.exists():
-        run.mkdir(parents=True)
-        created = True
+    if create:
+        try:
+            run.mkdir(parents=True)
+            created = True
+        except FileExistsError:  # there already, or made by another process just now: locked below
+            pass
     try:
         with _locked(run):
             yield run

@@ -209,6 +209,8 @@ class Trainer:
         state = load_checkpoint(self.out / CHECKPOINT, self.device) if self.resume else None
         if state is not None:
             self._check_epochs(state)
+            if (self.out / BEST).is_file():  # read at the end: refused now if it cannot be
+                load_checkpoint(self.out / BEST, self.device)
         pyro.set_rng_seed(config.seed)
         self.stream, data = prepare_stream(config) if config.workers else (None, prepare_data(config))
         self.data = data.to(self.device)

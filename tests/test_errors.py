@@ -132,8 +132,10 @@ def _edit_config(run: Path, **changes) -> None:
 def _broken_runs(f: Path, digits_run: Path) -> None:
     """Runs whose files are corrupt, of another version, or disagree with each other."""
     for name in ("run_not_utf8", "run_z_dim_edited", "run_newer_config", "run_older_config", "run_bad_step",
-                 "run_x_shape", "run_locked"):
+                 "run_x_shape", "run_locked", "run_x_shape_2d", "run_bad_best"):
         shutil.copytree(digits_run, f / name)
+    _edit_config(f / "run_x_shape_2d", x_shape=[8, 8])
+    (f / "run_bad_best" / "best.pt").write_bytes(b"PK\x03\x04 not a whole zip")
     evaluated = f / "run_evaluated"  # what report reads: eval.json and eval_examples.pt too
     shutil.copytree(digits_run, evaluated)
     assert main(["evaluate", str(evaluated), "--k", "2", "--quiet"]) == 0
