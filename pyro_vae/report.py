@@ -30,12 +30,15 @@ from .run_dir import (
     CONFIG,
     EVAL,
     EVAL_EXAMPLES,
+    EVAL_FIELDS,
     METRICS,
+    STAMP_FIELDS,
     SUMMARY,
+    check_fields,
     load_checkpoint,
     model_stamp,
     read_json,
-    read_jsonl,
+    read_metrics,
     write_json,
 )
 
@@ -77,14 +80,16 @@ def read_run(run: str | Path, name: str | None = None) -> EvaluatedRun:
         raise InputError(f"run {name} ({path}) is not a pyro-vae run directory (no {CONFIG})")
     if not (path / EVAL).is_file():
         raise InputError(f"run {name} ({path}) has not been evaluated: run `pyro-vae evaluate {path}` first")
-    evaluation = read_json(path / EVAL)
+    evaluation = check_fields(path / EVAL, read_json(path / EVAL), EVAL_FIELDS, required=("n_examples",))
     if evaluation.get("log_px") is None and evaluation.get("test_accuracy") is None:
         raise InputError(f"run {name} ({path}) is an autoencoder: it has no log p(x) to compare")
     if not (path / EVAL_EXAMPLES).is_file() or "test_fingerprint" not in evaluation:
         raise InputError(f"run {name} ({path}) was evaluated without per-example values (an older "
                          f"pyro-vae): run `pyro-vae evaluate {path}` again")
     stamp = evaluation.get("model_checkpoint")
-    if stamp and (path / stamp["checkpoint"]).is_file():
+    if stamp is not None:
+        check_fields(path / EVAL, stamp, STAMP_FIELDS, tuple(STAMP_FIELDS), where=" (model_checkpoint)")
+    if stamp and stamp["checkpoint"] in (CHECKPOINT, BEST) and (path / stamp["checkpoint"]).is_file():
         now = model_stamp(path, stamp["checkpoint"])
         if now["step"] != stamp["step"]:
             raise InputError(f"run {name} ({path}) was evaluated at step {stamp['step']} (epoch "
@@ -93,7 +98,7 @@ def read_run(run: str | Path, name: str | None = None) -> EvaluatedRun:
     needed = ("log_px", "elbo") if evaluation.get("log_px") is not None else ("correct",)
     values = load_checkpoint_values(path / EVAL_EXAMPLES, needed)
     summary = read_json(path / SUMMARY) if (path / SUMMARY).is_file() else {}
-    return EvaluatedRun(name, path, evaluation, values, summary, read_jsonl(path / METRICS))
+    return EvaluatedRun(name, path, evaluation, values, summary, read_metrics(path / METRICS))
 
 
 def load_checkpoint_values(path: Path, needed: tuple[str, ...] = ("log_px", "elbo")) -> dict[str, Tensor]:

@@ -89,6 +89,40 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+NUMBER = (int, float, type(None))  # a measured value in a run file (None where it does not apply)
+# what eval.json's entries hold (evaluate writes them; report reads them)
+EVAL_FIELDS = {"n_examples": int, "test_fingerprint": str, "model_checkpoint": (dict, type(None)),
+               **{name: NUMBER for name in ("log_px", "log_px_se", "test_elbo", "test_elbo_se", "kl", "kl_se",
+                                            "recon", "recon_se", "mse", "mse_se", "active_units", "k",
+                                            "test_accuracy", "test_accuracy_se")}}
+STAMP_FIELDS = {"checkpoint": str, "epoch": int, "step": int}  # model_stamp's record
+
+
+def check_fields(path: Path, record: dict, types: dict, required: tuple[str, ...] = (),
+                 where: str = "") -> dict:
+    """`record`, read from `path`, if each of `types`' entries it holds has its type (bool is not a
+    number here) and the `required` ones are there; else an InputError naming the file (and `where` in
+    it) and the entry: another version of pyro-vae wrote it, or it was edited."""
+    missing = [name for name in required if name not in record]
+    wrong = [name for name, kind in types.items() if name in record
+             and (not isinstance(record[name], kind) or isinstance(record[name], bool))]
+    if missing or wrong:
+        what = f"no {missing[0]}" if missing else f"{wrong[0]} is {record[wrong[0]]!r}"
+        raise InputError(f"{path}{where} is not as pyro-vae writes it ({what}); write it again (train or "
+                         "evaluate the run again)")
+    return record
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """RUN/metrics.jsonl: one row per epoch, each with its epoch, step and train loss, every value a
+    number (or null where it does not apply); an InputError naming the first line that is not."""
+    rows = read_jsonl(path)
+    for number, row in enumerate(rows, 1):
+        types = {k: NUMBER for k in row} | {"epoch": int, "step": int, "train_loss": (int, float)}
+        check_fields(path, row, types, required=("epoch", "step", "train_loss"), where=f" line {number}")
+    return rows
+
+
 def read_json(path: Path) -> dict:
     """A JSON object from a run file (summary.json, eval.json, ...); an InputError if it is not one."""
     path = Path(path)

@@ -139,8 +139,15 @@ def _broken_runs(f: Path, digits_run: Path) -> None:
     evaluated = f / "run_evaluated"  # what report reads: eval.json and eval_examples.pt too
     shutil.copytree(digits_run, evaluated)
     assert main(["evaluate", str(evaluated), "--k", "2", "--quiet"]) == 0
-    for name in ("run_bad_metrics", "run_bad_summary", "run_eval_list"):
+    for name in ("run_bad_metrics", "run_bad_summary", "run_eval_list", "run_metrics_no_epoch",
+                 "run_metrics_text", "run_eval_no_size", "run_eval_stamp"):
         shutil.copytree(evaluated, f / name)
+    (f / "run_metrics_no_epoch" / "metrics.jsonl").write_text('{"step": 4, "train_loss": 60.0}\n')
+    (f / "run_metrics_text" / "metrics.jsonl").write_text('{"epoch": 1, "step": 4, "train_loss": null}\n')
+    record = json.loads((evaluated / "eval.json").read_text())
+    (f / "run_eval_no_size" / "eval.json").write_text(json.dumps({**record, "n_examples": None}))
+    stamp = {"checkpoint": "checkpoint.pt"}  # no epoch, no step
+    (f / "run_eval_stamp" / "eval.json").write_text(json.dumps({**record, "model_checkpoint": stamp}))
     (f / "run_not_utf8" / "config.json").write_bytes(b'{"dataset": "digits\xff"}')
     _edit_config(f / "run_z_dim_edited", z_dim=5)
     _edit_config(f / "run_newer_config", decoder_dropout=0.1)
