@@ -63,7 +63,8 @@ def test_a_second_writer_is_refused_the_reader_is_not_and_a_killed_holder_blocks
             assert holder(run) == proc.pid
         for argv in (["train", "--resume", str(run), "--epochs", "4", "--quiet"],
                      ["evaluate", str(run), "--k", "2", "--quiet"],
-                     ["sample", str(run), "--n", "4"]):
+                     ["sample", str(run), "--n", "4"],
+                     ["train", "--epochs", "1", "--out", str(run), "--overwrite", *SMALL]):  # would empty it
             assert main(argv) == 2
             err = capsys.readouterr().err
             assert err.count("\n") == 1, err
