@@ -608,9 +608,9 @@ class Trainer:
             **(self.kl_record or {}),
             **best,
         }
-        write_json(self.out / SUMMARY, summary)
         if self.board is not None:
             self.board.close()
         if not self.program.is_classifier:
             plots.save_figures(self.pair, self.data, self.out, self.metrics, seed=self.config.seed)
+        write_json(self.out / SUMMARY, summary)  # last: a run stopped before it resumes to write them all
         return RunResult(self.out, self.metrics, summary)

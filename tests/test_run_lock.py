@@ -152,6 +152,27 @@ def test_ctrl_c_after_the_run_directory_is_made_leaves_no_directory(tmp_path, ca
     assert not out.exists()
 
 
+def test_ctrl_c_while_the_run_writes_its_figures_leaves_it_unfinished_and_resumable(tmp_path, capsys,
+                                                                                    monkeypatch):
+    """summary.json is written last: a run stopped while it evaluates or draws its figures has none, so
+    `--resume` finishes it (it used to keep summary.json, refuse the resume and miss figures)."""
+    out = tmp_path / "run"
+    real_save = train_module.plots.save_figures
+
+    def draw_one_then_stop(vae, data, run, *args, **kwargs):
+        real_save(vae, data, run, *args, **kwargs)
+        (run / "curves.png").unlink()  # as if stopped before the last figure
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.plots, "save_figures", draw_one_then_stop)
+    assert main(["train", "--epochs", "1", "--out", str(out), *SMALL]) == 130
+    assert capsys.readouterr().err == "pyro-vae: interrupted\n"
+    assert not (out / "summary.json").exists() and (out / "checkpoint.pt").is_file()
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert (out / "summary.json").is_file() and (out / "curves.png").is_file()
+
+
 # a `pyro-vae` console script whose start-up is interrupted deterministically: MODE import raises
 # KeyboardInterrupt where the package first imports torch (what Ctrl-C in those seconds does); MODE
 # sigterm sends the process SIGTERM while the data load.
