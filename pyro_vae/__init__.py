@@ -5,16 +5,21 @@ estimators and guide families are registry entries, swapped by name or passed as
 register_prior, register_likelihood, register_estimator and register_guide add your own.
 """
 
-from .config import Config
-from .data import Dataset, load_dataset
-from .errors import InputError
-from .estimators import log_weights, make_estimator, register_estimator
-from .evaluate import elbo_terms, evaluate, evaluate_run, iwae_log_px
-from .guides import register_guide
-from .likelihoods import register_likelihood
-from .model import VAE, build_vae
-from .priors import register_prior
-from .train import RunResult, train
+from .errors import InputError, exit_if_command_interrupted
+
+try:  # torch and Pyro take seconds to import: Ctrl-C then ends `pyro-vae` in one line, as it does later
+    from .config import Config
+    from .data import Dataset, load_dataset
+    from .estimators import log_weights, make_estimator, register_estimator
+    from .evaluate import elbo_terms, evaluate, evaluate_run, iwae_log_px
+    from .guides import register_guide
+    from .likelihoods import register_likelihood
+    from .model import VAE, build_vae
+    from .priors import register_prior
+    from .train import RunResult, train
+except KeyboardInterrupt:
+    exit_if_command_interrupted()
+    raise
 
 __all__ = [
     "VAE", "Config", "Dataset", "InputError", "RunResult", "build_vae", "elbo_terms", "evaluate",

@@ -4,18 +4,21 @@ validates, calls the library, and turns bad input into one line on stderr with e
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import types
 import typing
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 from pathlib import Path
 
 from .config import RESUMABLE, Config, load_config_file
 from .errors import InputError, TrainingError
 from .registry import load_plugins
+from .run_lock import run_lock
 
 HELP = {
     "dataset": "digits (default, embedded), mnist, fashion-mnist, kmnist, a folder of images, "
@@ -190,8 +193,23 @@ def resolve_config(args: argparse.Namespace) -> Config:
     from .presets import preset_settings
 
     preset = preset_settings(args.preset) if getattr(args, "preset", None) else {}
-    values = load_config_file(args.config) if args.config else {}
+    values = _settings_file(args.config) if args.config else {}
     return Config.from_dict({**preset, **values, **_flags_given(args)})
+
+
+def _settings_file(path: str) -> dict:
+    """The settings of a --config file; refused in one line if a key is not a setting (a grid file's
+    base and sweep are named as such)."""
+    values = load_config_file(path)
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(values) - names)
+    if unknown and set(unknown) <= {"base", "sweep"}:
+        raise InputError(f"config file {path} is a grid file ({' and '.join(unknown)}): run it with "
+                         f"`pyro-vae grid {path}`, or pass a file of settings")
+    if unknown:
+        raise InputError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; known settings: "
+                         f"{', '.join(sorted(names))}")
+    return values
 
 
 def _flags_given(args: argparse.Namespace) -> dict:
@@ -206,7 +224,7 @@ def _resume_config(args: argparse.Namespace) -> Config:
     recorded, _ = read_config(Path(args.resume))
     given = _flags_given(args)
     if args.config:
-        given = {**load_config_file(args.config), **given}
+        given = {**_settings_file(args.config), **given}
     if isinstance(given.get("plugins"), list):  # plugins may be added on resume, none is dropped
         given["plugins"] = recorded.plugins + [p for p in given["plugins"] if p not in recorded.plugins]
     changed = sorted(k for k, v in given.items() if k not in RESUMABLE and getattr(recorded, k) != v)
@@ -245,6 +263,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume and args.preset:
         raise InputError(f"--preset starts a run; --resume {args.resume} continues one with its own recorded "
                          "settings: drop --preset")
+    if args.resume and (args.out or args.overwrite):
+        flag = "--out" if args.out else "--overwrite"
+        raise InputError(f"{flag} applies to a new run; --resume {args.resume} continues that run in its own "
+                         f"directory: drop {flag} (copy the directory first to continue a copy)")
     config = _resume_config(args) if args.resume else resolve_config(args)
     with torch_threads(config.threads):  # --threads, recorded in config.json
         if args.resume:
@@ -270,13 +292,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _load_run(run: str, device_name: str, test_size: int | None = None):
     """The config, trained VAE and data (as the run saw them) of a run directory."""
-    from .run_dir import load_model
+    from .run_dir import check_data_shape, load_model
     from .train import prepare_data, resolve_device
 
     device = resolve_device(device_name)
     config, vae = load_model(Path(run), device)
     config.test_size = test_size or config.test_size
     data = prepare_data(config)
+    check_data_shape(Path(run), data.shape)
     return config, vae, data.to(device)
 
 
@@ -309,11 +332,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from . import plots
 
     _positive("n", args.n)
-    _, vae, data = _load_run(args.run, args.device)
-    if vae.is_classifier:
-        raise InputError(f"{args.run} trained the classifier baseline (--model classifier): it generates no "
-                         "images; sample an M2 or VAE run")
-    for path in plots.save_figures(vae, data, Path(args.run), seed=args.seed, n_samples=args.n):
+    with run_lock(args.run):  # one writer at a time
+        _, vae, data = _load_run(args.run, args.device)
+        if vae.is_classifier:
+            raise InputError(f"{args.run} trained the classifier baseline (--model classifier): it generates "
+                             "no images; sample an M2 or VAE run")
+        paths = plots.save_figures(vae, data, Path(args.run), seed=args.seed, n_samples=args.n)
+    for path in paths:
         print(f"wrote {path}")
 
 
@@ -325,7 +350,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
         train_epochs=args.train_epochs, pretrain_epochs=args.pretrain_epochs, seed=args.seed,
         device=args.device, progress=not args.quiet, temperature=args.temperature, estimators=args.estimators,
     )
-    result = compare_estimators(args.run, args.config, args.out, options)
+    target = Path(args.out or args.run or ".")
+    with run_lock(target) if (target / "config.json").is_file() else nullcontext():  # writes into a run
+        result = compare_estimators(args.run, args.config, args.out, options)
     print((result.out / "compare.md").read_text(), end="")
     for path in result.paths:
         print(f"wrote {path}")
@@ -354,15 +381,16 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
 
     for name in ("n-examples", "k", "svi-steps", "num-samples", "warmup", "chains"):
         _positive(name, getattr(args, name.replace("-", "_")))
-    config, vae, data = _load_run(args.run, args.device)
-    with torch_threads(config.threads):  # the run's --threads (NUTS on a few z gains nothing from more)
-        result = diagnose(vae, data.test_x, n_examples=args.n_examples, mcmc_examples=args.mcmc_examples,
-                          k=args.k, svi_steps=args.svi_steps, num_samples=args.num_samples,
-                          warmup=args.warmup, chains=args.chains, seed=args.seed, progress=not args.quiet)
     from .run_dir import model_stamp
 
-    result.summary["model_checkpoint"] = model_stamp(Path(args.run))
-    paths = write_report(result, Path(args.run))
+    with run_lock(args.run):  # one writer at a time
+        config, vae, data = _load_run(args.run, args.device)
+        with torch_threads(config.threads):  # the run's --threads (NUTS on a few z gains nothing from more)
+            result = diagnose(vae, data.test_x, n_examples=args.n_examples, mcmc_examples=args.mcmc_examples,
+                              k=args.k, svi_steps=args.svi_steps, num_samples=args.num_samples,
+                              warmup=args.warmup, chains=args.chains, seed=args.seed, progress=not args.quiet)
+        result.summary["model_checkpoint"] = model_stamp(Path(args.run))
+        paths = write_report(result, Path(args.run))
     print((Path(args.run) / "diagnose.md").read_text(), end="")
     for path in paths:
         print(f"wrote {path}")
@@ -418,6 +446,28 @@ def cmd_grid(args: argparse.Namespace) -> None:
                             f"and run the grid again (finished runs are skipped)")
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived outside the training loop (which checkpoints and raises Interrupted itself)."""
+
+
+@contextmanager
+def _sigterm_as_exception():
+    """While a command runs, SIGTERM raises _Terminated, so its clean-up runs (locks released, a run
+    directory not yet started removed) and it ends in one line, like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample, "compare": cmd_compare,
             "diagnose": cmd_diagnose, "report": cmd_report, "grid": cmd_grid}
 
@@ -431,8 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *_, **__: f"pyro-vae: warning: {message}\n"
     try:
         args = build_parser().parse_args(argv)
-        load_plugins(args.plugins or [])
-        COMMANDS[args.command](args)
+        with _sigterm_as_exception():
+            load_plugins(args.plugins or [])
+            COMMANDS[args.command](args)
     except InputError as err:
         print(f"pyro-vae: error: {err}", file=sys.stderr)
         return 2
@@ -445,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pyro-vae: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("pyro-vae: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     finally:
         warnings.formatwarning = formatwarning
     return 0

@@ -177,25 +177,28 @@ def evaluate_run(run: str | Path, k: int = 5000, test_size: int | None = None, d
     and write RUN/eval.json and RUN/eval_examples.pt (write_evaluation); returns (result, config, model).
     A run of your own model/guide pair (trained with train(..., program=pair)) needs `program`: the
     same pair, built the same way, into which the run's parameters are loaded (run_dir.load_pair)."""
-    from .run_dir import load_model, load_pair, model_stamp, read_config
+    from .run_dir import check_data_shape, load_model, load_pair, model_stamp, read_config
+    from .run_lock import run_lock
     from .train import prepare_data, resolve_device
 
     run, torch_device = Path(run), resolve_device(device)
-    if program is None:
-        config, vae = load_model(run, torch_device)
-    else:
-        load_pair(run, program, torch_device)
-        config, vae = read_config(run, pair=True)[0], program
-    config.test_size = test_size or config.test_size
-    data = prepare_data(config).to(torch_device)
-    x = data.test_x
-    classifier = Program.of(vae).is_classifier
-    values = {} if classifier else per_example(vae, x, k=k, progress=progress)
-    result = {"n_examples": int(x.shape[0])} if classifier else summarize(vae, x, values, k)
-    if callable(getattr(vae, "predict", None)) and data.test_y is not None:
-        values["correct"] = labelled_correct(vae, data.test_x, data.test_y)
-        result["test_accuracy"], result["test_accuracy_se"] = _mean_se(values["correct"])
-    write_evaluation(run, result, values, x, model_stamp(run))
+    with run_lock(run):  # one writer at a time
+        if program is None:
+            config, vae = load_model(run, torch_device)
+        else:
+            load_pair(run, program, torch_device)
+            config, vae = read_config(run, pair=True)[0], program
+        config.test_size = test_size or config.test_size
+        data = prepare_data(config).to(torch_device)
+        check_data_shape(run, data.shape)
+        x = data.test_x
+        classifier = Program.of(vae).is_classifier
+        values = {} if classifier else per_example(vae, x, k=k, progress=progress)
+        result = {"n_examples": int(x.shape[0])} if classifier else summarize(vae, x, values, k)
+        if callable(getattr(vae, "predict", None)) and data.test_y is not None:
+            values["correct"] = labelled_correct(vae, data.test_x, data.test_y)
+            result["test_accuracy"], result["test_accuracy_se"] = _mean_se(values["correct"])
+        write_evaluation(run, result, values, x, model_stamp(run))
     return result, config, vae
 
 

@@ -17,7 +17,6 @@ machine several single-threaded processes beat one process with many threads).
 from __future__ import annotations
 
 import itertools
-import json
 import multiprocessing
 import re
 from collections.abc import Callable
@@ -28,7 +27,8 @@ from pathlib import Path
 from .board import check_available as check_tensorboard
 from .config import RESUMABLE, Config, load_config_file
 from .errors import InputError, TrainingError
-from .run_dir import CHECKPOINT, CONFIG, EVAL, SUMMARY, load_checkpoint, read_config
+from .run_dir import CHECKPOINT, CONFIG, EVAL, SUMMARY, load_checkpoint, read_config, read_json
+from .run_lock import run_lock
 
 GRID_KEYS = ("base", "sweep")
 
@@ -99,8 +99,8 @@ def run_state(run: Path, settings: dict) -> str:
     state = load_checkpoint(run / CHECKPOINT)
     if not (run / SUMMARY).is_file() or int(state["epoch"]) - 1 < settings["epochs"]:
         return "partial"
-    stamp = json.loads((run / EVAL).read_text()).get("model_checkpoint", {}) if (run / EVAL).is_file() else {}
-    return "done" if stamp.get("step") == int(state["step"]) else "trained"
+    stamp = read_json(run / EVAL).get("model_checkpoint") if (run / EVAL).is_file() else None
+    return "done" if isinstance(stamp, dict) and stamp.get("step") == int(state["step"]) else "trained"
 
 
 def _job(run: str, settings: dict, state: str, k: int, tensorboard: bool) -> str:
@@ -113,11 +113,12 @@ def _job(run: str, settings: dict, state: str, k: int, tensorboard: bool) -> str
 
     config = Config.from_dict(settings)
     torch.set_num_threads(config.threads)  # the worker's own process
-    if state == "new":
-        train(config, out=run, progress=False, overwrite=True, tensorboard=tensorboard)
-    elif state == "partial":
-        train(config, out=run, resume=True, progress=False, tensorboard=tensorboard)
-    result, _, _ = evaluate_run(run, k=k, device=config.device)
+    with run_lock(run, create=True):  # one writer at a time, from training to evaluation
+        if state == "new":
+            train(config, out=run, progress=False, overwrite=True, tensorboard=tensorboard)
+        elif state == "partial":
+            train(config, out=run, resume=True, progress=False, tensorboard=tensorboard)
+        result, _, _ = evaluate_run(run, k=k, device=config.device)
     return f"{'trained' if state == 'new' else 'resumed' if state == 'partial' else 'evaluated'}: " \
            f"log p(x) {result['log_px']:.2f} nats"
 

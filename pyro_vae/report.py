@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +30,16 @@ from .run_dir import (
     CONFIG,
     EVAL,
     EVAL_EXAMPLES,
+    EVAL_FIELDS,
     METRICS,
+    STAMP_FIELDS,
     SUMMARY,
+    check_fields,
     evaluate_pair_hint,
     load_checkpoint,
     model_stamp,
-    read_jsonl,
+    read_json,
+    read_metrics,
     recorded_pair,
     write_json,
 )
@@ -69,13 +72,6 @@ class Report:
     paths: list[Path]
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path} cannot be read ({type(err).__name__}); evaluate the run again") from None
-
-
 def read_run(run: str | Path, name: str | None = None) -> EvaluatedRun:
     """A run's evaluation (eval.json and its per-example values), summary and metrics; an InputError
     naming the run if it has not been evaluated, its evaluation predates the per-example file or the
@@ -86,14 +82,16 @@ def read_run(run: str | Path, name: str | None = None) -> EvaluatedRun:
         raise InputError(f"run {name} ({path}) is not a pyro-vae run directory (no {CONFIG})")
     if not (path / EVAL).is_file():
         raise InputError(f"run {name} ({path}) has not been evaluated: run {_evaluate_hint(path)} first")
-    evaluation = _read_json(path / EVAL)
+    evaluation = check_fields(path / EVAL, read_json(path / EVAL), EVAL_FIELDS, required=("n_examples",))
     if evaluation.get("log_px") is None and evaluation.get("test_accuracy") is None:
         raise InputError(f"run {name} ({path}) is an autoencoder: it has no log p(x) to compare")
     if not (path / EVAL_EXAMPLES).is_file() or "test_fingerprint" not in evaluation:
         raise InputError(f"run {name} ({path}) was evaluated without per-example values (an older "
                          f"pyro-vae): run {_evaluate_hint(path)} again")
     stamp = evaluation.get("model_checkpoint")
-    if stamp and (path / stamp["checkpoint"]).is_file():
+    if stamp is not None:
+        check_fields(path / EVAL, stamp, STAMP_FIELDS, tuple(STAMP_FIELDS), where=" (model_checkpoint)")
+    if stamp and stamp["checkpoint"] in (CHECKPOINT, BEST) and (path / stamp["checkpoint"]).is_file():
         now = model_stamp(path, stamp["checkpoint"])
         if now["step"] != stamp["step"]:
             raise InputError(f"run {name} ({path}) was evaluated at step {stamp['step']} (epoch "
@@ -101,8 +99,8 @@ def read_run(run: str | Path, name: str | None = None) -> EvaluatedRun:
                              f"{_evaluate_hint(path)} again")
     needed = ("log_px", "elbo") if evaluation.get("log_px") is not None else ("correct",)
     values = load_checkpoint_values(path / EVAL_EXAMPLES, needed)
-    summary = _read_json(path / SUMMARY) if (path / SUMMARY).is_file() else {}
-    return EvaluatedRun(name, path, evaluation, values, summary, read_jsonl(path / METRICS))
+    summary = read_json(path / SUMMARY) if (path / SUMMARY).is_file() else {}
+    return EvaluatedRun(name, path, evaluation, values, summary, read_metrics(path / METRICS))
 
 
 def _evaluate_hint(path: Path) -> str:

@@ -14,6 +14,7 @@ import os
 import pickle
 import shutil
 import tempfile
+from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 
@@ -60,10 +61,72 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file (none if it does not exist)."""
-    if not Path(path).is_file():
+    """The rows of a JSON-lines file (none if it does not exist); an InputError naming the first line
+    that is not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:  # not UTF-8, or not JSON
+            row = None
+        if not isinstance(row, dict):
+            raise InputError(f"{path} is corrupt (line {number} is not a JSON object); restore it from a "
+                             "backup, or train the run again")
+        rows.append(row)
+    return rows
+
+
+NUMBER = (int, float, type(None))  # a measured value in a run file (None where it does not apply)
+# what eval.json's entries hold (evaluate writes them; report reads them)
+EVAL_FIELDS = {"n_examples": int, "test_fingerprint": str, "model_checkpoint": (dict, type(None)),
+               **{name: NUMBER for name in ("log_px", "log_px_se", "test_elbo", "test_elbo_se", "kl", "kl_se",
+                                            "recon", "recon_se", "mse", "mse_se", "active_units", "k",
+                                            "test_accuracy", "test_accuracy_se")}}
+STAMP_FIELDS = {"checkpoint": str, "epoch": int, "step": int}  # model_stamp's record
+
+
+def check_fields(path: Path, record: dict, types: dict, required: tuple[str, ...] = (),
+                 where: str = "") -> dict:
+    """`record`, read from `path`, if each of `types`' entries it holds has its type (bool is not a
+    number here) and the `required` ones are there; else an InputError naming the file (and `where` in
+    it) and the entry: another version of pyro-vae wrote it, or it was edited."""
+    missing = [name for name in required if name not in record]
+    wrong = [name for name, kind in types.items() if name in record
+             and (not isinstance(record[name], kind) or isinstance(record[name], bool))]
+    if missing or wrong:
+        what = f"no {missing[0]}" if missing else f"{wrong[0]} is {record[wrong[0]]!r}"
+        raise InputError(f"{path}{where} is not as pyro-vae writes it ({what}); write it again (train or "
+                         "evaluate the run again)")
+    return record
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """RUN/metrics.jsonl: one row per epoch, each with its epoch, step and train loss, every value a
+    number (or null where it does not apply); an InputError naming the first line that is not."""
+    rows = read_jsonl(path)
+    for number, row in enumerate(rows, 1):
+        types = {k: NUMBER for k in row} | {"epoch": int, "step": int, "train_loss": (int, float)}
+        check_fields(path, row, types, required=("epoch", "step", "train_loss"), where=f" line {number}")
+    return rows
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a run file (summary.json, eval.json, ...); an InputError if it is not one."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8, or not JSON
+        raise InputError(f"{path} cannot be read ({type(err).__name__}); write it again (train or evaluate "
+                         "the run again)") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path} is corrupt (it holds a {type(value).__name__}, not a JSON object); write "
+                         "it again (train or evaluate the run again)")
+    return value
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -74,6 +137,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
 CHECKPOINT_KEYS = {"model", "optimizer", "epoch", "batch", "step", "epoch_generator", "epoch_total",
                    "metrics", "rng"}
 BEST_KEYS = {"model", "epoch", "step", "validation_elbo"}
+# what each entry of a checkpoint holds (checked on load: a file of another version or an edited one is
+# refused, not half-used)
+CHECKPOINT_TYPES = {"model": dict, "optimizer": dict, "epoch": int, "batch": int, "step": int,
+                    "epoch_generator": Tensor, "epoch_total": Tensor, "metrics": list, "rng": dict,
+                    "validation_elbo": (int, float)}
 
 
 def model_file(run: Path) -> Path:
@@ -107,9 +175,37 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
                          "restore it from a backup or train again") from None
     keys = BEST_KEYS if path.name == BEST else CHECKPOINT_KEYS
     if not isinstance(state, dict) or not keys <= set(state):
-        raise InputError(f"{path} is not a pyro-vae checkpoint (missing "
-                         f"{', '.join(sorted(keys - set(state or {})))}); train again")
+        missing = sorted(keys - set(state)) if isinstance(state, dict) else sorted(keys)
+        raise InputError(f"{path} is not a pyro-vae checkpoint (missing {', '.join(missing)}); train again")
+    wrong = sorted(k for k in keys if not isinstance(state[k], CHECKPOINT_TYPES[k])
+                   or isinstance(state[k], bool))
+    if wrong:
+        raise InputError(f"{path} is not a pyro-vae checkpoint ({', '.join(wrong)} of the wrong type); "
+                         "train again")
     return state
+
+
+def load_parameters(module: nn.Module, saved: dict, path: Path) -> None:
+    """Load the checkpointed parameters `saved` (read from `path`) into pyro-vae's own model; an
+    InputError if they do not fit it (config.json and the checkpoint disagree)."""
+    try:
+        module.load_state_dict(saved)
+    except (KeyError, RuntimeError, TypeError) as err:
+        raise InputError(f"{path} does not match {CONFIG} ({type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[-1].strip()[:120]}); the run directory is "
+                         "inconsistent (was config.json edited?): restore it, or train again") from None
+
+
+def empty_directory(path: Path) -> None:
+    """Delete everything inside directory `path` (if it exists), keeping the directory itself."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def check_run_dir(out: str | Path | None, overwrite: bool = False) -> Path:
@@ -132,12 +228,22 @@ def _read_record(run: Path) -> dict:
         raise InputError(f"{run} is not a pyro-vae run directory (no {CONFIG}); "
                          "pass the --out directory of a `pyro-vae train` run")
     try:
-        values = json.loads((run / CONFIG).read_text())
-        if not isinstance(values, dict) or not isinstance(values["x_shape"], list):
-            raise TypeError("not a mapping with x_shape")
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        values = json.loads((run / CONFIG).read_bytes())
+        shape = values["x_shape"] if isinstance(values, dict) else None
+        if not isinstance(shape, list) or len(shape) != 3 or not all(type(n) is int and n > 0 for n in shape):
+            raise TypeError("not a mapping with x_shape (C, H, W)")
+    except (OSError, ValueError, KeyError, TypeError) as err:  # ValueError: not UTF-8, or not JSON
         raise InputError(f"{run / CONFIG} is corrupt ({type(err).__name__}); it cannot be read") from None
     return values
+
+
+def check_data_shape(run: Path, shape: tuple[int, ...]) -> None:
+    """Refuse data whose examples do not have the shape RUN/config.json records (x_shape)."""
+    recorded = tuple(_read_record(run)["x_shape"])
+    if recorded != tuple(shape):
+        raise InputError(f"{Path(run) / CONFIG} records examples of shape {list(recorded)}, but the data "
+                         f"read now are {list(shape)}: the dataset changed (or config.json was edited); "
+                         "point --data-dir at the data the run trained on")
 
 
 def recorded_pair(run: Path) -> dict | None:
@@ -158,7 +264,17 @@ def read_config(run: Path, pair: bool = False) -> tuple[Config, tuple[int, int, 
                          f"the run directory: use the Python API with the pair ({evaluate_pair_hint(run)}; "
                          "train(..., program=pair, resume=True) to continue)")
     x_shape = tuple(values.pop("x_shape"))
-    return Config.from_dict(values), x_shape
+    names = {f.name for f in fields(Config)}
+    unknown, missing = sorted(set(values) - names), sorted(names - set(values))
+    if unknown or missing:
+        what = "; ".join(part for part in (unknown and f"unknown setting(s) {', '.join(unknown)}",
+                                           missing and f"no value for {', '.join(missing)}") if part)
+        raise InputError(f"{Path(run) / CONFIG} was not written by this version of pyro-vae ({what}); use "
+                         "the version that wrote it, or train the run again")
+    try:
+        return Config.from_dict(values), x_shape
+    except InputError as err:
+        raise InputError(f"{Path(run) / CONFIG}: {err}") from None
 
 
 def evaluate_pair_hint(run: Path) -> str:
@@ -243,12 +359,7 @@ def load_model(run: Path, device: torch.device | str = "cpu") -> tuple[Config, V
     `model_file`), in eval mode on `device`."""
     config, x_shape = read_config(run)
     vae = build_from_config(config, x_shape)
-    state = load_checkpoint(model_file(run), device)
-    try:
-        vae.load_state_dict(state["model"])
-    except (KeyError, RuntimeError, TypeError) as err:
-        raise InputError(f"{model_file(run)} does not match {CONFIG} "
-                         f"({type(err).__name__}); the run directory is inconsistent") from None
+    load_parameters(vae, load_checkpoint(model_file(run), device)["model"], model_file(run))
     return config, vae.to(device).eval()
 
 

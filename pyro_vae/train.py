@@ -22,12 +22,11 @@ evaluation and figures describe the model in best.pt.
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,10 +58,13 @@ from .run_dir import (
     STALE,
     SUMMARY,
     build_from_config,
+    check_data_shape,
     check_run_dir,
     config_record,
     describe_pair,
+    empty_directory,
     load_checkpoint,
+    load_parameters,
     pair_parameters,
     recorded_pair,
     remove_stale_temp_files,
@@ -72,6 +74,7 @@ from .run_dir import (
     write_json,
     write_jsonl,
 )
+from .run_lock import run_lock
 from .step import CUDAGraphStep, SVIStep
 from .train_data import n_classes, prepare_data, prepare_stream, stop_on_unreadable, streamed
 
@@ -169,15 +172,29 @@ class Trainer:
         # wall time of the run's earlier sessions (a resumed run's checkpoint): in all, and in the epoch
         # the checkpoint stopped in; this session's clock starts at the end of setup
         self.seconds_before, self.epoch_seconds_before, self.epoch_started = 0.0, 0.0, 0.0
+        self.lock = ExitStack()  # holds the run directory's lock (run_lock.py) from setup to the end
+        self.fresh = False  # whether this run emptied (or made) its directory and wrote config.json
 
     def run(self) -> RunResult:
-        """setup, every epoch left up to config.epochs, finish."""
-        self.setup()
-        with _stop_requests(self.stop), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # we stop on NaN ourselves
-            while self.epoch <= self.config.epochs and not self.stopped_early():
-                self.run_epoch()
-        return self.finish()
+        """setup, every epoch left up to config.epochs, finish; the run directory locked throughout."""
+        with self.lock:
+            try:
+                self.setup()
+                with _stop_requests(self.stop), warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # we stop on NaN
+                    while self.epoch <= self.config.epochs and not self.stopped_early():
+                        self.run_epoch()
+            except BaseException as err:
+                self._discard_unstarted(err)
+                raise
+            return self.finish()
+
+    def _discard_unstarted(self, err: BaseException) -> None:
+        """A new run stopped (Ctrl-C, bad input) before its first checkpoint: empty its directory, so
+        nothing half-written is left (the lock removes the directory it made). A TrainingError's
+        message points at the directory, which stays."""
+        if self.fresh and not isinstance(err, TrainingError) and not (self.out / CHECKPOINT).exists():
+            empty_directory(self.out)
 
     def request_stop(self, signum: int = signal.SIGINT) -> None:
         """Stop after the step in progress, as SIGINT/SIGTERM `signum` does: a checkpoint is written and
@@ -199,9 +216,13 @@ class Trainer:
         state = load_checkpoint(self.out / CHECKPOINT, self.device) if self.resume else None
         if state is not None:
             self._check_epochs(state)
+            if (self.out / BEST).is_file():  # read at the end: refused now if it cannot be
+                load_checkpoint(self.out / BEST, self.device)
         pyro.set_rng_seed(config.seed)
         self.stream, data = prepare_stream(config) if config.workers else (None, prepare_data(config))
         self.data = data.to(self.device)
+        if state is not None:
+            check_data_shape(self.out, self.data.shape)
         if config.model in LABELLED_MODELS and config.classes is None:
             config.classes = n_classes(self.data)  # recorded in config.json: the model is rebuilt from it
         self.labels = self.data.train_y if config.model in LABELLED_MODELS else None
@@ -256,9 +277,13 @@ class Trainer:
             and config.model not in LABELLED_MODELS)
         if not self.resume:
             self.out = check_run_dir(self.out, self.overwrite)
+            if ranks.is_main:  # made now if new, and removed again if start-up fails
+                self.lock.enter_context(run_lock(self.out, create=True))
             return
         if self.out is None:
             raise InputError("resume=True continues a run: pass its directory as out")
+        if ranks.is_main:
+            self.lock.enter_context(run_lock(self.out))
         recorded = recorded_pair(self.out)
         if recorded is not None and self.own_vae:
             raise InputError(f"{self.out} trained your own model/guide pair ({recorded.get('name')}); to "
@@ -303,7 +328,7 @@ class Trainer:
     def _continue_from(self, state: dict) -> None:
         """Restore parameters, optimizer, position, the epoch's random state and metrics."""
         if self.own_vae:
-            self.pair.load_state_dict(state["model"])
+            load_parameters(self.pair, state["model"], self.out / CHECKPOINT)
         else:
             restore_parameters(self.params, state["model"], self.out / CHECKPOINT)
         for group in state["optimizer"]["param_groups"]:  # --lr and --cuda-graph may change on resume;
@@ -336,9 +361,9 @@ class Trainer:
             init_prior(self.pair, self.config, self.data)
         self.ranks.barrier()  # every process has checked the run directory before rank 0 fills it
         if self.ranks.is_main:
-            if self.out.exists():
-                shutil.rmtree(self.out)  # only reached with --overwrite on a pyro-vae run
-            self.out.mkdir(parents=True)
+            empty_directory(self.out)  # holds a run only with --overwrite; the lock made it if new
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.fresh = True
             pair = None if self.own_vae else describe_pair(self.program, self.sites)
             write_json(self.out / CONFIG, config_record(self.config, self.data.shape, pair))
 
@@ -568,7 +593,7 @@ class Trainer:
             return {}
         state = load_checkpoint(self.out / BEST, self.device)
         if self.own_vae:
-            self.pair.load_state_dict(state["model"])
+            load_parameters(self.pair, state["model"], self.out / BEST)
         else:
             restore_parameters(self.params, state["model"], self.out / BEST)
         return {"best_epoch": int(state["epoch"]), "best_step": int(state["step"]),
@@ -602,9 +627,9 @@ class Trainer:
             **(self.kl_record or {}),
             **best,
         }
-        write_json(self.out / SUMMARY, summary)
         if self.board is not None:
             self.board.close()
         if not self.program.is_classifier:
             plots.save_figures(self.pair, self.data, self.out, self.metrics, seed=self.config.seed)
+        write_json(self.out / SUMMARY, summary)  # last: a run stopped before it resumes to write them all
         return RunResult(self.out, self.metrics, summary)

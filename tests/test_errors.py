@@ -18,6 +18,8 @@ from PIL import Image
 from pyro_vae.cli import main
 from pyro_vae.config import MODEL_SETTINGS
 
+from .test_run_lock import hold_lock
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 ROW = re.compile(r"^\| (\d+) \| (.+?) \| `pyro-vae (.+?)` \| `(.+?)` \|$")
 CATALOGUE = [m.groups() for m in map(ROW.match, DOC.read_text().splitlines()) if m]
@@ -112,7 +114,51 @@ def fixtures(tmp_path_factory, digits_run):
               if k not in MODEL_SETTINGS}
     record["pair"] = {"name": "my_vae.ExampleVAE", "latent_sites": ["latent"], "observed_site": "obs"}
     (f / "run_pair" / "config.json").write_text(json.dumps(record))
-    return f
+    _broken_runs(f, digits_run)
+    holder = hold_lock(f / "run_locked")  # another writer, in its own process
+    yield f
+    holder.kill()
+    holder.wait()
+
+
+def _edit_config(run: Path, **changes) -> None:
+    """Change settings in RUN/config.json (None: remove the setting)."""
+    record = json.loads((run / "config.json").read_text())
+    record.update(changes)
+    (run / "config.json").write_text(json.dumps({k: v for k, v in record.items() if k not in changes
+                                                 or changes[k] is not None}))
+
+
+def _broken_runs(f: Path, digits_run: Path) -> None:
+    """Runs whose files are corrupt, of another version, or disagree with each other."""
+    for name in ("run_not_utf8", "run_z_dim_edited", "run_newer_config", "run_older_config", "run_bad_step",
+                 "run_x_shape", "run_locked", "run_x_shape_2d", "run_bad_best"):
+        shutil.copytree(digits_run, f / name)
+    _edit_config(f / "run_x_shape_2d", x_shape=[8, 8])
+    (f / "run_bad_best" / "best.pt").write_bytes(b"PK\x03\x04 not a whole zip")
+    evaluated = f / "run_evaluated"  # what report reads: eval.json and eval_examples.pt too
+    shutil.copytree(digits_run, evaluated)
+    assert main(["evaluate", str(evaluated), "--k", "2", "--quiet"]) == 0
+    for name in ("run_bad_metrics", "run_bad_summary", "run_eval_list", "run_metrics_no_epoch",
+                 "run_metrics_text", "run_eval_no_size", "run_eval_stamp"):
+        shutil.copytree(evaluated, f / name)
+    (f / "run_metrics_no_epoch" / "metrics.jsonl").write_text('{"step": 4, "train_loss": 60.0}\n')
+    (f / "run_metrics_text" / "metrics.jsonl").write_text('{"epoch": 1, "step": 4, "train_loss": null}\n')
+    record = json.loads((evaluated / "eval.json").read_text())
+    (f / "run_eval_no_size" / "eval.json").write_text(json.dumps({**record, "n_examples": None}))
+    stamp = {"checkpoint": "checkpoint.pt"}  # no epoch, no step
+    (f / "run_eval_stamp" / "eval.json").write_text(json.dumps({**record, "model_checkpoint": stamp}))
+    (f / "run_not_utf8" / "config.json").write_bytes(b'{"dataset": "digits\xff"}')
+    _edit_config(f / "run_z_dim_edited", z_dim=5)
+    _edit_config(f / "run_newer_config", decoder_dropout=0.1)
+    _edit_config(f / "run_older_config", z_dim=None)
+    (f / "run_bad_metrics" / "metrics.jsonl").write_text('{"epoch": 1, "step": 4}\n{"epoch": 2, "st\n')
+    (f / "run_bad_summary" / "summary.json").write_text("{ not json")
+    (f / "run_eval_list" / "eval.json").write_text("[1, 2]")
+    state = torch.load(f / "run_bad_step" / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "step": "many"}, f / "run_bad_step" / "checkpoint.pt")
+    _edit_config(f / "run_x_shape", x_shape=[1, 4, 4])
+
 
 
 def test_the_catalogue_has_at_least_20_distinct_bad_inputs():
