@@ -61,6 +61,9 @@ HELP = {
     "epochs": "passes over the training set (default 30)",
     "early_stop": "stop after PATIENCE epochs without a better validation ELBO (needs --validation-size); "
                   "the best model is kept in RUN/best.pt and evaluated",
+    "time_budget": "stop at the first epoch end past MINUTES of wall time (summed over the run's sessions; "
+                   "with --early-stop the best model is still the one evaluated); summary.json says why "
+                   "training stopped (default: no budget)",
     "batch_size": "examples per step (default 128)",
     "lr": "Adam learning rate (default 1e-3)",
     "seed": "random seed (default 0)",

@@ -6,6 +6,7 @@ The resolved config is what RUN/config.json records, and it is enough to rebuild
 from __future__ import annotations
 
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -34,8 +35,11 @@ CUDA_GRAPH_MODES = ("auto", "off", "on")
 LATENT_SETTINGS = ("z_dim", "prior", "prior_components", "prior_init", "likelihood", "sigma", "sigma_mode",
                    "beta", "kl_anneal", "eval_k")
 # settings that may change when a run is resumed: they do not change the model or the data
-RESUMABLE = {"epochs", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir", "workers",
-             "cuda_graph", "plugins", "threads"}
+RESUMABLE = {"epochs", "time_budget", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir",
+             "workers", "cuda_graph", "plugins", "threads"}
+# settings added since runs were first written, each with the value under which an older run ran: a
+# config.json without one reads as that value (a missing setting not listed here is refused)
+ADDED_SETTINGS = {"time_budget": None}
 # the settings that build pyro-vae's own VAE; a user's own model/guide pair brings its own networks
 MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init",
                   "guide", "guide_rank", "flows", "labels", "classes", "discrete", "aux_loss", "temperature",
@@ -74,6 +78,7 @@ class Config:
     kl_anneal: int = 0
     epochs: int = 30
     early_stop: int | None = None  # patience: stop after this many epochs without a better validation ELBO
+    time_budget: float | None = None  # wall-time minutes, all sessions: stop at the first epoch end past it
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
@@ -138,6 +143,8 @@ class Config:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         if not self.hidden or min(self.hidden) < 1:
             raise InputError(f"--hidden needs one or more positive layer sizes, got {self.hidden}")
+        if self.time_budget is not None and not (self.time_budget > 0 and math.isfinite(self.time_budget)):
+            raise InputError(f"--time-budget must be a positive number of minutes, got {self.time_budget}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise InputError(f"--clip-grad must be a positive gradient norm, got {self.clip_grad}")
         if not self.checkpoint_every >= 0:

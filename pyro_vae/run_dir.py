@@ -22,7 +22,7 @@ import pyro
 import torch
 from torch import Tensor, nn
 
-from .config import LABELLED_MODELS, MODEL_SETTINGS, Config
+from .config import ADDED_SETTINGS, LABELLED_MODELS, MODEL_SETTINGS, Config
 from .errors import InputError
 from .m2 import M2, LabelClassifier, build_m2
 from .model import VAE, build_vae
@@ -264,6 +264,7 @@ def read_config(run: Path, pair: bool = False) -> tuple[Config, tuple[int, int, 
                          f"the run directory: use the Python API with the pair ({evaluate_pair_hint(run)}; "
                          "train(..., program=pair, resume=True) to continue)")
     x_shape = tuple(values.pop("x_shape"))
+    values = {**ADDED_SETTINGS, **values}  # an older run ran with these before they were settings
     names = {f.name for f in fields(Config)}
     unknown, missing = sorted(set(values) - names), sorted(names - set(values))
     if unknown or missing:

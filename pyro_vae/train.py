@@ -174,6 +174,7 @@ class Trainer:
         self.seconds_before, self.epoch_seconds_before, self.epoch_started = 0.0, 0.0, 0.0
         self.lock = ExitStack()  # holds the run directory's lock (run_lock.py) from setup to the end
         self.fresh = False  # whether this run emptied (or made) its directory and wrote config.json
+        self.reason: str | None = None  # why training ended (stop_reason), once it has
 
     def run(self) -> RunResult:
         """setup, every epoch left up to config.epochs, finish; the run directory locked throughout."""
@@ -182,8 +183,9 @@ class Trainer:
                 self.setup()
                 with _stop_requests(self.stop), warnings.catch_warnings():
                     warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # we stop on NaN
-                    while self.epoch <= self.config.epochs and not self.stopped_early():
+                    while (reason := self.stop_reason()) is None:
                         self.run_epoch()
+                    self.reason = reason
             except BaseException as err:
                 self._discard_unstarted(err)
                 raise
@@ -476,6 +478,21 @@ class Trainer:
         else:
             self.early["epochs_since_best"] += 1
 
+    def stop_reason(self) -> str | None:
+        """Why training ends before the next epoch: "epochs" (--epochs done), "early_stop" (--early-stop's
+        patience ran out) or "time_budget" (--time-budget minutes of wall time, all sessions, spent); None
+        while it goes on. Asked at epoch ends only, so the last epoch is always whole."""
+        if self.epoch > self.config.epochs:
+            return "epochs"
+        if self.stopped_early():
+            return "early_stop"
+        budget = self.config.time_budget
+        if budget is None:
+            return None
+        spent = int(self.elapsed() >= 60.0 * budget)
+        # several processes stop at the same epoch end: as soon as one of their clocks is past the budget
+        return "time_budget" if self.ranks.agree(0, spent)[0] else None
+
     def stopped_early(self) -> bool:
         """Whether --early-stop PATIENCE epochs in a row have not beaten the best validation ELBO."""
         patience = self.config.early_stop
@@ -620,6 +637,8 @@ class Trainer:
             "steps": self.steps,
             "train_loss": self.metrics[-1]["train_loss"] if self.metrics else None,
             "train_seconds": self.elapsed(),
+            "stop_reason": self.reason,
+            "time_budget_minutes": self.config.time_budget,
             "device": str(self.device),
             "processes": self.ranks.world_size,
             "cuda_graph": self.cuda_graph,
