@@ -405,12 +405,16 @@ def _add_report_parser(sub) -> None:
     rep.add_argument("runs", nargs="+", metavar="RUN", help="run directories, each evaluated "
                      "(`pyro-vae evaluate`) on the same test set; the first is the reference")
     rep.add_argument("--out", default="report", help="where to write (default: report)")
+    rep.add_argument("--x", choices=("epochs", "seconds"), default="epochs",
+                     help="report_curves.png's x axis: epochs (default), or seconds: training wall time "
+                     "summed over epochs, one curve per group of runs that differ only in their seed (their "
+                     "mean, with a band over seeds), and each group's final test log p(x)")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from .report import MARKDOWN, report
 
-    result = report(args.runs, args.out)
+    result = report(args.runs, args.out, args.x)
     print((Path(args.out) / MARKDOWN).read_text(), end="")
     for path in result.paths:
         print(f"wrote {path}")

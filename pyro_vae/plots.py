@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -23,6 +25,8 @@ from .program import Program
 from .rng import seeded
 from .staging import write_all_or_none
 
+# the bound drawn against seconds: the first of these a run records
+TIMED_BOUNDS = (("validation_elbo", "validation ELBO"), ("test_elbo", "test ELBO"))
 TRAVERSAL_RANGE = 3.0  # z_u from -3 to 3: three prior standard deviations
 MAX_LEGEND_CLASSES = 20  # the latent map names its classes in a legend up to this many
 
@@ -272,27 +276,153 @@ def run_curves_figure(runs: dict[str, list[dict]]) -> Figure:
     if ax.lines:
         outside = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if len(ax.lines) > 4 else {}
         ax.legend(fontsize="small", **outside)
-        _clip_warmup(ax, bounded, test_key)
+        _clip_warmup(ax, bounded, lambda m: (-m["train_loss"], m.get("validation_elbo"), m.get(test_key)))
     if accuracy:
         _accuracy_panel(axes[0][1], runs)
     return fig
 
 
-def _clip_warmup(ax: Axes, runs: dict[str, list[dict]], test_key: str) -> None:
+def _clip_warmup(ax: Axes, runs: dict[str, list[dict]], plotted: Callable[[dict], Iterable[float | None]],
+                 extra: Iterable[float] = ()) -> None:
     """Zoom the y axis on convergence for long runs (20 epochs or more): it spans the plotted values
-    (test_key: the test curve's metric) of the last three quarters of each run's epochs at full KL
-    weight, and a margin; the first epochs (bounds hundreds of nats lower) and the warm-up's -loss
-    (not a bound) run off the axis."""
-    tail = []
+    (`plotted`: a metrics row's values drawn, None where absent) of the last three quarters of each run's
+    epochs at full KL weight, the `extra` values drawn (markers), and a margin; the first epochs (bounds
+    hundreds of nats lower) and the warm-up's -loss (not a bound) run off the axis."""
+    tail = list(extra)
     for rows in runs.values():
         full = [m for m in rows if m.get("kl_weight", 1.0) == 1.0]
-        tail += [v for m in full[len(full) // 4:] for v in
-                 (-m["train_loss"], m.get("validation_elbo"), m.get(test_key))
-                 if v is not None]
-    if len(tail) > 1 and max(len(rows) for rows in runs.values()) >= 20:
+        tail += [v for m in full[len(full) // 4:] for v in plotted(m) if v is not None]
+    if len(tail) > 1 and max((len(rows) for rows in runs.values()), default=0) >= 20:
         low, high = min(tail), max(tail)
         margin = 0.1 * (high - low) + 1e-6
         ax.set_ylim(low - margin, high + margin)
+
+
+@dataclass(frozen=True)
+class TimedRun:
+    """One run on the wall-clock axis (`pyro-vae report --x seconds`): its metrics.jsonl rows, each with
+    its epoch's `seconds`, and its final test log p(x) from eval.json (None where it has none)."""
+
+    metrics: list[dict]
+    log_px: float | None = None
+
+
+@dataclass(frozen=True)
+class SeedBand:
+    """Seeds' curves on a common grid of seconds: the mean over seeds at each grid point and its s.e."""
+
+    grid: np.ndarray
+    mean: np.ndarray
+    se: np.ndarray
+
+
+def cumulative_seconds(metrics: list[dict]) -> np.ndarray:
+    """t_e = sum of the rows' `seconds` up to and including epoch e: the training wall time at the end of
+    each epoch (sessions of a resumed run included, as the trainer records them)."""
+    return np.cumsum([float(m["seconds"]) for m in metrics])
+
+
+def _bound_key(metrics: list[dict]) -> tuple[str, str] | None:
+    """The metric drawn against seconds for a run and its name: the first of TIMED_BOUNDS it records."""
+    return next(((key, name) for key, name in TIMED_BOUNDS if any(m.get(key) is not None for m in metrics)),
+                None)
+
+
+def bound_curve(metrics: list[dict]) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """A run's bound against cumulative seconds: the validation ELBO where the run records one, else the
+    test ELBO, as (its name, seconds, values) at the epochs that have it; None for a run with neither (the
+    classifier)."""
+    found = _bound_key(metrics)
+    if found is None:
+        return None
+    key, name = found
+    at = [i for i, m in enumerate(metrics) if m.get(key) is not None]
+    return name, cumulative_seconds(metrics)[at], np.array([metrics[i][key] for i in at], dtype=float)
+
+
+def mean_se(values: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over seeds (axis 0) and its standard error sd / sqrt(n) (sd with n - 1; NaN for one seed).
+    With two seeds, mean ± s.e. is exactly their min–max."""
+    values = np.asarray(values, dtype=float)
+    n = values.shape[0]
+    se = values.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.full(values.shape[1:], np.nan)
+    return values.mean(0), se
+
+
+def seed_band(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> SeedBand | None:
+    """Several seeds' curves (seconds, values) on a common grid: the seeds' own seconds inside the span
+    every seed covers (from the latest first point to the earliest last one), each curve interpolated
+    linearly there, y_s(t); the mean over seeds of y_s(t) and its s.e. (mean_se). None where the spans do
+    not overlap."""
+    start, end = max(x[0] for x, _ in curves), min(x[-1] for x, _ in curves)
+    if start > end:
+        return None
+    grid = np.unique(np.concatenate([x[(x >= start) & (x <= end)] for x, _ in curves]))
+    mean, se = mean_se(np.stack([np.interp(grid, x, y) for x, y in curves]))
+    return SeedBand(grid, mean, se)
+
+
+def _spread(n: int) -> str:
+    """What mean ± s.e. over n seeds is, in words (with 2 seeds it is their min–max)."""
+    return "min–max" if n == 2 else "± s.e."
+
+
+def plot_seconds_curves(groups: dict[str, list[TimedRun]], path: Path) -> Path:
+    """seconds_curves_figure(groups) written to `path`; returns path."""
+    return save_figure(seconds_curves_figure(groups), path)
+
+
+def seconds_curves_figure(groups: dict[str, list[TimedRun]]) -> Figure:
+    """Learning curves against training wall time (`pyro-vae report --x seconds`), a colour per group of
+    runs (`groups`: label -> its runs, the seeds of one setting): the bound (bound_curve: validation ELBO,
+    else test ELBO) against cumulative seconds, and the final test log p(x) as a marker at the run's total
+    seconds. A group of one run is a plain curve and marker; a group of several is the mean over seeds on a
+    common grid of seconds (seed_band) with a band of ± one s.e. over seeds (with 2 seeds: their min–max),
+    and one marker at the seeds' mean total seconds, their mean log p(x) ± s.e. (a bar). Nats per
+    example; the y axis zoomed past the KL warm-up (_clip_warmup). Runs without a bound have no curve."""
+    fig, ax = subplots(figsize=(9, 6))
+    drawn: dict[str, list[dict]] = {}
+    markers: list[float] = []
+    for i, (label, runs) in enumerate(groups.items()):
+        colour = f"C{i % 10}"
+        curves = [curve for run in runs if run.metrics and (curve := bound_curve(run.metrics)) is not None]
+        for j, run in enumerate(runs):  # what the zoom spans: the value drawn, per epoch
+            if (found := _bound_key(run.metrics)) is not None:
+                drawn[f"{label} {j}"] = [{"kl_weight": m.get("kl_weight", 1.0), "drawn": m.get(found[0])}
+                                         for m in run.metrics]
+        band = seed_band([(x, y) for _, x, y in curves]) if len(curves) > 1 else None
+        if band is not None:
+            n = len(curves)
+            ax.fill_between(band.grid, band.mean - band.se, band.mean + band.se, color=colour, alpha=0.2,
+                            linewidth=0, label=f"_band {label}")  # "_": not in the legend
+            ax.plot(band.grid, band.mean, "-", color=colour,
+                    label=f"{label}: {curves[0][0]}, mean of {n} seeds ({_spread(n)})")
+        for j, (quantity, x, y) in enumerate(curves if band is None else []):
+            apart = " (each seed: no seconds in common)" if len(curves) > 1 else ""
+            _plot_points(ax, list(zip(x.tolist(), y.tolist(), strict=True)), "-", colour,
+                         f"{label}: {quantity}{apart}" if j == 0 else "_nolegend_")
+        finals = [(cumulative_seconds(run.metrics)[-1], run.log_px) for run in runs
+                  if run.log_px is not None and run.metrics]
+        if len(finals) == 1:
+            ax.plot([finals[0][0]], [finals[0][1]], "D", color=colour, markeredgecolor="black",
+                    label=f"_log p(x) {label}")  # the legend names the group once, by its curve
+            markers.append(finals[0][1])
+        elif finals:
+            seconds, log_px = np.array(finals).T
+            mean, se = (float(v) for v in mean_se(log_px))
+            ax.errorbar([seconds.mean()], [mean], yerr=[se], fmt="D", color=colour, markeredgecolor="black",
+                        capsize=4, label=f"_log p(x) {label}")
+            markers += [mean - se, mean + se]
+    ax.set_xlabel("training wall time (seconds, summed over epochs)")
+    ax.set_ylabel("nats per example")
+    ax.set_title("the bound against training wall time; \u25c6 final test log p(x) at the run's total time\n"
+                 "several seeds: their mean, band and bar \u00b1 s.e. over seeds (2 seeds: min\u2013max)",
+                 fontsize="medium")
+    ax.set_xlim(left=0)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.13))
+        _clip_warmup(ax, drawn, lambda m: (m["drawn"],), markers)
+    return fig
 
 
 def save_figures(

@@ -9,7 +9,12 @@ The per-example values come from RUN/eval_examples.pt, written by `pyro-vae eval
 the test set's size and fingerprint (evaluate.test_fingerprint), and runs evaluated on different test
 sets are refused, as are runs not evaluated, or evaluated on an older checkpoint than they hold now.
 
-Writes report.md, report.csv, report.json and report_curves.png (the runs' learning curves overlaid).
+Runs whose config.json agree on every setting but the seed are one group (seed_groups): report.md and
+report.json give each group's log p(x) as mean ± s.e. over its seeds, and its difference from the first
+group paired by seed.
+
+Writes report.md, report.csv, report.json and report_curves.png (the runs' learning curves overlaid,
+against epochs, or with x="seconds" against training wall time, a curve and band per group).
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .errors import InputError
+from .plots import TimedRun, mean_se, plot_run_curves, plot_seconds_curves
 from .run_dir import (
     BEST,
     CHECKPOINT,
@@ -45,6 +52,8 @@ from .run_dir import (
 )
 
 MARKDOWN, CSV, JSON, CURVES = "report.md", "report.csv", "report.json", "report_curves.png"
+X_AXES = ("epochs", "seconds")  # report_curves.png's x axis
+MAX_LABEL_SETTINGS = 3  # a group is labelled by the settings that differ between groups, up to this many
 PAIRED = ("log_px", "elbo", "correct")  # the per-example values whose paired difference the report gives
 COLUMNS = ("run", "log_px", "log_px_se", "test_elbo", "test_elbo_se", "kl", "active_units", "accuracy",
            "accuracy_se", "epochs", "best_epoch", "train_seconds", "device", "n_examples", "k",
@@ -64,12 +73,23 @@ class EvaluatedRun:
 
 
 @dataclass
+class SeedGroup:
+    """Runs whose config.json agree on every setting but `seed`; labelled by what differs between groups."""
+
+    label: str
+    runs: list[EvaluatedRun]
+    seeds: list[object]
+
+
+@dataclass
 class Report:
-    """The report's rows (one per run, COLUMNS), the runs, and the files written."""
+    """The report's rows (one per run, COLUMNS), the runs, the files written, and one row per group of
+    seeds (group_rows)."""
 
     rows: list[dict]
     runs: list[EvaluatedRun]
     paths: list[Path]
+    groups: list[dict] = field(default_factory=list)
 
 
 def read_run(run: str | Path, name: str | None = None) -> EvaluatedRun:
@@ -243,11 +263,96 @@ def to_csv(table: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def report(runs: list[str | Path], out: str | Path) -> Report:
-    """Read the evaluated runs, check they share a test set, and write report.md, report.csv,
-    report.json and report_curves.png into `out`."""
-    from .plots import plot_run_curves
+def _setting(value: object) -> str:
+    """A setting's value in a label: lists joined by '-' (hidden 300-300)."""
+    return "-".join(map(str, value)) if isinstance(value, list) else str(value)
 
+
+def seed_groups(runs: list[EvaluatedRun], configs: list[dict]) -> list[SeedGroup]:
+    """Group runs whose configs (config.json, one per run) are equal once `seed` is removed, in the order
+    of each group's first run. Each group is labelled by the settings that differ between the groups
+    ("estimator iwae, particles 5"; up to MAX_LABEL_SETTINGS of them), else (one group, or more settings
+    differing) by its runs' names."""
+    members: dict[str, list[tuple[EvaluatedRun, dict]]] = {}
+    for run, config in zip(runs, configs, strict=True):
+        rest = json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
+        members.setdefault(rest, []).append((run, config))
+    settings = [json.loads(rest) for rest in members]
+    keys = list(dict.fromkeys(k for config in configs for k in config if k != "seed"))
+    differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in settings}) > 1]
+    by_setting = 0 < len(differ) <= MAX_LABEL_SETTINGS
+    return [SeedGroup(", ".join(f"{k} {_setting(setting.get(k))}" for k in differ) if by_setting
+                      else " + ".join(run.name for run, _ in group),
+                      [run for run, _ in group], [config.get("seed") for _, config in group])
+            for setting, group in zip(settings, members.values(), strict=True)]
+
+
+def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
+    """mean_se over seeds as plain numbers (None where there are no values, s.e. None for one)."""
+    if not values:
+        return None, None
+    mean, se = (float(v) for v in mean_se(values))
+    return mean, None if math.isnan(se) else se
+
+
+def group_rows(groups: list[SeedGroup]) -> list[dict]:
+    """One row per group: its runs and seeds, log p(x) as mean ± s.e. over its seeds (s.e. = sd / sqrt(n),
+    for 2 seeds half their difference), the runs' mean wall time (train_seconds), and the
+    paired difference from the first group: d_s = log p(x) of this group's run with seed s minus the first
+    group's run with seed s, mean ± s.e. over the seeds both have (None for the first group and where no
+    seed matches)."""
+    first = {seed: run.evaluation.get("log_px") for run, seed in zip(groups[0].runs, groups[0].seeds,
+                                                                      strict=True)}
+    table = []
+    for group in groups:
+        log_px = [run.evaluation["log_px"] for run in group.runs if run.evaluation.get("log_px") is not None]
+        paired = [run.evaluation["log_px"] - first[seed]
+                  for run, seed in zip(group.runs, group.seeds, strict=True)
+                  if group is not groups[0] and first.get(seed) is not None
+                  and run.evaluation.get("log_px") is not None]
+        seconds = [train_seconds(run) for run in group.runs]
+        row = {"group": group.label, "runs": [run.name for run in group.runs], "seeds": group.seeds,
+               "n_runs": len(group.runs)}
+        row["log_px"], row["log_px_se"] = _mean_se(log_px)
+        row["diff_log_px"], row["diff_log_px_se"] = _mean_se(paired)
+        row["n_paired"] = None if group is groups[0] else len(paired)
+        row["train_seconds"] = None if None in seconds else float(np.mean(seconds))
+        table.append(row)
+    return table
+
+
+def group_markdown(groups: list[dict]) -> str:
+    """The group rows (group_rows) as a markdown section."""
+    first = groups[0]["group"]
+    lines = ["", "Runs grouped by their settings without the seed:", "",
+             "| group | runs | seeds | log p(x) (nats), mean ± s.e. over seeds | "
+             f"Δ log p(x) vs {first} (nats), paired by seed | seeds paired | wall time (s), mean |",
+             "|" + " --- |" * 7]
+    for g in groups:
+        lines.append(f"| {g['group']} | {', '.join(g['runs'])} | {', '.join(map(str, g['seeds']))} | "
+                     f"{_pm(g['log_px'], g['log_px_se'])} | "
+                     f"{_pm(g['diff_log_px'], g['diff_log_px_se'], 3)} | "
+                     f"{_fmt(g['n_paired'])} | {_fmt(g['train_seconds'], 1)} |")
+    lines += ["", "s.e. over seeds: sd / sqrt(n) (for 2 seeds, half their difference); Δ: for each seed both "
+              "groups have, the group's run minus the first group's run, mean ± s.e. over those seeds."]
+    return "\n".join(lines) + "\n"
+
+
+def _check_seconds(run: EvaluatedRun) -> None:
+    """Every metrics.jsonl row of the run has its epoch's wall time, else an InputError naming the run."""
+    missing = next((m for m in run.metrics if not isinstance(m.get("seconds"), int | float)), None)
+    if not run.metrics or missing is not None:
+        where = f"at epoch {missing.get('epoch')}" if missing is not None else "(no epochs)"
+        raise InputError(f"run {run.name} ({run.path}) has no seconds in metrics.jsonl {where}: --x seconds "
+                         "draws each epoch at its wall time; use --x epochs")
+
+
+def report(runs: list[str | Path], out: str | Path, x: str = "epochs") -> Report:
+    """Read the evaluated runs, check they share a test set, group them by their settings without the
+    seed, and write report.md, report.csv, report.json and report_curves.png into `out`; x ("epochs" or
+    "seconds", X_AXES) is the figure's x axis: with "seconds", seconds_curves_figure over the groups."""
+    if x not in X_AXES:
+        raise InputError(f"unknown x axis {x!r}: choose among {', '.join(X_AXES)}")
     if not runs:
         raise InputError("report needs one or more run directories")
     paths = [Path(r) for r in runs]
@@ -255,12 +360,22 @@ def report(runs: list[str | Path], out: str | Path) -> Report:
     names = names if len(set(names)) == len(names) else [str(p) for p in paths]
     evaluated = [read_run(p, name) for p, name in zip(paths, names, strict=True)]
     check_same_test_set(evaluated)
-    table = rows(evaluated)
+    if x == "seconds":
+        for run in evaluated:
+            _check_seconds(run)
+    groups = seed_groups(evaluated, [_read_json(p / CONFIG) for p in paths])
+    table, grouped = rows(evaluated), group_rows(groups)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKDOWN).write_text(markdown(table))
+    pooled = any(len(g.runs) > 1 for g in groups)
+    (out / MARKDOWN).write_text(markdown(table) + (group_markdown(grouped) if pooled else ""))
     (out / CSV).write_text(to_csv(table))
-    write_json(out / JSON, {"runs": table, "paths": [str(p) for p in paths]})
+    write_json(out / JSON, {"runs": table, "groups": grouped, "paths": [str(p) for p in paths]})
     written = [out / MARKDOWN, out / CSV, out / JSON]
-    written.append(plot_run_curves({run.name: run.metrics for run in evaluated}, out / CURVES))
-    return Report(table, evaluated, written)
+    if x == "seconds":
+        timed = {g.label: [TimedRun(run.metrics, run.evaluation.get("log_px")) for run in g.runs]
+                 for g in groups}
+        written.append(plot_seconds_curves(timed, out / CURVES))
+    else:
+        written.append(plot_run_curves({run.name: run.metrics for run in evaluated}, out / CURVES))
+    return Report(table, evaluated, written, grouped)

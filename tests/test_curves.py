@@ -1,7 +1,14 @@
 """The learning-curve figure (curves.png, report's curves): which curves it draws, the best epoch,
-the y axis zoomed past the KL warm-up, and the accuracy panel of labelled runs."""
+the y axis zoomed past the KL warm-up, and the accuracy panel of labelled runs; and the same against
+training wall time (`report --x seconds`): one curve per group of seeds, their mean on a common grid of
+seconds, the band over seeds and the final log p(x)."""
 
-from pyro_vae.plots import run_curves_figure
+import math
+import statistics
+
+import pytest
+
+from pyro_vae.plots import TimedRun, run_curves_figure, seconds_curves_figure
 
 
 def _rows(epochs: int, warmup: int = 10, best: int | None = None, final: float = -230.0) -> list[dict]:
@@ -62,3 +69,91 @@ def test_accuracy_panel_holds_every_labelled_run_and_goes_log_for_mixed_lengths(
     assert all(label.startswith("m2") for label in _labels(bound))  # the classifier has no bound
     same_length = run_curves_figure({"m2": m2, "other": m2}).axes[1]
     assert same_length.get_xscale() == "linear"
+
+
+# --- against wall-clock seconds (`pyro-vae report --x seconds`) -------------------------------------------
+
+def _timed(seconds: list[float], intercept: float, slope: float, log_px: float | None = None,
+           key: str = "validation_elbo") -> TimedRun:
+    """A run whose epochs take `seconds` and whose bound is the line intercept + slope * t at the end of
+    each epoch (t: cumulative seconds), so that any interpolation between epochs is exact."""
+    rows, t = [], 0.0
+    for epoch, s in enumerate(seconds, 1):
+        t += s
+        rows.append({"epoch": epoch, "step": epoch, "train_loss": 1.0, "seconds": s, "test_elbo": -500.0,
+                     key: intercept + slope * t})
+    return TimedRun(rows, log_px)
+
+
+def _line(ax, start: str):
+    (line,) = [line for line in ax.lines if line.get_label().startswith(start)]
+    return line
+
+
+def _errorbar(ax, start: str):
+    (bar,) = [c for c in ax.containers if c.get_label().startswith(start)]
+    return bar
+
+
+def _band(ax, label: str) -> list[tuple[float, float, float]]:
+    """The band of a group as (t, low, high) at each t of its outline's vertices (fill_between's polygon)."""
+    (poly,) = [c for c in ax.collections if c.get_label() == f"_band {label}"]
+    vertices = poly.get_paths()[0].vertices
+    return [(t, vertices[vertices[:, 0] == t][:, 1].min(), vertices[vertices[:, 0] == t][:, 1].max())
+            for t in sorted(set(vertices[:, 0].tolist()))]
+
+
+def test_seconds_figure_draws_each_group_as_the_mean_over_seeds_on_the_common_grid_with_its_band():
+    mc = [_timed([1.0, 1.0, 1.0, 1.0], -110.0, 2.0, -100.0), _timed([1.5, 1.5, 1.5], -120.0, 4.0, -98.0)]
+    analytic = [_timed([2.0, 2.0, 2.0], -105.0, 1.0, -97.0), _timed([1.0, 2.0, 3.0], -108.0, 2.0, -96.0),
+                _timed([2.5, 2.5], -100.0, 0.5, -95.0)]
+    ax = seconds_curves_figure({"estimator mc": mc, "estimator analytic": analytic}).axes[0]
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]  # one entry per group, by its curve
+    assert legend == ["estimator mc: validation ELBO, mean of 2 seeds (min–max)",
+                      "estimator analytic: validation ELBO, mean of 3 seeds (± s.e.)"]
+    # mc: seed 1 ends its epochs at 1, 2, 3, 4 s, seed 2 at 1.5, 3, 4.5 s; both have data from 1.5 s to 4 s
+    mean = _line(ax, "estimator mc: validation")
+    assert list(mean.get_xdata()) == [1.5, 2.0, 3.0, 4.0]
+    seeds = [[-110.0 + 2.0 * t, -120.0 + 4.0 * t] for t in (1.5, 2.0, 3.0, 4.0)]
+    assert list(mean.get_ydata()) == pytest.approx([statistics.mean(v) for v in seeds])
+    assert [t for t, _, _ in _band(ax, "estimator mc")] == [1.5, 2.0, 3.0, 4.0]
+    for (_, low, high), values in zip(_band(ax, "estimator mc"), seeds, strict=True):  # 2 seeds: min–max
+        assert (low, high) == pytest.approx((min(values), max(values)))
+    # analytic: epochs end at 2, 4, 6 / 1, 3, 6 / 2.5, 5 s: every seed has data from 2.5 s to 5 s
+    mean = _line(ax, "estimator analytic: validation")
+    grid = [2.5, 3.0, 4.0, 5.0]
+    assert list(mean.get_xdata()) == grid
+    seeds = [[-105.0 + t, -108.0 + 2.0 * t, -100.0 + 0.5 * t] for t in grid]
+    assert list(mean.get_ydata()) == pytest.approx([statistics.mean(v) for v in seeds])
+    assert [t for t, _, _ in _band(ax, "estimator analytic")] == grid
+    for (_, low, high), values in zip(_band(ax, "estimator analytic"), seeds, strict=True):
+        se = statistics.stdev(values) / math.sqrt(3)
+        assert (low, high) == pytest.approx((statistics.mean(values) - se, statistics.mean(values) + se))
+    # the final log p(x): a bar at the seeds' mean total seconds, mean ± s.e. over seeds
+    bar = _errorbar(ax, "_log p(x) estimator analytic")
+    point = bar.lines[0]
+    assert list(point.get_xdata()) == pytest.approx([statistics.mean([6.0, 6.0, 5.0])])
+    assert list(point.get_ydata()) == pytest.approx([-96.0])
+    ((_, low), (_, high)), = bar.lines[2][0].get_segments()
+    se = statistics.stdev([-97.0, -96.0, -95.0]) / math.sqrt(3)
+    assert (low, high) == pytest.approx((-96.0 - se, -96.0 + se))
+
+
+def test_a_group_of_one_run_is_a_plain_curve_with_its_log_px_at_its_total_seconds():
+    run = _timed([3.0, 1.0, 2.0], -90.0, 1.0, -80.0, key="test_elbo")  # no validation: the test ELBO
+    ax = seconds_curves_figure({"fm-vae-mc-s1": [run]}).axes[0]
+    curve = _line(ax, "fm-vae-mc-s1: test ELBO")
+    assert list(curve.get_xdata()) == [3.0, 4.0, 6.0]
+    assert list(curve.get_ydata()) == [-87.0, -86.0, -84.0]
+    marker = _line(ax, "_log p(x) fm-vae-mc-s1")
+    assert (list(marker.get_xdata()), list(marker.get_ydata())) == ([6.0], [-80.0])
+    assert not ax.collections  # no band
+
+
+def test_seconds_figure_zooms_past_warmup_and_keeps_the_markers_in_view():
+    rows = [{**m, "seconds": 2.0} for m in _rows(80, warmup=20)]
+    ax = seconds_curves_figure({"a": [TimedRun(rows, -200.0)], "b": [TimedRun(rows, -210.0)]}).axes[0]
+    low, high = ax.get_ylim()
+    assert low > rows[0]["validation_elbo"]  # epoch 1, 200 nats down, runs off the axis
+    assert low <= -210.0 and high >= -200.0
+    assert _line(ax, "a: validation ELBO").get_xdata()[-1] == 160.0

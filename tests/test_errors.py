@@ -101,6 +101,11 @@ def fixtures(tmp_path_factory, digits_run):
     (f / "grid_unknown_key.yaml").write_text(base + "sweep: {prior: [normal]}\nepochs: 3\n")
     (f / "grid_empty_list.yaml").write_text(base + "sweep: {prior: []}\n")
     (f / "grid_refused.yaml").write_text("base: {beta: 0.5}\nsweep: {estimator: [mc, iwae]}\n")
+    shutil.copytree(digits_run, f / "run_no_seconds")  # evaluated, its epochs' wall times removed
+    assert main(["evaluate", str(f / "run_no_seconds"), "--k", "2", "--quiet"]) == 0
+    metrics = [json.loads(line) for line in (f / "run_no_seconds" / "metrics.jsonl").read_text().splitlines()]
+    (f / "run_no_seconds" / "metrics.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in m.items() if k != "seconds"}) + "\n" for m in metrics))
     shutil.copytree(digits_run, f / "run_not_evaluated")
     for name in ("eval.json", "eval_examples.pt"):
         (f / "run_not_evaluated" / name).unlink(missing_ok=True)

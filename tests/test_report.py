@@ -4,13 +4,14 @@ paired difference of runs on the same test examples, and the runs it refuses."""
 import json
 import math
 import shutil
+import statistics
 
 import numpy as np
 import pytest
 import torch
 
 from pyro_vae.cli import main
-from pyro_vae.report import paired_difference
+from pyro_vae.report import CURVES, paired_difference
 
 NO_LATENT = ["--train-size", "200", "--test-size", "40", "--hidden", "32", "--quiet"]
 TINY = [*NO_LATENT, "--eval-k", "5", "--z-dim", "4"]
@@ -170,3 +171,134 @@ def test_report_pairs_the_accuracy_of_m2_and_the_classifier_on_the_same_test_exa
     assert rows[1]["diff_correct_se"] == pytest.approx(d.std(ddof=1) / math.sqrt(len(d)))
     assert rows[1]["log_px"] is None and rows[1]["diff_log_px"] is None
     assert "Δ accuracy vs m2" in (tmp_path / "rep" / "report.md").read_text()
+
+
+# --- runs grouped by seed, and the figure against wall-clock seconds (`report --x seconds`) ---------------
+
+N_FAKE = 30  # test examples of the hand-made runs
+
+
+def _fake_run(root, name: str, seed: int, seconds: list[float], log_px: float, estimator: str = "mc",
+              particles: int = 1):
+    """An evaluated run directory written by hand: config.json (the settings that matter here),
+    metrics.jsonl (epochs taking `seconds`, a validation ELBO rising by one nat per epoch), eval.json and
+    eval_examples.pt (per-example log p(x) with mean `log_px`), on the same N_FAKE test examples."""
+    run = root / name
+    run.mkdir()
+    config = {"dataset": "digits", "hidden": [32, 32], "estimator": estimator, "particles": particles,
+              "seed": seed, "validation_size": 50}
+    (run / "config.json").write_text(json.dumps(config))
+    rows = [{"epoch": e, "step": 10 * e, "train_loss": 120.0 - e, "test_elbo": -121.0 + e,
+             "validation_elbo": -120.0 + e + log_px / 100, "seconds": s} for e, s in enumerate(seconds, 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spread = torch.linspace(-1.0, 1.0, N_FAKE, dtype=torch.float64)
+    values = {"log_px": log_px + spread, "elbo": log_px - 2.0 + spread}
+    torch.save(values, run / "eval_examples.pt")
+    (run / "eval.json").write_text(json.dumps({
+        "log_px": log_px, "log_px_se": float(values["log_px"].std() / math.sqrt(N_FAKE)),
+        "test_elbo": log_px - 2, "test_elbo_se": 0.1, "n_examples": N_FAKE, "test_fingerprint": "f" * 16,
+        "k": 10}))
+    return run
+
+
+@pytest.fixture
+def seeded_runs(tmp_path):
+    """Two estimators × two seeds (hand-made, known seconds and log p(x)), mc first."""
+    return [_fake_run(tmp_path, "mc-s1", 1, [2.0, 2.0, 2.0], -100.0),
+            _fake_run(tmp_path, "analytic-s1", 1, [1.0, 1.0, 1.0, 1.0], -99.0, "analytic"),
+            _fake_run(tmp_path, "mc-s2", 2, [3.0, 3.0], -101.0),
+            _fake_run(tmp_path, "analytic-s2", 2, [1.5, 1.5, 1.5], -98.5, "analytic")]
+
+
+def _captured(monkeypatch, name: str) -> list:
+    """Record the arguments of pyro_vae.report's figure function `name` (the figure is still written)."""
+    import pyro_vae.report
+
+    calls, real = [], getattr(pyro_vae.report, name)
+    monkeypatch.setattr(pyro_vae.report, name, lambda data, path: (calls.append(data), real(data, path))[1])
+    return calls
+
+
+def test_report_groups_runs_that_differ_only_in_their_seed_and_pairs_groups_by_seed(seeded_runs, tmp_path):
+    from pyro_vae.report import report
+
+    result = report(seeded_runs, tmp_path / "rep")
+    mc, analytic = result.groups
+    assert (mc["group"], analytic["group"]) == ("estimator mc", "estimator analytic")
+    assert mc["runs"] == ["mc-s1", "mc-s2"] and analytic["runs"] == ["analytic-s1", "analytic-s2"]
+    assert analytic["seeds"] == [1, 2]
+    assert mc["log_px"] == pytest.approx(-100.5)
+    assert mc["log_px_se"] == pytest.approx(statistics.stdev([-100.0, -101.0]) / math.sqrt(2))  # = 0.5
+    d = [-99.0 - -100.0, -98.5 - -101.0]  # per seed, analytic minus mc
+    assert analytic["diff_log_px"] == pytest.approx(statistics.mean(d))
+    assert analytic["diff_log_px_se"] == pytest.approx(statistics.stdev(d) / math.sqrt(2))
+    assert analytic["n_paired"] == 2 and mc["diff_log_px"] is None and mc["n_paired"] is None
+    assert mc["train_seconds"] == pytest.approx(6.0)
+    saved = json.loads((tmp_path / "rep" / "report.json").read_text())["groups"]
+    assert saved == result.groups
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert ("| estimator analytic | analytic-s1, analytic-s2 | 1, 2 | -98.75 ± 0.25 | 1.750 ± 0.750 | 2 |"
+            in md)
+
+
+def test_group_labels_name_what_differs_and_fall_back_to_the_run_names(seeded_runs, tmp_path):
+    from pyro_vae.report import read_run, seed_groups
+
+    runs = [read_run(r) for r in seeded_runs]
+    configs = [json.loads((r / "config.json").read_text()) for r in seeded_runs]
+    iwae = {**configs[0], "estimator": "iwae", "particles": 5}
+    labels = [g.label for g in seed_groups(runs[:3], [configs[0], configs[1], iwae])]
+    assert labels == ["estimator mc, particles 1", "estimator analytic, particles 1",
+                      "estimator iwae, particles 5"]
+    same = seed_groups([runs[0], runs[2]], [configs[0], configs[2]])  # one group: nothing differs
+    assert [(g.label, g.seeds) for g in same] == [("mc-s1 + mc-s2", [1, 2])]
+    other = {**configs[1], "dataset": "mnist", "hidden": [300, 300], "validation_size": 10}
+    many = seed_groups(runs[:2], [configs[0], other])  # four settings differ: the runs' names
+    assert [g.label for g in many] == ["mc-s1", "analytic-s1"]
+    assert [g.label for g in seed_groups(runs[:2], [configs[0], {**configs[0], "hidden": [300, 300]}])] == [
+        "hidden 32-32", "hidden 300-300"]
+
+
+def test_report_x_seconds_draws_each_group_against_its_runs_cumulative_seconds(seeded_runs, tmp_path,
+                                                                              monkeypatch, capsys):
+    from pyro_vae.plots import seconds_curves_figure
+
+    calls = _captured(monkeypatch, "plot_seconds_curves")
+    assert main(["report", *map(str, seeded_runs), "--x", "seconds", "--out", str(tmp_path / "rep")]) == 0
+    assert "estimator analytic" in capsys.readouterr().out
+    (groups,) = calls
+    assert list(groups) == ["estimator mc", "estimator analytic"]
+    assert [run.log_px for run in groups["estimator analytic"]] == [-99.0, -98.5]
+    ax = seconds_curves_figure(groups).axes[0]
+    labels = [line.get_label() for line in ax.lines] + [c.get_label() for c in ax.containers]
+    assert sum("estimator mc" in label for label in labels) == 2  # the curve and the log p(x) bar
+    (mc,) = [line for line in ax.lines if line.get_label().startswith("estimator mc: validation ELBO, mean")]
+    # mc-s1's epochs end at 2, 4, 6 s, mc-s2's at 3, 6 s: the common grid is 3, 4, 6 s
+    assert list(mc.get_xdata()) == [3.0, 4.0, 6.0]
+    # their validation ELBOs, -120 + epoch - 0.01 * (100 + log p(x)), lie on the lines of t below
+    s1, s2 = (lambda t: -121.0 + t / 2), (lambda t: -121.01 + t / 3)
+    assert list(mc.get_ydata()) == pytest.approx([(s1(t) + s2(t)) / 2 for t in (3.0, 4.0, 6.0)], abs=1e-9)
+    assert (tmp_path / "rep" / "report_curves.png").stat().st_size > 0
+
+
+def test_report_x_epochs_is_the_default_and_draws_todays_figure(seeded_runs, tmp_path, monkeypatch):
+    epochs = _captured(monkeypatch, "plot_run_curves")
+    seconds = _captured(monkeypatch, "plot_seconds_curves")
+    assert main(["report", *map(str, seeded_runs), "--out", str(tmp_path / "a")]) == 0
+    assert main(["report", *map(str, seeded_runs), "--x", "epochs", "--out", str(tmp_path / "b")]) == 0
+    expected = {r.name: [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines()]
+                for r in seeded_runs}
+    assert epochs == [expected, expected] and seconds == []
+    assert (tmp_path / "a" / CURVES).read_bytes() == (tmp_path / "b" / CURVES).read_bytes()
+
+
+def test_report_x_seconds_refuses_a_run_without_seconds_and_writes_nothing(seeded_runs, tmp_path, capsys):
+    rows = (seeded_runs[2] / "metrics.jsonl").read_text().splitlines()
+    bare = json.loads(rows[1])
+    del bare["seconds"]
+    (seeded_runs[2] / "metrics.jsonl").write_text("\n".join([rows[0], json.dumps(bare)]) + "\n")
+    assert main(["report", *map(str, seeded_runs), "--x", "seconds", "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert "mc-s2" in err and "no seconds" in err and "epoch 2" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "rep").exists()
+    assert main(["report", *map(str, seeded_runs), "--out", str(tmp_path / "rep")]) == 0  # epochs need none
