@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,7 +364,7 @@ def report(runs: list[str | Path], out: str | Path, x: str = "epochs") -> Report
     if x == "seconds":
         for run in evaluated:
             _check_seconds(run)
-    groups = seed_groups(evaluated, [_read_json(p / CONFIG) for p in paths])
+    groups = seed_groups(evaluated, [read_json(p / CONFIG) for p in paths])
     table, grouped = rows(evaluated), group_rows(groups)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
