@@ -322,6 +322,7 @@ def train_each(config: Config, specs: Sequence[tuple[str, int]], epochs: int, ou
             "log_px_se": _se(log_px),
             "test_elbo": summary.get("test_elbo"), "train_seconds": summary.get("train_seconds"),
         }
+        del vae  # done with: the next estimator's model takes its names in the param store
     return results
 
 
@@ -388,6 +389,7 @@ def _compare_estimators(run: str | Path | None, config_file: str | Path | None, 
     if run is not None and config_file is None:
         record["model_checkpoint"] = model_stamp(run)
     if options.train_epochs:
+        del vae  # measured: the models trained next take its names in Pyro's param store, not its tensors
         final = train_each(config, specs, options.train_epochs, out_dir, options.k_ref, x, options.progress)
         for row in record["estimators"]:
             row["final"] = final[f"{row['estimator']} {row['particles']}"]

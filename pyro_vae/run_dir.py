@@ -256,8 +256,10 @@ def read_config(run: Path, pair: bool = False) -> tuple[Config, tuple[int, int, 
     own VAE: a user's pair cannot be rebuilt from the file, and is refused, unless pair=True: the
     caller brings the pair, and reads only the settings)."""
     values = _read_record(run)
+    own_networks: set[str] = set()  # settings a run does not record: a pair brings its own networks
     if "pair" in values and pair:
         values.pop("pair")
+        own_networks = set(MODEL_SETTINGS)
     elif "pair" in values:
         name = values["pair"].get("name", "?") if isinstance(values["pair"], dict) else "?"
         raise InputError(f"{run} trained your own model/guide pair ({name}), which cannot be rebuilt from "
@@ -266,7 +268,7 @@ def read_config(run: Path, pair: bool = False) -> tuple[Config, tuple[int, int, 
     x_shape = tuple(values.pop("x_shape"))
     values = {**ADDED_SETTINGS, **values}  # an older run ran with these before they were settings
     names = {f.name for f in fields(Config)}
-    unknown, missing = sorted(set(values) - names), sorted(names - set(values))
+    unknown, missing = sorted(set(values) - names), sorted(names - set(values) - own_networks)
     if unknown or missing:
         what = "; ".join(part for part in (unknown and f"unknown setting(s) {', '.join(unknown)}",
                                            missing and f"no value for {', '.join(missing)}") if part)
