@@ -142,14 +142,19 @@ def paired(runs: dict[int, object], base: dict[int, object], key: str) -> dict |
             "per_seed": {str(s): {"mean": d, "se": se} for s, (d, se) in per_seed.items()}}
 
 
-def summarize(out: Path, specs: list[str], seeds: list[int]) -> dict:
-    """Per spec, over the seeds whose run finished and was evaluated: test log p(x), test ELBO, KL and
-    active units (eval.json) as mean and s.e. over seeds; epochs, steps, seconds per step
-    (train_seconds / steps) and stop reasons (summary.json); and the paired differences of log p(x) and
-    ELBO from the baseline (`paired`). Every run must be evaluated on the same test images."""
+def finished(run: Path, k: int) -> bool:
+    """Whether the run has finished training (summary.json) and been evaluated with k samples."""
+    return (run / SUMMARY).is_file() and evaluated(run, k)
+
+
+def summarize(out: Path, specs: list[str], seeds: list[int], k: int) -> dict:
+    """Per spec, over the seeds whose run finished and was evaluated with k samples: test log p(x),
+    test ELBO, KL and active units (eval.json) as mean and s.e. over seeds; epochs, steps, seconds per
+    step (train_seconds / steps) and stop reasons (summary.json); and the paired differences of log p(x)
+    and ELBO from the baseline (`paired`). Every run must be evaluated on the same test images."""
     done = {spec: [run_dir(out, spec, s) for s in seeds] for spec in specs}
-    found = {spec: {s: read_run(run) for s, run in zip(seeds, runs, strict=True)
-                    if (run / SUMMARY).is_file() and (run / EVAL).is_file()} for spec, runs in done.items()}
+    found = {spec: {s: read_run(run) for s, run in zip(seeds, runs, strict=True) if finished(run, k)}
+             for spec, runs in done.items()}
     everything = [run for runs in found.values() for run in runs.values()]
     if everything:
         check_same_test_set(everything)
@@ -297,8 +302,12 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = [(*parse_specs([spec], [1])[0], seed) for seed in args.seeds for spec in args.specs]
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda job: train_one(args, *job), jobs))
-    table = summarize(args.out, args.specs, args.seeds)
+    table = summarize(args.out, args.specs, args.seeds, args.eval_k)
     text = markdown(table, args.mode, args.minutes)
+    waiting = [run.name for spec in args.specs for s in args.seeds
+               if not finished(run := run_dir(args.out, spec, s), args.eval_k)]
+    if waiting:
+        text += f"\nNot finished or not evaluated yet (call the script again): {', '.join(waiting)}.\n"
     (args.out / "estimators.md").write_text(text)
     (args.out / "estimators.json").write_text(json.dumps(
         {"mode": args.mode, "minutes": args.minutes, "preset": args.preset, "dataset": args.dataset,
@@ -310,4 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as err:  # e.g. runs evaluated on different test images: one line, exit 2
+        print(f"estimators_at_convergence: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -72,6 +72,9 @@ def test_the_study_trains_evaluates_tabulates_and_continues(tmp_path, monkeypatc
     script.main(_study(out, eval_k=6))
     assert sorted(cmd[cmd.index("evaluate") + 1] for cmd in calls) == sorted(str(r) for r in runs.values())
     assert all(cmd[-3:] == ["--k", "6", "--quiet"] for cmd in calls)
+    waiting = (out / "estimators.md").read_text().splitlines()[-1]  # (the mock evaluated nothing)
+    assert waiting.startswith("Not finished or not evaluated yet")
+    assert all(r.name in waiting for r in runs.values())
 
 
 def test_each_runs_command_is_the_preset_with_its_estimator_and_an_unfinished_run_resumes(tmp_path):
