@@ -47,13 +47,13 @@ SEEDS = {"budget": [0, 1], "converge": [0, 1, 2]}
 BASELINE = "mc"  # the spec every other one is paired against (the first spec where mc is not studied)
 TRAIN_EVAL_K = 100  # samples of train's own closing log p(x) (summary.json); the table's come from evaluate
 PASS_THROUGH = ("train_size", "test_size", "validation_size", "epochs", "hidden", "z_dim")
+CPU = {**os.environ, "OMP_NUM_THREADS": "1"}  # the environment of every pyro-vae process: one torch thread
 
 
 def has_kl_term(name: str) -> bool:
     """Whether the estimator's bound has a KL term a warm-up can weight (config.py refuses --kl-anneal
     for the importance-weighted ones, iwae*)."""
     return not name.startswith("iwae")
-CPU = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def label(name: str, k: int) -> str:
