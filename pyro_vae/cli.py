@@ -295,8 +295,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _load_run(run: str, device_name: str, test_size: int | None = None):
     """The config, trained VAE and data (as the run saw them) of a run directory."""
+    from .device import resolve_device
     from .run_dir import check_data_shape, load_model
-    from .train import prepare_data, resolve_device
+    from .train_data import prepare_data
 
     device = resolve_device(device_name)
     config, vae = load_model(Path(run), device)

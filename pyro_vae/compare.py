@@ -339,7 +339,7 @@ def compare_estimators(run: str | Path | None = None, config_file: str | Path | 
     """Compare estimators on a trained run (RUN) or on a fresh model from a config file (then `out`
     is required); write compare.json, compare.md and the figures to `out` (default: RUN). Seeded with
     options.seed, on forked generators: the caller's random state is as it was afterwards."""
-    from .train import resolve_device
+    from .device import resolve_device
 
     options = options or CompareOptions()
     with forked_rng(resolve_device(options.device)):
@@ -348,7 +348,7 @@ def compare_estimators(run: str | Path | None = None, config_file: str | Path | 
 
 def _compare_estimators(run: str | Path | None, config_file: str | Path | None, out: str | Path | None,
                         options: CompareOptions) -> CompareResult:
-    from .train import resolve_device
+    from .device import resolve_device
 
     options.validate()
     if (run is None) == (config_file is None):

@@ -182,7 +182,8 @@ def measure_m2(m2: M2, x: Tensor, names: list[str], repeats: int, k_ref: int, te
 def compare_m2_run(run: Path, config: Config, out: Path, options: CompareOptions) -> CompareResult:
     """`pyro-vae compare RUN` for an M2 run: measure_m2 on the first options.batch_size test examples,
     written as compare.json, compare.md and the two figures into `out`."""
-    from .train import prepare_data, resolve_device
+    from .device import resolve_device
+    from .train_data import prepare_data
 
     names = parse_discrete(options.estimators)
     for flag in ("train_epochs", "pretrain_epochs"):

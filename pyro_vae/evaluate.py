@@ -13,10 +13,24 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .device import resolve_device
 from .elbo import mean_field_terms
 from .estimators import log_weights
 from .program import Program
+from .run_dir import (
+    EVAL,
+    EVAL_EXAMPLES,
+    check_data_shape,
+    load_model,
+    load_pair,
+    model_stamp,
+    read_config,
+    save_checkpoint,
+    write_json,
+)
+from .run_lock import run_lock
 from .staging import write_all_or_none
+from .train_data import prepare_data
 
 MAX_ELEMENTS = 2**24  # particles x examples x pixels per chunk: bounds memory (~64 MB a tensor)
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q[z_u]) > 0.01
@@ -156,8 +170,6 @@ def write_evaluation(run: str | Path, result: dict, values: dict[str, Tensor], x
     """Write RUN/eval.json (`result`, the test set's fingerprint and size, and `model`: which checkpoint
     it describes, see run_dir.model_stamp) and the per-example values behind it, RUN/eval_examples.pt
     (a dict of float64 tensors of shape (N,), loadable with torch.load(weights_only=True)): both or none."""
-    from .run_dir import EVAL, EVAL_EXAMPLES, save_checkpoint, write_json
-
     record = {**result, "test_fingerprint": test_fingerprint(x), "examples_file": EVAL_EXAMPLES,
               **({"model_checkpoint": model} if model is not None else {})}
 
@@ -177,10 +189,6 @@ def evaluate_run(run: str | Path, k: int = 5000, test_size: int | None = None, d
     and write RUN/eval.json and RUN/eval_examples.pt (write_evaluation); returns (result, config, model).
     A run of your own model/guide pair (trained with train(..., program=pair)) needs `program`: the
     same pair, built the same way, into which the run's parameters are loaded (run_dir.load_pair)."""
-    from .run_dir import check_data_shape, load_model, load_pair, model_stamp, read_config
-    from .run_lock import run_lock
-    from .train import prepare_data, resolve_device
-
     run, torch_device = Path(run), resolve_device(device)
     with run_lock(run):  # one writer at a time
         if program is None:
