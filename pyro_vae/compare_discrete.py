@@ -10,7 +10,7 @@ examples (model and guide called with x alone), as `pyro-vae compare RUN` measur
   mode);
 * the gradient of the training loss (-bound / N, one particle): variance and SNR per parameter,
   averaged over the classifier q(y|x), the encoder q(z|x,y) and the decoder (p(x|y,z), with the prior
-  and likelihood parameters), by compare.gradient_stats; and ms per loss + backward.
+  and likelihood parameters), by compare_measures.gradient_stats; and ms per loss + backward.
 
 The y site is built as in training (the M2 in training mode, m2.discrete set to each estimator in
 turn). The score function needs a baseline b(x): the run's own where it was trained with 'score',
@@ -30,7 +30,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .compare import (
+from .compare_measures import (
     CompareOptions,
     CompareResult,
     _se,
@@ -38,16 +38,18 @@ from .compare import (
     measured_cells,
     measured_columns,
     table_head,
-    write_comparison,
+    write_files,
 )
 from .config import Config
 from .data import binarize
+from .device import resolve_device
 from .discrete import MAX_PLATE_NESTING, make_discrete_estimator
 from .errors import InputError
 from .evaluate import iwae_log_px
 from .m2 import DISCRETE, M2, Baseline
 from .plots import save_figure, subplots
 from .run_dir import load_model, model_stamp
+from .train_data import prepare_data
 
 DEFAULT_TEMPERATURE = 0.5  # the relaxation's tau where the run did not train with 'relaxed'
 BASELINE_EXAMPLES = 2000  # training examples the score function's baseline is fitted on, at most
@@ -182,9 +184,6 @@ def measure_m2(m2: M2, x: Tensor, names: list[str], repeats: int, k_ref: int, te
 def compare_m2_run(run: Path, config: Config, out: Path, options: CompareOptions) -> CompareResult:
     """`pyro-vae compare RUN` for an M2 run: measure_m2 on the first options.batch_size test examples,
     written as compare.json, compare.md and the two figures into `out`."""
-    from .device import resolve_device
-    from .train_data import prepare_data
-
     names = parse_discrete(options.estimators)
     for flag in ("train_epochs", "pretrain_epochs"):
         if getattr(options, flag):
@@ -208,7 +207,7 @@ def compare_m2_run(run: Path, config: Config, out: Path, options: CompareOptions
                         options.progress)
     record.update(model=f"{run} (M2, trained with --discrete {config.discrete})", dataset=config.dataset,
                   prior=config.prior, score_baseline=fitted, model_checkpoint=model_stamp(run))
-    return CompareResult(out, record, write_comparison(record, out, markdown(record), plot_snr))
+    return CompareResult(out, record, write_files(record, out, markdown(record), plot_snr))
 
 
 def markdown(record: dict) -> str:
