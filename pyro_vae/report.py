@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
+from .plots import plot_run_curves
 from .run_dir import (
     BEST,
     CHECKPOINT,
@@ -246,8 +247,6 @@ def to_csv(table: list[dict]) -> str:
 def report(runs: list[str | Path], out: str | Path) -> Report:
     """Read the evaluated runs, check they share a test set, and write report.md, report.csv,
     report.json and report_curves.png into `out`."""
-    from .plots import plot_run_curves
-
     if not runs:
         raise InputError("report needs one or more run directories")
     paths = [Path(r) for r in runs]
