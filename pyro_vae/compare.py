@@ -41,7 +41,6 @@ from .compare_measures import (
     CompareOptions,
     CompareResult,
     Refused,
-    _se,
     gradient_stats,
     measured_cells,
     measured_columns,
@@ -60,6 +59,7 @@ from .plots import save_figure, subplots
 from .program import Program
 from .rng import forked_rng
 from .run_dir import build_from_config, load_model, model_stamp, read_config
+from .stats import mean_se
 from .train import train
 from .train_data import prepare_data
 
@@ -136,7 +136,8 @@ def measure(program: object, x: Tensor, specs: Sequence[tuple[str, int]], repeat
     pyro.set_rng_seed(seed)
     log_px = iwae_log_px(program.model, program.guide, x, k_ref)
     record: dict = {"n_examples": int(x.shape[0]), "repeats": repeats, "k_ref": k_ref, "seed": seed,
-                    "device": str(x.device), "log_px_ref": float(log_px.mean()), "log_px_ref_se": _se(log_px)}
+                    "device": str(x.device), "log_px_ref": float(log_px.mean()),
+                    "log_px_ref_se": mean_se(log_px)[1]}
     if any(name == "analytic" for name, _ in specs):
         record["analytic_kl"] = check_analytic_kl("analytic", program.model, program.guide, x)
     rows = []
@@ -193,7 +194,7 @@ def train_each(config: Config, specs: Sequence[tuple[str, int]], epochs: int, ou
         log_px = iwae_log_px(vae.model, vae.guide, x, k_ref)
         results[f"{name} {k}"] = {
             "epochs": epochs, "run": str(run), "log_px": float(log_px.mean()),
-            "log_px_se": _se(log_px),
+            "log_px_se": mean_se(log_px)[1],
             "test_elbo": summary.get("test_elbo"), "train_seconds": summary.get("train_seconds"),
         }
     return results

@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 from .compare_measures import (
     CompareOptions,
     CompareResult,
-    _se,
     gradient_stats,
     measured_cells,
     measured_columns,
@@ -49,6 +48,7 @@ from .evaluate import iwae_log_px
 from .m2 import DISCRETE, M2, Baseline
 from .plots import save_figure, subplots
 from .run_dir import load_model, model_stamp
+from .stats import mean_se
 from .train_data import prepare_data
 
 DEFAULT_TEMPERATURE = 0.5  # the relaxation's tau where the run did not train with 'relaxed'
@@ -162,7 +162,7 @@ def measure_m2(m2: M2, x: Tensor, names: list[str], repeats: int, k_ref: int, te
     log_px = iwae_log_px(m2.model, m2.guide, x, k_ref)
     record: dict = {"kind": "m2", "n_examples": int(x.shape[0]), "repeats": repeats, "k_ref": k_ref,
                     "seed": seed, "device": str(x.device), "log_px_ref": float(log_px.mean()),
-                    "log_px_ref_se": _se(log_px),
+                    "log_px_ref_se": mean_se(log_px)[1],
                     "temperature": temperature, "labels": "none (every example unlabelled)"}
     groups = parameter_groups(m2)
     rows = []

@@ -28,11 +28,6 @@ JSON, MARKDOWN = "compare.json", "compare.md"
 SNR_FIGURE, ESTIMATES_FIGURE = "compare_snr.png", "compare_estimates.png"
 
 
-def _se(values: Tensor) -> float | None:
-    """Standard error of the mean over examples (None for one example)."""
-    return float(values.std() / math.sqrt(len(values))) if len(values) > 1 else None
-
-
 class Refused(ValueError):
     """The estimator refused the pair: its ValueError or NotImplementedError, as one line."""
 

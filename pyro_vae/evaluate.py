@@ -30,6 +30,7 @@ from .run_dir import (
 )
 from .run_lock import run_lock
 from .staging import write_all_or_none
+from .stats import mean_se
 from .train_data import prepare_data
 
 MAX_ELEMENTS = 2**24  # particles x examples x pixels per chunk: bounds memory (~64 MB a tensor)
@@ -101,12 +102,6 @@ def active_units(program: object, x: Tensor, threshold: float = ACTIVE_UNIT_THRE
     return int(((a * b).sum(0) / (len(a) - 1) > threshold).sum())
 
 
-def _mean_se(values: Tensor) -> tuple[float, float]:
-    n = values.numel()
-    se = float(values.std() / math.sqrt(n)) if n > 1 else float("nan")
-    return float(values.mean()), se
-
-
 @torch.no_grad()
 def per_example(program: object, x: Tensor, k: int = 5000, elbo_samples: int = 10,
                 progress: bool = False) -> dict[str, Tensor]:
@@ -149,7 +144,7 @@ def summarize(program: object, x: Tensor, values: dict[str, Tensor], k: int) -> 
         result = {}
         pairs = (("test_elbo", "elbo"), ("log_px", "log_px"), ("kl", "kl"), ("recon", "recon"))
     for name, key in pairs:
-        result[name], result[f"{name}_se"] = _mean_se(values[key])
+        result[name], result[f"{name}_se"] = mean_se(values[key])
     result.update(active_units=active_units(program, x), n_examples=int(x.shape[0]))
     if not program.is_autoencoder:
         result["k"] = k
@@ -205,7 +200,7 @@ def evaluate_run(run: str | Path, k: int = 5000, test_size: int | None = None, d
         result = {"n_examples": int(x.shape[0])} if classifier else summarize(vae, x, values, k)
         if callable(getattr(vae, "predict", None)) and data.test_y is not None:
             values["correct"] = labelled_correct(vae, data.test_x, data.test_y)
-            result["test_accuracy"], result["test_accuracy_se"] = _mean_se(values["correct"])
+            result["test_accuracy"], result["test_accuracy_se"] = mean_se(values["correct"])
         write_evaluation(run, result, values, x, model_stamp(run))
     return result, config, vae
 
@@ -224,4 +219,4 @@ def labelled_correct(model: object, x: Tensor, labels: Tensor) -> Tensor:
 def test_accuracy(model: object, data) -> tuple[float, float]:
     """The test accuracy of `model.predict` on data.test_x against data.test_y, and its standard error
     over the test examples."""
-    return _mean_se(labelled_correct(model, data.test_x, data.test_y))
+    return mean_se(labelled_correct(model, data.test_x, data.test_y))

@@ -44,6 +44,7 @@ from .run_dir import (
     recorded_pair,
     write_json,
 )
+from .stats import mean_se
 
 MARKDOWN, CSV, JSON, CURVES = "report.md", "report.csv", "report.json", "report_curves.png"
 PAIRED = ("log_px", "elbo", "correct")  # the per-example values whose paired difference the report gives
@@ -140,9 +141,7 @@ def check_same_test_set(runs: list[EvaluatedRun]) -> None:
 def paired_difference(a: Tensor, b: Tensor) -> tuple[float, float]:
     """mean(d) and its standard error sd(d) / sqrt(N) for d = b - a, per example (N >= 2; the s.e. is
     NaN for one example)."""
-    d = (b.double() - a.double()).flatten()
-    n = d.numel()
-    return float(d.mean()), float(d.std() / math.sqrt(n)) if n > 1 else math.nan
+    return mean_se(b.double() - a.double())
 
 
 def best_epoch(run: EvaluatedRun) -> int | None:
