@@ -26,7 +26,6 @@ from pathlib import Path
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -42,12 +41,13 @@ from .compare_measures import (
 from .config import Config
 from .data import binarize
 from .device import resolve_device
-from .discrete import MAX_PLATE_NESTING, make_discrete_estimator
+from .discrete import make_discrete_estimator
 from .errors import InputError
 from .evaluate import iwae_log_px
 from .m2 import DISCRETE, M2, Baseline
 from .plots import save_figure, subplots
 from .run_dir import load_model, model_stamp
+from .sites import MAX_PLATE_NESTING, sample_sites
 from .stats import mean_se
 from .train_data import prepare_data
 
@@ -107,9 +107,7 @@ def bound_draw(model, guide, x: Tensor) -> Tensor:
     log_w, log_q_enum = torch.zeros(()), torch.zeros(())
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         trace.compute_log_prob()
-        for _, site in trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
+        for _, site in sample_sites(trace):
             log_w = log_w + sign * site["log_prob"]
             if sign < 0 and site["infer"].get("_enumerate_dim") is not None:
                 log_q_enum = log_q_enum + site["log_prob"]

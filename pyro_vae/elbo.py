@@ -16,7 +16,7 @@ Each also answers `per_example_bound(model, guide, x)`: one draw of every exampl
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import reduce
 
 import torch
@@ -33,16 +33,12 @@ from torch import Tensor
 from torch.distributions import kl_divergence
 
 from .iwae import particle_traces, weights
+from .sites import sample_sites
 
 
 def _sum(terms: list[Tensor]) -> Tensor | float:
     """The sum of the terms (0 for none), without a leading 0 + (one operation fewer)."""
     return reduce(operator.add, terms) if terms else 0.0
-
-
-def _sample_sites(trace: Trace) -> Iterator[tuple[str, dict]]:
-    """(name, site) of the trace's sample sites (not its param sites)."""
-    return ((name, site) for name, site in trace.nodes.items() if site["type"] == "sample")
 
 
 class _OnDeviceLoss:
@@ -60,7 +56,7 @@ def _log_r(model_trace: Trace, guide_trace: Trace) -> MultiFrameTensor:
     the score function of a non-reparameterized guide site (summed over the plates it shares)."""
     log_r = MultiFrameTensor()
     stacks = get_plate_stacks(model_trace)
-    for name, site in _sample_sites(model_trace):
+    for name, site in sample_sites(model_trace):
         term = site["log_prob"]
         if not site["is_observed"]:
             term = term - guide_trace.nodes[name]["log_prob"]
@@ -83,10 +79,10 @@ class OnDeviceTrace_ELBO(_OnDeviceLoss, Trace_ELBO):
         Trace_ELBO's surrogate: a reparameterized guide site's log q enters as its entropy term (which
         is log q); a non-reparameterized one as entropy term - log_r * score function, plus the
         difference to log q, detached, for the value."""
-        gains = [site["log_prob_sum"] for _, site in _sample_sites(model_trace)]
+        gains = [site["log_prob_sum"] for _, site in sample_sites(model_trace)]
         costs = []
         log_r = None
-        for _, site in _sample_sites(guide_trace):
+        for _, site in sample_sites(guide_trace):
             _, score_function, entropy = site["score_parts"]
             if is_identically_zero(score_function) and not is_identically_zero(entropy):
                 costs.append(entropy.sum())
@@ -116,7 +112,7 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
         """-ELBO = sum KL - sum log p(x|z) of one particle (costs - gains), as
         TraceMeanField_ELBO._differentiable_loss_particle computes it."""
         gains, costs = [], []
-        for name, model_site in _sample_sites(model_trace):
+        for name, model_site in sample_sites(model_trace):
             if model_site["is_observed"]:
                 gains.append(model_site["log_prob_sum"])
                 continue
@@ -135,7 +131,7 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
                 costs.append(kl.sum())
             else:
                 costs.append(kl * guide_site["fn"].batch_shape.numel())
-        for name, guide_site in _sample_sites(guide_trace):  # auxiliary guide sites: their log q
+        for name, guide_site in sample_sites(guide_trace):  # auxiliary guide sites: their log q
             if name not in model_trace.nodes:
                 assert guide_site["infer"].get("is_auxiliary"), f"guide site {name!r} is not in the model"
                 if is_validation_enabled():
@@ -150,9 +146,9 @@ def mean_field_terms(model: Callable, guide: Callable, num_particles: int, *args
     sites) and kl = KL(q(z|x) || p(z)) summed over the latent sites, in closed form where torch has it,
     else (1/K) sum_k [log q(z_k|x) - log p(z_k)]; z_k ~ q(z|x), K = num_particles vectorized draws."""
     model_trace, guide_trace = particle_traces(model, guide, num_particles, *args, **kwargs)
-    device = next(site["unscaled_log_prob"].device for _, site in _sample_sites(model_trace))
+    device = next(site["unscaled_log_prob"].device for _, site in sample_sites(model_trace))
     recon, kl = torch.zeros((), device=device), torch.zeros((), device=device)
-    for name, site in _sample_sites(model_trace):
+    for name, site in sample_sites(model_trace):
         if site["is_observed"]:
             recon = recon + site["unscaled_log_prob"]
             continue
