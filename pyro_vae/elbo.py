@@ -9,6 +9,11 @@ value and gradient, and there is no NaN check: the caller checks finiteness on t
 (step.SVIStep does). Only `differentiable_loss` changes: `loss` and `loss_and_grads`, which
 pyro.infer.SVI calls, are Pyro's own, floats and warnings included.
 
+The score-function 'reward' log r (log p - log q of every model site, detached, kept by plate) is
+Pyro's own private `_compute_log_r`, the one Trace_ELBO calls, not a copy: our surrogate stays Trace_ELBO's
+as Pyro changes. Should a Pyro release move or change it, importing this module fails, or
+tests/test_estimators.py's comparison with Trace_ELBO on a score-function site does.
+
 Each also answers `per_example_bound(model, guide, x)`: one draw of every example's ELBO, the value
 `compare` measures (the IWAE family's are in iwae.py).
 """
@@ -22,12 +27,8 @@ from functools import reduce
 import torch
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-from pyro.infer.util import (
-    MultiFrameTensor,
-    check_fully_reparametrized,
-    get_plate_stacks,
-    is_validation_enabled,
-)
+from pyro.infer.trace_elbo import _compute_log_r  # Trace_ELBO's own, private: see the note below
+from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 from torch.distributions import kl_divergence
@@ -49,19 +50,6 @@ class _OnDeviceLoss:
         """-ELBO estimate, with the estimator's gradient: Pyro's value and gradient, no host sync."""
         traces = self._get_traces(model, guide, args, kwargs)
         return _sum([self._particle_loss(m, g) for m, g in traces]) / self.num_particles
-
-
-def _log_r(model_trace: Trace, guide_trace: Trace) -> MultiFrameTensor:
-    """log p - log q of every model sample site, detached, kept by plate: the 'reward' that multiplies
-    the score function of a non-reparameterized guide site (summed over the plates it shares)."""
-    log_r = MultiFrameTensor()
-    stacks = get_plate_stacks(model_trace)
-    for name, site in sample_sites(model_trace):
-        term = site["log_prob"]
-        if not site["is_observed"]:
-            term = term - guide_trace.nodes[name]["log_prob"]
-        log_r.add((stacks[name], term.detach()))
-    return log_r
 
 
 class OnDeviceTrace_ELBO(_OnDeviceLoss, Trace_ELBO):
@@ -90,7 +78,7 @@ class OnDeviceTrace_ELBO(_OnDeviceLoss, Trace_ELBO):
             surrogate = 0.0 if is_identically_zero(entropy) else entropy.sum()
             if not is_identically_zero(score_function):
                 if log_r is None:
-                    log_r = _log_r(model_trace, guide_trace)
+                    log_r = _compute_log_r(model_trace, guide_trace)
                 surrogate = surrogate - (log_r.sum_to(site["cond_indep_stack"]) * score_function).sum()
             costs.append(surrogate + (site["log_prob_sum"] - surrogate).detach())
         return _sum(costs) - _sum(gains)
