@@ -26,7 +26,6 @@ and two PNG figures. An M2 run (a discrete latent y) is measured by compare_disc
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from .compare_measures import (
     CompareOptions,
     CompareResult,
     Refused,
+    estimate_summary,
     gradient_stats,
     measured_cells,
     measured_columns,
@@ -101,30 +101,20 @@ def parse_specs(estimators: Sequence[str] | None, particles: Sequence[int]) -> l
 
 @torch.no_grad()
 def estimate_stats(elbo: pyro.infer.ELBO, program: object, x: Tensor, repeats: int, log_px: Tensor) -> dict:
-    """R draws b_rn of every example's bound, by the estimator's per_example_bound: mean over r and n
-    (and its standard error over draws), per-example std sqrt(mean_n var_r b_rn), bias mean - mean_n
-    log p(x_n), and the R batch means. An ELBO without per_example_bound gives R batch means
-    -loss/N only: value_std is None and the row has a note saying so. The estimator's refusal of the
-    pair is Refused."""
+    """R draws b_rn of every example's bound, by the estimator's per_example_bound, summarized by
+    compare_measures.estimate_summary: mean over r and n (and its standard error over draws),
+    per-example std sqrt(mean_n var_r b_rn), bias mean - mean_n log p(x_n), and the R batch means. An
+    ELBO without per_example_bound gives R batch means -loss/N only: value_std is None and the row has
+    a note saying so. The estimator's refusal of the pair is Refused."""
     program = Program.of(program)
     per_example = getattr(elbo, "per_example_bound", None)
     with refusals():
         if per_example is not None:  # draws b_rn, (R, N)
             draws = torch.stack([per_example(program.model, program.guide, x) for _ in range(repeats)])
-        else:
+        else:  # batch means -loss/N, (R,)
             losses = [float(elbo.loss(program.model, program.guide, x)) for _ in range(repeats)]
-    if per_example is not None:
-        batch_means, value_std = draws.mean(1), float(draws.var(0).mean().sqrt())
-    else:
-        batch_means, value_std = -torch.tensor(losses, dtype=torch.float64) / x.shape[0], None
-    mean = float(batch_means.mean())
-    stats = {
-        "value_mean": mean,
-        "value_mean_se": float(batch_means.std() / math.sqrt(repeats)),
-        "value_std": value_std,
-        "bias": mean - float(log_px.mean()),
-        "batch_means": batch_means.tolist(),
-    }
+            draws = -torch.tensor(losses, dtype=torch.float64) / x.shape[0]
+    stats = estimate_summary(draws, log_px)
     return stats if per_example is not None else {**stats, "note": BATCH_ONLY}
 
 

@@ -19,7 +19,6 @@ else one fitted by least squares to the downstream cost log w(x, y, z) on traini
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from .compare_measures import (
     CompareOptions,
     CompareResult,
+    estimate_summary,
     gradient_stats,
     measured_cells,
     measured_columns,
@@ -141,16 +141,6 @@ def parameter_groups(m2: M2) -> dict[str, list[Tensor]]:
             "decoder": [p for p in decoder if p.requires_grad]}
 
 
-def estimate_stats(m2: M2, x: Tensor, repeats: int, log_px: Tensor) -> dict:
-    """R draws of every example's bound (bound_draw) with the M2 as it is set up: as compare's."""
-    draws = torch.stack([bound_draw(m2.model, m2.guide, x) for _ in range(repeats)])  # (R, N)
-    batch_means = draws.mean(1)
-    mean = float(batch_means.mean())
-    return {"value_mean": mean, "value_mean_se": float(batch_means.std() / math.sqrt(repeats)),
-            "value_std": float(draws.var(0).mean().sqrt()), "bias": mean - float(log_px.mean()),
-            "batch_means": batch_means.tolist()}
-
-
 def measure_m2(m2: M2, x: Tensor, names: list[str], repeats: int, k_ref: int, temperature: float,
                baseline: Baseline, seed: int = 0, progress: bool = False) -> dict:
     """The comparison of the estimators `names` on the M2 and the unlabelled batch x: the record
@@ -167,7 +157,8 @@ def measure_m2(m2: M2, x: Tensor, names: list[str], repeats: int, k_ref: int, te
     for name in tqdm(names, desc="estimators", disable=not progress):
         with estimating(m2, name, temperature, baseline):
             pyro.set_rng_seed(seed)
-            row = {"estimator": name, "particles": 1, **estimate_stats(m2, x, repeats, log_px)}
+            draws = torch.stack([bound_draw(m2.model, m2.guide, x) for _ in range(repeats)])  # (R, N)
+            row = {"estimator": name, "particles": 1, **estimate_summary(draws, log_px)}
             pyro.set_rng_seed(seed)
             row.update(gradient_stats(make_discrete_estimator(name), m2, x, repeats, progress, name, groups))
         baseline.zero_grad(set_to_none=True)  # the baseline loss's gradient, measured in no group

@@ -23,6 +23,7 @@ from .plots import save_figure, subplots
 from .program import Program
 from .run_dir import write_json
 from .staging import write_all_or_none
+from .stats import mean_se
 
 JSON, MARKDOWN = "compare.json", "compare.md"
 SNR_FIGURE, ESTIMATES_FIGURE = "compare_snr.png", "compare_estimates.png"
@@ -153,6 +154,19 @@ def gradient_stats(elbo: pyro.infer.ELBO, program: object, x: Tensor, repeats: i
         result[g] = {"grad_var": float(var.mean()), "snr": float(snr.mean()) if varying.any() else math.nan,
                      "n_params": int(var.numel())}
     return result
+
+
+def estimate_summary(draws: Tensor, log_px: Tensor) -> dict:
+    """The statistics of R draws of an estimate, given per example, b_rn of shape (R, N), or as batch
+    means only, shape (R,): the mean over r and n of the batch means m_r and its standard error over
+    draws (stats.mean_se), the per-example std of one draw sqrt(mean_n var_r b_rn) (None from batch
+    means), the bias mean - mean_n log p(x_n), and the m_r."""
+    per_example = draws.dim() == 2
+    batch_means = draws.mean(1) if per_example else draws
+    mean, se = mean_se(batch_means)
+    return {"value_mean": mean, "value_mean_se": se,
+            "value_std": float(draws.var(0).mean().sqrt()) if per_example else None,
+            "bias": mean - float(log_px.mean()), "batch_means": batch_means.tolist()}
 
 
 @dataclass
