@@ -24,7 +24,7 @@ GRID = 8  # images per side of the sample grid; reconstructions: one row of GRID
 
 
 def _writer_class():
-    try:
+    try:  # tensorboard is an optional dependency: imported only when --tensorboard asks for it
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise InputError('--tensorboard needs the tensorboard package: pip install -e ".[tensorboard]" '

@@ -15,10 +15,21 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 from pathlib import Path
 
+from . import plots
+from .compare import CompareOptions, compare_estimators
 from .config import RESUMABLE, Config, load_config_file
+from .device import resolve_device
+from .diagnostics import diagnose, write_report
 from .errors import InputError, TrainingError
+from .evaluate import evaluate_run
+from .grid import grid_report, run_grid
+from .presets import describe_presets, preset_settings
 from .registry import load_plugins
+from .report import MARKDOWN, report
+from .run_dir import EVAL, check_data_shape, load_model, model_stamp, read_config
 from .run_lock import run_lock
+from .train import Interrupted, train
+from .train_data import prepare_data
 
 HELP = {
     "dataset": "digits (default, embedded), mnist, fashion-mnist, kmnist, a folder of images, "
@@ -193,8 +204,6 @@ def _add_compare_parser(sub) -> None:
 def resolve_config(args: argparse.Namespace) -> Config:
     """Defaults, then the --preset, then the --config file, then the flags given: the config the run
     records."""
-    from .presets import preset_settings
-
     preset = preset_settings(args.preset) if getattr(args, "preset", None) else {}
     values = _settings_file(args.config) if args.config else {}
     return Config.from_dict({**preset, **values, **_flags_given(args)})
@@ -222,8 +231,6 @@ def _flags_given(args: argparse.Namespace) -> dict:
 
 def _resume_config(args: argparse.Namespace) -> Config:
     """The run's own config, with only RESUMABLE settings changed by flags."""
-    from .run_dir import read_config
-
     recorded, _ = read_config(Path(args.resume))
     given = _flags_given(args)
     if args.config:
@@ -257,9 +264,6 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .presets import describe_presets
-    from .train import train
-
     if args.list_presets:
         print(describe_presets())
         return
@@ -295,9 +299,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _load_run(run: str, device_name: str, test_size: int | None = None):
     """The config, trained VAE and data (as the run saw them) of a run directory."""
-    from .run_dir import check_data_shape, load_model
-    from .train import prepare_data, resolve_device
-
     device = resolve_device(device_name)
     config, vae = load_model(Path(run), device)
     config.test_size = test_size or config.test_size
@@ -307,9 +308,6 @@ def _load_run(run: str, device_name: str, test_size: int | None = None):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate_run
-    from .run_dir import EVAL
-
     _positive("k", args.k)
     _positive("test-size", args.test_size)
     result, config, vae = evaluate_run(args.run, args.k, args.test_size, args.device, progress=not args.quiet)
@@ -332,8 +330,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from . import plots
-
     _positive("n", args.n)
     with run_lock(args.run):  # one writer at a time
         _, vae, data = _load_run(args.run, args.device)
@@ -346,8 +342,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .compare import CompareOptions, compare_estimators
-
     options = CompareOptions(
         particles=args.particles_list, repeats=args.repeats, batch_size=args.batch_size, k_ref=args.k_ref,
         train_epochs=args.train_epochs, pretrain_epochs=args.pretrain_epochs, seed=args.seed,
@@ -380,12 +374,8 @@ def _add_diagnose_parser(sub) -> None:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> None:
-    from .diagnostics import diagnose, write_report
-
     for name in ("n-examples", "k", "svi-steps", "num-samples", "warmup", "chains"):
         _positive(name, getattr(args, name.replace("-", "_")))
-    from .run_dir import model_stamp
-
     with run_lock(args.run):  # one writer at a time
         config, vae, data = _load_run(args.run, args.device)
         with torch_threads(config.threads):  # the run's --threads (NUTS on a few z gains nothing from more)
@@ -412,8 +402,6 @@ def _add_report_parser(sub) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .report import MARKDOWN, report
-
     result = report(args.runs, args.out, args.x)
     print((Path(args.out) / MARKDOWN).read_text(), end="")
     for path in result.paths:
@@ -436,9 +424,6 @@ def _add_grid_parser(sub) -> None:
 
 
 def cmd_grid(args: argparse.Namespace) -> None:
-    from .grid import grid_report, run_grid
-    from .report import MARKDOWN
-
     runs, failed = run_grid(args.file, args.out, args.jobs, args.k, args.threads, args.tensorboard)
     if len(failed) < len(runs):
         try:
@@ -482,8 +467,6 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample, 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `pyro-vae`; returns the exit code: 2 for bad input, 1 for a numerical fault,
     128 + signal number when SIGINT (130) or SIGTERM (143) stopped training."""
-    from .train import Interrupted
-
     formatwarning = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *_, **__: f"pyro-vae: warning: {message}\n"
     try:

@@ -10,7 +10,7 @@ examples (model and guide called with x alone), as `pyro-vae compare RUN` measur
   mode);
 * the gradient of the training loss (-bound / N, one particle): variance and SNR per parameter,
   averaged over the classifier q(y|x), the encoder q(z|x,y) and the decoder (p(x|y,z), with the prior
-  and likelihood parameters), by compare.gradient_stats; and ms per loss + backward.
+  and likelihood parameters), by compare_measures.gradient_stats; and ms per loss + backward.
 
 The y site is built as in training (the M2 in training mode, m2.discrete set to each estimator in
 turn). The score function needs a baseline b(x): the run's own where it was trained with 'score',
@@ -19,35 +19,37 @@ else one fitted by least squares to the downstream cost log w(x, y, z) on traini
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from pathlib import Path
 
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .compare import (
+from .compare_measures import (
     CompareOptions,
     CompareResult,
-    _se,
+    estimate_summary,
     gradient_stats,
     measured_cells,
     measured_columns,
     table_head,
-    write_comparison,
+    write_files,
 )
 from .config import Config
 from .data import binarize
-from .discrete import MAX_PLATE_NESTING, make_discrete_estimator
+from .device import resolve_device
+from .discrete import make_discrete_estimator
 from .errors import InputError
 from .evaluate import iwae_log_px
 from .m2 import DISCRETE, M2, Baseline
 from .plots import save_figure, subplots
 from .run_dir import load_model, model_stamp
+from .sites import MAX_PLATE_NESTING, sample_sites
+from .stats import mean_se
+from .train_data import prepare_data
 
 DEFAULT_TEMPERATURE = 0.5  # the relaxation's tau where the run did not train with 'relaxed'
 BASELINE_EXAMPLES = 2000  # training examples the score function's baseline is fitted on, at most
@@ -105,9 +107,7 @@ def bound_draw(model, guide, x: Tensor) -> Tensor:
     log_w, log_q_enum = torch.zeros(()), torch.zeros(())
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         trace.compute_log_prob()
-        for _, site in trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
+        for _, site in sample_sites(trace):
             log_w = log_w + sign * site["log_prob"]
             if sign < 0 and site["infer"].get("_enumerate_dim") is not None:
                 log_q_enum = log_q_enum + site["log_prob"]
@@ -141,16 +141,6 @@ def parameter_groups(m2: M2) -> dict[str, list[Tensor]]:
             "decoder": [p for p in decoder if p.requires_grad]}
 
 
-def estimate_stats(m2: M2, x: Tensor, repeats: int, log_px: Tensor) -> dict:
-    """R draws of every example's bound (bound_draw) with the M2 as it is set up: as compare's."""
-    draws = torch.stack([bound_draw(m2.model, m2.guide, x) for _ in range(repeats)])  # (R, N)
-    batch_means = draws.mean(1)
-    mean = float(batch_means.mean())
-    return {"value_mean": mean, "value_mean_se": float(batch_means.std() / math.sqrt(repeats)),
-            "value_std": float(draws.var(0).mean().sqrt()), "bias": mean - float(log_px.mean()),
-            "batch_means": batch_means.tolist()}
-
-
 def measure_m2(m2: M2, x: Tensor, names: list[str], repeats: int, k_ref: int, temperature: float,
                baseline: Baseline, seed: int = 0, progress: bool = False) -> dict:
     """The comparison of the estimators `names` on the M2 and the unlabelled batch x: the record
@@ -160,14 +150,15 @@ def measure_m2(m2: M2, x: Tensor, names: list[str], repeats: int, k_ref: int, te
     log_px = iwae_log_px(m2.model, m2.guide, x, k_ref)
     record: dict = {"kind": "m2", "n_examples": int(x.shape[0]), "repeats": repeats, "k_ref": k_ref,
                     "seed": seed, "device": str(x.device), "log_px_ref": float(log_px.mean()),
-                    "log_px_ref_se": _se(log_px),
+                    "log_px_ref_se": mean_se(log_px)[1],
                     "temperature": temperature, "labels": "none (every example unlabelled)"}
     groups = parameter_groups(m2)
     rows = []
     for name in tqdm(names, desc="estimators", disable=not progress):
         with estimating(m2, name, temperature, baseline):
             pyro.set_rng_seed(seed)
-            row = {"estimator": name, "particles": 1, **estimate_stats(m2, x, repeats, log_px)}
+            draws = torch.stack([bound_draw(m2.model, m2.guide, x) for _ in range(repeats)])  # (R, N)
+            row = {"estimator": name, "particles": 1, **estimate_summary(draws, log_px)}
             pyro.set_rng_seed(seed)
             row.update(gradient_stats(make_discrete_estimator(name), m2, x, repeats, progress, name, groups))
         baseline.zero_grad(set_to_none=True)  # the baseline loss's gradient, measured in no group
@@ -182,8 +173,6 @@ def measure_m2(m2: M2, x: Tensor, names: list[str], repeats: int, k_ref: int, te
 def compare_m2_run(run: Path, config: Config, out: Path, options: CompareOptions) -> CompareResult:
     """`pyro-vae compare RUN` for an M2 run: measure_m2 on the first options.batch_size test examples,
     written as compare.json, compare.md and the two figures into `out`."""
-    from .train import prepare_data, resolve_device
-
     names = parse_discrete(options.estimators)
     for flag in ("train_epochs", "pretrain_epochs"):
         if getattr(options, flag):
@@ -207,7 +196,7 @@ def compare_m2_run(run: Path, config: Config, out: Path, options: CompareOptions
                         options.progress)
     record.update(model=f"{run} (M2, trained with --discrete {config.discrete})", dataset=config.dataset,
                   prior=config.prior, score_baseline=fitted, model_checkpoint=model_stamp(run))
-    return CompareResult(out, record, write_comparison(record, out, markdown(record), plot_snr))
+    return CompareResult(out, record, write_files(record, out, markdown(record), plot_snr))
 
 
 def markdown(record: dict) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from .data import BINARIZE_MODES
+from .device import DEVICES
 from .errors import InputError
 from .estimators import ESTIMATORS
 from .guides import GUIDES
@@ -25,7 +26,6 @@ from .nets import NETWORKS
 from .priors import PRIORS
 from .registry import load_plugins
 
-DEVICES = ("auto", "cpu", "cuda")
 LABELLED_MODELS = ("m2", "classifier")  # semi-supervised M2 and its classifier-only baseline (m2.py)
 MODELS = VAE_MODELS + LABELLED_MODELS
 PRIOR_INITS = ("noise", "data")

@@ -23,8 +23,7 @@ from torch import Tensor
 from .elbo import OnDeviceTrace_ELBO
 from .errors import InputError
 from .m2 import DISCRETE, UNLABELLED
-
-MAX_PLATE_NESTING = 1  # the data plate; enumeration takes dim -2
+from .sites import MAX_PLATE_NESTING
 
 
 class ScoreFunction_ELBO(TraceGraph_ELBO):

@@ -9,6 +9,11 @@ value and gradient, and there is no NaN check: the caller checks finiteness on t
 (step.SVIStep does). Only `differentiable_loss` changes: `loss` and `loss_and_grads`, which
 pyro.infer.SVI calls, are Pyro's own, floats and warnings included.
 
+The score-function 'reward' log r (log p - log q of every model site, detached, kept by plate) is
+Pyro's own private `_compute_log_r`, the one Trace_ELBO calls, not a copy: our surrogate stays Trace_ELBO's
+as Pyro changes. Should a Pyro release move or change it, importing this module fails, or
+tests/test_estimators.py's comparison with Trace_ELBO on a score-function site does.
+
 Each also answers `per_example_bound(model, guide, x)`: one draw of every example's ELBO, the value
 `compare` measures (the IWAE family's are in iwae.py).
 """
@@ -16,33 +21,25 @@ Each also answers `per_example_bound(model, guide, x)`: one draw of every exampl
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import reduce
 
 import torch
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-from pyro.infer.util import (
-    MultiFrameTensor,
-    check_fully_reparametrized,
-    get_plate_stacks,
-    is_validation_enabled,
-)
+from pyro.infer.trace_elbo import _compute_log_r  # Trace_ELBO's own, private: see the note below
+from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 from torch.distributions import kl_divergence
 
 from .iwae import particle_traces, weights
+from .sites import sample_sites
 
 
 def _sum(terms: list[Tensor]) -> Tensor | float:
     """The sum of the terms (0 for none), without a leading 0 + (one operation fewer)."""
     return reduce(operator.add, terms) if terms else 0.0
-
-
-def _sample_sites(trace: Trace) -> Iterator[tuple[str, dict]]:
-    """(name, site) of the trace's sample sites (not its param sites)."""
-    return ((name, site) for name, site in trace.nodes.items() if site["type"] == "sample")
 
 
 class _OnDeviceLoss:
@@ -53,19 +50,6 @@ class _OnDeviceLoss:
         """-ELBO estimate, with the estimator's gradient: Pyro's value and gradient, no host sync."""
         traces = self._get_traces(model, guide, args, kwargs)
         return _sum([self._particle_loss(m, g) for m, g in traces]) / self.num_particles
-
-
-def _log_r(model_trace: Trace, guide_trace: Trace) -> MultiFrameTensor:
-    """log p - log q of every model sample site, detached, kept by plate: the 'reward' that multiplies
-    the score function of a non-reparameterized guide site (summed over the plates it shares)."""
-    log_r = MultiFrameTensor()
-    stacks = get_plate_stacks(model_trace)
-    for name, site in _sample_sites(model_trace):
-        term = site["log_prob"]
-        if not site["is_observed"]:
-            term = term - guide_trace.nodes[name]["log_prob"]
-        log_r.add((stacks[name], term.detach()))
-    return log_r
 
 
 class OnDeviceTrace_ELBO(_OnDeviceLoss, Trace_ELBO):
@@ -83,10 +67,10 @@ class OnDeviceTrace_ELBO(_OnDeviceLoss, Trace_ELBO):
         Trace_ELBO's surrogate: a reparameterized guide site's log q enters as its entropy term (which
         is log q); a non-reparameterized one as entropy term - log_r * score function, plus the
         difference to log q, detached, for the value."""
-        gains = [site["log_prob_sum"] for _, site in _sample_sites(model_trace)]
+        gains = [site["log_prob_sum"] for _, site in sample_sites(model_trace)]
         costs = []
         log_r = None
-        for _, site in _sample_sites(guide_trace):
+        for _, site in sample_sites(guide_trace):
             _, score_function, entropy = site["score_parts"]
             if is_identically_zero(score_function) and not is_identically_zero(entropy):
                 costs.append(entropy.sum())
@@ -94,7 +78,7 @@ class OnDeviceTrace_ELBO(_OnDeviceLoss, Trace_ELBO):
             surrogate = 0.0 if is_identically_zero(entropy) else entropy.sum()
             if not is_identically_zero(score_function):
                 if log_r is None:
-                    log_r = _log_r(model_trace, guide_trace)
+                    log_r = _compute_log_r(model_trace, guide_trace)
                 surrogate = surrogate - (log_r.sum_to(site["cond_indep_stack"]) * score_function).sum()
             costs.append(surrogate + (site["log_prob_sum"] - surrogate).detach())
         return _sum(costs) - _sum(gains)
@@ -116,7 +100,7 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
         """-ELBO = sum KL - sum log p(x|z) of one particle (costs - gains), as
         TraceMeanField_ELBO._differentiable_loss_particle computes it."""
         gains, costs = [], []
-        for name, model_site in _sample_sites(model_trace):
+        for name, model_site in sample_sites(model_trace):
             if model_site["is_observed"]:
                 gains.append(model_site["log_prob_sum"])
                 continue
@@ -135,7 +119,7 @@ class OnDeviceTraceMeanField_ELBO(_OnDeviceLoss, TraceMeanField_ELBO):
                 costs.append(kl.sum())
             else:
                 costs.append(kl * guide_site["fn"].batch_shape.numel())
-        for name, guide_site in _sample_sites(guide_trace):  # auxiliary guide sites: their log q
+        for name, guide_site in sample_sites(guide_trace):  # auxiliary guide sites: their log q
             if name not in model_trace.nodes:
                 assert guide_site["infer"].get("is_auxiliary"), f"guide site {name!r} is not in the model"
                 if is_validation_enabled():
@@ -150,9 +134,9 @@ def mean_field_terms(model: Callable, guide: Callable, num_particles: int, *args
     sites) and kl = KL(q(z|x) || p(z)) summed over the latent sites, in closed form where torch has it,
     else (1/K) sum_k [log q(z_k|x) - log p(z_k)]; z_k ~ q(z|x), K = num_particles vectorized draws."""
     model_trace, guide_trace = particle_traces(model, guide, num_particles, *args, **kwargs)
-    device = next(site["unscaled_log_prob"].device for _, site in _sample_sites(model_trace))
+    device = next(site["unscaled_log_prob"].device for _, site in sample_sites(model_trace))
     recon, kl = torch.zeros((), device=device), torch.zeros((), device=device)
-    for name, site in _sample_sites(model_trace):
+    for name, site in sample_sites(model_trace):
         if site["is_observed"]:
             recon = recon + site["unscaled_log_prob"]
             continue

@@ -15,14 +15,14 @@ import warnings
 from collections.abc import Callable
 
 from pyro.infer import ELBO
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import kl_divergence
 
 from .elbo import OnDeviceTrace_ELBO, OnDeviceTraceMeanField_ELBO
 from .errors import InputError
-from .iwae import IWAE, MAX_PLATE_NESTING, STL, DReG, particle_traces, weights
+from .iwae import IWAE, STL, DReG, particle_traces, weights
 from .registry import Registry
+from .sites import MAX_PLATE_NESTING, sample_sites
 
 ESTIMATORS = Registry("estimator", {
     "mc": OnDeviceTrace_ELBO, "analytic": OnDeviceTraceMeanField_ELBO,
@@ -74,8 +74,8 @@ def analytic_kl_sites(model: Callable, guide: Callable, x: Tensor) -> dict[str, 
     at the sampled z, where it has not)."""
     model_trace, guide_trace = traces(model, guide, x[:1], 1)
     sites = {}
-    for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
+    for name, site in sample_sites(guide_trace):
+        if not site["is_observed"]:
             try:
                 kl_divergence(site["fn"], model_trace.nodes[name]["fn"])
                 sites[name] = True

@@ -13,10 +13,25 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .device import resolve_device
 from .elbo import mean_field_terms
 from .estimators import log_weights
 from .program import Program
+from .run_dir import (
+    EVAL,
+    EVAL_EXAMPLES,
+    check_data_shape,
+    load_model,
+    load_pair,
+    model_stamp,
+    read_config,
+    save_checkpoint,
+    write_json,
+)
+from .run_lock import run_lock
 from .staging import write_all_or_none
+from .stats import mean_se
+from .train_data import prepare_data
 
 MAX_ELEMENTS = 2**24  # particles x examples x pixels per chunk: bounds memory (~64 MB a tensor)
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: unit u is active if Cov_x(E_q[z_u]) > 0.01
@@ -87,12 +102,6 @@ def active_units(program: object, x: Tensor, threshold: float = ACTIVE_UNIT_THRE
     return int(((a * b).sum(0) / (len(a) - 1) > threshold).sum())
 
 
-def _mean_se(values: Tensor) -> tuple[float, float]:
-    n = values.numel()
-    se = float(values.std() / math.sqrt(n)) if n > 1 else float("nan")
-    return float(values.mean()), se
-
-
 @torch.no_grad()
 def per_example(program: object, x: Tensor, k: int = 5000, elbo_samples: int = 10,
                 progress: bool = False) -> dict[str, Tensor]:
@@ -135,7 +144,7 @@ def summarize(program: object, x: Tensor, values: dict[str, Tensor], k: int) -> 
         result = {}
         pairs = (("test_elbo", "elbo"), ("log_px", "log_px"), ("kl", "kl"), ("recon", "recon"))
     for name, key in pairs:
-        result[name], result[f"{name}_se"] = _mean_se(values[key])
+        result[name], result[f"{name}_se"] = mean_se(values[key])
     result.update(active_units=active_units(program, x), n_examples=int(x.shape[0]))
     if not program.is_autoencoder:
         result["k"] = k
@@ -156,8 +165,6 @@ def write_evaluation(run: str | Path, result: dict, values: dict[str, Tensor], x
     """Write RUN/eval.json (`result`, the test set's fingerprint and size, and `model`: which checkpoint
     it describes, see run_dir.model_stamp) and the per-example values behind it, RUN/eval_examples.pt
     (a dict of float64 tensors of shape (N,), loadable with torch.load(weights_only=True)): both or none."""
-    from .run_dir import EVAL, EVAL_EXAMPLES, save_checkpoint, write_json
-
     record = {**result, "test_fingerprint": test_fingerprint(x), "examples_file": EVAL_EXAMPLES,
               **({"model_checkpoint": model} if model is not None else {})}
 
@@ -177,10 +184,6 @@ def evaluate_run(run: str | Path, k: int = 5000, test_size: int | None = None, d
     and write RUN/eval.json and RUN/eval_examples.pt (write_evaluation); returns (result, config, model).
     A run of your own model/guide pair (trained with train(..., program=pair)) needs `program`: the
     same pair, built the same way, into which the run's parameters are loaded (run_dir.load_pair)."""
-    from .run_dir import check_data_shape, load_model, load_pair, model_stamp, read_config
-    from .run_lock import run_lock
-    from .train import prepare_data, resolve_device
-
     run, torch_device = Path(run), resolve_device(device)
     with run_lock(run):  # one writer at a time
         if program is None:
@@ -197,7 +200,7 @@ def evaluate_run(run: str | Path, k: int = 5000, test_size: int | None = None, d
         result = {"n_examples": int(x.shape[0])} if classifier else summarize(vae, x, values, k)
         if callable(getattr(vae, "predict", None)) and data.test_y is not None:
             values["correct"] = labelled_correct(vae, data.test_x, data.test_y)
-            result["test_accuracy"], result["test_accuracy_se"] = _mean_se(values["correct"])
+            result["test_accuracy"], result["test_accuracy_se"] = mean_se(values["correct"])
         write_evaluation(run, result, values, x, model_stamp(run))
     return result, config, vae
 
@@ -216,4 +219,4 @@ def labelled_correct(model: object, x: Tensor, labels: Tensor) -> Tensor:
 def test_accuracy(model: object, data) -> tuple[float, float]:
     """The test accuracy of `model.predict` on data.test_x against data.test_y, and its standard error
     over the test examples."""
-    return _mean_se(labelled_correct(model, data.test_x, data.test_y))
+    return mean_se(labelled_correct(model, data.test_x, data.test_y))

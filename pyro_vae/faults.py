@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .errors import TrainingError
 from .program import Program
+from .sites import sample_sites
 
 
 class NumericalFault(TrainingError):
@@ -33,9 +34,7 @@ def _nonfinite_site(program: Program, x: Tensor) -> str | None:
     with pyro.validation_enabled(False):
         model_trace, guide_trace = program.traces(x)
     for who, trace in (("guide", guide_trace), ("model", model_trace)):
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample":
-                continue
+        for name, site in sample_sites(trace):
             fn = site["fn"]
             while hasattr(fn, "base_dist"):
                 fn = fn.base_dist

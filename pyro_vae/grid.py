@@ -24,11 +24,16 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .board import check_available as check_tensorboard
 from .config import RESUMABLE, Config, load_config_file
 from .errors import InputError, TrainingError
+from .evaluate import evaluate_run
+from .report import report
 from .run_dir import CHECKPOINT, CONFIG, EVAL, SUMMARY, load_checkpoint, read_config, read_json
 from .run_lock import run_lock
+from .train import train
 
 GRID_KEYS = ("base", "sweep")
 
@@ -106,11 +111,6 @@ def run_state(run: Path, settings: dict) -> str:
 def _job(run: str, settings: dict, state: str, k: int, tensorboard: bool) -> str:
     """In a worker process: train (or resume) the run and evaluate it; returns a line saying what was
     done, or raises InputError/TrainingError."""
-    import torch
-
-    from .evaluate import evaluate_run
-    from .train import train
-
     config = Config.from_dict(settings)
     torch.set_num_threads(config.threads)  # the worker's own process
     with run_lock(run, create=True):  # one writer at a time, from training to evaluation
@@ -159,6 +159,4 @@ def run_grid(path: str | Path, out: str | Path, jobs: int = 1, k: int = 100, thr
 
 def grid_report(runs: list[GridRun], out: Path, failed: list[str]):
     """`pyro-vae report` over the grid's runs that did not fail, written to OUT/report."""
-    from .report import report
-
     return report([out / r.name for r in runs if r.name not in failed], out / "report")

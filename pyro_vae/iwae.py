@@ -39,13 +39,12 @@ from pyro.infer.enum import get_importance_trace
 from pyro.infer.inspect import get_dependencies
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import site_is_subsample
 from pyro.util import check_if_enumerated, warn_if_nan
 from torch import Tensor
 
 from .errors import InputError
+from .sites import MAX_PLATE_NESTING, sample_sites
 
-MAX_PLATE_NESTING = 1  # the data plate; particle plates go to the left of it
 PARTICLE_DIM = -MAX_PLATE_NESTING - 1
 
 
@@ -84,11 +83,6 @@ class Weights:
     latent_names: list[str]
     latents: list[Tensor]
     not_reparameterized: list[str]
-
-
-def _sample_sites(trace: Trace) -> list[dict]:
-    """The trace's sample sites, without the plates' subsample sites."""
-    return [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
 
 
 def _log_prob(site: dict, stop_params: bool = False) -> Tensor:
@@ -132,8 +126,8 @@ def weights(model: Callable, guide: Callable, num_particles: int, *args, stop_q_
 def trace_weights(model_trace: Trace, guide_trace: Trace, num_particles: int,
                   stop_q_params: bool = False) -> Weights:
     """The Weights of traces made by particle_traces with num_particles (see `weights`)."""
-    model_sites = _sample_sites(model_trace)
-    latent_sites = [s for s in _sample_sites(guide_trace) if not s["is_observed"]]
+    model_sites = [s for _, s in sample_sites(model_trace)]
+    latent_sites = [s for _, s in sample_sites(guide_trace) if not s["is_observed"]]
     for site in model_sites + latent_sites:
         if not any(frame.dim == -1 for frame in site["cond_indep_stack"]):
             raise InputError(

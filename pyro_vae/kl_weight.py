@@ -14,7 +14,8 @@ from collections.abc import Callable, Collection
 
 from pyro.poutine.messenger import Message
 from pyro.poutine.scale_messenger import ScaleMessenger
-from pyro.poutine.util import site_is_subsample
+
+from .sites import is_sample_site
 
 
 class LatentScaleMessenger(ScaleMessenger):
@@ -27,7 +28,7 @@ class LatentScaleMessenger(ScaleMessenger):
 
     def _process_message(self, msg: Message) -> None:
         if self.sites is None:
-            latent = msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg)
+            latent = is_sample_site(msg) and not msg["is_observed"]
         else:
             latent = msg["name"] in self.sites
         if latent:

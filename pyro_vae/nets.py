@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from .errors import InputError
 
-MIN_SCALE = 1e-4  # floor on q's standard deviation, so that log q stays finite
+MIN_SCALE = 1e-4  # floor on every learned standard deviation (q's, a prior's): log densities stay finite
 
 
 class GatedDense(nn.Module):
@@ -43,10 +43,15 @@ def _mlp(sizes: Sequence[int], gated: bool = False) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def positive_scale(raw: Tensor) -> Tensor:
+    """A positive standard deviation from an unconstrained value: softplus(raw) + MIN_SCALE."""
+    return F.softplus(raw) + MIN_SCALE
+
+
 def _gaussian_params(h: Tensor) -> tuple[Tensor, Tensor]:
-    """Split the last dimension into loc and scale = softplus(raw) + MIN_SCALE."""
+    """Split the last dimension into loc and scale = positive_scale(raw) = softplus(raw) + MIN_SCALE."""
     loc, raw = h.chunk(2, dim=-1)
-    return loc, F.softplus(raw) + MIN_SCALE
+    return loc, positive_scale(raw)
 
 
 def _guide_params(h: Tensor, extra: int) -> tuple[Tensor, ...]:

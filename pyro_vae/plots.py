@@ -24,6 +24,7 @@ from .errors import InputError
 from .program import Program
 from .rng import seeded
 from .staging import write_all_or_none
+from .stats import mean_se
 
 # the bound drawn against seconds: the first of these a run records
 TIMED_BOUNDS = (("validation_elbo", "validation ELBO"), ("test_elbo", "test ELBO"))
@@ -340,15 +341,6 @@ def bound_curve(metrics: list[dict]) -> tuple[str, np.ndarray, np.ndarray] | Non
     return name, cumulative_seconds(metrics)[at], np.array([metrics[i][key] for i in at], dtype=float)
 
 
-def mean_se(values: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over seeds (axis 0) and its standard error sd / sqrt(n) (sd with n - 1; NaN for one seed).
-    With two seeds, mean ± s.e. is exactly their min–max."""
-    values = np.asarray(values, dtype=float)
-    n = values.shape[0]
-    se = values.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.full(values.shape[1:], np.nan)
-    return values.mean(0), se
-
-
 def seed_band(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> SeedBand | None:
     """Several seeds' curves (seconds, values) on a common grid: the seeds' own seconds inside the span
     every seed covers (from the latest first point to the earliest last one), each curve interpolated
@@ -358,7 +350,7 @@ def seed_band(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> SeedBand | Non
     if start > end:
         return None
     grid = np.unique(np.concatenate([x[(x >= start) & (x <= end)] for x, _ in curves]))
-    mean, se = mean_se(np.stack([np.interp(grid, x, y) for x, y in curves]))
+    mean, se = (v.numpy() for v in mean_se(np.stack([np.interp(grid, x, y) for x, y in curves]), dim=0))
     return SeedBand(grid, mean, se)
 
 
@@ -409,7 +401,7 @@ def seconds_curves_figure(groups: dict[str, list[TimedRun]]) -> Figure:
             markers.append(finals[0][1])
         elif finals:
             seconds, log_px = np.array(finals).T
-            mean, se = (float(v) for v in mean_se(log_px))
+            mean, se = mean_se(log_px)
             ax.errorbar([seconds.mean()], [mean], yerr=[se], fmt="D", color=colour, markeredgecolor="black",
                         capsize=4, label=f"_log p(x) {label}")
             markers += [mean - se, mean + se]

@@ -17,12 +17,11 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor, nn
 from torch.distributions import Normal, register_kl
-from torch.nn import functional as F
 
 from .errors import InputError
+from .nets import MIN_SCALE, positive_scale
 from .registry import Registry
 
-MIN_SCALE = 1e-4  # floor on every learned prior standard deviation, so that log p(z) stays finite
 DEFAULT_COMPONENTS = {"mog": 10, "vamp": 500}  # K when --prior-components is not given
 
 
@@ -30,11 +29,6 @@ def _raw_scale(scale: float, shape: Sequence[int]) -> Tensor:
     """The unconstrained value r with softplus(r) + MIN_SCALE = scale, filled into `shape`."""
     target = torch.tensor(scale - MIN_SCALE)
     return torch.full(tuple(shape), float(target + torch.log(-torch.expm1(-target))))
-
-
-def _scale(raw: Tensor) -> Tensor:
-    """A positive standard deviation from an unconstrained parameter: softplus(raw) + MIN_SCALE."""
-    return F.softplus(raw) + MIN_SCALE
 
 
 def _components(prior: str, k: int | None) -> int:
@@ -87,7 +81,7 @@ class LearnedNormal(nn.Module):
         self.raw_scale = nn.Parameter(_raw_scale(1.0, (z_dim,)))
 
     def forward(self) -> dist.Distribution:
-        return dist.Normal(self.loc, _scale(self.raw_scale)).to_event(1)
+        return dist.Normal(self.loc, positive_scale(self.raw_scale)).to_event(1)
 
 
 class DiagonalNormalMixture(TorchDistribution):
@@ -169,7 +163,7 @@ class MixtureOfGaussians(nn.Module):
         self.raw_scale = nn.Parameter(_raw_scale(1.0, (k, z_dim)))
 
     def forward(self) -> dist.Distribution:
-        return _mixture(self.logits, self.loc, _scale(self.raw_scale))
+        return _mixture(self.logits, self.loc, positive_scale(self.raw_scale))
 
 
 class VampPrior(nn.Module):

@@ -28,11 +28,11 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from .errors import InputError
 from .iwae import PARTICLE_DIM
+from .sites import sample_sites
 
 MOMENT_DRAWS = 64  # guide draws per example for a mean or standard deviation with no closed form
 
@@ -96,8 +96,8 @@ class Program:
 
     def _find_sites(self, x: Tensor) -> Sites:
         model_trace, guide_trace = self.traces(x)
-        latent = tuple(name for name, site in _samples(guide_trace) if not site["is_observed"])
-        observed = [name for name, site in _samples(model_trace) if site["is_observed"]]
+        latent = tuple(name for name, site in sample_sites(guide_trace) if not site["is_observed"])
+        observed = [name for name, site in sample_sites(model_trace) if site["is_observed"]]
         if len(observed) != 1:
             raise InputError(f"the model must have exactly one observed sample site (obs=x); it has "
                              f"{len(observed)}: {', '.join(map(repr, observed)) or 'none'}")
@@ -107,7 +107,7 @@ class Program:
             if name not in model_trace.nodes:
                 raise InputError(f"latent site {name!r} is sampled in the guide but not in the model")
         for trace in (model_trace, guide_trace):
-            for name, site in _samples(trace):
+            for name, site in sample_sites(trace):
                 if name in latent or name == observed[0]:
                     _check_per_example(name, site, x.shape[0])
         plate = next(f.name for f in model_trace.nodes[observed[0]]["cond_indep_stack"] if f.dim == -1)
@@ -217,15 +217,11 @@ class Program:
                              "no samples to show; offer sample_latents(n) on the object") from None
 
 
-def _samples(trace: Trace):
-    """(name, site) for the trace's sample sites, without the plates' subsample sites."""
-    return [(n, s) for n, s in trace.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)]
-
-
 def _reached(trace: Trace, params: list[Tensor]) -> set[int]:
     """ids of the tensors in `params` that the trace's draws z or its log-density log q(z|x) depend on
     (the draws too: a point mass's density does not depend on where it sits)."""
-    total = sum(site["fn"].log_prob(site["value"]).sum() + site["value"].sum() for _, site in _samples(trace))
+    total = sum(site["fn"].log_prob(site["value"]).sum() + site["value"].sum()
+                for _, site in sample_sites(trace))
     if not torch.is_tensor(total) or not total.requires_grad:
         return set()
     grads = torch.autograd.grad(total, params, allow_unused=True)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
-from .plots import TimedRun, mean_se, plot_run_curves, plot_seconds_curves
+from .plots import TimedRun, plot_run_curves, plot_seconds_curves
 from .run_dir import (
     BEST,
     CHECKPOINT,
@@ -51,6 +51,7 @@ from .run_dir import (
     recorded_pair,
     write_json,
 )
+from .stats import mean_se
 
 MARKDOWN, CSV, JSON, CURVES = "report.md", "report.csv", "report.json", "report_curves.png"
 X_AXES = ("epochs", "seconds")  # report_curves.png's x axis
@@ -160,9 +161,7 @@ def check_same_test_set(runs: list[EvaluatedRun]) -> None:
 def paired_difference(a: Tensor, b: Tensor) -> tuple[float, float]:
     """mean(d) and its standard error sd(d) / sqrt(N) for d = b - a, per example (N >= 2; the s.e. is
     NaN for one example)."""
-    d = (b.double() - a.double()).flatten()
-    n = d.numel()
-    return float(d.mean()), float(d.std() / math.sqrt(n)) if n > 1 else math.nan
+    return mean_se(b.double() - a.double())
 
 
 def best_epoch(run: EvaluatedRun) -> int | None:
@@ -292,7 +291,7 @@ def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
     """mean_se over seeds as plain numbers (None where there are no values, s.e. None for one)."""
     if not values:
         return None, None
-    mean, se = (float(v) for v in mean_se(values))
+    mean, se = mean_se(values)
     return mean, None if math.isnan(se) else se
 
 

@@ -38,8 +38,9 @@ from tqdm.auto import tqdm
 from . import distributed, plots
 from .board import Board
 from .board import check_available as check_tensorboard
-from .config import DEVICES, LABELLED_MODELS, Config
+from .config import LABELLED_MODELS, Config
 from .data import Dataset, UnreadableImage, batch_indices, binarize
+from .device import resolve_device
 from .discrete import make_discrete_estimator, temperature
 from .errors import InputError, TrainingError
 from .estimators import check_analytic_kl, make_estimator
@@ -98,17 +99,6 @@ class RunResult:
     out: Path
     metrics: list[dict]
     summary: dict
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA if available else CPU; 'cuda' without a GPU is an input error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in DEVICES:
-        raise InputError(f"unknown device {name!r}: choose one of {', '.join(DEVICES)}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
 
 
 def init_prior(vae: VAE, config: Config, data: Dataset) -> None:

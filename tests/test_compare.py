@@ -13,7 +13,8 @@ from pyro import poutine
 
 from pyro_vae import build_vae, register_estimator
 from pyro_vae.cli import main
-from pyro_vae.compare import BATCH_ONLY, VAE_GROUPS, compare, markdown, parameter_groups, write_comparison
+from pyro_vae.compare import BATCH_ONLY, VAE_GROUPS, compare, markdown, write_comparison
+from pyro_vae.compare_measures import parameter_groups
 from pyro_vae.estimators import make_estimator
 
 from .conftest import unregister_all

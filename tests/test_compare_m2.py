@@ -7,8 +7,8 @@ import pyro
 import pytest
 
 from pyro_vae.cli import main
-from pyro_vae.compare import SURROGATE_LABEL, estimates_figure
 from pyro_vae.compare_discrete import DEFAULT_TEMPERATURE, GROUPS, bound_draw, estimating, fit_baseline
+from pyro_vae.compare_measures import SURROGATE_LABEL, estimates_figure
 from pyro_vae.discrete import make_discrete_estimator
 from pyro_vae.run_dir import load_model
 from pyro_vae.train import prepare_data

@@ -18,7 +18,7 @@ from pyro import poutine
 from torch import nn
 
 from pyro_vae import build_vae, iwae
-from pyro_vae.compare import gradient_stats
+from pyro_vae.compare_measures import gradient_stats
 from pyro_vae.config import Config
 from pyro_vae.errors import InputError
 from pyro_vae.estimators import ESTIMATORS, make_estimator

@@ -9,7 +9,6 @@ All bounds in nats per example; the standard errors are over the sampled example
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..program import Program
 from ..rng import forked_rng
+from ..stats import mean_se
 from .importance import (
     KHAT_GOOD,
     KHAT_THRESHOLD,
@@ -51,8 +51,8 @@ class Diagnosis:
 
 
 def _mean_se(values: Tensor) -> dict[str, float]:
-    n = values.numel()
-    return {"mean": float(values.mean()), "se": float(values.std() / math.sqrt(n)) if n > 1 else math.nan}
+    """The mean and its standard error (stats.mean_se) as the summary records them."""
+    return dict(zip(("mean", "se"), mean_se(values), strict=True))
 
 
 def _khat_summary(khat: Tensor) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def pareto_khat(log_w: Tensor) -> Tensor:
     floor(3 sqrt(k)) above); with M < 5 (k < 25) no fit is possible and k-hat is inf (unreliable), as
     ArviZ 0.x reported it.
     Shape (N,)."""
-    from arviz_stats.base import array_stats
+    from arviz_stats.base import array_stats  # ArviZ is heavy: imported on use, not by `import pyro_vae`
 
     k = log_w.shape[0]
     if (math.floor(3 * math.sqrt(k)) if k > 225 else k // 5) < MIN_TAIL:

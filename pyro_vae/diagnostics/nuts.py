@@ -97,7 +97,7 @@ def inference_data(result: NutsResult, x: Tensor, example_index: Tensor):
     """ArviZ's InferenceData (an xarray DataTree, arviz-base's from_dict): posterior z (chain, draw,
     example, latent), and as constant_data q(z|x)'s loc and scale and the examples themselves
     (flattened to pixels). Written by `to_netcdf`, read back with xarray.open_datatree."""
-    from arviz_base import from_dict
+    from arviz_base import from_dict  # ArviZ is heavy: imported on use, not by `import pyro_vae`
 
     coords = {"example": example_index.cpu().numpy(), "latent": range(result.z.shape[-1]),
               "pixel": range(x[0].numel())}
