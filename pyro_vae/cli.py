@@ -48,8 +48,11 @@ HELP = {
     "hidden": "hidden layer sizes, e.g. --hidden 300 300 (default 400)",
     "z_dim": "latent dimension (default 20)",
     "prior": "prior p(z): normal (N(0, I), default) | learned (diagonal Gaussian) | mog (mixture of "
-             "Gaussians) | vamp (VampPrior)",
+             "Gaussians) | vamp (VampPrior) | exemplar (Exemplar VAE: the encoder's means of the training "
+             "images, one learned scale)",
     "prior_components": "mixture components K of the mog (default 10) and vamp (default 500) priors",
+    "exemplar_subset": "--prior exemplar: exemplars drawn at random for each training step (default: all "
+                       "of them; the fashion-mnist-vae-exemplar preset: 25000); tests use all",
     "prior_init": "VampPrior pseudo-inputs start as: noise (uniform on [0, 1], default) | data (random "
                   "training examples)",
     "guide": "posterior q(z|x): diagonal (Gaussian, default) | fullrank (Gaussian, full covariance) | "

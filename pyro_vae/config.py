@@ -33,17 +33,17 @@ MIXTURE_PRIORS = ("mog", "vamp")  # the priors that take --prior-components
 CUDA_GRAPH_MODES = ("auto", "off", "on")
 # the settings of the latent z and the model of x: without them (--model classifier) they mean nothing
 LATENT_SETTINGS = ("z_dim", "prior", "prior_components", "prior_init", "likelihood", "sigma", "sigma_mode",
-                   "beta", "kl_anneal", "eval_k")
+                   "beta", "kl_anneal", "eval_k", "exemplar_subset")
 # settings that may change when a run is resumed: they do not change the model or the data
 RESUMABLE = {"epochs", "time_budget", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir",
              "workers", "cuda_graph", "plugins", "threads"}
 # settings added since runs were first written, each with the value under which an older run ran: a
 # config.json without one reads as that value (a missing setting not listed here is refused)
-ADDED_SETTINGS = {"time_budget": None}
+ADDED_SETTINGS = {"time_budget": None, "exemplar_subset": None}
 # the settings that build pyro-vae's own VAE; a user's own model/guide pair brings its own networks
 MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init",
                   "guide", "guide_rank", "flows", "labels", "classes", "discrete", "aux_loss", "temperature",
-                  "temperature_final")
+                  "temperature_final", "exemplar_subset")
 
 
 @dataclass
@@ -66,6 +66,7 @@ class Config:
     prior: str = "normal"
     prior_components: int | None = None
     prior_init: str = "noise"
+    exemplar_subset: int | None = None  # --prior exemplar: exemplars per training step (None: all)
     guide: str = "diagonal"
     guide_rank: int | None = None
     flows: int | None = None
@@ -137,7 +138,7 @@ class Config:
                 )
         for name in ("z_dim", "particles", "epochs", "batch_size", "eval_k", "channels", "threads",
                      "image_size", "train_size", "test_size", "prior_components", "validation_size",
-                     "early_stop", "guide_rank", "flows", "labels", "classes"):
+                     "early_stop", "guide_rank", "flows", "labels", "classes", "exemplar_subset"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -187,6 +188,7 @@ class Config:
         if self.prior_init != "noise" and self.prior != "vamp":
             raise InputError(f"--prior-init {self.prior_init} sets the VampPrior's pseudo-inputs; use it "
                              "with --prior vamp")
+        self._validate_exemplar()
         self._validate_protocol()
         self._validate_guide()
         self._validate_labelled()
@@ -253,6 +255,23 @@ class Config:
         if self.model == "classifier" and self.early_stop is not None:
             raise InputError("--early-stop watches the validation ELBO, and --model classifier has none; "
                              "drop --early-stop")
+
+    def _validate_exemplar(self) -> None:
+        """--exemplar-subset with --prior exemplar only; the exemplar prior with --model vae only (it
+        needs the training images of an unlabelled run in memory), and not in a CUDA graph (each step
+        draws its own subset of exemplars)."""
+        if self.exemplar_subset is not None and self.prior != "exemplar":
+            raise InputError(f"--exemplar-subset sets how many exemplars the exemplar prior uses per step; "
+                             f"use it with --prior exemplar, not --prior {self.prior}")
+        if self.prior != "exemplar":
+            return
+        if self.model != "vae" or self.workers:
+            what = f"--model {self.model}" if self.model != "vae" else f"--workers {self.workers}"
+            raise InputError(f"--prior exemplar builds its prior from the training images held in memory "
+                             f"and works with --model vae and --workers 0; {what} cannot use it")
+        if self.cuda_graph == "on":
+            raise InputError("--prior exemplar draws a new subset of exemplars at every step, which a CUDA "
+                             "graph would freeze: leave --cuda-graph at auto or off")
 
     def _validate_guide(self) -> None:
         """--flows only with the iaf guide, --guide-rank only with lowrank and below z_dim (a user's

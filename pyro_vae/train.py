@@ -45,6 +45,7 @@ from .discrete import make_discrete_estimator, temperature
 from .errors import InputError, TrainingError
 from .estimators import check_analytic_kl, make_estimator
 from .evaluate import elbo_terms, evaluate, test_accuracy
+from .exemplar import EAGER_PRIORS, leave_out, use_training_set
 from .faults import NumericalFault, locate_nonfinite
 from .kl_weight import kl_weight, scale_latents
 from .m2 import UNLABELLED
@@ -266,7 +267,7 @@ class Trainer:
                              "leave --cuda-graph at auto or off")
         self.cuda_graph = config.cuda_graph == "on" or (
             config.cuda_graph == "auto" and self.own_vae and device.type == "cuda" and not ranks.active
-            and config.model not in LABELLED_MODELS)
+            and config.model not in LABELLED_MODELS and config.prior not in EAGER_PRIORS)
         if not self.resume:
             self.out = check_run_dir(self.out, self.overwrite)
             if ranks.is_main:  # made now if new, and removed again if start-up fails
@@ -302,6 +303,7 @@ class Trainer:
         x = self.data.test_x
         if self.own_vae:
             self.pair = build_from_config(self.config, self.data.shape).to(self.device)
+            use_training_set(self.pair, self.data.train_x)  # the exemplar prior's exemplars (exemplar.py)
         self.program = Program.of(self.pair)
         owner = self.program.owner
         if not self.own_vae and self.ranks.active and not isinstance(owner, nn.Module):
@@ -402,7 +404,8 @@ class Trainer:
         per = len(idx) / self.ranks.world_size
         if self.config.discrete == "relaxed":
             self.pair.temperature = self._temperature(self.steps)
-        loss = self.svi_step(x, self._kl_weight(self.steps), per, *self._labels(idx))
+        with leave_out(self.pair, self.ranks.shard(idx)):  # the exemplar prior skips each example's own
+            loss = self.svi_step(x, self._kl_weight(self.steps), per, *self._labels(idx))
         self.epoch_total += loss * per
         self.steps, self.batch = self.steps + 1, self.batch + 1
         if self.board is not None:
