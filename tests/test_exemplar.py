@@ -1,0 +1,197 @@
+"""The exemplar prior (exemplar.py): its density against a direct computation of the mixture,
+leave-one-out, the exact mixture over all N at test time, gradients into the encoder, and training
+with the estimators through the trainer's hand-over of exemplars and batch rows."""
+
+import json
+import math
+from contextlib import nullcontext
+
+import pyro
+import pytest
+import torch
+from torch.distributions import Normal
+
+from pyro_vae import exemplar
+from pyro_vae.cli import main
+from pyro_vae.exemplar import leave_out, use_training_set
+from pyro_vae.model import VAE, build_vae
+from pyro_vae.run_dir import load_model
+from pyro_vae.train_data import prepare_data
+
+from .conftest import QUICK, assert_log_px_at_least_elbo, run_values
+
+N, SHAPE, D = 37, (1, 4, 4), 3
+
+
+def tiny_vae(subset=None, seed=0, max_elements=exemplar.MAX_ELEMENTS):
+    """A small VAE whose prior is the exemplar prior over N random images."""
+    torch.manual_seed(seed)
+    vae = build_vae(SHAPE, hidden=(8,), z_dim=D, prior="exemplar", exemplar_subset=subset)
+    vae.prior.max_elements = max_elements
+    use_training_set(vae, torch.rand(N, *SHAPE, generator=torch.Generator().manual_seed(seed)))
+    return vae
+
+
+def reference(loc, log_variance, z, keep=None):
+    """log of 1/|kept| sum over kept exemplars e of prod_d Normal(z_d; loc_ed, sigma), term by term in
+    float64; keep (R, M) says which exemplars row r keeps (default: all)."""
+    sigma = (0.5 * log_variance.double()).exp()
+    terms = Normal(loc.double()[None], sigma).log_prob(z.double()[:, None]).sum(-1)  # (R, M)
+    if keep is None:
+        keep = torch.ones_like(terms, dtype=torch.bool)
+    return terms.masked_fill(~keep, -math.inf).logsumexp(-1) - keep.sum(-1).double().log()
+
+
+def encoded(vae, x):
+    with torch.no_grad():
+        return vae.encoder(x)[0]
+
+
+@pytest.mark.parametrize("log_variance", [0.0, math.log(1e-6)])
+def test_test_time_density_is_the_mixture_over_all_n_exemplars(monkeypatch, log_variance):
+    """Eval mode: all N exemplars (not the training subset), encoded in chunks, the density computed
+    in blocks of rows x exemplars; equal to the term-by-term mixture, also for a narrow kernel with z
+    next to one exemplar's mean."""
+    monkeypatch.setattr(exemplar, "ENCODE_CHUNK", 10)
+    vae = tiny_vae(subset=5, max_elements=7).eval()
+    with torch.no_grad():
+        vae.prior.log_variance.fill_(log_variance)
+    loc = encoded(vae, vae.prior.exemplars)
+    z = torch.cat([torch.randn(6, D), loc[:5] + 1e-3 * torch.randn(5, D)])
+    p = vae.prior()
+    assert p.loc.shape == (N, D) and p.batch_shape == ()
+    torch.testing.assert_close(p.log_prob(z).double(), reference(loc, vae.prior.log_variance, z),
+                               rtol=1e-6, atol=1e-4)
+
+
+def test_training_leaves_out_exactly_each_examples_own_exemplar():
+    """Train mode, all exemplars, rows named: row b's mixture is over the N - 1 others (divided by
+    N - 1); at z = its own exemplar's mean with a narrow kernel that term would dominate."""
+    vae = tiny_vae().train()
+    with torch.no_grad():
+        vae.prior.log_variance.fill_(math.log(1e-6))
+    rows = torch.tensor([3, 0, N - 1, 3])
+    loc = encoded(vae, vae.prior.exemplars)
+    z = loc[rows]
+    with torch.no_grad(), leave_out(vae, rows):
+        got = vae.prior().log_prob(z)
+    keep = torch.arange(N)[None] != rows[:, None]
+    torch.testing.assert_close(got.double(), reference(loc, vae.prior.log_variance, z, keep), rtol=1e-6,
+                               atol=1e-4)
+    with torch.no_grad():
+        everything = vae.prior().log_prob(z)  # outside the context: nothing left out
+    assert vae.prior.left_out is None
+    assert (everything - got > 5).all()  # the own exemplar was the one that counted
+
+
+def test_a_training_subset_divides_by_the_exemplars_each_row_keeps():
+    """Train mode with M < N: M distinct exemplars drawn; row b keeps those that are not its own, and the
+    mixture is divided by M - 1 where its own was drawn, by M elsewhere."""
+    m = 10
+    vae = tiny_vae(subset=m).train()
+    rows = torch.arange(N)
+    with torch.no_grad(), leave_out(vae, rows):
+        p = vae.prior()
+        z = torch.randn(N, D)
+        got = p.log_prob(z)
+    assert p.loc.shape == (m, D) and p.index.unique().numel() == m and p.batch_shape == (N,)
+    torch.testing.assert_close(p.loc, encoded(vae, vae.prior.exemplars[p.index]))
+    keep = p.index[None] != rows[:, None]
+    assert sorted(keep.sum(-1).unique().tolist()) == [m - 1, m]
+    torch.testing.assert_close(got.double(), reference(p.loc, vae.prior.log_variance, z, keep), rtol=1e-6,
+                               atol=1e-4)
+
+
+def test_a_particle_dimension_broadcasts_against_the_rows_left_out():
+    """z of shape (K, B, D) (vectorized particles): each particle of example b leaves out rows[b]."""
+    vae = tiny_vae().train()
+    rows = torch.tensor([1, 2])
+    with torch.no_grad(), leave_out(vae, rows):
+        p = vae.prior().expand((4, 2))
+        z = torch.randn(4, 2, D)
+        got = p.log_prob(z)
+    assert got.shape == (4, 2)
+    with torch.no_grad(), leave_out(vae, rows):
+        one = torch.stack([vae.prior().log_prob(z[k]) for k in range(4)])
+    torch.testing.assert_close(got, one)
+
+
+def test_training_gradients_reach_the_encoder_through_the_prior():
+    """Train mode: -log p(z) at a fixed z moves the encoder (the exemplars' means) and the shared
+    log-variance, not the decoder. Eval mode: the means are cached without gradient."""
+    vae = tiny_vae(subset=20).train()
+    z = torch.randn(5, D)
+    with leave_out(vae, torch.arange(5)):
+        (-vae.prior().log_prob(z).sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.encoder.parameters())
+    assert vae.prior.log_variance.grad.abs() > 0
+    assert all(p.grad is None for p in vae.decoder.parameters())
+    vae.zero_grad(set_to_none=True)
+    vae.eval()
+    (-vae.prior().log_prob(z).sum()).backward()
+    assert all(p.grad is None for p in vae.encoder.parameters()) and vae.prior.log_variance.grad is not None
+
+
+def test_test_time_means_are_encoded_again_once_a_parameter_changes():
+    vae = tiny_vae().eval()
+    first = vae.prior.all_means()
+    assert vae.prior.all_means() is first  # cached
+    with torch.no_grad():
+        next(vae.encoder.parameters()).add_(0.5)  # as an optimizer step does: in place
+    again = vae.prior.all_means()
+    assert not torch.equal(again, first)
+    torch.testing.assert_close(again, encoded(vae, vae.prior.exemplars))
+
+
+def test_the_prior_needs_its_exemplars_and_a_checkpoint_brings_them_back():
+    vae = tiny_vae()
+    fresh = build_vae(SHAPE, hidden=(8,), z_dim=D, prior="exemplar")  # as load_model builds it
+    with pytest.raises(Exception, match="no exemplars yet"):
+        fresh.prior()
+    fresh.load_state_dict(vae.state_dict())
+    assert torch.equal(fresh.prior.exemplars, vae.prior.exemplars)
+    z = torch.randn(4, D)
+    torch.testing.assert_close(fresh.eval().prior().log_prob(z), vae.eval().prior().log_prob(z))
+
+
+def test_the_trainer_leaves_out_the_rows_of_each_batch(tmp_path, monkeypatch):
+    """Every training step's prior leaves out exactly the batch's own rows of the training set: the
+    model's x (statically binarized, so x is the training set's rows as they are) equals the exemplars
+    at those rows; evaluation leaves nothing out."""
+    seen = []
+    original = VAE.model
+
+    def recording(self, x=None, n=None):
+        seen.append((x, self.prior.left_out, self.prior.training))
+        return original(self, x, n)
+
+    monkeypatch.setattr(VAE, "model", recording)
+    out = tmp_path / "run"
+    assert main(["train", "--prior", "exemplar", "--binarize", "static", "--epochs", "2", "--batch-size",
+                 "64", "--out", str(out), *QUICK]) == 0
+    config, vae = load_model(out)
+    exemplars = vae.prior.exemplars
+    torch.testing.assert_close(exemplars, prepare_data(config).train_x)
+    steps = [(x, rows) for x, rows, training in seen if training]
+    assert len(steps) == 2 * math.ceil(400 / 64)
+    assert all(rows is not None and torch.equal(x, exemplars[rows]) for x, rows in steps)
+    assert torch.cat([rows for _, rows in steps]).sort().values.tolist() == sorted(2 * list(range(400)))
+    assert all(rows is None for _, rows, training in seen if not training)
+
+
+@pytest.mark.parametrize("estimator", [["mc"], ["analytic"], ["iwae", "--particles", "4"]])
+def test_trains_with_each_estimator_and_log_px_is_at_least_the_elbo(tmp_path, estimator):
+    """mc, analytic (no closed-form KL for the mixture: Monte Carlo on z, recorded in the summary) and
+    iwae train; the trained model's log p(x) (exact mixture over all N) is at least its ELBO (paired)."""
+    out = tmp_path / estimator[0]
+    analytic = estimator[0] == "analytic"
+    with pytest.warns(UserWarning, match="no closed-form KL") if analytic else nullcontext():
+        assert main(["train", "--prior", "exemplar", "--exemplar-subset", "100", "--estimator", *estimator,
+                     "--epochs", "3", "--out", str(out), *QUICK]) == 0
+    config, vae = load_model(out)
+    assert config.exemplar_subset == 100 and vae.prior.exemplars.shape[0] == 400
+    if analytic:
+        assert json.loads((out / "summary.json").read_text())["monte_carlo_kl_sites"] == ["z"]
+    assert_log_px_at_least_elbo(run_values(out))
+    pyro.clear_param_store()
+
