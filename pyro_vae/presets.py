@@ -11,6 +11,8 @@ epochs, test log p(x) by importance sampling with 5000 samples; the VampPrior wi
 pseudo-inputs. The authors' code starts the pseudo-inputs at nearly flat grey images (sigmoid of
 N(-0.05, 0.01) weights; random training images with --use_training_data_init); pyro-vae's presets
 start them at random training images (--prior-init data), the option of theirs that pyro-vae has.
+The exemplar preset follows the Exemplar VAE code (sajadn/Exemplar-VAE) on top of the same protocol
+(exemplar.py says what it computes).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ PROTOCOL = {
     "binarize": "dynamic", "early_stop": 50, "epochs": 2000, "eval_k": 5000,
 }
 VAMPPRIOR = {"prior": "vamp", "prior_components": 500, "prior_init": "data"}
+# the Exemplar VAE's prior: exemplar subsampling with 25,000 of the 50,000 training images per step (the
+# authors' code: number_components=25000, approximate_prior=False, leave-one-out on)
+EXEMPLAR = {"prior": "exemplar", "exemplar_subset": 25_000}
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ PRESETS = {
                                 "-228.70 +- 0.15"),
     "fashion-mnist-vampprior": Preset({**PROTOCOL, "dataset": "fashion-mnist", **VAMPPRIOR},
                                       "-227.35 +- 0.05"),
+    "fashion-mnist-vae-exemplar": Preset({**PROTOCOL, "dataset": "fashion-mnist", **EXEMPLAR},
+                                         "-226.75 +- 0.07"),
     "mnist-vae": Preset({**PROTOCOL, "dataset": "mnist", "prior": "normal"}, "-84.45"),
     "mnist-vampprior": Preset({**PROTOCOL, "dataset": "mnist", **VAMPPRIOR}, "-82.43"),
 }

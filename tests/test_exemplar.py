@@ -195,3 +195,15 @@ def test_trains_with_each_estimator_and_log_px_is_at_least_the_elbo(tmp_path, es
     assert_log_px_at_least_elbo(run_values(out))
     pyro.clear_param_store()
 
+
+
+def test_the_exemplar_preset_trains_with_a_validation_split(tmp_path):
+    """The preset (protocol + exemplar prior, 25,000 exemplars a step) shortened on digits: the exemplars
+    are the training rows left after the validation split, the subset is capped by them."""
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "fashion-mnist-vae-exemplar", "--dataset", "digits", "--train-size",
+                 "300", "--test-size", "40", "--validation-size", "50", "--hidden", "16", "--z-dim", "2",
+                 "--epochs", "1", "--eval-k", "5", "--out", str(out), "--quiet"]) == 0
+    config, vae = load_model(out)
+    assert (config.prior, config.exemplar_subset) == ("exemplar", 25_000)
+    assert vae.prior.exemplars.shape[0] == 250
