@@ -4,7 +4,9 @@ with the estimators through the trainer's hand-over of exemplars and batch rows.
 
 import json
 import math
+import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import pyro
 import pytest
@@ -19,6 +21,9 @@ from pyro_vae.run_dir import load_model
 from pyro_vae.train_data import prepare_data
 
 from .conftest import QUICK, assert_log_px_at_least_elbo, run_values
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import exemplar_step_cost  # noqa: E402
 
 N, SHAPE, D = 37, (1, 4, 4), 3
 
@@ -207,3 +212,19 @@ def test_the_exemplar_preset_trains_with_a_validation_split(tmp_path):
     config, vae = load_model(out)
     assert (config.prior, config.exemplar_subset) == ("exemplar", 25_000)
     assert vae.prior.exemplars.shape[0] == 250
+
+
+def test_the_step_cost_benchmark_times_each_exemplar_subset_against_the_vampprior(tmp_path, capsys):
+    """scripts/exemplar_step_cost.py end to end on digits: one row per subset size beside the VampPrior's,
+    each with its paired ratio to the VampPrior measured in the same run, and the test-time pass. No
+    timing is asserted."""
+    out = exemplar_step_cost.main(["--dataset", "digits", "--train-size", "300", "--subsets", "20", "100",
+                                   "--components", "10", "--hidden", "16", "--z-dim", "2", "--steps", "2",
+                                   "--repeats", "2", "--warmup", "1", "--eval-images", "30", "--json",
+                                   str(tmp_path / "cost.json")])
+    assert list(out["results"]) == ["VampPrior K=10", "exemplar M=20", "exemplar M=100"]
+    assert out["results"]["VampPrior K=10"]["ratio_to_vampprior"] == 1.0
+    assert all(len(r["s_per_step_all"]) == 2 and r["ratio_to_vampprior"] > 0 for r in out["results"].values())
+    assert set(out["eval"]) == set(out["results"]) and out["meta"]["exemplars"] == 300
+    assert json.loads((tmp_path / "cost.json").read_text())["results"].keys() == out["results"].keys()
+    assert "step / VampPrior step" in capsys.readouterr().out
