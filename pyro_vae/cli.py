@@ -53,6 +53,8 @@ HELP = {
     "prior_components": "mixture components K of the mog (default 10) and vamp (default 500) priors",
     "exemplar_subset": "--prior exemplar: exemplars drawn at random for each training step (default: all "
                        "of them; the fashion-mnist-vae-exemplar preset: 25000); tests use all",
+    "exemplar_k": "--prior exemplar: of those, keep only each example's K nearest in latent space, their "
+                  "union over the batch (retrieval-augmented training; default: keep all)",
     "prior_init": "VampPrior pseudo-inputs start as: noise (uniform on [0, 1], default) | data (random "
                   "training examples)",
     "guide": "posterior q(z|x): diagonal (Gaussian, default) | fullrank (Gaussian, full covariance) | "

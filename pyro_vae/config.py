@@ -33,17 +33,17 @@ MIXTURE_PRIORS = ("mog", "vamp")  # the priors that take --prior-components
 CUDA_GRAPH_MODES = ("auto", "off", "on")
 # the settings of the latent z and the model of x: without them (--model classifier) they mean nothing
 LATENT_SETTINGS = ("z_dim", "prior", "prior_components", "prior_init", "likelihood", "sigma", "sigma_mode",
-                   "beta", "kl_anneal", "eval_k", "exemplar_subset")
+                   "beta", "kl_anneal", "eval_k", "exemplar_subset", "exemplar_k")
 # settings that may change when a run is resumed: they do not change the model or the data
 RESUMABLE = {"epochs", "time_budget", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir",
              "workers", "cuda_graph", "plugins", "threads"}
 # settings added since runs were first written, each with the value under which an older run ran: a
 # config.json without one reads as that value (a missing setting not listed here is refused)
-ADDED_SETTINGS = {"time_budget": None, "exemplar_subset": None}
+ADDED_SETTINGS = {"time_budget": None, "exemplar_subset": None, "exemplar_k": None}
 # the settings that build pyro-vae's own VAE; a user's own model/guide pair brings its own networks
 MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init",
                   "guide", "guide_rank", "flows", "labels", "classes", "discrete", "aux_loss", "temperature",
-                  "temperature_final", "exemplar_subset")
+                  "temperature_final", "exemplar_subset", "exemplar_k")
 
 
 @dataclass
@@ -67,6 +67,7 @@ class Config:
     prior_components: int | None = None
     prior_init: str = "noise"
     exemplar_subset: int | None = None  # --prior exemplar: exemplars per training step (None: all)
+    exemplar_k: int | None = None  # --prior exemplar: keep each example's k nearest of them (retrieval)
     guide: str = "diagonal"
     guide_rank: int | None = None
     flows: int | None = None
@@ -138,7 +139,8 @@ class Config:
                 )
         for name in ("z_dim", "particles", "epochs", "batch_size", "eval_k", "channels", "threads",
                      "image_size", "train_size", "test_size", "prior_components", "validation_size",
-                     "early_stop", "guide_rank", "flows", "labels", "classes", "exemplar_subset"):
+                     "early_stop", "guide_rank", "flows", "labels", "classes", "exemplar_subset",
+                     "exemplar_k"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -260,9 +262,10 @@ class Config:
         """--exemplar-subset with --prior exemplar only; the exemplar prior with --model vae only (it
         needs the training images of an unlabelled run in memory), and not in a CUDA graph (each step
         draws its own subset of exemplars)."""
-        if self.exemplar_subset is not None and self.prior != "exemplar":
-            raise InputError(f"--exemplar-subset sets how many exemplars the exemplar prior uses per step; "
-                             f"use it with --prior exemplar, not --prior {self.prior}")
+        given = [k for k in ("exemplar_subset", "exemplar_k") if getattr(self, k) is not None]
+        if given and self.prior != "exemplar":
+            raise InputError(f"--{given[0].replace('_', '-')} sets which exemplars the exemplar prior uses "
+                             f"per step; use it with --prior exemplar, not --prior {self.prior}")
         if self.prior != "exemplar":
             return
         if self.model != "vae" or self.workers:

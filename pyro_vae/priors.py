@@ -4,9 +4,9 @@ has it leave each example's own exemplar out, batch shape (B,): one mixture per 
 Adding a prior is one entry here plus its tests.
 
 Factories receive keyword options: `z_dim`, the guide's `encoder` and the data shape `x_shape`
-(for the VampPrior and the exemplar prior), `prior_components` (None: the prior's own default) and
-`exemplar_subset` (exemplar.py); each takes the ones it needs. `register_prior` adds one of your own
-(its docstring states the contract).
+(for the VampPrior and the exemplar prior), `prior_components` (None: the prior's own default),
+`exemplar_subset` and `exemplar_k` (exemplar.py); each takes the ones it needs. `register_prior` adds
+one of your own (its docstring states the contract).
 """
 
 from __future__ import annotations
@@ -206,8 +206,8 @@ PRIORS = Registry("prior", {
     "mog": lambda z_dim, prior_components=None, **_: MixtureOfGaussians(z_dim, prior_components),
     "vamp": lambda z_dim, encoder, x_shape, prior_components=None, **_: VampPrior(
         encoder, x_shape, prior_components),
-    "exemplar": lambda z_dim, encoder, x_shape, exemplar_subset=None, **_: ExemplarPrior(
-        encoder, x_shape, exemplar_subset),
+    "exemplar": lambda z_dim, encoder, x_shape, exemplar_subset=None, exemplar_k=None, **_: ExemplarPrior(
+        encoder, x_shape, exemplar_subset, exemplar_k),
 }, returns=nn.Module)
 
 

@@ -354,7 +354,7 @@ def build_from_config(config: Config, x_shape: tuple[int, ...]) -> VAE | M2 | La
         prior=config.prior, likelihood=config.likelihood, sigma=config.sigma,
         sigma_mode=config.sigma_mode, prior_components=config.prior_components, model=config.model,
         guide=config.guide, guide_rank=config.guide_rank, flows=config.flows,
-        exemplar_subset=config.exemplar_subset,
+        exemplar_subset=config.exemplar_subset, exemplar_k=config.exemplar_k,
     )
 
 

@@ -4,12 +4,14 @@ Adam (the step `pyro-vae train` runs, step.SVIStep), batches drawn by index from
 training images; the exemplars are the first --train-size grey training images (50,000, as after the
 protocol's validation split). Rows: the VampPrior with K pseudo-inputs, and the exemplar prior with each
 subset size M of --subsets (M exemplars encoded with gradient per step; each step leaves out its batch's
-own rows, as training does). Repeats are interleaved, and each exemplar row's ratio is the median over
-repeats of its time over the VampPrior's in the same repeat (bench.py's paired ratio). With
+own rows, as training does), and with --k K also each M with retrieval (--exemplar-k K: only the batch's
+K nearest of the M are encoded). Repeats are interleaved, and each exemplar row's ratio is the median
+over repeats of its time over the VampPrior's in the same repeat (bench.py's paired ratio), in wall time
+and in this process's CPU time (less disturbed by other processes on a loaded machine). With
 --eval-images n, also the test-time cost: encoding all N exemplars once (per parameter state) and one
 ELBO pass over n test images with the exact mixture over all N, against the VampPrior's pass.
 
-    OMP_NUM_THREADS=1 python scripts/exemplar_step_cost.py --steps 10 --repeats 5 --eval-images 1000
+    OMP_NUM_THREADS=1 python scripts/exemplar_step_cost.py --k 10 --steps 10 --repeats 5 --eval-images 1000
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-size", type=int, default=50_000, help="exemplars N (default 50,000)")
     parser.add_argument("--subsets", type=int, nargs="+", default=[25_000],
                         help="exemplar subset sizes M per step (default 25,000: the preset's)")
+    parser.add_argument("--k", type=int, default=None,
+                        help="also time retrieval (--exemplar-k K) with each subset size (default: no)")
     parser.add_argument("--components", type=int, default=500, help="VampPrior K (default 500)")
     parser.add_argument("--hidden", type=int, nargs="+", default=[300, 300])
     parser.add_argument("--z-dim", type=int, default=40)
@@ -75,8 +79,10 @@ class Remembered:
         return self.last
 
 
-def build(x_shape, args: argparse.Namespace, prior: str, train_x: Tensor, subset: int | None = None) -> VAE:
-    options = {"prior_components": args.components} if prior == "vamp" else {"exemplar_subset": subset}
+def build(x_shape, args: argparse.Namespace, prior: str, train_x: Tensor, subset: int | None = None,
+          k: int | None = None) -> VAE:
+    options = ({"prior_components": args.components} if prior == "vamp"
+               else {"exemplar_subset": subset, "exemplar_k": k})
     vae = build_vae(x_shape, encoder=args.encoder, hidden=args.hidden, z_dim=args.z_dim, prior=prior,
                     **options)
     use_training_set(vae, train_x)  # nothing for the VampPrior
@@ -101,8 +107,9 @@ def make_step(vae: VAE, rows: Remembered):
 
 
 def time_eval(vae: VAE, x: Tensor) -> dict:
-    """Seconds to encode every exemplar (the exemplar prior, eval mode; 0 for the VampPrior) and for one
-    ELBO pass over x (evaluate.elbo_terms: one z per image, the exact mixture), after an untimed pass
+    """CPU seconds of this process to encode every exemplar (the exemplar prior, eval mode; 0 for the
+    VampPrior) and for one ELBO pass over x (evaluate.elbo_terms: one z per image, the exact mixture),
+    after an untimed pass
     over two images (made before the parameters change, so the exemplars are encoded again after it)."""
     vae.eval()
     with param_sites(False):  # the models' tensors stay out of Pyro's param store, as in training steps
@@ -110,13 +117,14 @@ def time_eval(vae: VAE, x: Tensor) -> dict:
         with torch.no_grad():
             for p in vae.encoder.parameters():
                 p.add_(0.0 * p)  # in place, as an optimizer step: the cached means are stale
-        start = time.perf_counter()
+        start = time.process_time()
         if hasattr(vae.prior, "all_means"):
             vae.prior.all_means()
-        encode = time.perf_counter() - start
-        start = time.perf_counter()
+        encode = time.process_time() - start
+        start = time.process_time()
         elbo_terms(vae.model, vae.guide, x)
-    return {"encode_exemplars_s": encode, "elbo_pass_s": time.perf_counter() - start, "images": x.shape[0]}
+    return {"encode_exemplars_cpu_s": encode, "elbo_pass_cpu_s": time.process_time() - start,
+            "images": x.shape[0]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -135,16 +143,24 @@ def main(argv: list[str] | None = None) -> dict:
     models = {vamp: build(x_shape, args, "vamp", train_x)}
     for m in args.subsets:
         models[f"exemplar M={m}"] = build(x_shape, args, "exemplar", train_x, m)
+    for m in args.subsets if args.k else ():
+        models[f"exemplar M={m}, k={args.k}"] = build(x_shape, args, "exemplar", train_x, m, args.k)
     steps = {name: make_step(vae, rows) for name, vae in models.items()}
     for step in steps.values():
         time_steps(step, x_bin, rows, args.warmup, torch.device("cpu"))
     times = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}
     names = list(steps)
     for r in range(args.repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:  # a different row first each time
-            times[name].append(time_steps(steps[name], x_bin, rows, args.steps, torch.device("cpu"))[0])
+            wall, cpu_s = time_steps(steps[name], x_bin, rows, args.steps, torch.device("cpu"))
+            times[name].append(wall)
+            cpu[name].append(cpu_s)
     results = {name: {"s_per_step": statistics.median(t), "s_per_step_all": t,
-                      "ratio_to_vampprior": _paired_ratio(t, times[vamp])} for name, t in times.items()}
+                      "ratio_to_vampprior": _paired_ratio(t, times[vamp]),
+                      "cpu_s_per_step": statistics.median(cpu[name]), "cpu_s_per_step_all": cpu[name],
+                      "cpu_ratio_to_vampprior": _paired_ratio(cpu[name], cpu[vamp])}
+               for name, t in times.items()}
     meta = {"command": " ".join(["python", "scripts/exemplar_step_cost.py",
                                  *(argv if argv is not None else sys.argv[1:])]),
             "device_name": device_name(torch.device("cpu")), "dataset": args.dataset,
@@ -152,17 +168,20 @@ def main(argv: list[str] | None = None) -> dict:
             "repeats": args.repeats, "torch": torch.__version__, "pyro": pyro.__version__}
     print(f"{meta['device_name']}; {args.dataset}, N = {train_x.shape[0]} exemplars, {args.encoder} "
           f"{args.hidden} z {args.z_dim}, batch {args.batch_size}, mc; median of {args.repeats} repeats x "
-          f"{args.steps} steps\n\n| prior | s/step | step / VampPrior step |\n|---|---|---|")
+          f"{args.steps} steps\n\n| prior | s/step | step / VampPrior step | CPU s/step | CPU time / "
+          f"VampPrior's |\n|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['s_per_step']:.4f} | {r['ratio_to_vampprior']:.1f}x |")
+        print(f"| {name} | {r['s_per_step']:.4f} | {r['ratio_to_vampprior']:.1f}x | "
+              f"{r['cpu_s_per_step']:.4f} | {r['cpu_ratio_to_vampprior']:.1f}x |")
     out = {"meta": meta, "results": results}
     if args.eval_images:
         x_test = binarize(data.test_x[:args.eval_images], torch.Generator().manual_seed(1))
         out["eval"] = {name: time_eval(vae, x_test) for name, vae in models.items()}
-        print(f"\ntest time, one ELBO pass over {x_test.shape[0]} test images (exact mixture over all N):")
+        print(f"\ntest time (CPU seconds), one ELBO pass over {x_test.shape[0]} test images (exact mixture "
+              "over all N):")
         for name, e in out["eval"].items():
-            print(f"  {name}: encode exemplars {e['encode_exemplars_s']:.2f} s, "
-                  f"ELBO pass {e['elbo_pass_s']:.2f} s")
+            print(f"  {name}: encode exemplars {e['encode_exemplars_cpu_s']:.2f} s, "
+                  f"ELBO pass {e['elbo_pass_cpu_s']:.2f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         print(f"\nwrote {args.json}")

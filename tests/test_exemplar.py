@@ -21,6 +21,7 @@ from pyro_vae.run_dir import load_model
 from pyro_vae.train_data import prepare_data
 
 from .conftest import QUICK, assert_log_px_at_least_elbo, run_values
+from .test_interruptions import FAST, _assert_same_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import exemplar_step_cost  # noqa: E402
@@ -28,23 +29,25 @@ import exemplar_step_cost  # noqa: E402
 N, SHAPE, D = 37, (1, 4, 4), 3
 
 
-def tiny_vae(subset=None, seed=0, max_elements=exemplar.MAX_ELEMENTS):
+def tiny_vae(subset=None, seed=0, max_elements=exemplar.MAX_ELEMENTS, k=None):
     """A small VAE whose prior is the exemplar prior over N random images."""
     torch.manual_seed(seed)
-    vae = build_vae(SHAPE, hidden=(8,), z_dim=D, prior="exemplar", exemplar_subset=subset)
+    vae = build_vae(SHAPE, hidden=(8,), z_dim=D, prior="exemplar", exemplar_subset=subset, exemplar_k=k)
     vae.prior.max_elements = max_elements
     use_training_set(vae, torch.rand(N, *SHAPE, generator=torch.Generator().manual_seed(seed)))
     return vae
 
 
-def reference(loc, log_variance, z, keep=None):
-    """log of 1/|kept| sum over kept exemplars e of prod_d Normal(z_d; loc_ed, sigma), term by term in
-    float64; keep (R, M) says which exemplars row r keeps (default: all)."""
+def reference(loc, log_variance, z, keep=None, count=None):
+    """log of 1/count sum over kept exemplars e of prod_d Normal(z_d; loc_ed, sigma), term by term in
+    float64; keep (R, M) says which exemplars row r keeps (default: all), count (R,) defaults to their
+    number."""
     sigma = (0.5 * log_variance.double()).exp()
     terms = Normal(loc.double()[None], sigma).log_prob(z.double()[:, None]).sum(-1)  # (R, M)
     if keep is None:
         keep = torch.ones_like(terms, dtype=torch.bool)
-    return terms.masked_fill(~keep, -math.inf).logsumexp(-1) - keep.sum(-1).double().log()
+    count = keep.sum(-1) if count is None else count
+    return terms.masked_fill(~keep, -math.inf).logsumexp(-1) - count.double().log()
 
 
 def encoded(vae, x):
@@ -141,8 +144,9 @@ def test_test_time_means_are_encoded_again_once_a_parameter_changes():
     vae = tiny_vae().eval()
     first = vae.prior.all_means()
     assert vae.prior.all_means() is first  # cached
-    with torch.no_grad():
-        next(vae.encoder.parameters()).add_(0.5)  # as an optimizer step does: in place
+    param = next(vae.encoder.parameters())
+    param.grad = torch.ones_like(param)
+    torch.optim.Adam([param], lr=0.1, fused=True).step()  # in place, without bumping the version counter
     again = vae.prior.all_means()
     assert not torch.equal(again, first)
     torch.testing.assert_close(again, encoded(vae, vae.prior.exemplars))
@@ -219,12 +223,80 @@ def test_the_step_cost_benchmark_times_each_exemplar_subset_against_the_vampprio
     each with its paired ratio to the VampPrior measured in the same run, and the test-time pass. No
     timing is asserted."""
     out = exemplar_step_cost.main(["--dataset", "digits", "--train-size", "300", "--subsets", "20", "100",
-                                   "--components", "10", "--hidden", "16", "--z-dim", "2", "--steps", "2",
-                                   "--repeats", "2", "--warmup", "1", "--eval-images", "30", "--json",
-                                   str(tmp_path / "cost.json")])
-    assert list(out["results"]) == ["VampPrior K=10", "exemplar M=20", "exemplar M=100"]
-    assert out["results"]["VampPrior K=10"]["ratio_to_vampprior"] == 1.0
-    assert all(len(r["s_per_step_all"]) == 2 and r["ratio_to_vampprior"] > 0 for r in out["results"].values())
+                                   "--k", "3", "--components", "10", "--hidden", "16", "--z-dim", "2",
+                                   "--steps", "2", "--repeats", "2", "--warmup", "1", "--eval-images", "30",
+                                   "--json", str(tmp_path / "cost.json")])
+    assert list(out["results"]) == ["VampPrior K=10", "exemplar M=20", "exemplar M=100", "exemplar M=20, k=3",
+                                    "exemplar M=100, k=3"]
+    vamp = out["results"]["VampPrior K=10"]
+    assert vamp["ratio_to_vampprior"] == vamp["cpu_ratio_to_vampprior"] == 1.0
+    assert all(len(r["s_per_step_all"]) == len(r["cpu_s_per_step_all"]) == 2 and r["ratio_to_vampprior"] > 0
+               for r in out["results"].values())
     assert set(out["eval"]) == set(out["results"]) and out["meta"]["exemplars"] == 300
     assert json.loads((tmp_path / "cost.json").read_text())["results"].keys() == out["results"].keys()
     assert "step / VampPrior step" in capsys.readouterr().out
+
+
+def test_retrieval_keeps_the_union_of_each_examples_k_nearest_and_divides_by_the_whole_set():
+    """--exemplar-k with all N exemplars as the subset: E = the union over the batch of each example's
+    k nearest exemplars by their means (its own, at distance 0, among them and left out); the mixture
+    keeps E's other terms, encoded with gradient, and divides by N - 1."""
+    k = 3
+    vae = tiny_vae(k=k).train()
+    rows = torch.tensor([0, 5, 9, 30])
+    means = encoded(vae, vae.prior.exemplars)
+    nearest = torch.cdist(means[rows].double(), means.double()).topk(k, largest=False).indices
+    with leave_out(vae, rows):
+        p = vae.prior()
+        z = torch.randn(4, D)
+        got = p.log_prob(z)
+    kept = set(p.index.tolist())
+    assert kept == set(nearest.flatten().tolist()) and set(rows.tolist()) <= kept
+    assert p.loc.requires_grad
+    keep = p.index[None] != rows[:, None]
+    want = reference(p.loc.detach(), vae.prior.log_variance, z, keep, torch.full((4,), N - 1))
+    torch.testing.assert_close(got.detach().double(), want, rtol=1e-6, atol=1e-4)
+
+
+def test_retrieval_means_are_refreshed_once_per_n_examples_and_travel_in_the_state():
+    """The cached means: computed whole at the first step, then row by row for the batch and the
+    retrieved exemplars, and whole again once N examples have been trained on; a checkpoint carries them."""
+    vae = tiny_vae(subset=10, k=2).train()
+    rows = torch.arange(8)
+    with torch.no_grad(), leave_out(vae, rows):
+        vae.prior()
+        first = vae.prior.retrieval_means.clone()
+        assert int(vae.prior.retrieval_age) == 8
+        for p in vae.encoder.parameters():
+            p.add_(0.3)  # the encoder moves: the cache is now stale except where re-encoded
+        p_z = vae.prior()
+        touched = torch.cat([rows, p_z.index]).unique()
+        fresh = encoded(vae, vae.prior.exemplars)
+        untouched = torch.ones(N, dtype=torch.bool)
+        untouched[touched] = False
+        torch.testing.assert_close(vae.prior.retrieval_means[touched], fresh[touched])
+        assert torch.equal(vae.prior.retrieval_means[untouched], first[untouched])
+        for _ in range(3):  # 8 examples a step: 32 >= 37 only after the fifth step
+            vae.prior()
+        assert int(vae.prior.retrieval_age) == 40
+        vae.prior()  # 40 >= 37: refreshed whole, then this step's rows counted
+        assert int(vae.prior.retrieval_age) == 8
+        torch.testing.assert_close(vae.prior.retrieval_means, fresh)
+    again = build_vae(SHAPE, hidden=(8,), z_dim=D, prior="exemplar", exemplar_subset=10, exemplar_k=2)
+    again.load_state_dict(vae.state_dict())
+    assert torch.equal(again.prior.retrieval_means, vae.prior.retrieval_means)
+    assert int(again.prior.retrieval_age) == 8
+
+
+def test_a_retrieval_run_resumes_from_mid_epoch_bit_identically(tmp_path, crash_copy, monkeypatch):
+    """The subset draw, the cached means and their age are in the checkpoint: a run stopped mid-epoch
+    (after the cache's whole refresh inside epoch 2) resumes to the run that never stopped."""
+    args = ["--prior", "exemplar", "--exemplar-subset", "100", "--exemplar-k", "3", *FAST]
+    assert main(["train", "--epochs", "2", "--out", str(tmp_path / "straight"), *args]) == 0
+    saved = crash_copy(tmp_path / "crashed", epoch=2, batch=3)
+    assert main(["train", "--epochs", "2", "--checkpoint-every", "1e-6", "--out", str(tmp_path / "run"),
+                 *args]) == 0
+    monkeypatch.undo()
+    assert saved == [7 + 3]
+    assert main(["train", "--resume", str(tmp_path / "crashed"), "--quiet"]) == 0
+    _assert_same_run(tmp_path / "straight", tmp_path / "crashed")
