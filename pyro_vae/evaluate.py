@@ -64,7 +64,8 @@ def iwae_log_px(
     q(z_k|x); computed in chunks of particles and examples so memory stays bounded. Shape (N,).
     `conditions`: tensors with one row per example, passed after x to model and guide (a conditional
     pair's c: then the estimate is of log p(x | c))."""
-    log_sum = torch.full((x.shape[0],), -math.inf, device=x.device)
+    dtype = x.dtype if x.is_floating_point() else None  # float64 data keep float64 weights
+    log_sum = torch.full((x.shape[0],), -math.inf, device=x.device, dtype=dtype)
     chunks = importance_chunks(x, k, max_elements)
     for rows, draws in tqdm(chunks, desc=f"log p(x), k={k}", disable=not progress, leave=False):
         lw = weights(model, guide, draws.stop - draws.start, x[rows], *(c[rows] for c in conditions)).log_w
