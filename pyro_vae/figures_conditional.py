@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .errors import InputError
 from .models.conditions import MISSING, Quadrants
 from .models.cvae import CVAE
 from .models.nn_baseline import BaselineNet
@@ -53,8 +54,11 @@ def plot_completions(cvae: CVAE, x: Tensor, c: Tensor, path: Path, baseline: Bas
                      n_examples: int = 8, n_samples: int = 6, seed: int = 0) -> Path:
     """The first n_examples of (x, c): given quadrants (blue: to predict), truth, the baseline's
     prediction and n_samples completions sampled from the CVAE, one row each."""
+    if not isinstance(cvae.condition, Quadrants):
+        raise InputError(f"completions need a quadrant condition; this CVAE has --condition "
+                         f"{cvae.condition.name}: draw its samples per class (plot_class_samples)")
     tiles, names = completion_images(cvae, x[:n_examples], c[:n_examples], baseline, n_samples, seed)
-    given = cvae.condition.given if isinstance(cvae.condition, Quadrants) else "?"
+    given = cvae.condition.given
     title = (f"{given} quadrant(s) given (blue: predicted): the baseline's prediction and "
              f"{n_samples} CVAE completions")
     return save_tiles(tiles, path, title, names)

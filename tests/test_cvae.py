@@ -77,6 +77,12 @@ def test_the_baseline_is_for_quadrants_only():
         build_baseline(SHAPE, ClassLabel(10))
 
 
+def test_a_class_conditional_cvae_takes_no_baseline():
+    base = build_baseline(SHAPE, "quadrants:1", hidden=(16,))
+    with pytest.raises(InputError, match="a baseline fills missing quadrants"):
+        build_cvae(SHAPE, "class", n_classes=10, baseline=base)
+
+
 def test_the_baselines_log_likelihood_is_the_bernoulli_log_likelihood_of_the_missing_pixels_alone():
     torch.manual_seed(0)
     base = build_baseline(SHAPE, "quadrants:1", hidden=(16,))

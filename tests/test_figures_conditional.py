@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from pyro_vae.data import CLASS_NAMES
+from pyro_vae.errors import InputError
 from pyro_vae.figures_conditional import (
     class_sample_images,
     completion_images,
@@ -55,3 +56,6 @@ def test_class_samples_give_one_row_per_class_decoded_under_that_class(tmp_path)
     torch.testing.assert_close(images.flatten(0, 1), cvae.complete(c))
     path = plot_class_samples(cvae, tmp_path / "classes.png", CLASS_NAMES["fashion-mnist"][:4], n_per_class=5)
     assert Image.open(path).size[0] > 0
+    with pytest.raises(InputError, match="completions need a quadrant condition"):
+        plot_completions(cvae, torch.zeros(2, *SHAPE), c[:2], tmp_path / "no.png")
+    assert not (tmp_path / "no.png").exists()

@@ -30,6 +30,7 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..nets import _gaussian_params, _mlp
 from ..param_store import RegisteringModule
 from .conditions import Condition, Quadrants, parse_condition
@@ -48,6 +49,9 @@ class CVAE(RegisteringModule):
     def __init__(self, x_shape: Sequence[int], condition: Condition, hidden: Sequence[int] = (400,),
                  z_dim: int = 20, baseline: BaselineNet | None = None):
         super().__init__()
+        if baseline is not None and not isinstance(condition, Quadrants):
+            raise InputError(f"a baseline fills missing quadrants; --condition {condition.name} has none: "
+                             "build the CVAE without one, or use --condition quadrants:N")
         self.x_shape, self.condition, self.z_dim = tuple(x_shape), condition, z_dim
         d, f = math.prod(self.x_shape), condition.features(self.x_shape)
         self.recognition = _mlp([d + f, *hidden, 2 * z_dim])
