@@ -16,7 +16,8 @@ Nothing here relies on site names: `Program.sites` finds them from one trace. Wh
 beyond this (decoding a z into a picture) is read from the observed site's distribution: its
 `.mean`, reshaped to the shape of x. An object may offer more, used when present:
 `is_autoencoder` (a point-mass guide, no bound on log p(x)) and `sample_latents(n)` (draws of z
-where the model's prior cannot be sampled, as for the autoencoder's flat prior).
+where the model's prior cannot be sampled, as for the autoencoder's flat prior; a dict of draws by
+site name for several latent sites).
 """
 
 from __future__ import annotations
@@ -205,11 +206,15 @@ class Program:
     @torch.no_grad()
     def sample(self, x_like: Tensor) -> Tensor:
         """Pictures generated from the prior: the mean of p(x|z), z ~ p(z), one per row of x_like (or,
-        where the object offers `sample_latents`, z from it)."""
+        where the object offers `sample_latents`, z from it: one tensor for a single latent site, or a
+        dict of the latent sites' draws by name)."""
         sample_latents = getattr(self.owner, "sample_latents", None)
         if callable(sample_latents):
-            (name,) = self.sites(x_like).latent
-            return self.decode(x_like, {name: sample_latents(x_like.shape[0])})
+            latents = sample_latents(x_like.shape[0])
+            if not isinstance(latents, dict):
+                (name,) = self.sites(x_like).latent
+                latents = {name: latents}
+            return self.decode(x_like, latents)
         try:
             return self.decode(x_like)
         except NotImplementedError:
