@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer.inspect import get_dependencies
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
@@ -55,6 +56,7 @@ class Program:
         self.model, self.guide = model, guide
         self.owner = owner if owner is not None else getattr(model, "__self__", None)
         self._sites: Sites | None = None
+        self._drawn_given: tuple[str, ...] | None = None
 
     @classmethod
     def of(cls, program: object, guide: Callable | None = None) -> Program:
@@ -143,8 +145,10 @@ class Program:
     def posterior_moments(self, x: Tensor, draws: int = MOMENT_DRAWS) -> dict[str, tuple[Tensor, Tensor]]:
         """Per latent site, the mean and standard deviation of q(z|x), each shaped like the site's
         value (N, *event) (for a discrete site, its most likely value and 0): in closed form where the guide's
-        distribution has them, else estimated from `draws` joint draws of the guide (as for a site whose q
-        depends on an earlier site)."""
+        distribution has them, else estimated from `draws` joint draws of the guide: so for a site whose q
+        is drawn given an earlier continuous latent site (z1 of q(z2|x) q(z1|x, z2)), whose distribution in
+        one trace is q(z1|x, z2) at one draw of z2, not the marginal q(z1|x))."""
+        drawn_given = self.drawn_given_continuous(x)
         with torch.no_grad():
             guide_trace = poutine.trace(self.guide).get_trace(x)
             moments, sampled = {}, None
@@ -156,6 +160,8 @@ class Program:
                     moments[name] = (mode, torch.zeros(shape, device=mode.device))
                     continue
                 try:
+                    if name in drawn_given:
+                        raise NotImplementedError
                     moments[name] = (site["fn"].mean.expand(shape), site["fn"].stddev.expand(shape))
                 except (NotImplementedError, AttributeError):
                     if sampled is None:
@@ -164,6 +170,22 @@ class Program:
                     value = sampled.nodes[name]["value"]
                     moments[name] = (value.mean(0), value.std(0))
         return moments
+
+    def drawn_given_continuous(self, x: Tensor) -> tuple[str, ...]:
+        """The latent sites whose guide distribution is computed from the value of another continuous
+        latent site (z1 in q(z2|x) q(z1|x, z2)), found once by Pyro's provenance tracking
+        (pyro.infer.inspect.get_dependencies: one run of the guide on x[:2], without gradients, the RNG
+        forked); () for a single latent site."""
+        if self._drawn_given is None:
+            latent = self.sites(x).latent
+            if len(latent) < 2:
+                self._drawn_given = ()
+            else:
+                upstream = get_dependencies(self.guide, (x[:2],))["prior_dependencies"]
+                continuous = set(self.continuous_sites(x))
+                self._drawn_given = tuple(n for n in latent
+                                          if any(u != n and u in continuous for u in upstream.get(n, ())))
+        return self._drawn_given
 
     def posterior_means(self, x: Tensor) -> Tensor:
         """E_q[z|x] for every continuous latent site (a discrete one, such as a class, has no mean),

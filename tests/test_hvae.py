@@ -27,6 +27,7 @@ from pyro_vae.train import train
 from pyro_vae.train_data import prepare_data
 
 from .conftest import N_SE, QUICK, assert_log_px_at_least_elbo, run_values
+from .test_estimators import XS, TwoLatents
 
 TINY = {"hidden": [16], "z_dim": 3}
 DIGITS = Config(dataset="digits", train_size=200, test_size=60, model="hvae", **TINY)
@@ -217,6 +218,21 @@ def test_diagnose_runs_over_both_sites(hvae_run):
     assert record["mcmc"]["coordinates"] == [f"z2_{i}" for i in range(4)] + [f"z1_{i}" for i in range(4)]
     assert len(record["mcmc"]["examples"][0]["q_mean"]) == 8
     assert math.isfinite(record["bounds"]["elbo_optimal_full_rank"]["mean"])
+
+
+def test_posterior_moments_of_a_site_drawn_given_another_are_its_marginal_ones():
+    """Program.posterior_moments (posterior means, active units, reconstructions, diagnose's q* start
+    and its q vs NUTS table) of b in q(a|x) q(b|a, x) = N(a; x/3, 2/3) N(b; (a + x)/2, 1/2): the
+    marginal N(b; 2x/3, 2/3), not the conditional at one draw of a (sd 0.71); within N_SE standard
+    errors of the draws' mean (sd/sqrt(R)) and standard deviation (about sd/sqrt(2R))."""
+    program, draws = Program.of(TwoLatents()), 20_000
+    assert program.drawn_given_continuous(XS) == ("b",)
+    assert Program.of(_hvae()).drawn_given_continuous(_digits(4)) == ("z1",)
+    pyro.set_rng_seed(0)
+    mean, sd = program.posterior_moments(XS, draws=draws)["b"]
+    marginal_sd = math.sqrt(2 / 3)
+    assert ((mean - 2 * XS / 3).abs() < N_SE * marginal_sd / math.sqrt(draws)).all(), mean
+    assert ((sd - marginal_sd).abs() < N_SE * marginal_sd / math.sqrt(2 * draws)).all(), sd
 
 
 def test_samples_decode_draws_of_both_sites_from_the_prior():
