@@ -159,16 +159,15 @@ class Program:
                     mode = site["fn"].mode.expand(shape)
                     moments[name] = (mode, torch.zeros(shape, device=mode.device))
                     continue
-                try:
-                    if name in drawn_given:
-                        raise NotImplementedError
-                    moments[name] = (site["fn"].mean.expand(shape), site["fn"].stddev.expand(shape))
-                except (NotImplementedError, AttributeError):
-                    if sampled is None:
-                        with pyro.plate("draws", draws, dim=PARTICLE_DIM):
-                            sampled = poutine.trace(self.guide).get_trace(x)
-                    value = sampled.nodes[name]["value"]
-                    moments[name] = (value.mean(0), value.std(0))
+                closed = None if name in drawn_given else _closed_form_moments(site["fn"], shape)
+                if closed is not None:
+                    moments[name] = closed
+                    continue
+                if sampled is None:
+                    with pyro.plate("draws", draws, dim=PARTICLE_DIM):
+                        sampled = poutine.trace(self.guide).get_trace(x)
+                value = sampled.nodes[name]["value"]
+                moments[name] = (value.mean(0), value.std(0))
         return moments
 
     def drawn_given_continuous(self, x: Tensor) -> tuple[str, ...]:
@@ -242,6 +241,15 @@ class Program:
         except NotImplementedError:
             raise InputError("the model's prior cannot be sampled (e.g. an improper density): there are "
                              "no samples to show; offer sample_latents(n) on the object") from None
+
+
+def _closed_form_moments(fn: object, shape: torch.Size) -> tuple[Tensor, Tensor] | None:
+    """The mean and standard deviation of the distribution `fn`, expanded to `shape`; None where it
+    has no closed form for them (a flow)."""
+    try:
+        return fn.mean.expand(shape), fn.stddev.expand(shape)
+    except (NotImplementedError, AttributeError):
+        return None
 
 
 def _reached(trace: Trace, params: list[Tensor]) -> set[int]:
