@@ -1,4 +1,5 @@
-"""`pyro-vae` subcommands: train, evaluate, sample, compare, diagnose, report, grid. Parses and
+"""`pyro-vae` subcommands: train, evaluate, sample, compare, diagnose, report, grid, encode,
+interpolate (and --version). Parses and
 validates, calls the library, and turns bad input into one line on stderr with exit code 2."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 from pathlib import Path
 
-from . import plots
+from . import __version__, plots
 from .compare import CompareOptions, compare_estimators
 from .config import RESUMABLE, Config, load_config_file
 from .device import resolve_device
@@ -23,6 +24,7 @@ from .diagnostics import diagnose, write_report
 from .errors import InputError, TrainingError
 from .evaluate import evaluate_run
 from .grid import grid_report, run_grid
+from .latents import SPLITS, encode_run, interpolate_run
 from .presets import describe_presets, preset_settings
 from .registry import load_plugins
 from .report import MARKDOWN, report
@@ -141,6 +143,7 @@ def _add_plugin_flag(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.",
                      allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="train a VAE and write a run directory", allow_abbrev=False)
@@ -172,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_diagnose_parser(sub)
     _add_report_parser(sub)
     _add_grid_parser(sub)
+    _add_latent_parsers(sub)
     for command in sub.choices.values():
         _add_plugin_flag(command)
     return parser
@@ -443,6 +447,48 @@ def cmd_grid(args: argparse.Namespace) -> None:
                             f"and run the grid again (finished runs are skipped)")
 
 
+# --- latents: `encode` and `interpolate` (the implementations are in latents.py) ----------------------
+
+def _add_latent_parsers(sub) -> None:
+    encode = sub.add_parser("encode", help="posterior means and scales of every example -> a .npz file",
+                            allow_abbrev=False)
+    encode.add_argument("run", help="a run directory written by `pyro-vae train`")
+    encode.add_argument("--data", default="test", choices=SPLITS,
+                        help="which examples of the run's dataset: test (default) or train")
+    encode.add_argument("--out", required=True, help="the .npz file to write: mean and scale (N, z_dim), "
+                        "labels (N,) where the data have them, epoch and step of the model")
+    encode.add_argument("--no-scales", action="store_true", help="write the means only (an autoencoder "
+                        "run has no scales: its guide is a point mass)")
+    encode.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    interp = sub.add_parser("interpolate", help="decode the line between two examples' posterior means -> "
+                            "RUN/interpolate_I_J.png and .npz", allow_abbrev=False)
+    interp.add_argument("run", help="a run directory written by `pyro-vae train`")
+    interp.add_argument("--from", dest="start", type=int, required=True, metavar="I",
+                        help="index of the first example")
+    interp.add_argument("--to", dest="end", type=int, required=True, metavar="J",
+                        help="index of the second example")
+    interp.add_argument("--steps", type=int, default=9, help="pictures along the line, ends included "
+                        "(default 9)")
+    interp.add_argument("--data", default="test", choices=SPLITS,
+                        help="which examples of the run's dataset: test (default) or train")
+    interp.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    path = encode_run(args.run, args.out, args.data, scales=not args.no_scales, device=args.device)
+    print(f"wrote {path}")
+
+
+def cmd_interpolate(args: argparse.Namespace) -> None:
+    for path in interpolate_run(args.run, args.start, args.end, args.steps, args.data, args.device):
+        print(f"wrote {path}")
+
+
+LATENT_COMMANDS = {"encode": cmd_encode, "interpolate": cmd_interpolate}
+
+# --- end of latents ------------------------------------------------------------------------------------
+
+
 class _Terminated(BaseException):
     """SIGTERM arrived outside the training loop (which checkpoints and raises Interrupted itself)."""
 
@@ -466,7 +512,7 @@ def _sigterm_as_exception():
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample, "compare": cmd_compare,
-            "diagnose": cmd_diagnose, "report": cmd_report, "grid": cmd_grid}
+            "diagnose": cmd_diagnose, "report": cmd_report, "grid": cmd_grid, **LATENT_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,12 +22,13 @@ from .guides import GUIDES
 from .likelihoods import LIKELIHOODS, SIGMA_MODES, make_likelihood
 from .m2 import DISCRETE
 from .model import MODELS as VAE_MODELS
+from .models.hvae import HVAE_MODELS
 from .nets import NETWORKS
 from .priors import PRIORS
 from .registry import load_plugins
 
 LABELLED_MODELS = ("m2", "classifier")  # semi-supervised M2 and its classifier-only baseline (m2.py)
-MODELS = VAE_MODELS + LABELLED_MODELS
+MODELS = VAE_MODELS + LABELLED_MODELS + HVAE_MODELS
 PRIOR_INITS = ("noise", "data")
 MIXTURE_PRIORS = ("mog", "vamp")  # the priors that take --prior-components
 CUDA_GRAPH_MODES = ("auto", "off", "on")
@@ -193,6 +194,7 @@ class Config:
         self._validate_exemplar()
         self._validate_protocol()
         self._validate_guide()
+        self._validate_hvae()
         self._validate_labelled()
         if self.model == "ae":
             vae_only = {"guide": "diagonal", "prior": "normal", "estimator": "mc", "particles": 1,
@@ -207,6 +209,13 @@ class Config:
             raise InputError(f"--beta and --kl-anneal weight the KL term of an ELBO; the importance-"
                              f"weighted bound ({self.estimator}) has no separate KL term; use --estimator "
                              "mc, analytic or stl")
+
+    def _validate_hvae(self) -> None:
+        """--model hvae (models/hvae.py): its two guides are diagonal Gaussians from its own networks."""
+        if self.model in HVAE_MODELS and self.guide != "diagonal":
+            raise InputError(f"--guide {self.guide} is a family for --model vae's single latent; "
+                             "--model hvae has its own guide q(z2|x) q(z1|x, z2) (diagonal Gaussians): "
+                             "drop --guide")
 
     def _validate_protocol(self) -> None:
         """Raise InputError for a validation split or early stopping that cannot work."""
