@@ -268,19 +268,19 @@ class Config:
                              "drop --early-stop")
 
     def _validate_exemplar(self) -> None:
-        """--exemplar-subset with --prior exemplar only; the exemplar prior with --model vae only (it
-        needs the training images of an unlabelled run in memory), and not in a CUDA graph (each step
-        draws its own subset of exemplars)."""
+        """--exemplar-subset with --prior exemplar only; the exemplar prior with --model vae or hvae (on
+        z2) only (it needs the training images of an unlabelled run in memory), and not in a CUDA graph
+        (each step draws its own subset of exemplars)."""
         given = [k for k in ("exemplar_subset", "exemplar_k") if getattr(self, k) is not None]
         if given and self.prior != "exemplar":
             raise InputError(f"--{given[0].replace('_', '-')} sets which exemplars the exemplar prior uses "
                              f"per step; use it with --prior exemplar, not --prior {self.prior}")
         if self.prior != "exemplar":
             return
-        if self.model != "vae" or self.workers:
-            what = f"--model {self.model}" if self.model != "vae" else f"--workers {self.workers}"
+        if self.model not in ("vae", *HVAE_MODELS) or self.workers:
+            what = f"--workers {self.workers}" if self.workers else f"--model {self.model}"
             raise InputError(f"--prior exemplar builds its prior from the training images held in memory "
-                             f"and works with --model vae and --workers 0; {what} cannot use it")
+                             f"and works with --model vae or hvae and --workers 0; {what} cannot use it")
         if self.cuda_graph == "on":
             raise InputError("--prior exemplar draws a new subset of exemplars at every step, which a CUDA "
                              "graph would freeze: leave --cuda-graph at auto or off")

@@ -58,6 +58,11 @@ PRESETS = {
                                             **VAMPPRIOR}, "-226.72 +- 0.08"),
     "fashion-mnist-convhvae-vampprior": Preset({**PROTOCOL, "dataset": "fashion-mnist", "model": "hvae",
                                                 "encoder": "conv", **VAMPPRIOR}, "-224.67 +- 0.03"),
+    # the exemplar prior on the HVAE's z2 (its top encoder's means), and on the ConvHVAE's
+    "fashion-mnist-hvae-exemplar": Preset({**PROTOCOL, "dataset": "fashion-mnist", "model": "hvae",
+                                           **EXEMPLAR}, "-226.53 +- 0.09"),
+    "fashion-mnist-convhvae-exemplar": Preset({**PROTOCOL, "dataset": "fashion-mnist", "model": "hvae",
+                                               "encoder": "conv", **EXEMPLAR}, "-224.63 +- 0.06"),
     "mnist-vae": Preset({**PROTOCOL, "dataset": "mnist", "prior": "normal"}, "-84.45"),
     "mnist-vampprior": Preset({**PROTOCOL, "dataset": "mnist", **VAMPPRIOR}, "-82.43"),
 }

@@ -354,7 +354,8 @@ def build_from_config(config: Config, x_shape: tuple[int, ...]) -> VAE | M2 | La
     if config.model in HVAE_MODELS:
         return build_hvae(x_shape, encoder=config.encoder, hidden=config.hidden, z_dim=config.z_dim,
                           prior=config.prior, likelihood=config.likelihood, sigma=config.sigma,
-                          sigma_mode=config.sigma_mode, prior_components=config.prior_components)
+                          sigma_mode=config.sigma_mode, prior_components=config.prior_components,
+                          exemplar_subset=config.exemplar_subset, exemplar_k=config.exemplar_k)
     return build_vae(
         x_shape, encoder=config.encoder, hidden=config.hidden, z_dim=config.z_dim,
         prior=config.prior, likelihood=config.likelihood, sigma=config.sigma,

@@ -15,8 +15,9 @@ from torch.distributions import Normal
 
 from pyro_vae import exemplar
 from pyro_vae.cli import main
-from pyro_vae.exemplar import leave_out, use_training_set
+from pyro_vae.exemplar import ExemplarPrior, leave_out, use_training_set
 from pyro_vae.model import VAE, build_vae
+from pyro_vae.presets import PRESETS
 from pyro_vae.run_dir import load_model
 from pyro_vae.train_data import prepare_data
 
@@ -300,3 +301,30 @@ def test_a_retrieval_run_resumes_from_mid_epoch_bit_identically(tmp_path, crash_
     assert saved == [7 + 3]
     assert main(["train", "--resume", str(tmp_path / "crashed"), "--quiet"]) == 0
     _assert_same_run(tmp_path / "straight", tmp_path / "crashed")
+
+
+def test_the_hvae_takes_the_exemplar_prior_on_z2(tmp_path, monkeypatch):
+    """--model hvae --prior exemplar: p(z2) over the training images through the top encoder q(z2|x);
+    each training step leaves out its batch's rows, and log p(x) >= ELBO (paired) at the end. Its two
+    presets target the published rows (Exemplar VAE, Table 1)."""
+    left = []
+    original = ExemplarPrior.forward
+
+    def recording(self):
+        if self.training:
+            left.append(self.left_out)
+        return original(self)
+
+    monkeypatch.setattr(ExemplarPrior, "forward", recording)
+    out = tmp_path / "hvae"
+    assert main(["train", "--model", "hvae", "--prior", "exemplar", "--exemplar-subset", "100", "--hidden",
+                 "16", "--z-dim", "3", "--epochs", "2", "--out", str(out), *QUICK]) == 0
+    assert len(left) == 2 * math.ceil(400 / 128) and all(rows is not None for rows in left)
+    config, hvae = load_model(out)
+    assert isinstance(hvae.prior, ExemplarPrior) and hvae.prior.exemplars.shape[0] == 400
+    assert_log_px_at_least_elbo(run_values(out))
+    for name, encoder, target in (("fashion-mnist-hvae-exemplar", "gated-mlp", "-226.53 +- 0.09"),
+                                  ("fashion-mnist-convhvae-exemplar", "conv", "-224.63 +- 0.06")):
+        settings = PRESETS[name].settings
+        assert (settings["model"], settings["encoder"], settings["prior"], settings["exemplar_subset"]) == (
+            "hvae", encoder, "exemplar", 25_000) and PRESETS[name].published == target
