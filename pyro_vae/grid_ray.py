@@ -25,6 +25,7 @@ import contextlib
 import functools
 import io
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from types import SimpleNamespace
 
 from .errors import InputError, TrainingError
 from .grid import GridRun, check_options, read_grid, run_state, train_and_evaluate
-from .run_dir import read_json, write_json
+from .run_dir import METRICS, read_json, read_jsonl, write_json
 from .tracking import MLflowTracker, _first_line, mark_stopped
 
 MAX_FAILURES = 3  # times a trial whose worker died is started again
@@ -57,6 +58,14 @@ def _ray() -> SimpleNamespace:
     return SimpleNamespace(ray=ray, tune=tune, ASHAScheduler=ASHAScheduler)
 
 
+def tune_row(row: dict | None) -> dict:
+    """A row of metrics.jsonl as Tune gets it: its numbers, with the scheduler's epoch and validation ELBO
+    always there (Tune refuses a report without them; NaN before the first epoch, or for a model without
+    a validation ELBO, never stops a trial)."""
+    numbers = {k: v for k, v in (row or {}).items() if isinstance(v, int | float)}
+    return {"epoch": 0, "validation_elbo": math.nan, **numbers}
+
+
 class TuneReporter:
     """Inside a trial: reports each epoch's row of metrics.jsonl (its numbers) to Ray Tune. Tune's
     scheduler may stop the trial there (tune.report then ends the trial's thread)."""
@@ -68,7 +77,7 @@ class TuneReporter:
         pass
 
     def epoch(self, trainer, row: dict) -> None:
-        self.report({k: v for k, v in row.items() if isinstance(v, int | float)})
+        self.report(tune_row(row))
 
     def finish(self, trainer, summary: dict) -> None:
         pass
@@ -86,9 +95,18 @@ def _trial(space: dict, out: str, settings: dict[str, dict], k: int, tensorboard
         state = run_state(run, settings[name])  # a trial started again finds the checkpoint
         line = train_and_evaluate(str(run), settings[name], state, k, tensorboard, reporters)
     except (InputError, TrainingError) as err:
-        tune.report({FAILED: str(err)})
+        tune.report({**tune_row(_last_row(run)), FAILED: str(err)})
         return
-    tune.report({LINE: line})
+    tune.report({**tune_row(_last_row(run)), LINE: line})
+
+
+def _last_row(run: Path) -> dict | None:
+    """The last row of RUN/metrics.jsonl, or None (none yet, or not readable)."""
+    try:
+        rows = read_jsonl(run / METRICS)
+    except InputError:
+        return None
+    return rows[-1] if rows else None
 
 
 def _trial_name(trial) -> str:
@@ -200,8 +218,9 @@ def _tune(m: SimpleNamespace, todo: list[GridRun], out: Path, grid: str, k: int,
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}),
         param_space={"name": tune.grid_search([r.name for r in todo])},
+        # reuse_actors: a worker process trains one run after another, as the local backend's do
         tune_config=tune.TuneConfig(scheduler=asha, trial_name_creator=_trial_name,
-                                    trial_dirname_creator=_trial_name),
+                                    trial_dirname_creator=_trial_name, reuse_actors=True),
         run_config=tune.RunConfig(name=f"{grid}-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=str(out / TUNE), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)),
