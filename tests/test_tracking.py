@@ -9,6 +9,7 @@ import time
 import warnings
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from pyro_vae.cli import main
@@ -124,3 +125,18 @@ def test_tracking_without_mlflow_installed_is_one_line_saying_how_to_install(tmp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'pip install -e ".[mlflow]"' in err
     assert not out.exists()
+
+
+def test_a_local_grid_tracks_every_run_in_an_experiment_named_after_the_grid(server, tmp_path):
+    grid, out = tmp_path / "mygrid.yaml", tmp_path / "out"
+    grid.write_text(yaml.safe_dump({"base": {"train_size": 200, "test_size": 40, "hidden": [16], "z_dim": 2,
+                                             "eval_k": 5, "epochs": 1}, "sweep": {"seed": [0, 1]}}))
+    assert main(["grid", str(grid), "--out", str(out), "--k", "5", "--jobs", "2", "--mlflow", server]) == 0
+    client = MlflowClient(server)
+    runs = client.search_runs([client.get_experiment_by_name("mygrid").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["seed-0", "seed-1"]
+    for mlrun in runs:
+        evaluation = json.loads((out / mlrun.info.run_name / "eval.json").read_text())
+        assert mlrun.info.status == "FINISHED" and mlrun.data.metrics["eval/log_px"] == evaluation["log_px"]
+        files = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
+        assert {"eval.json", "summary.json", "report.md"} <= files
