@@ -35,7 +35,7 @@ from types import SimpleNamespace
 from .errors import InputError, TrainingError
 from .grid import GridRun, check_options, read_grid, run_state, train_and_evaluate
 from .run_dir import METRICS, read_json, read_jsonl, write_json
-from .tracking import MLflowTracker, _first_line, mark_stopped
+from .tracking import MLflowTracker, error_line, mark_stopped
 
 MAX_FAILURES = 3  # times a trial whose worker died is started again
 REDUCTION_FACTOR = 2  # ASHA keeps the top 1/REDUCTION_FACTOR at each of its epochs 1, rf, rf², ...
@@ -130,7 +130,7 @@ def _check_address(address: str) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=PROBE_SECONDS).close()
     except (OSError, ValueError) as err:  # refused, unreachable, timed out, no HOST:PORT
-        raise InputError(f"no Ray cluster answers at --address {address} ({_first_line(err)}); start one "
+        raise InputError(f"no Ray cluster answers at --address {address} ({error_line(err)}); start one "
                          "(ray start --head), give its HOST:PORT, or leave --address out to start a local "
                          "one") from None
 
@@ -142,7 +142,7 @@ def _connect(ray, address: str | None) -> None:
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise InputError(f"no Ray cluster answers at --address {address} ({_first_line(err)}); start one "
+        raise InputError(f"no Ray cluster answers at --address {address} ({error_line(err)}); start one "
                          "(ray start --head) or leave --address out to start a local one") from None
 
 
@@ -192,7 +192,7 @@ def run_grid_ray(path: str | Path, out: str | Path, k: int = 100, threads: int |
             echo(f"{r.name}: {metrics[LINE]}")
         elif FAILED in metrics or result.error is not None:
             failed.append(r.name)
-            why = metrics.get(FAILED) or f"{_first_line(result.error)} (Ray's record: {result.path})"
+            why = metrics.get(FAILED) or f"{error_line(result.error)} (Ray's record: {result.path})"
             echo(f"{r.name}: failed: {why}")
         else:  # ended without an error before its end: the scheduler stopped it
             record = {"by": scheduler, "epoch": metrics.get("epoch"),

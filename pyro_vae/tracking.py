@@ -86,7 +86,7 @@ def _params(settings: dict) -> dict[str, str]:
     return {k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in settings.items()}
 
 
-def _first_line(err: BaseException) -> str:
+def error_line(err: BaseException) -> str:
     """An error as one short line: its type and the first line of its message."""
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
@@ -204,7 +204,7 @@ class MLflowTracker:
         epochs = [m for m in missing if isinstance(m, int)]
         rest = [m for m in missing if not isinstance(m, int)]
         parts = ([f"the metrics of {_epochs_text(epochs)}"] if epochs else []) + rest
-        why = _first_line(error) if error else f"no answer within {FLUSH_SECONDS:g} s"
+        why = error_line(error) if error else f"no answer within {FLUSH_SECONDS:g} s"
         warnings.warn(f"the MLflow server {self.uri} stopped answering ({why}); not logged: "
                       f"{', '.join(parts)}; {out} holds them all", stacklevel=2)
 
@@ -242,7 +242,7 @@ def log_results(run: str | Path, metrics: dict, files: list[Path], prefix: str =
             client.log_artifact(run_id, str(path))
     except Exception as err:  # tracking never fails the command whose results it logs
         names = ", ".join(Path(p).name for p in files) or "metrics"
-        warnings.warn(f"{Path(run).name}: not logged to MLflow ({_first_line(err)}): {names}; they are in "
+        warnings.warn(f"{Path(run).name}: not logged to MLflow ({error_line(err)}): {names}; they are in "
                       f"{run}", stacklevel=2)
 
 
@@ -259,5 +259,5 @@ def mark_stopped(run: str | Path, by: str, epoch: int) -> None:
         client.set_tag(record["run_id"], "stopped_at_epoch", str(epoch))
         client.set_terminated(record["run_id"], "KILLED")
     except Exception as err:  # as in log_results
-        warnings.warn(f"{Path(run).name}: its MLflow run was not marked stopped ({_first_line(err)})",
+        warnings.warn(f"{Path(run).name}: its MLflow run was not marked stopped ({error_line(err)})",
                       stacklevel=2)

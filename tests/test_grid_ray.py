@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from pyro_vae.cli import main
 from pyro_vae.run_lock import holder
 
-from .servers import QUIET, mlflow_server, ray_cluster
+from .servers import QUIET, ray_cluster
 
 # epochs long enough (63 steps) that a kill after the first checkpoint lands mid-training
 BASE = {"train_size": 1000, "test_size": 60, "validation_size": 100, "hidden": [16], "z_dim": 2,
@@ -26,16 +26,17 @@ KILLED = "lr-0.003_seed-0"
 RUN_SECONDS = 600  # a grid's subprocess; about 1-2 minutes on 2 busy cores
 
 
+@pytest.fixture(autouse=True)
+def _quiet_mlflow(monkeypatch):
+    """No MLflow telemetry from the test process (without a network it waits at exit)."""
+    for key, value in QUIET.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     with ray_cluster(cpus=2) as address:
         yield address
-
-
-@pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
-    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as (uri, _):
-        yield uri
 
 
 def _grid_file(path, sweep, base=None):
@@ -67,11 +68,11 @@ def _metrics(run):
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_killed_trial_resumes_from_its_checkpoint_and_every_run_is_tracked(cluster, tracking, tmp_path):
+def test_a_killed_trial_resumes_from_its_checkpoint_and_every_run_is_tracked(cluster, mlflow_uri, tmp_path):
     out = tmp_path / "out"
     grid = _grid_file(tmp_path / "sweep2x2.yaml", {"lr": [0.003, 0.001], "seed": [0, 1]})
     process = _grid([str(grid), "--out", str(out), "--backend", "ray", "--address", cluster, "--k", "5",
-                     "--mlflow", tracking])
+                     "--mlflow", mlflow_uri])
     try:
         epochs_at_kill = _kill_after_first_checkpoint(out / KILLED, process)
         stdout, stderr = process.communicate(timeout=RUN_SECONDS)
@@ -92,7 +93,7 @@ def test_a_killed_trial_resumes_from_its_checkpoint_and_every_run_is_tracked(clu
     assert main(["train", "--config", str(tmp_path / "killed.yaml"), "--out", str(reference), "--quiet"]) == 0
     assert _metrics(out / KILLED) == _metrics(reference)
 
-    client = MlflowClient(tracking)
+    client = MlflowClient(mlflow_uri)
     experiment = client.get_experiment_by_name("sweep2x2")  # named after the grid file
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.run_name for r in runs) == sorted(names)  # the killed run is one MLflow run

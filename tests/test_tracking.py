@@ -30,22 +30,16 @@ def _quiet_mlflow(monkeypatch):
         monkeypatch.setenv(key, value)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as (uri, _):
-        yield uri
-
-
 def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_tracked_run_holds_its_config_epochs_files_and_later_results(server, tmp_path, monkeypatch, capsys):
+def test_a_tracked_run_holds_its_config_epochs_files_and_later_results(mlflow_uri, tmp_path, monkeypatch):
     run = tmp_path / "tracked"
     assert main(["train", *SMALL, "--epochs", "2", "--prior", "learned", "--lr", "0.002", "--out", str(run),
-                 "--mlflow", server]) == 0
+                 "--mlflow", mlflow_uri]) == 0
     record = json.loads((run / RECORD).read_text())
-    client = MlflowClient(server)
+    client = MlflowClient(mlflow_uri)
     mlrun = client.get_run(record["run_id"])
     assert client.get_experiment(mlrun.info.experiment_id).name == "tracked"  # named after the run
     assert mlrun.info.run_name == "tracked" and mlrun.info.status == "FINISHED"
@@ -67,7 +61,7 @@ def test_a_tracked_run_holds_its_config_epochs_files_and_later_results(server, t
     mlrun = client.get_run(record["run_id"])
     assert mlrun.data.metrics["eval/log_px"] == evaluation["log_px"]
     assert "eval.json" in {a.path for a in client.list_artifacts(record["run_id"])}
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
     assert json.loads((run / RECORD).read_text())["run_id"] == record["run_id"]
     history = client.get_metric_history(record["run_id"], "train_loss")
@@ -127,12 +121,13 @@ def test_tracking_without_mlflow_installed_is_one_line_saying_how_to_install(tmp
     assert not out.exists()
 
 
-def test_a_local_grid_tracks_every_run_in_an_experiment_named_after_the_grid(server, tmp_path):
+def test_a_local_grid_tracks_every_run_in_an_experiment_named_after_the_grid(mlflow_uri, tmp_path):
     grid, out = tmp_path / "mygrid.yaml", tmp_path / "out"
     grid.write_text(yaml.safe_dump({"base": {"train_size": 200, "test_size": 40, "hidden": [16], "z_dim": 2,
                                              "eval_k": 5, "epochs": 1}, "sweep": {"seed": [0, 1]}}))
-    assert main(["grid", str(grid), "--out", str(out), "--k", "5", "--jobs", "2", "--mlflow", server]) == 0
-    client = MlflowClient(server)
+    args = [str(grid), "--out", str(out), "--k", "5", "--jobs", "2", "--mlflow", mlflow_uri]
+    assert main(["grid", *args]) == 0
+    client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("mygrid").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["seed-0", "seed-1"]
     for mlrun in runs:
