@@ -143,7 +143,9 @@ def _connect(ray, address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise InputError(f"no Ray cluster answers at --address {address} ({error_line(err)}); start one "
-                         "(ray start --head) or leave --address out to start a local one") from None
+                         "(ray start --head) or leave --address out to start a local one (a cluster with "
+                         "token authentication also needs RAY_AUTH_MODE=token here: docs/scaling.md)"
+                         ) from None
 
 
 def run_grid_ray(path: str | Path, out: str | Path, k: int = 100, threads: int | None = None,

@@ -19,9 +19,11 @@ from pathlib import Path
 
 START_SECONDS = 180  # both start in 10-40 s on 2 busy cores
 # the servers' own environment: no telemetry sent from a machine that may have no network (MLflow
-# otherwise waits for it at exit), no MLflow job runner (a pool of worker processes the tests never use)
+# otherwise waits for it at exit), no MLflow job runner (a pool of worker processes the tests never use);
+# a Ray cluster on 127.0.0.1 without token authentication (Ray turns it on when ~/.ray/auth_token exists,
+# and a driver then needs RAY_AUTH_MODE=token too), in Ray's processes and the test's drivers alike
 QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-         "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+         "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
 def free_port() -> int:
