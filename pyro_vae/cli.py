@@ -368,7 +368,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     for path in result.paths:
         print(f"wrote {path}")
     if args.run:
-        log_results(args.run, {}, [result.out / "compare.md", *result.paths])
+        log_results(args.run, {}, result.paths)
 
 
 def _add_diagnose_parser(sub) -> None:

@@ -55,12 +55,16 @@ def test_a_tracked_run_holds_its_config_epochs_files_and_later_results(mlflow_ur
     files = {a.path for a in client.list_artifacts(record["run_id"])}
     assert {"summary.json", "metrics.jsonl", "config.json", "samples.png", "curves.png"} <= files
 
-    # later results go to the same MLflow run: evaluate, then a resume (tracking URI from the environment)
+    # later results go to the same MLflow run: evaluate, compare, then a resume (tracking URI from the
+    # environment)
     assert main(["evaluate", str(run), "--k", "5", "--quiet"]) == 0
     evaluation = json.loads((run / "eval.json").read_text())
     mlrun = client.get_run(record["run_id"])
     assert mlrun.data.metrics["eval/log_px"] == evaluation["log_px"]
     assert "eval.json" in {a.path for a in client.list_artifacts(record["run_id"])}
+    assert main(["compare", str(run), "--estimators", "mc", "analytic", "--repeats", "3", "--batch-size", "8",
+                 "--k-ref", "10", "--quiet"]) == 0
+    assert {"compare.json", "compare.md"} <= {a.path for a in client.list_artifacts(record["run_id"])}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     assert main(["train", "--resume", str(run), "--epochs", "3", "--quiet"]) == 0
     assert json.loads((run / RECORD).read_text())["run_id"] == record["run_id"]
