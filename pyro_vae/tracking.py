@@ -154,10 +154,19 @@ class MLflowTracker:
 
     def start(self, trainer) -> None:
         """Continue the MLflow run recorded in the run directory (a resumed run: the epochs the server
-        has not seen are logged again), or start one: parameters, tags, RUN/mlflow.json."""
-        out, config = Path(trainer.out), trainer.config
+        has not seen are logged again), or start one: parameters, tags, RUN/mlflow.json. An InputError
+        if the server refuses (a new run's directory is then emptied by the trainer)."""
+        out = Path(trainer.out)
         record = read_json(out / RECORD) if trainer.resume and (out / RECORD).is_file() else {}
         self.sender = _Sender()
+        try:
+            self._start(trainer, out, record)
+        except Exception as err:  # the server answered the check but refuses this run
+            raise InputError(f"the MLflow server {self.uri} refused to track {out} ({error_line(err)}); "
+                             "check the server, or train without --mlflow") from None
+
+    def _start(self, trainer, out: Path, record: dict) -> None:
+        config = trainer.config
         if record.get("tracking_uri") == self.uri:
             self.run_id = record["run_id"]
             seen = {m.step for m in self.client.get_metric_history(self.run_id, "train_loss")}
@@ -166,9 +175,7 @@ class MLflowTracker:
                 if row["epoch"] not in seen:
                     self.epoch(trainer, row)
             return
-        name = self.experiment or out.name
-        found = self.client.get_experiment_by_name(name)
-        experiment_id = found.experiment_id if found is not None else self.client.create_experiment(name)
+        experiment_id = self._experiment_id(self.experiment or out.name)
         tags = {**{k: str(getattr(config, k)) for k in TAGGED}, "device": str(trainer.device),
                 "run_dir": str(out.resolve())}
         self.run_id = self.client.create_run(experiment_id, run_name=out.name, tags=tags).info.run_id
@@ -178,6 +185,20 @@ class MLflowTracker:
         self.sender.send("parameters", lambda: self._log(params=params))
         for row in trainer.metrics:  # none for a new run; kept for a run resumed into another server
             self.epoch(trainer, row)
+
+    def _experiment_id(self, name: str) -> str:
+        """The id of experiment `name`, made if missing (by this run, or by another run of its grid
+        that made it first)."""
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:  # another run of the grid made it just now
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
 
     def epoch(self, trainer, row: dict) -> None:
         """Queue the epoch's metrics (every number of its metrics.jsonl row but the epoch) at step = epoch."""

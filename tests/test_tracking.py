@@ -139,3 +139,15 @@ def test_a_local_grid_tracks_every_run_in_an_experiment_named_after_the_grid(mlf
         assert mlrun.info.status == "FINISHED" and mlrun.data.metrics["eval/log_px"] == evaluation["log_px"]
         files = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
         assert {"eval.json", "summary.json", "report.md"} <= files
+
+
+def test_a_run_the_server_refuses_to_continue_is_one_line(mlflow_uri, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "--epochs", "1", "--out", str(run)]) == 0
+    (run / RECORD).write_text(json.dumps({"tracking_uri": mlflow_uri, "experiment_id": "0",
+                                          "run_id": "0123456789abcdef0123456789abcdef"}))  # not on the server
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--mlflow", mlflow_uri, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the MLflow server {mlflow_uri} refused to track {run}" in err
+    assert len(_rows(run)) == 1  # nothing trained
