@@ -478,8 +478,8 @@ def cmd_grid(args: argparse.Namespace) -> None:
         if given:
             raise InputError(f"--{given[0].replace('_', '-')} is for --backend ray; the local backend runs "
                              "--jobs worker processes on this machine")
-        runs, failed = run_grid(args.file, args.out, args.jobs or 1, args.k, args.threads, args.tensorboard,
-                                mlflow=uri)
+        jobs = 1 if args.jobs is None else args.jobs
+        runs, failed = run_grid(args.file, args.out, jobs, args.k, args.threads, args.tensorboard, mlflow=uri)
     if len(failed) + len(stopped) < len(runs):
         try:
             result = grid_report(runs, Path(args.out), failed, stopped)
