@@ -24,12 +24,14 @@ from .diagnostics import diagnose, write_report
 from .errors import InputError, TrainingError
 from .evaluate import evaluate_run
 from .grid import grid_report, run_grid
+from .grid_ray import SCHEDULERS, run_grid_ray
 from .latents import SPLITS, encode_run, interpolate_run
 from .presets import describe_presets, preset_settings
 from .registry import load_plugins
 from .report import MARKDOWN, report
 from .run_dir import EVAL, check_data_shape, load_model, model_stamp, read_config
 from .run_lock import run_lock
+from .tracking import MLflowTracker, log_results, resolve_uri
 from .train import Interrupted, train
 from .train_data import prepare_data
 
@@ -135,6 +137,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=base, default=None, metavar=f.name.upper(), help=HELP[f.name])
 
 
+def _add_mlflow_flag(parser: argparse.ArgumentParser, experiment: str) -> None:
+    parser.add_argument("--mlflow", metavar="URI", default=None,
+                        help="track in MLflow at this tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                        "no tracking): config, every epoch's metrics, summary, figures; the experiment is "
+                        f"{experiment}; later evaluate/compare/report results go to the same MLflow run "
+                        '(needs pip install -e ".[mlflow]")')
+
+
 def _add_plugin_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugin", dest="plugins", action="append", metavar="MODULE", default=None,
                         help=HELP["plugins"])
@@ -158,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to "
                        "RUN/tensorboard/ (needs pip install -e \".[tensorboard]\")")
+    _add_mlflow_flag(train, "the run directory's name")
 
     evaluate = sub.add_parser("evaluate", help="test ELBO, log p(x), KL, active units -> RUN/eval.json")
     evaluate.add_argument("run", help="a run directory written by `pyro-vae train`")
@@ -284,13 +295,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise InputError(f"{flag} applies to a new run; --resume {args.resume} continues that run in its own "
                          f"directory: drop {flag} (copy the directory first to continue a copy)")
     config = _resume_config(args) if args.resume else resolve_config(args)
+    uri = resolve_uri(args.mlflow)
+    reporters = [MLflowTracker(uri)] if uri else []  # the server checked before anything is written
     with torch_threads(config.threads):  # --threads, recorded in config.json
         if args.resume:
             result = train(config, out=args.resume, resume=True, progress=not args.quiet,
-                           tensorboard=args.tensorboard)
+                           tensorboard=args.tensorboard, reporters=reporters)
         else:
             result = train(config, out=args.out, progress=not args.quiet, overwrite=args.overwrite,
-                           tensorboard=args.tensorboard)
+                           tensorboard=args.tensorboard, reporters=reporters)
     s = result.summary
     if not s:  # a process of a multi-process run other than rank 0: rank 0 reports
         return
@@ -336,6 +349,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"active units {result['active_units']} of {config.z_dim}; "
               f"{result['n_examples']} test examples")
     print(f"wrote {Path(args.run) / EVAL}")
+    log_results(args.run, result, [Path(args.run) / EVAL])
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -362,6 +376,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print((result.out / "compare.md").read_text(), end="")
     for path in result.paths:
         print(f"wrote {path}")
+    if args.run:
+        log_results(args.run, {}, result.paths)
 
 
 def _add_diagnose_parser(sub) -> None:
@@ -415,6 +431,15 @@ def cmd_report(args: argparse.Namespace) -> None:
     print((Path(args.out) / MARKDOWN).read_text(), end="")
     for path in result.paths:
         print(f"wrote {path}")
+    log_report(result)
+
+
+def log_report(result) -> None:
+    """Each tracked run of a report gets its row's paired differences (report/diff_...) and the report's
+    files in its MLflow run."""
+    for run, row in zip(result.runs, result.rows, strict=True):
+        diffs = {k: v for k, v in row.items() if k.startswith("diff_")}
+        log_results(run.path, diffs, result.paths, prefix="report/")
 
 
 def _add_grid_parser(sub) -> None:
@@ -422,26 +447,57 @@ def _add_grid_parser(sub) -> None:
                           allow_abbrev=False)
     grid.add_argument("file", help="YAML/JSON grid: base (settings) and sweep (setting: [values, ...])")
     grid.add_argument("--out", default="grid", help="where the runs go, one OUT/<name> each (default: grid)")
-    grid.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each its own process "
-                      "(default 1)")
+    grid.add_argument("--jobs", type=int, default=None, help="local backend: runs trained at a time, each "
+                      "its own process (default 1)")
     grid.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the grid "
                       "file's threads setting, else 1)")
     grid.add_argument("--tensorboard", action="store_true", help="TensorBoard events in each run "
                       "(tensorboard --logdir OUT shows them side by side)")
     grid.add_argument("--k", type=int, default=100, help="importance samples per example in each run's "
                       "evaluation (default 100)")
+    _add_mlflow_flag(grid, "the grid file's name")
+    grid.add_argument("--backend", choices=("local", "ray"), default="local", help="local (default): worker "
+                      "processes on this machine; ray: each run a Ray Tune trial (needs pip install -e "
+                      '".[ray]"; docs/scaling.md)')
+    grid.add_argument("--address", default=None, help="ray: the cluster to join, HOST:PORT or auto (default: "
+                      "start a local one)")
+    grid.add_argument("--cpus-per-run", type=float, default=None, help="ray: CPUs each run asks for "
+                      "(default 1)")
+    grid.add_argument("--gpus-per-run", type=float, default=None, help="ray: GPUs each run asks for "
+                      "(default 0)")
+    grid.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="ray: asha stops runs whose "
+                      "validation ELBO lags (Ray Tune's ASHA; needs validation_size); default: none")
+
+
+RAY_ONLY = ("address", "cpus_per_run", "gpus_per_run", "scheduler")
 
 
 def cmd_grid(args: argparse.Namespace) -> None:
-    runs, failed = run_grid(args.file, args.out, args.jobs, args.k, args.threads, args.tensorboard)
-    if len(failed) < len(runs):
+    uri, stopped = resolve_uri(args.mlflow), {}
+    if args.backend == "ray":
+        if args.jobs is not None:
+            raise InputError("--jobs is the local backend's; on Ray the cluster runs as many runs at a time "
+                             "as its resources allow (--cpus-per-run, --gpus-per-run)")
+        runs, failed, stopped = run_grid_ray(
+            args.file, args.out, args.k, args.threads, args.tensorboard, uri, args.address,
+            1 if args.cpus_per_run is None else args.cpus_per_run,
+            0 if args.gpus_per_run is None else args.gpus_per_run, args.scheduler)
+    else:
+        given = [name for name in RAY_ONLY if getattr(args, name) is not None]
+        if given:
+            raise InputError(f"--{given[0].replace('_', '-')} is for --backend ray; the local backend runs "
+                             "--jobs worker processes on this machine")
+        jobs = 1 if args.jobs is None else args.jobs
+        runs, failed = run_grid(args.file, args.out, jobs, args.k, args.threads, args.tensorboard, mlflow=uri)
+    if len(failed) + len(stopped) < len(runs):
         try:
-            result = grid_report(runs, Path(args.out), failed)
+            result = grid_report(runs, Path(args.out), failed, stopped)
         except InputError as err:
             print(f"pyro-vae: warning: no report over the grid: {err}", file=sys.stderr)
         else:
             print((result.paths[0].parent / MARKDOWN).read_text(), end="")
             print(f"wrote {result.paths[0].parent}")
+            log_report(result)
     if failed:
         raise TrainingError(f"{len(failed)} of {len(runs)} run(s) failed: {', '.join(failed)}; fix the cause "
                             f"and run the grid again (finished runs are skipped)")

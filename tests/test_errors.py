@@ -101,6 +101,7 @@ def fixtures(tmp_path_factory, digits_run):
     (f / "grid_unknown_key.yaml").write_text(base + "sweep: {prior: [normal]}\nepochs: 3\n")
     (f / "grid_empty_list.yaml").write_text(base + "sweep: {prior: []}\n")
     (f / "grid_refused.yaml").write_text("base: {beta: 0.5}\nsweep: {estimator: [mc, iwae]}\n")
+    (f / "grid_ok.yaml").write_text(base + "sweep: {seed: [0]}\n")
     shutil.copytree(digits_run, f / "run_no_seconds")  # evaluated, its epochs' wall times removed
     assert main(["evaluate", str(f / "run_no_seconds"), "--k", "2", "--quiet"]) == 0
     metrics = [json.loads(line) for line in (f / "run_no_seconds" / "metrics.jsonl").read_text().splitlines()]
