@@ -21,6 +21,7 @@ evaluation and figures describe the model in best.pt.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import threading
@@ -38,17 +39,14 @@ from tqdm.auto import tqdm
 from . import distributed, plots
 from .board import Board
 from .board import check_available as check_tensorboard
-from .config import LABELLED_MODELS, Config
-from .data import Dataset, UnreadableImage, batch_indices, binarize
+from .config import Config
+from .data import UnreadableImage, batch_indices, binarize
 from .device import resolve_device
-from .discrete import make_discrete_estimator, temperature
 from .errors import InputError, TrainingError
-from .estimators import check_analytic_kl, make_estimator
-from .evaluate import elbo_terms, evaluate, test_accuracy
+from .estimators import check_analytic_kl
 from .faults import NumericalFault, locate_nonfinite
 from .kl_weight import kl_weight, scale_latents
-from .m2 import UNLABELLED
-from .model import VAE
+from .models.kind import PAIR, ModelKind, model_kind
 from .program import Program
 from .rng import forked_rng, get_rng_state, set_rng_state
 from .run_dir import (
@@ -76,8 +74,9 @@ from .run_dir import (
     write_jsonl,
 )
 from .run_lock import run_lock
+from .scores import elbo_terms
 from .step import CUDAGraphStep, SVIStep
-from .train_data import n_classes, prepare_data, prepare_stream, stop_on_unreadable, streamed
+from .train_data import prepare_data, prepare_stream, stop_on_unreadable, streamed
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates
 FAULT_CHECK_EVERY = 100  # steps between checks for a non-finite step (each waits for the device)
@@ -99,12 +98,7 @@ class RunResult:
     out: Path
     metrics: list[dict]
     summary: dict
-
-
-def init_prior(vae: VAE, config: Config, data: Dataset) -> None:
-    """With --prior-init data, start the VampPrior's pseudo-inputs at random training examples."""
-    if config.prior_init == "data":
-        vae.prior.init_from(data.train_x, torch.Generator().manual_seed(config.seed))
+    kind: ModelKind = PAIR  # the model's kind: what its summary holds (ModelKind.result_line)
 
 
 @contextmanager
@@ -150,7 +144,10 @@ class Trainer:
     def __init__(self, config: Config, out: str | Path | None = None, resume: bool = False,
                  progress: bool = True, overwrite: bool = False, program: object | None = None,
                  tensorboard: bool = False):
-        self.config, self.resume, self.progress = config, resume, progress
+        # a copy: what the run derives from the data (ModelKind.derive) goes into it, not into the caller's
+        self.config, self.resume, self.progress = dataclasses.replace(config), resume, progress
+        # what differs between kinds of model: pyro-vae's own kind that config.model names, or a pair's
+        self.kind = model_kind(config.model) if program is None else PAIR
         self.tensorboard, self.board, self.step_losses = tensorboard, None, []
         self.out, self.overwrite = Path(out) if out is not None else None, overwrite
         # the pair trained: the user's as given, or (None until setup) pyro-vae's VAE
@@ -211,16 +208,16 @@ class Trainer:
             if (self.out / BEST).is_file():  # read at the end: refused now if it cannot be
                 load_checkpoint(self.out / BEST, self.device)
         pyro.set_rng_seed(config.seed)
-        self.stream, data = prepare_stream(config) if config.workers else (None, prepare_data(config))
+        self.stream, data = (prepare_stream(config) if config.workers
+                             else (None, prepare_data(config, self.kind)))
         self.data = data.to(self.device)
         if state is not None:
             check_data_shape(self.out, self.data.shape)
-        if config.model in LABELLED_MODELS and config.classes is None:
-            config.classes = n_classes(self.data)  # recorded in config.json: the model is rebuilt from it
-        self.labels = self.data.train_y if config.model in LABELLED_MODELS else None
+        # recorded in config.json: the model is rebuilt from it (e.g. the number of classes)
+        self.config = config = dataclasses.replace(config, **self.kind.derive(config, self.data))
+        self.labels = self.data.train_y if self.kind.labelled else None
         self._build_model()
-        self.elbo = (make_discrete_estimator(config.discrete) if config.model == "m2"
-                     else make_estimator(config.estimator, config.particles))
+        self.elbo = self.kind.objective(config)
         self.kl_record = check_analytic_kl(config.estimator, self.program.model, self.program.guide,
                                            self.data.test_x)
         self.optimizer = torch.optim.Adam(self.params.values(), lr=config.lr, fused=True,
@@ -239,6 +236,7 @@ class Trainer:
         self.n_train = len(self.stream) if self.stream else self.data.train_x.shape[0]
         self.n_batches = (math.ceil(self.n_train / config.batch_size)
                           - self.ranks.drops_last(self.n_train, config.batch_size))
+        self.total_steps = config.epochs * self.n_batches  # what the kind's schedule runs over
         module = self.pair if self.own_vae else self.program.owner  # DDP averages its gradients
         self.svi_step = SVIStep(self.ranks.data_parallel(self._loss, module, self.device), self.optimizer,
                                 list(self.params.values()), config.clip_grad, self.device)
@@ -258,15 +256,15 @@ class Trainer:
             raise InputError("--cuda-graph on needs a CUDA GPU and a single process; "
                              f"this run has {device.type} and {ranks.world_size} process(es): leave it off")
         if not self.own_vae:
-            config.check_for_pair()
-        # auto: the graph where it is known to hold (our own VAE, one GPU, one process: measured equal to
+            self.kind.check(config)  # the pair's settings
+        # auto: the graph where the kind knows it holds (the VAE, one GPU, one process: measured equal to
         # eager and 10x faster, docs/scaling.md); a user's pair only when asked for
-        if config.cuda_graph == "on" and config.model in LABELLED_MODELS:
-            raise InputError(f"--cuda-graph on captures the VAE's step; --model {config.model} runs eagerly: "
-                             "leave --cuda-graph at auto or off")
+        if config.cuda_graph == "on" and self.kind.eager:
+            raise InputError(f"--cuda-graph on captures the VAE's step; --model {self.kind.name} runs "
+                             "eagerly: leave --cuda-graph at auto or off")
         self.cuda_graph = config.cuda_graph == "on" or (
-            config.cuda_graph == "auto" and self.own_vae and device.type == "cuda" and not ranks.active
-            and config.model not in LABELLED_MODELS)
+            config.cuda_graph == "auto" and self.kind.auto_cuda_graph and device.type == "cuda"
+            and not ranks.active)
         if not self.resume:
             self.out = check_run_dir(self.out, self.overwrite)
             if ranks.is_main:  # made now if new, and removed again if start-up fails
@@ -313,7 +311,7 @@ class Trainer:
         # without drawing from the run's random stream (a run replays exactly)
         self._train_mode(False)
         with forked_rng(self.device):
-            self.sites = None if self.program.is_classifier else self.program.sites(x)
+            self.sites = self.program.sites(x) if self.kind.latent else None
             params = dict(self.pair.named_parameters()) if self.own_vae else pair_parameters(self.program, x)
         self.params = {name: p for name, p in params.items() if p.requires_grad}
 
@@ -350,7 +348,7 @@ class Trainer:
         """A fresh run: the VampPrior's pseudo-inputs (--prior-init data), the run directory and
         config.json."""
         if self.own_vae:
-            init_prior(self.pair, self.config, self.data)
+            self.kind.start(self.pair, self.config, self.data)
         self.ranks.barrier()  # every process has checked the run directory before rank 0 fills it
         if self.ranks.is_main:
             empty_directory(self.out)  # holds a run only with --overwrite; the lock made it if new
@@ -400,9 +398,8 @@ class Trainer:
         """One SVI step on x, this process's share of the global batch `idx`; returns its loss (-ELBO
         per example, on the device)."""
         per = len(idx) / self.ranks.world_size
-        if self.config.discrete == "relaxed":
-            self.pair.temperature = self._temperature(self.steps)
-        loss = self.svi_step(x, self._kl_weight(self.steps), per, *self._labels(idx))
+        schedule = self.kind.schedule(self.config, self.steps, self.total_steps)  # e.g. M2's temperature
+        loss = self.svi_step(x, self._kl_weight(self.steps), per, *self._labels(idx), **schedule)
         self.epoch_total += loss * per
         self.steps, self.batch = self.steps + 1, self.batch + 1
         if self.board is not None:
@@ -416,18 +413,12 @@ class Trainer:
         self._train_mode(False)
         row = {"epoch": self.epoch, "step": self.steps,
                "train_loss": float(self.ranks.sum(self.epoch_total)) / self.n_train}
-        if not self.program.is_classifier:
-            test = elbo_terms(self.program.model, self.program.guide, self.data.test_x)
-            row["test_elbo"] = None if self.program.is_autoencoder else float(test["elbo"].mean())
-            row["test_recon"] = float(test["recon"].mean())
-        if self.labels is not None:
-            row["test_accuracy"] = test_accuracy(self.pair, self.data)[0]
-        if self.config.discrete == "relaxed":
-            row["temperature"] = self._temperature(self.steps - 1)
+        row.update(self.kind.test_metrics(self.program, self.data))
+        row.update(self.kind.schedule(self.config, self.steps - 1, self.total_steps))  # the last step's
         row["seconds"] = time.perf_counter() - started
         if self.config.beta != 1.0 or self.config.kl_anneal:
             row["kl_weight"] = self._kl_weight(self.steps - 1)  # that of the epoch's last step
-        if self.data.val_x is not None and not self.program.is_classifier:
+        if self.data.val_x is not None and self.kind.latent:
             row["validation_elbo"] = self.validation_elbo()
             if self.config.early_stop is not None:
                 self._track_best(row["validation_elbo"])
@@ -443,13 +434,11 @@ class Trainer:
         if self.board is not None:
             self.board.steps(self.steps, self.step_losses)
             self.step_losses = []
-            self.board.epoch(row, self.program, self.data.test_x, self.config.seed)
+            self.board.epoch(row, self.program, self.data.test_x, self.config.seed,
+                             pictures=self.kind.latent)
         if self.progress:
-            tested = (f"test accuracy {row['test_accuracy']:.4f}" if self.program.is_classifier else
-                      f"test reconstruction log p(x|z) {row['test_recon']:.2f}" if self.program.is_autoencoder
-                      else f"test ELBO {row['test_elbo']:.2f}")
-            tqdm.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.2f}, {tested} nats "
-                       f"({row['seconds']:.1f} s)")
+            loss, tested, seconds = row["train_loss"], self.kind.epoch_line(row), row["seconds"]
+            tqdm.write(f"epoch {row['epoch']}: train loss {loss:.2f}, {tested} ({seconds:.1f} s)")
 
     def validation_elbo(self) -> float:
         """The ELBO per example on the validation set (one draw of z per example; unweighted KL); with
@@ -492,25 +481,22 @@ class Trainer:
         """The trained parameters as checkpoints hold them (a pair's by param-store name)."""
         return self.pair.state_dict() if self.own_vae else {n: p.detach() for n, p in self.params.items()}
 
-    def _loss(self, x: Tensor, weight: float, per: float, *labels: Tensor) -> Tensor:
+    def _loss(self, x: Tensor, weight: float, per: float, *labels: Tensor, **schedule: float) -> Tensor:
         """-ELBO with KL weight `weight` on every latent site, summed over the examples of x, divided by
         `per`: the examples in x, or with W processes, those in the step's global batch divided by W.
-        `labels` (M2, the classifier) go to model and guide after x."""
+        `labels` (M2, the classifier) go to model and guide after x, and the kind's `schedule` of the
+        step (M2's temperature) as keyword arguments."""
         if self.sites is None:  # nothing latent to weight
-            return self.elbo.differentiable_loss(self.program.model, self.program.guide, x, *labels) / per
+            return self.elbo.differentiable_loss(self.program.model, self.program.guide, x, *labels,
+                                                 **schedule) / per
         latent = self.sites.latent
         model, guide = (scale_latents(fn, weight, latent) for fn in (self.program.model, self.program.guide))
-        return self.elbo.differentiable_loss(model, guide, x, *labels) / per
+        return self.elbo.differentiable_loss(model, guide, x, *labels, **schedule) / per
 
     def _labels(self, idx: Tensor) -> tuple[Tensor, ...]:
         """The labels of this process's share of batch `idx` (UNLABELLED where none), as the one extra
         argument of model and guide; () for a model without labels."""
         return () if self.labels is None else (self.labels[self.ranks.shard(idx)],)
-
-    def _temperature(self, step: int) -> float:
-        """The Gumbel-softmax temperature of step `step` (--discrete relaxed)."""
-        return temperature(self.config.temperature, self.config.temperature_final, step,
-                           self.config.epochs * self.n_batches)
 
     def _kl_weight(self, step: int) -> float:
         """The KL weight of step `step` (counted from 0 over the whole run)."""
@@ -567,7 +553,8 @@ class Trainer:
             next(streamed(self.stream, [idx], 0, self.ranks, self.device, None))  # read again, not binarized
         per = len(idx) / self.ranks.world_size
         # the model as that step saw it
-        loss = self.svi_step.gradients(x, self._kl_weight(bad_step), per, *self._labels(idx))
+        loss = self.svi_step.gradients(x, self._kl_weight(bad_step), per, *self._labels(idx),
+                                       **self.kind.schedule(self.config, bad_step, self.total_steps))
         raise NumericalFault(
             f"{locate_nonfinite(self.program, self.params, x, loss)} at step {bad_step + 1} (epoch "
             f"{self.epoch}); this step was not applied and the last good checkpoint is in {self.out}. "
@@ -613,16 +600,16 @@ class Trainer:
         other processes return once the last checkpoint is written."""
         self.ranks.barrier()
         if not self.ranks.is_main:
-            return RunResult(self.out, self.metrics, {})
+            return RunResult(self.out, self.metrics, {}, self.kind)
         self._train_mode(False)
         best = self._restore_best()
-        final = {} if self.program.is_classifier else evaluate(self.pair, self.data.test_x,
-                                                                k=self.config.eval_k, progress=self.progress)
-        if self.labels is not None:
-            final["test_accuracy"], final["test_accuracy_se"] = test_accuracy(self.pair, self.data)
-            final["labels"] = int((self.labels != UNLABELLED).sum())
+        program = Program.of(self.pair)  # traced afresh, as evaluate_run does
+        if self.kind.latent:
+            program.sites(self.data.test_x)
+        final, _ = self.kind.evaluate(program, self.data, self.config.eval_k, self.progress)
         summary = {
             **final,
+            **self.kind.training_record(self.data),
             "epochs": self.metrics[-1]["epoch"] if self.metrics else 0,
             "steps": self.steps,
             "train_loss": self.metrics[-1]["train_loss"] if self.metrics else None,
@@ -638,7 +625,8 @@ class Trainer:
         }
         if self.board is not None:
             self.board.close()
-        if not self.program.is_classifier:
-            plots.save_figures(self.pair, self.data, self.out, self.metrics, seed=self.config.seed)
+        if self.kind.figures:
+            plots.save_figures(self.pair, self.data, self.out, self.metrics, seed=self.config.seed,
+                               kind=self.kind)
         write_json(self.out / SUMMARY, summary)  # last: a run stopped before it resumes to write them all
-        return RunResult(self.out, self.metrics, summary)
+        return RunResult(self.out, self.metrics, summary, self.kind)
