@@ -1,5 +1,9 @@
-"""The SVI training loop as a small trainer with named parts: `setup`, `run_epoch`, `step`,
-`checkpoint`, `finish`. `train()` runs them in that order; a reader follows it top to bottom.
+"""The SVI training loop. `Trainer(...)` prepares a run (device, data, the model its kind builds, the
+optimizer and step, the run directory locked: checkpoints.py); `run()` trains epoch by epoch (`run_epoch`,
+each `step`, `end_epoch`) and ends with `finish`; a reader follows it top to bottom. What differs
+between kinds of model is asked of the run's kind (models/kind.py), early stopping is early_stopping.py,
+and each epoch's row goes to the epoch report (epoch_report.py: metrics.jsonl, TensorBoard, the
+progress line, and any reporter added to it).
 
 Training uses Pyro's ELBO as a differentiable loss and a torch optimizer over the model's parameters
 (not pyro.optim). The loss of a step is -ELBO summed over the batch divided by the batch size: nats
@@ -27,7 +31,7 @@ import signal
 import threading
 import time
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,46 +41,36 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed, plots
-from .board import Board
 from .board import check_available as check_tensorboard
+from .checkpoints import TrainingDirectory
 from .config import Config
 from .data import UnreadableImage, batch_indices, binarize
 from .device import resolve_device
+from .early_stopping import EarlyStopping
+from .epoch_report import EpochReport, EpochView, MetricsFile, ProgressLine, TensorBoardReport
 from .errors import InputError, TrainingError
 from .estimators import check_analytic_kl
 from .faults import NumericalFault, locate_nonfinite
 from .kl_weight import kl_weight, scale_latents
 from .models.kind import PAIR, ModelKind, model_kind
+from .models.vae import init_prior
 from .program import Program
 from .rng import forked_rng, get_rng_state, set_rng_state
 from .run_dir import (
     BEST,
     CHECKPOINT,
-    CONFIG,
-    METRICS,
-    STALE,
-    SUMMARY,
     build_from_config,
     check_data_shape,
-    check_run_dir,
     config_record,
     describe_pair,
-    empty_directory,
-    load_checkpoint,
     load_parameters,
     pair_parameters,
-    recorded_pair,
-    remove_stale_temp_files,
     restore_parameters,
-    retire_results,
-    save_checkpoint,
-    write_json,
-    write_jsonl,
 )
-from .run_lock import run_lock
-from .scores import elbo_terms
 from .step import CUDAGraphStep, SVIStep
 from .train_data import prepare_data, prepare_stream, stop_on_unreadable, streamed
+
+__all__ = ["Interrupted", "RunResult", "Trainer", "init_prior", "prepare_data", "train"]
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates
 FAULT_CHECK_EVERY = 100  # steps between checks for a non-finite step (each waits for the device)
@@ -136,191 +130,155 @@ def train(
 
 
 class Trainer:
-    """One training run. Its state (the position: epoch, steps, batch in the epoch; the metrics; the
-    random state the epoch started from) lives in attributes, so each part reads what the parts
-    before it set; `run` calls setup, then run_epoch per epoch (each calling step per batch and
-    checkpoint when due), then finish."""
+    """One training run. Everything it holds is made in __init__, which prepares the run in the order
+    below (a failure leaves nothing half-written and releases the run directory); `run` trains and
+    finishes. The loop's position (epoch, steps, batch in the epoch), the metrics and the random state
+    the epoch started from change as it trains, and are what a checkpoint holds."""
 
     def __init__(self, config: Config, out: str | Path | None = None, resume: bool = False,
                  progress: bool = True, overwrite: bool = False, program: object | None = None,
                  tensorboard: bool = False):
-        # a copy: what the run derives from the data (ModelKind.derive) goes into it, not into the caller's
-        self.config, self.resume, self.progress = dataclasses.replace(config), resume, progress
         # what differs between kinds of model: pyro-vae's own kind that config.model names, or a pair's
-        self.kind = model_kind(config.model) if program is None else PAIR
-        self.tensorboard, self.board, self.step_losses = tensorboard, None, []
-        self.out, self.overwrite = Path(out) if out is not None else None, overwrite
-        # the pair trained: the user's as given, or (None until setup) pyro-vae's VAE
-        self.pair, self.own_vae = program, program is None
-        self.epoch, self.steps, self.batch, self.metrics = 1, 0, 0, []
+        self.kind: ModelKind = model_kind(config.model) if program is None else PAIR
+        self.own_model = program is None
         self.stop = [0]  # the signal that asked to stop after the current step, or 0
-        # early stopping: {"best_epoch", "best_validation_elbo", "epochs_since_best"}, None before epoch 1
-        self.early: dict | None = None
-        # wall time of the run's earlier sessions (a resumed run's checkpoint): in all, and in the epoch
-        # the checkpoint stopped in; this session's clock starts at the end of setup
-        self.seconds_before, self.epoch_seconds_before, self.epoch_started = 0.0, 0.0, 0.0
-        self.lock = ExitStack()  # holds the run directory's lock (run_lock.py) from setup to the end
-        self.fresh = False  # whether this run emptied (or made) its directory and wrote config.json
         self.reason: str | None = None  # why training ended (stop_reason), once it has
-
-    def run(self) -> RunResult:
-        """setup, every epoch left up to config.epochs, finish; the run directory locked throughout."""
-        with self.lock:
-            try:
-                self.setup()
-                with _stop_requests(self.stop), warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # we stop on NaN
-                    while (reason := self.stop_reason()) is None:
-                        self.run_epoch()
-                    self.reason = reason
-            except BaseException as err:
-                self._discard_unstarted(err)
-                raise
-            return self.finish()
-
-    def _discard_unstarted(self, err: BaseException) -> None:
-        """A new run stopped (Ctrl-C, bad input) before its first checkpoint: empty its directory, so
-        nothing half-written is left (the lock removes the directory it made). A TrainingError's
-        message points at the directory, which stays."""
-        if self.fresh and not isinstance(err, TrainingError) and not (self.out / CHECKPOINT).exists():
-            empty_directory(self.out)
-
-    def request_stop(self, signum: int = signal.SIGINT) -> None:
-        """Stop after the step in progress, as SIGINT/SIGTERM `signum` does: a checkpoint is written and
-        Interrupted raised (the CLI exits 128 + signum). Safe to call from another thread or a step hook."""
-        self.stop[0] = signum
-
-    # -- setup ---------------------------------------------------------------------------------------
-
-    def setup(self) -> None:
-        """Processes and device, data, the model and its optimizer, and the training step; then the
-        checkpoint to continue from (resume) or a fresh run directory."""
-        config = self.config
         config.validate()
-        if self.tensorboard:
+        if not self.own_model:
+            self.kind.check(config)  # a pair brings its own networks
+        if tensorboard:
             check_tensorboard()  # before anything is written
         self.ranks, self.device = distributed.start(resolve_device(config.device))
-        self.progress = self.progress and self.ranks.is_main
-        self._check_run()
-        state = load_checkpoint(self.out / CHECKPOINT, self.device) if self.resume else None
-        if state is not None:
-            self._check_epochs(state)
-            if (self.out / BEST).is_file():  # read at the end: refused now if it cannot be
-                load_checkpoint(self.out / BEST, self.device)
+        self.progress = progress and self.ranks.is_main
+        self.cuda_graph = self._use_cuda_graph(config)
+        self.dir = TrainingDirectory(out, resume, overwrite, self.ranks.is_main, self.own_model)
+        try:
+            self._prepare(config, program, tensorboard)
+        except BaseException as err:
+            self.dir.discard_unstarted(err)
+            self.dir.close()
+            raise
+
+    def _prepare(self, config: Config, program: object | None, tensorboard: bool) -> None:
+        """The run directory (locked), its checkpoint if resumed, the data, the model and its optimizer,
+        where training starts (a checkpoint's position, or a fresh config.json), the epoch report and
+        the training step."""
+        self.dir.open()
+        state = self.dir.resumed_state(self.device, config.epochs)
         pyro.set_rng_seed(config.seed)
         self.stream, data = (prepare_stream(config) if config.workers
                              else (None, prepare_data(config, self.kind)))
         self.data = data.to(self.device)
         if state is not None:
             check_data_shape(self.out, self.data.shape)
-        # recorded in config.json: the model is rebuilt from it (e.g. the number of classes)
+        # a copy with what the kind reads off the data (e.g. the number of classes): recorded in
+        # config.json, the model is rebuilt from it; the caller's Config is left as it was
         self.config = config = dataclasses.replace(config, **self.kind.derive(config, self.data))
         self.labels = self.data.train_y if self.kind.labelled else None
-        self._build_model()
+        self.pair, self.program, self.sites, self.params = self._build_model(program)
         self.elbo = self.kind.objective(config)
         self.kl_record = check_analytic_kl(config.estimator, self.program.model, self.program.guide,
                                            self.data.test_x)
         self.optimizer = torch.optim.Adam(self.params.values(), lr=config.lr, fused=True,
                                           capturable=self.cuda_graph)  # state on the device, as a graph needs
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        # the position: the next epoch and batch, the steps taken; the epoch's loss so far; the metrics
+        self.epoch, self.batch, self.steps, self.metrics = 1, 0, 0, []
         self.epoch_total = torch.zeros((), device=self.device)
+        self.early = EarlyStopping(config.early_stop)
+        # wall time of the run's earlier sessions (a resumed run's checkpoint): in all, and in the epoch
+        # the checkpoint stopped in; this session's clock starts at the end of __init__
+        self.seconds_before, self.epoch_seconds_before, self.epoch_started = 0.0, 0.0, 0.0
         self.resumed_rng = None  # this process's random state at the checkpoint, set once its epoch starts
         if state is not None:
             self._continue_from(state)
         else:
             self._start_run_dir()
-        if self.tensorboard and self.ranks.is_main:
-            self.board = Board(self.out)
+        self.report = self._epoch_report(tensorboard)
         if self.ranks.active:  # each process draws its own z; model and data order are the same in all
             pyro.set_rng_seed(config.seed + self.ranks.rank)
         self.n_train = len(self.stream) if self.stream else self.data.train_x.shape[0]
         self.n_batches = (math.ceil(self.n_train / config.batch_size)
                           - self.ranks.drops_last(self.n_train, config.batch_size))
         self.total_steps = config.epochs * self.n_batches  # what the kind's schedule runs over
-        module = self.pair if self.own_vae else self.program.owner  # DDP averages its gradients
+        module = self.pair if self.own_model else self.program.owner  # DDP averages its gradients
         self.svi_step = SVIStep(self.ranks.data_parallel(self._loss, module, self.device), self.optimizer,
                                 list(self.params.values()), config.clip_grad, self.device)
         if self.cuda_graph:
             self.svi_step = CUDAGraphStep(self.svi_step)
+        # the epoch in progress: its random state at the start, its images and its order of batches
+        self.epoch_state, self.x_epoch, self.order = self.generator.get_state(), self.data.train_x, []
         self.started = self.last_save = time.perf_counter()
 
-    def _check_run(self) -> None:
+    @property
+    def out(self) -> Path:
+        """The run directory."""
+        return self.dir.out
+
+    def run(self) -> RunResult:
+        """Every epoch left up to config.epochs, then finish; the run directory locked throughout."""
+        with self.dir:
+            try:
+                with _stop_requests(self.stop), warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # we stop on NaN
+                    while (reason := self.stop_reason()) is None:
+                        self.run_epoch()
+                    self.reason = reason
+            except BaseException as err:
+                self.dir.discard_unstarted(err)
+                raise
+            return self.finish()
+
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        """Stop after the step in progress, as SIGINT/SIGTERM `signum` does: a checkpoint is written and
+        Interrupted raised (the CLI exits 128 + signum). Safe to call from another thread or a step hook."""
+        self.stop[0] = signum
+
+    # -- preparing the run ---------------------------------------------------------------------------
+
+    def _use_cuda_graph(self, config: Config) -> bool:
         """Refuse what this run cannot do (more processes than examples in a batch, a CUDA graph off a
-        single GPU, a pair with settings of pyro-vae's VAE) and find its directory: a new one, or the
-        run to continue (a pair's run with the pair, the VAE's without)."""
-        config, ranks, device = self.config, self.ranks, self.device
+        single GPU or for a kind that runs eagerly); whether the step is captured as a CUDA graph (auto:
+        where the kind knows it holds, one GPU, one process: measured equal to eager and 10x faster for
+        the VAE, docs/scaling.md; a user's pair only when asked for)."""
+        ranks, device = self.ranks, self.device
         if config.batch_size < ranks.world_size:
             raise InputError(f"--batch-size {config.batch_size} is the global batch, shared by "
                              f"{ranks.world_size} processes; make it at least the number of processes")
         if config.cuda_graph == "on" and (device.type != "cuda" or ranks.active):
             raise InputError("--cuda-graph on needs a CUDA GPU and a single process; "
                              f"this run has {device.type} and {ranks.world_size} process(es): leave it off")
-        if not self.own_vae:
-            self.kind.check(config)  # the pair's settings
-        # auto: the graph where the kind knows it holds (the VAE, one GPU, one process: measured equal to
-        # eager and 10x faster, docs/scaling.md); a user's pair only when asked for
         if config.cuda_graph == "on" and self.kind.eager:
             raise InputError(f"--cuda-graph on captures the VAE's step; --model {self.kind.name} runs "
                              "eagerly: leave --cuda-graph at auto or off")
-        self.cuda_graph = config.cuda_graph == "on" or (
+        return config.cuda_graph == "on" or (
             config.cuda_graph == "auto" and self.kind.auto_cuda_graph and device.type == "cuda"
             and not ranks.active)
-        if not self.resume:
-            self.out = check_run_dir(self.out, self.overwrite)
-            if ranks.is_main:  # made now if new, and removed again if start-up fails
-                self.lock.enter_context(run_lock(self.out, create=True))
-            return
-        if self.out is None:
-            raise InputError("resume=True continues a run: pass its directory as out")
-        if ranks.is_main:
-            self.lock.enter_context(run_lock(self.out))
-        recorded = recorded_pair(self.out)
-        if recorded is not None and self.own_vae:
-            raise InputError(f"{self.out} trained your own model/guide pair ({recorded.get('name')}); to "
-                             "continue it, pass the same pair again: train(config, out, resume=True, "
-                             "program=pair)")
-        if recorded is None and not self.own_vae:
-            raise InputError(f"{self.out} trained pyro-vae's own VAE, not a pair of yours; continue it "
-                             f"without program= (or with: pyro-vae train --resume {self.out})")
 
-    def _check_epochs(self, state: dict) -> None:
-        """Refuse a resume that would not continue the run: fewer epochs than it has trained (it would
-        stop mid-way and overwrite its summary), or as many when it has finished them."""
-        done, epochs = int(state["epoch"]) - 1, self.config.epochs
-        fewer = epochs < done or (epochs == done and int(state["batch"]) > 0)
-        if fewer or (epochs == done and (self.out / SUMMARY).is_file()):
-            part = " and part of the next" if int(state["batch"]) else ""
-            raise InputError(f"{self.out} has already trained {done} epoch(s){part}; --epochs {epochs} would "
-                             f"train nothing; the run was left as it was (pass --epochs {done + 1} or more "
-                             "to continue it)")
-
-    def _build_model(self) -> None:
-        """pyro-vae's VAE from the config, or the user's pair moved to the device; the pair as a
-        Program with its sites (found by tracing), and the tensors the optimizer steps, by name."""
+    def _build_model(self, program: object | None) -> tuple[object, Program, object, dict[str, Tensor]]:
+        """The model the kind builds from the config, or the user's pair moved to the device; the pair as
+        a Program, its sites (found by tracing; None without a latent) and the tensors the optimizer
+        steps, by name."""
         x = self.data.test_x
-        if self.own_vae:
-            self.pair = build_from_config(self.config, self.data.shape).to(self.device)
-        self.program = Program.of(self.pair)
-        owner = self.program.owner
-        if not self.own_vae and self.ranks.active and not isinstance(owner, nn.Module):
+        pair = build_from_config(self.config, self.data.shape).to(self.device) if self.own_model else program
+        as_program = Program.of(pair)
+        owner = as_program.owner
+        if not self.own_model and self.ranks.active and not isinstance(owner, nn.Module):
             raise InputError("several processes (torchrun) average the gradients of an nn.Module's "
                              "parameters; make your model/guide pair an nn.Module, or train in one process")
         if isinstance(owner, nn.Module):
             owner.to(self.device)
         # the sites and parameters are found by tracing once, in eval mode (no batch statistics change),
         # without drawing from the run's random stream (a run replays exactly)
-        self._train_mode(False)
+        _train_mode(pair if self.own_model else owner, False)
         with forked_rng(self.device):
-            self.sites = self.program.sites(x) if self.kind.latent else None
-            params = dict(self.pair.named_parameters()) if self.own_vae else pair_parameters(self.program, x)
-        self.params = {name: p for name, p in params.items() if p.requires_grad}
+            sites = as_program.sites(x) if self.kind.latent else None
+            params = dict(pair.named_parameters()) if self.own_model else pair_parameters(as_program, x)
+        return pair, as_program, sites, {name: p for name, p in params.items() if p.requires_grad}
 
     def _continue_from(self, state: dict) -> None:
-        """Restore parameters, optimizer, position, the epoch's random state and metrics."""
-        if self.own_vae:
-            load_parameters(self.pair, state["model"], self.out / CHECKPOINT)
-        else:
-            restore_parameters(self.params, state["model"], self.out / CHECKPOINT)
+        """Restore parameters, optimizer, position, the epoch's random state, metrics and early stopping."""
+        self._load(state, self.out / CHECKPOINT)
         for group in state["optimizer"]["param_groups"]:  # --lr and --cuda-graph may change on resume;
             group.update(lr=self.config.lr, fused=True,  # older runs used plain Adam
                          capturable=self.cuda_graph)
@@ -330,32 +288,29 @@ class Trainer:
         if self.ranks.is_main:  # the epoch's loss so far (summed over processes) is counted once
             self.epoch_total = state["epoch_total"].to(self.device)
         self.metrics = list(state["metrics"])
-        self.early = state.get("early_stop")
+        self.early = EarlyStopping(self.config.early_stop, state.get("early_stop"))
         # checkpoints before pyro-vae recorded the seconds: the sum of their whole epochs' seconds
         self.seconds_before = float(state.get("seconds", sum(m.get("seconds") or 0.0 for m in self.metrics)))
         self.epoch_seconds_before = float(state.get("epoch_seconds", 0.0))
         self.resumed_rng = self.ranks.rng_state(state)
-        if self.ranks.is_main:
-            remove_stale_temp_files(self.out)
-            write_jsonl(self.out / METRICS, self.metrics)
-            retired = retire_results(self.out)  # they describe the model before this resume
-            if retired:
-                warnings.warn(f"training continues: {len(retired)} result file(s) of the model at step "
-                              f"{self.steps} moved to {self.out / STALE} (evaluate again when it ends)",
-                              stacklevel=2)
+        self.dir.continue_run(self.metrics, self.steps)
 
     def _start_run_dir(self) -> None:
-        """A fresh run: the VampPrior's pseudo-inputs (--prior-init data), the run directory and
-        config.json."""
-        if self.own_vae:
+        """A fresh run: what the kind sets from the training data (the VampPrior's pseudo-inputs with
+        --prior-init data), the run directory and config.json."""
+        if self.own_model:
             self.kind.start(self.pair, self.config, self.data)
         self.ranks.barrier()  # every process has checked the run directory before rank 0 fills it
-        if self.ranks.is_main:
-            empty_directory(self.out)  # holds a run only with --overwrite; the lock made it if new
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.fresh = True
-            pair = None if self.own_vae else describe_pair(self.program, self.sites)
-            write_json(self.out / CONFIG, config_record(self.config, self.data.shape, pair))
+        pair = None if self.own_model else describe_pair(self.program, self.sites)
+        self.dir.start(config_record(self.config, self.data.shape, pair))
+
+    def _epoch_report(self, tensorboard: bool) -> EpochReport:
+        """Where each epoch's row goes (the main process only): metrics.jsonl, TensorBoard if asked for,
+        the progress line if shown. Another reporter is added here (or with report.add)."""
+        if not self.ranks.is_main:
+            return EpochReport()
+        return EpochReport([MetricsFile(self.out), *([TensorBoardReport(self.out)] if tensorboard else []),
+                            *([ProgressLine()] if self.progress else [])])
 
     # -- one epoch, one step -------------------------------------------------------------------------
 
@@ -388,7 +343,7 @@ class Trainer:
             signum, due = ranks.agree(self.steps, self.stop[0], due)  # several processes: the same step
             if signum:
                 self.checkpoint()
-                raise Interrupted(signum, self.out, self.steps, self._resume_hint())
+                raise Interrupted(signum, self.out, self.steps, self.dir.resume_hint())
             if due:
                 self.checkpoint()
                 self.last_save = time.perf_counter()
@@ -402,13 +357,12 @@ class Trainer:
         loss = self.svi_step(x, self._kl_weight(self.steps), per, *self._labels(idx), **schedule)
         self.epoch_total += loss * per
         self.steps, self.batch = self.steps + 1, self.batch + 1
-        if self.board is not None:
-            self.step_losses.append(loss.detach())  # written at the epoch's end: no host sync here
+        self.report.step(self.steps, loss)
         return loss
 
     def end_epoch(self, started: float) -> None:
-        """The epoch's row of metrics (train loss, test ELBO), then the checkpoint at the next epoch's
-        start and metrics.jsonl."""
+        """The epoch's row of metrics (train loss, what the kind measures on the test set, ...), early
+        stopping's count, the checkpoint at the next epoch's start, then the epoch report."""
         self._check_fault()
         self._train_mode(False)
         row = {"epoch": self.epoch, "step": self.steps,
@@ -421,41 +375,24 @@ class Trainer:
         if self.data.val_x is not None and self.kind.latent:
             row["validation_elbo"] = self.validation_elbo()
             if self.config.early_stop is not None:
-                self._track_best(row["validation_elbo"])
-                row["best_epoch"] = self.early["best_epoch"]
+                if self.early.update(self.epoch, row["validation_elbo"]):
+                    self.dir.save_best({"model": self._parameters(), "epoch": self.epoch, "step": self.steps,
+                                        "validation_elbo": row["validation_elbo"]})
+                row["best_epoch"] = self.early.best_epoch
         self.metrics.append(row)
         self.epoch, self.batch = self.epoch + 1, 0
         self.epoch_total = torch.zeros((), device=self.device)
         self.epoch_state = self.generator.get_state()  # where the next epoch starts
         self.checkpoint()
         self.last_save = time.perf_counter()
-        if self.ranks.is_main:
-            write_jsonl(self.out / METRICS, self.metrics)
-        if self.board is not None:
-            self.board.steps(self.steps, self.step_losses)
-            self.step_losses = []
-            self.board.epoch(row, self.program, self.data.test_x, self.config.seed,
-                             pictures=self.kind.latent)
-        if self.progress:
-            loss, tested, seconds = row["train_loss"], self.kind.epoch_line(row), row["seconds"]
-            tqdm.write(f"epoch {row['epoch']}: train loss {loss:.2f}, {tested} ({seconds:.1f} s)")
+        self.report.epoch(row, EpochView(self.metrics, self.program, self.kind, self.data.test_x,
+                                         self.config.seed))
 
     def validation_elbo(self) -> float:
         """The ELBO per example on the validation set (one draw of z per example; unweighted KL); with
         several processes, their mean, so that all of them stop at the same epoch."""
-        value = elbo_terms(self.program.model, self.program.guide, self.data.val_x)["elbo"].mean()
+        value = self.kind.validation_elbo(self.program, self.data)
         return float(self.ranks.sum(value)) / self.ranks.world_size
-
-    def _track_best(self, value: float) -> None:
-        """Early stopping's bookkeeping at the end of an epoch whose validation ELBO is `value`: a new
-        best resets the count and is written to best.pt; otherwise the count of epochs since grows."""
-        if self.early is None or value > self.early["best_validation_elbo"]:
-            self.early = {"best_epoch": self.epoch, "best_validation_elbo": value, "epochs_since_best": 0}
-            if self.ranks.is_main:
-                save_checkpoint(self.out / BEST, {"model": self._parameters(), "epoch": self.epoch,
-                                                  "step": self.steps, "validation_elbo": value})
-        else:
-            self.early["epochs_since_best"] += 1
 
     def stop_reason(self) -> str | None:
         """Why training ends before the next epoch: "epochs" (--epochs done), "early_stop" (--early-stop's
@@ -463,7 +400,7 @@ class Trainer:
         while it goes on. Asked at epoch ends only, so the last epoch is always whole."""
         if self.epoch > self.config.epochs:
             return "epochs"
-        if self.stopped_early():
+        if self.early.stopped():
             return "early_stop"
         budget = self.config.time_budget
         if budget is None:
@@ -472,14 +409,16 @@ class Trainer:
         # several processes stop at the same epoch end: as soon as one of their clocks is past the budget
         return "time_budget" if self.ranks.agree(0, spent)[0] else None
 
-    def stopped_early(self) -> bool:
-        """Whether --early-stop PATIENCE epochs in a row have not beaten the best validation ELBO."""
-        patience = self.config.early_stop
-        return patience is not None and self.early is not None and self.early["epochs_since_best"] >= patience
-
     def _parameters(self) -> dict[str, Tensor]:
         """The trained parameters as checkpoints hold them (a pair's by param-store name)."""
-        return self.pair.state_dict() if self.own_vae else {n: p.detach() for n, p in self.params.items()}
+        return self.pair.state_dict() if self.own_model else {n: p.detach() for n, p in self.params.items()}
+
+    def _load(self, state: dict, path: Path) -> None:
+        """Load a checkpoint's (or best.pt's) parameters into the model (a pair's into its tensors)."""
+        if self.own_model:
+            load_parameters(self.pair, state["model"], path)
+        else:
+            restore_parameters(self.params, state["model"], path)
 
     def _loss(self, x: Tensor, weight: float, per: float, *labels: Tensor, **schedule: float) -> Tensor:
         """-ELBO with KL weight `weight` on every latent site, summed over the examples of x, divided by
@@ -513,34 +452,34 @@ class Trainer:
 
     def _train_mode(self, training: bool) -> None:
         """Dropout and the like on (training) or off, where the pair is an nn.Module."""
-        module = self.pair if self.own_vae else self.program.owner
-        if isinstance(module, nn.Module):
-            module.train(training)
+        _train_mode(self.pair if self.own_model else self.program.owner, training)
 
     # -- checkpoint, faults --------------------------------------------------------------------------
 
     def checkpoint(self) -> None:
         """Save everything needed to continue at (epoch, batch) exactly as if never stopped: the
         parameters (a pair's by param-store name), the optimizer, the position, the random state the
-        epoch started from and every process's current one, the epoch's loss so far, the metrics."""
+        epoch started from and every process's current one, the epoch's loss so far, the metrics,
+        early stopping's count."""
         self._check_fault()
         total, rng = self.ranks.sum(self.epoch_total), self.ranks.gather(get_rng_state(self.device))
         if not self.ranks.is_main:
             return
-        save_checkpoint(self.out / CHECKPOINT, {
+        self.dir.save({
             "model": self._parameters(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
             "batch": self.batch, "step": self.steps, "epoch_generator": self.epoch_state,
             "epoch_total": total, "metrics": self.metrics, "rng": rng[0], "seconds": self.elapsed(),
             "epoch_seconds": time.perf_counter() - self.epoch_started if self.batch else 0.0,
             **({"rng_ranks": rng} if self.ranks.active else {}),
-            **({"early_stop": dict(self.early)} if self.early is not None else {}),
+            **self.early.record(),
         })
 
     def elapsed(self) -> float:
         """The run's wall time so far in seconds, summed over its sessions (a checkpoint carries the sum
-        up to it): each session from the end of its setup to its last checkpoint (the last session: to
-        summary.json), so epochs, their test ELBO, checkpoints and the final evaluation count; setup,
-        figures, a session's time after its last checkpoint and the time between sessions do not."""
+        up to it): each session from the end of its preparation to its last checkpoint (the last
+        session: to summary.json), so epochs, their test ELBO, checkpoints and the final evaluation
+        count; preparation, figures, a session's time after its last checkpoint and the time between
+        sessions do not."""
         return self.seconds_before + time.perf_counter() - self.started
 
     def _check_fault(self) -> None:
@@ -559,7 +498,7 @@ class Trainer:
             f"{locate_nonfinite(self.program, self.params, x, loss)} at step {bad_step + 1} (epoch "
             f"{self.epoch}); this step was not applied and the last good checkpoint is in {self.out}. "
             f"Lower --lr (now {self.config.lr:g}) or clip gradients with --clip-grad (e.g. 10), then "
-            f"continue with: {self._resume_hint()} --lr ..."
+            f"continue with: {self.dir.resume_hint()} --lr ..."
         )
 
     def _unreadable(self, err: UnreadableImage) -> None:
@@ -570,34 +509,25 @@ class Trainer:
         saved = "the last checkpoint is in" if self.ranks.active else "a checkpoint was saved in"
         raise TrainingError(f"{err} at step {self.steps + 1} (epoch {self.epoch}); {saved} {self.out}; "
                             "replace the file with a readable image (or delete it) and continue with: "
-                            f"{self._resume_hint()}") from None
-
-    def _resume_hint(self) -> str:
-        """How to continue this run."""
-        if self.own_vae:
-            return f"pyro-vae train --resume {self.out}"
-        return f"train(config, {str(self.out)!r}, resume=True, program=<the same pair>) in Python"
+                            f"{self.dir.resume_hint()}") from None
 
     # -- finish --------------------------------------------------------------------------------------
 
     def _restore_best(self) -> dict:
         """With early stopping, load best.pt's parameters into the pair and say what they are (for
         summary.json: best_epoch, its validation ELBO, whether training stopped early); else {}."""
-        if self.config.early_stop is None or not (self.out / BEST).is_file():
+        state = self.dir.best(self.device) if self.config.early_stop is not None else None
+        if state is None:
             return {}
-        state = load_checkpoint(self.out / BEST, self.device)
-        if self.own_vae:
-            load_parameters(self.pair, state["model"], self.out / BEST)
-        else:
-            restore_parameters(self.params, state["model"], self.out / BEST)
+        self._load(state, self.out / BEST)
         return {"best_epoch": int(state["epoch"]), "best_step": int(state["step"]),
                 "best_validation_elbo": float(state["validation_elbo"]),
-                "stopped_early": self.stopped_early()}
+                "stopped_early": self.early.stopped()}
 
     def finish(self) -> RunResult:
         """Rank 0 evaluates the trained model (with early stopping: the best one, from best.pt, left in
-        the pair) on the test set (ELBO, log p(x), ...) and writes summary.json and the figures; the
-        other processes return once the last checkpoint is written."""
+        the pair) on the test set as its kind says (ELBO, log p(x), accuracy ...) and writes the figures
+        and summary.json; the other processes return once the last checkpoint is written."""
         self.ranks.barrier()
         if not self.ranks.is_main:
             return RunResult(self.out, self.metrics, {}, self.kind)
@@ -623,10 +553,15 @@ class Trainer:
             **(self.kl_record or {}),
             **best,
         }
-        if self.board is not None:
-            self.board.close()
+        self.report.close()
         if self.kind.figures:
             plots.save_figures(self.pair, self.data, self.out, self.metrics, seed=self.config.seed,
                                kind=self.kind)
-        write_json(self.out / SUMMARY, summary)  # last: a run stopped before it resumes to write them all
+        self.dir.write_summary(summary)  # last: a run stopped before it resumes to write them all
         return RunResult(self.out, self.metrics, summary, self.kind)
+
+
+def _train_mode(module: object, training: bool) -> None:
+    """Dropout and the like on (training) or off, where `module` is an nn.Module."""
+    if isinstance(module, nn.Module):
+        module.train(training)

@@ -9,7 +9,8 @@ asks the run's kind. A kind says
 * its training objective (`objective`) and what changes along training (`schedule`, e.g. M2's
   Gumbel-softmax temperature: values the trainer asks for at each step and passes to model and guide
   as keyword arguments);
-* what each epoch's metrics row holds (`test_metrics`) and the progress line (`epoch_line`);
+* what each epoch's metrics row holds (`test_metrics`, `validation_elbo`) and the progress line
+  (`epoch_line`);
 * its evaluation (`per_example`, `summarize`, `evaluate`) and how it is printed (`evaluation_rows`,
   `evaluation_notes`, `result_line`);
 * its figures (`figures`, `sample_title`) and what compare, diagnose and sample can do with it
@@ -137,6 +138,11 @@ class ModelKind:
         term E_q[log p(x|z)]."""
         test = elbo_terms(program.model, program.guide, data.test_x)
         return {"test_elbo": float(test["elbo"].mean()), "test_recon": float(test["recon"].mean())}
+
+    def validation_elbo(self, program: Program, data: Dataset) -> Tensor:
+        """The ELBO per example on the validation set data.val_x (one draw of z; unweighted KL), as a
+        0-dim tensor: what early stopping watches."""
+        return elbo_terms(program.model, program.guide, data.val_x)["elbo"].mean()
 
     def epoch_line(self, row: dict) -> str:
         """What the progress shows after an epoch."""

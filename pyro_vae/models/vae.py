@@ -182,9 +182,13 @@ class VAEKind(ModelKind):
         )
 
     def start(self, model: VAE, config, data: Dataset) -> None:
-        """With --prior-init data, start the VampPrior's pseudo-inputs at random training examples."""
-        if config.prior_init == "data":
-            model.prior.init_from(data.train_x, torch.Generator().manual_seed(config.seed))
+        init_prior(model, config, data)
+
+
+def init_prior(vae: VAE, config, data: Dataset) -> None:
+    """With --prior-init data, start the VampPrior's pseudo-inputs at random training examples."""
+    if config.prior_init == "data":
+        vae.prior.init_from(data.train_x, torch.Generator().manual_seed(config.seed))
 
 
 VAE_KIND = MODEL_KINDS.builtin(VAEKind())
