@@ -2,7 +2,8 @@
 
 The model p(z) p(x|z) and the guide q(z|x) are Pyro functions; priors, likelihoods and ELBO
 estimators and guide families are registry entries, swapped by name or passed as objects;
-register_prior, register_likelihood, register_estimator and register_guide add your own.
+register_prior, register_likelihood, register_estimator and register_guide add your own, and
+register_model a model kind of your own (models/kind.py).
 """
 
 from .errors import InputError, exit_if_command_interrupted
@@ -14,7 +15,8 @@ try:  # torch and Pyro take seconds to import: Ctrl-C then ends `pyro-vae` in on
     from .evaluate import elbo_terms, evaluate, evaluate_run, iwae_log_px
     from .guides import register_guide
     from .likelihoods import register_likelihood
-    from .model import VAE, build_vae
+    from .models import ModelKind, register_model
+    from .models.vae import VAE, build_vae
     from .priors import register_prior
     from .train import RunResult, train
 except KeyboardInterrupt:
@@ -22,8 +24,8 @@ except KeyboardInterrupt:
     raise
 
 __all__ = [
-    "VAE", "Config", "Dataset", "InputError", "RunResult", "build_vae", "elbo_terms", "evaluate",
+    "VAE", "Config", "Dataset", "InputError", "ModelKind", "RunResult", "build_vae", "elbo_terms", "evaluate",
     "evaluate_run", "iwae_log_px", "load_dataset", "log_weights", "make_estimator", "register_estimator",
-    "register_guide", "register_likelihood", "register_prior", "train",
+    "register_guide", "register_likelihood", "register_model", "register_prior", "train",
 ]
 __version__ = "0.1.0"

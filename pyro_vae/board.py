@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
-from .evaluate import active_units
 from .plots import image_grid
 from .rng import seeded
+from .scores import active_units
 
 FOLDER = "tensorboard"
 GRID = 8  # images per side of the sample grid; reconstructions: one row of GRID under their inputs
@@ -51,17 +51,17 @@ class Board:
                 self.writer.add_scalar("train/loss", loss, first + i)
 
     @torch.no_grad()
-    def epoch(self, row: dict, program, x: Tensor, seed: int) -> None:
+    def epoch(self, row: dict, program, x: Tensor, seed: int, pictures: bool = True) -> None:
         """The epoch's row of metrics.jsonl (test ELBO, its terms, KL weight, validation ELBO, test
-        accuracy where present), the active units on x, and sample and reconstruction grids, at the
-        row's step (for a model without a latent, the classifier baseline, the scalars alone)."""
+        accuracy where present), and with `pictures` (a model with a latent: its kind's `latent`) the
+        active units on x and sample and reconstruction grids, at the row's step."""
         step = row["step"]
         for key, tag in (("test_elbo", "test/elbo"), ("test_recon", "test/recon"),
                          ("validation_elbo", "validation/elbo"), ("test_accuracy", "test/accuracy"),
                          ("temperature", "train/temperature")):
             if row.get(key) is not None:
                 self.writer.add_scalar(tag, row[key], step)
-        if program.is_classifier:
+        if not pictures:
             self.writer.flush()
             return
         if row.get("test_elbo") is not None:

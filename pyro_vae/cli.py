@@ -5,6 +5,7 @@ validates, calls the library, and turns bad input into one line on stderr with e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -26,6 +27,7 @@ from .evaluate import evaluate_run
 from .grid import grid_report, run_grid
 from .grid_ray import SCHEDULERS, run_grid_ray
 from .latents import SPLITS, encode_run, interpolate_run
+from .models.kind import model_kind
 from .presets import describe_presets, preset_settings
 from .registry import load_plugins
 from .report import MARKDOWN, report
@@ -47,7 +49,9 @@ HELP = {
                        "(validation_elbo in metrics.jsonl); binarized once, like the test set",
     "binarize": "none | static (one fixed Bernoulli draw) | dynamic (a fresh draw each epoch); default: "
                 "dynamic for the bernoulli likelihood, none for the continuous ones",
-    "model": "vae (default) | ae (deterministic autoencoder baseline: reconstruction loss only, no ELBO)",
+    "model": "the model kind: vae (default) | ae (deterministic autoencoder baseline: reconstruction loss "
+             "only, no ELBO) | m2 (semi-supervised, --labels N) | classifier (M2's q(y|x) alone, --labels N) "
+             "| a kind a --plugin module registers (register_model)",
     "encoder": "network: mlp (default) | gated-mlp (GatedDense hidden layers) | conv",
     "hidden": "hidden layer sizes, e.g. --hidden 300 300 (default 400)",
     "z_dim": "latent dimension (default 20)",
@@ -307,47 +311,33 @@ def cmd_train(args: argparse.Namespace) -> None:
     s = result.summary
     if not s:  # a process of a multi-process run other than rank 0: rank 0 reports
         return
-    parts = []
-    if "test_accuracy" in s:
-        parts.append(f"test accuracy {s['test_accuracy']:.4f} ± {s['test_accuracy_se']:.4f}")
-    if s.get("model") == "ae":
-        parts.append(f"test reconstruction log p(x|z) {s['recon']:.2f} nats, squared error {s['mse']:.2f}")
-    elif "test_elbo" in s:
-        parts.append(f"test ELBO {s['test_elbo']:.2f} nats, log p(x) {s['log_px']:.2f} nats (k={s['k']})")
-    measured = ", ".join(parts)
+    measured = result.kind.result_line(s)
     print(f"{measured}, {s['epochs']} epochs in {s['train_seconds']:.1f} s on {s['device']}")
     print(f"wrote run directory {result.out}")
 
 
 def _load_run(run: str, device_name: str, test_size: int | None = None):
-    """The config, trained VAE and data (as the run saw them) of a run directory."""
+    """The config, trained model, its kind and data (as the run saw them) of a run directory."""
     device = resolve_device(device_name)
-    config, vae = load_model(Path(run), device)
-    config.test_size = test_size or config.test_size
-    data = prepare_data(config)
+    config, model = load_model(Path(run), device)
+    config = dataclasses.replace(config, test_size=test_size or config.test_size)
+    kind = model_kind(config.model)
+    data = prepare_data(config, kind)
     check_data_shape(Path(run), data.shape)
-    return config, vae, data.to(device)
+    return config, model, kind, data.to(device)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     _positive("k", args.k)
     _positive("test-size", args.test_size)
-    result, config, vae = evaluate_run(args.run, args.k, args.test_size, args.device, progress=not args.quiet)
-    classifier = vae.is_classifier
-    rows = ((("recon", "log p(x | code)"), ("mse", "squared error (sum)")) if vae.is_autoencoder else
-            () if classifier else
-            (("test_elbo", "test ELBO"), ("log_px", f"log p(x), k={args.k}"),
-             ("recon", "E_q log p(x|z)"), ("kl", "KL(q(z|x) || p(z))")))
-    if "test_accuracy" in result:
-        rows = (("test_accuracy", "test accuracy"), *rows)
+    result, config, _ = evaluate_run(args.run, args.k, args.test_size, args.device, progress=not args.quiet)
+    kind = model_kind(config.model)
     print(f"{'metric':<22}{'per example':>18}{'std. error':>12}")
-    for name, label in rows:
-        print(f"{label:<22}{result[name]:>18.3f}{result[name + '_se']:>12.3f}")
-    if vae.is_autoencoder:
-        print("an autoencoder has no ELBO and no estimate of log p(x): compare reconstructions only")
-    if not classifier:
-        print(f"active units {result['active_units']} of {config.z_dim}; "
-              f"{result['n_examples']} test examples")
+    for name, label in kind.evaluation_rows(args.k):
+        if name in result:
+            print(f"{label:<22}{result[name]:>18.3f}{result[name + '_se']:>12.3f}")
+    for line in kind.evaluation_notes(result, config):
+        print(line)
     print(f"wrote {Path(args.run) / EVAL}")
     log_results(args.run, result, [Path(args.run) / EVAL])
 
@@ -355,11 +345,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     _positive("n", args.n)
     with run_lock(args.run):  # one writer at a time
-        _, vae, data = _load_run(args.run, args.device)
-        if vae.is_classifier:
-            raise InputError(f"{args.run} trained the classifier baseline (--model classifier): it generates "
-                             "no images; sample an M2 or VAE run")
-        paths = plots.save_figures(vae, data, Path(args.run), seed=args.seed, n_samples=args.n)
+        _, model, kind, data = _load_run(args.run, args.device)
+        kind.refuse("sample", args.run)
+        paths = plots.save_figures(model, data, Path(args.run), seed=args.seed, n_samples=args.n)
     for path in paths:
         print(f"wrote {path}")
 
@@ -402,7 +390,8 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     for name in ("n-examples", "k", "svi-steps", "num-samples", "warmup", "chains"):
         _positive(name, getattr(args, name.replace("-", "_")))
     with run_lock(args.run):  # one writer at a time
-        config, vae, data = _load_run(args.run, args.device)
+        config, vae, kind, data = _load_run(args.run, args.device)
+        kind.refuse("diagnose", args.run)
         with torch_threads(config.threads):  # the run's --threads (NUTS on a few z gains nothing from more)
             result = diagnose(vae, data.test_x, n_examples=args.n_examples, mcmc_examples=args.mcmc_examples,
                               k=args.k, svi_steps=args.svi_steps, num_samples=args.num_samples,

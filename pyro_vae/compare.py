@@ -54,8 +54,8 @@ from .device import resolve_device
 from .errors import InputError
 from .estimators import ESTIMATORS, check_analytic_kl, make_estimator
 from .evaluate import iwae_log_px
-from .model import VAE
-from .models.hvae import HVAE_MODELS
+from .models.kind import kind_of, model_kind
+from .models.vae import VAE
 from .plots import save_figure, subplots
 from .program import Program
 from .rng import forked_rng
@@ -215,17 +215,10 @@ def _compare_estimators(run: str | Path | None, config_file: str | Path | None, 
     out_dir = Path(out if out is not None else run)
     run, config_file = Path(run) if run else None, Path(config_file) if config_file else None
     config = _read_config(run, config_file, device)
-    model = getattr(config, "model", "vae")
-    if model == "m2":
-        if run is None:
-            raise InputError("compare measures a trained M2: give its run directory, not --config")
+    kind = model_kind(getattr(config, "model", "vae"))
+    kind.refuse("compare-config" if run is None else "compare", str(run or config_file))
+    if kind.comparison == "discrete":
         return compare_m2_run(run, config, out_dir, options)
-    if model == "classifier":
-        raise InputError(f"{run or config_file} is the classifier baseline (model 'classifier'): it has no "
-                         "latent and no ELBO to estimate; compare an M2 or a VAE run")
-    if model not in ("vae", *HVAE_MODELS):
-        raise InputError(f"{run or config_file} is an autoencoder (model {config.model!r}): it has no ELBO "
-                         "to estimate; compare a VAE")
     if options.temperature is not None:
         raise InputError("--temperature is the Gumbel-softmax temperature of an M2 run's 'relaxed' "
                          "estimator; a VAE has no discrete latent")
@@ -270,9 +263,7 @@ def compare(program: object, x: Tensor, estimators: Sequence[str] | None = None,
     program = Program.of(program)
     with forked_rng(x.device):  # tracing the pair draws too
         program.sites(x)
-        if program.is_autoencoder:
-            raise InputError(f"{_describe(program)} is an autoencoder (a point-mass guide): it has no ELBO "
-                             "to estimate; compare a VAE")
+        kind_of(program).refuse("compare", _describe(program))
         specs = parse_specs(options.estimators, options.particles)
         record = measure(program, x, specs, repeats, k_ref, seed, progress)
     return {"model": _describe(program), "dataset": None, **record}

@@ -41,10 +41,10 @@ from .compare_measures import (
 from .config import Config
 from .data import binarize
 from .device import resolve_device
-from .discrete import make_discrete_estimator
+from .discrete import DISCRETE, make_discrete_estimator
 from .errors import InputError
 from .evaluate import iwae_log_px
-from .m2 import DISCRETE, M2, Baseline
+from .models.m2 import M2, Baseline
 from .plots import save_figure, subplots
 from .run_dir import load_model, model_stamp
 from .sites import MAX_PLATE_NESTING, sample_sites

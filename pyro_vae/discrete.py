@@ -1,4 +1,4 @@
-"""The estimators of an ELBO with a discrete latent (M2's class y, m2.py), the relaxation's
+"""The estimators of an ELBO with a discrete latent (M2's class y, models/m2.py), the relaxation's
 temperature schedule, and the labelled subset of a semi-supervised run.
 
 For an unlabelled x the bound is U(x) = sum_y q(y|x) L(x, y) + H(q(y|x)); the three estimators of it:
@@ -22,8 +22,10 @@ from torch import Tensor
 
 from .elbo import OnDeviceTrace_ELBO
 from .errors import InputError
-from .m2 import DISCRETE, UNLABELLED
 from .sites import MAX_PLATE_NESTING
+
+UNLABELLED = -1  # the label of an example without one
+DISCRETE = ("enum", "score", "relaxed")  # how the sum over a discrete latent y is estimated
 
 
 class ScoreFunction_ELBO(TraceGraph_ELBO):

@@ -120,8 +120,8 @@ class _Loss(nn.Module):
         super().__init__()
         self.loss_fn, self.module = loss_fn, module
 
-    def forward(self, *args) -> Tensor:
-        return self.loss_fn(*args)
+    def forward(self, *args, **options) -> Tensor:
+        return self.loss_fn(*args, **options)
 
 
 def start(device: torch.device) -> tuple[Ranks, torch.device]:

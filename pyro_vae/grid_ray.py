@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+from .epoch_report import EpochView, Reporter
 from .errors import InputError, TrainingError
 from .grid import GridRun, check_options, read_grid, run_state, train_and_evaluate
 from .run_dir import METRICS, read_json, read_jsonl, write_json
@@ -66,21 +67,16 @@ def tune_row(row: dict | None) -> dict:
     return {"epoch": 0, "validation_elbo": math.nan, **numbers}
 
 
-class TuneReporter:
-    """Inside a trial: reports each epoch's row of metrics.jsonl (its numbers) to Ray Tune. Tune's
-    scheduler may stop the trial there (tune.report then ends the trial's thread)."""
+class TuneReporter(Reporter):
+    """Inside a trial: reports each epoch's row of metrics.jsonl (its numbers) to Ray Tune, a reporter of
+    the epoch report (epoch_report.py). Tune's scheduler may stop the trial there (tune.report then ends
+    the trial's thread)."""
 
     def __init__(self, report: Callable[[dict], None]):
         self.report = report
 
-    def start(self, trainer) -> None:
-        pass
-
-    def epoch(self, trainer, row: dict) -> None:
+    def epoch(self, row: dict, view: EpochView) -> None:
         self.report(tune_row(row))
-
-    def finish(self, trainer, summary: dict) -> None:
-        pass
 
 
 def _trial(space: dict, out: str, settings: dict[str, dict], k: int, tensorboard: bool, mlflow: str | None,

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .device import resolve_device
 from .errors import InputError
+from .models.kind import kind_of
 from .plots import save_tiles
 from .program import Program
 from .run_dir import check_data_shape, load_model, model_stamp
@@ -32,7 +33,7 @@ ENCODE_BATCH = 1000  # examples per guide call
 def _latent_program(program: object, what: str) -> Program:
     """The pair as a Program, refused with an InputError if it has no latent to encode (a classifier)."""
     pair = Program.of(program)
-    if pair.is_classifier:
+    if not kind_of(pair).latent:
         raise InputError(f"this run trained a classifier, which has no latent z: there is nothing to {what}; "
                          "use a VAE, autoencoder or M2 run")
     return pair
@@ -46,7 +47,7 @@ def encode(program: object, x: Tensor, labels: Tensor | None = None, scales: boo
     (a class site has no mean); "labels" (N,) where given. An autoencoder's guide is a point mass, so
     it has codes but no scales: scales=True is an InputError there."""
     pair = _latent_program(program, "encode")
-    if scales and pair.is_autoencoder:
+    if scales and not kind_of(pair).scales:
         raise InputError("an autoencoder's guide is a point mass: its codes have no scales; ask for the "
                          "means only (--no-scales, or scales=False)")
     if x.shape[0] == 0:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .data import CLASS_NAMES, IMAGE_CHANNELS, Dataset
 from .errors import InputError
+from .models.kind import ModelKind, kind_of
 from .program import Program
 from .rng import seeded
 from .staging import write_all_or_none
@@ -72,16 +73,17 @@ def _rows(x: Tensor, n: int) -> Tensor:
 
 
 @torch.no_grad()
-def plot_samples(program: object, x: Tensor, path: Path, n: int = 64, seed: int = 0) -> Path:
+def plot_samples(program: object, x: Tensor, path: Path, n: int = 64, seed: int = 0,
+                 title: str | None = None) -> Path:
     """x = mean of p(x|z) for z ~ p(z): what the model generates from its prior (for an autoencoder,
-    which has no prior: z ~ N(0, I) noise); x gives the pictures' shape."""
+    which has no prior: z ~ N(0, I) noise); x gives the pictures' shape; `title` by default the model
+    kind's (ModelKind.sample_title)."""
     program = Program.of(program)
     _check_pictures(x)
     with seeded(seed, x.device):
         images = program.sample(_rows(x, n)).cpu()
     cols = math.ceil(n**0.5)
-    title = ("decoded N(0, I) noise (an autoencoder has no prior)" if program.is_autoencoder
-             else "samples from the prior")
+    title = kind_of(program).sample_title if title is None else title
     return _save_grid(image_grid(images, math.ceil(n / cols), cols), path, f"{n} {title}")
 
 
@@ -419,26 +421,32 @@ def seconds_curves_figure(groups: dict[str, list[TimedRun]]) -> Figure:
 
 def save_figures(
     program: object, data: Dataset | Tensor, out: Path, metrics: list[dict] | None = None, seed: int = 0,
-    n_samples: int = 64,
+    n_samples: int = 64, kind: ModelKind | None = None,
 ) -> list[Path]:
     """Write samples.png, reconstructions.png, traversal.png, latent_map.png (class_samples.png for a
     model with a class latent, curves.png when metrics are given) into the folder `out` (made if missing), for
     our VAE or any model/guide pair (Program.of); data: a Dataset (its test images and labels) or a tensor of
-    test images. A figure the pair cannot give is skipped with a one-line warning saying why; a pair that
-    breaks the contract is an InputError. Returns the paths written."""
+    test images. Which figures: those of the model's kind (`kind`, by default kind_of(program):
+    ModelKind.figures). A figure the pair cannot give is skipped with a one-line warning saying why; a pair
+    that breaks the contract is an InputError. Returns the paths written."""
+    kind = kind_of(program) if kind is None else kind
     program, out = Program.of(program), Path(out)
     x, labels = (data, None) if isinstance(data, Tensor) else (data.test_x, data.test_y)
     class_names = None if isinstance(data, Tensor) else CLASS_NAMES.get(data.name)
     program.sites(x)  # a pair that breaks the contract is an error, not a figure to skip
-    figures: list[tuple[str, Callable[[Path], Path]]] = [
-        ("samples.png", lambda path: plot_samples(program, x, path, n=n_samples, seed=seed)),
-        ("reconstructions.png", lambda path: plot_reconstructions(program, x, path)),
-        ("traversal.png", lambda path: plot_traversal(program, x, path)),
-        ("latent_map.png", lambda path: plot_latent_map(program, x, labels, path, class_names)),
-    ]
-    if callable(getattr(program.owner, "class_samples", None)):
-        figures.append(("class_samples.png",
-                        lambda path: plot_class_samples(program.owner, x, path, class_names, seed=seed)))
+    drawn: dict[str, Callable[[Path], Path]] = {
+        "samples.png": lambda path: plot_samples(program, x, path, n=n_samples, seed=seed,
+                                                 title=kind.sample_title),
+        "reconstructions.png": lambda path: plot_reconstructions(program, x, path),
+        "traversal.png": lambda path: plot_traversal(program, x, path),
+        "latent_map.png": lambda path: plot_latent_map(program, x, labels, path, class_names),
+        "class_samples.png": lambda path: plot_class_samples(program.owner, x, path, class_names, seed=seed),
+    }
+    unknown = [name for name in kind.figures if name not in drawn]
+    if unknown:
+        raise InputError(f"model kind {kind.name!r} names figure(s) {', '.join(unknown)}; save_figures draws "
+                         f"{', '.join(drawn)}")
+    figures = [(name, drawn[name]) for name in kind.figures]
     if metrics:
         figures.append(("curves.png", lambda path: plot_curves(metrics, path)))
 

@@ -15,9 +15,10 @@ A *program* is a Pyro model p(z) p(x|z) and guide q(z|x), given as two callables
 Nothing here relies on site names: `Program.sites` finds them from one trace. What a figure needs
 beyond this (decoding a z into a picture) is read from the observed site's distribution: its
 `.mean`, reshaped to the shape of x. An object may offer more, used when present:
-`is_autoencoder` (a point-mass guide, no bound on log p(x)) and `sample_latents(n)` (draws of z
-where the model's prior cannot be sampled, as for the autoencoder's flat prior; a dict of draws by
-site name for several latent sites).
+`model_kind` (the name of its kind, models/kind.py: what evaluate, compare, diagnose and the figures do
+with it), `is_autoencoder` (a point-mass guide, no bound on log p(x): the autoencoder's kind) and
+`sample_latents(n)` (draws of z where the model's prior cannot be sampled, as for the autoencoder's flat
+prior; a dict of draws by site name for several latent sites).
 """
 
 from __future__ import annotations
@@ -73,16 +74,6 @@ class Program:
             raise InputError(f"{type(program).__name__} is not a model/guide pair: pass model and guide "
                              "callables, or an object with .model(x) and .guide(x) methods")
         return cls(model, guide, owner=program)
-
-    @property
-    def is_autoencoder(self) -> bool:
-        """Whether the guide is a point mass (an autoencoder): then there is no ELBO or log p(x)."""
-        return bool(getattr(self.owner, "is_autoencoder", False))
-
-    @property
-    def is_classifier(self) -> bool:
-        """Whether the program is a classifier with no latent (no ELBO, no images): accuracy alone."""
-        return bool(getattr(self.owner, "is_classifier", False))
 
     def traces(self, x: Tensor) -> tuple[Trace, Trace]:
         """One model trace replayed on one guide trace, for the batch x."""

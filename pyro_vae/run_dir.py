@@ -22,11 +22,9 @@ import pyro
 import torch
 from torch import Tensor, nn
 
-from .config import ADDED_SETTINGS, LABELLED_MODELS, MODEL_SETTINGS, Config
+from .config import ADDED_SETTINGS, MODEL_SETTINGS, Config
 from .errors import InputError
-from .m2 import M2, LabelClassifier, build_m2
-from .model import VAE, build_vae
-from .models.hvae import HVAE, HVAE_MODELS, build_hvae
+from .models.kind import model_kind
 from .program import Program, Sites
 
 CONFIG = "config.json"
@@ -341,37 +339,18 @@ def load_pair(run: Path, pair: object, device: torch.device | str = "cpu") -> Pr
     return program
 
 
-def build_from_config(config: Config, x_shape: tuple[int, ...]) -> VAE | M2 | LabelClassifier | HVAE:
-    """The (untrained) VAE that `config` describes (M2 or the classifier with --model m2/classifier, the
-    hierarchical VAE with --model hvae)."""
-    if config.model in LABELLED_MODELS:
-        return build_m2(
-            x_shape, config.classes, encoder=config.encoder, hidden=config.hidden, z_dim=config.z_dim,
-            prior=config.prior, likelihood=config.likelihood, discrete=config.discrete,
-            aux_loss=config.aux_loss, temperature=config.temperature, model=config.model,
-            sigma=config.sigma, sigma_mode=config.sigma_mode, prior_components=config.prior_components,
-        )
-    if config.model in HVAE_MODELS:
-        return build_hvae(x_shape, encoder=config.encoder, hidden=config.hidden, z_dim=config.z_dim,
-                          prior=config.prior, likelihood=config.likelihood, sigma=config.sigma,
-                          sigma_mode=config.sigma_mode, prior_components=config.prior_components,
-                          exemplar_subset=config.exemplar_subset, exemplar_k=config.exemplar_k)
-    return build_vae(
-        x_shape, encoder=config.encoder, hidden=config.hidden, z_dim=config.z_dim,
-        prior=config.prior, likelihood=config.likelihood, sigma=config.sigma,
-        sigma_mode=config.sigma_mode, prior_components=config.prior_components, model=config.model,
-        guide=config.guide, guide_rank=config.guide_rank, flows=config.flows,
-        exemplar_subset=config.exemplar_subset, exemplar_k=config.exemplar_k,
-    )
+def build_from_config(config: Config, x_shape: tuple[int, ...]) -> nn.Module:
+    """The (untrained) model that `config` describes: its kind's (config.model) build."""
+    return model_kind(config.model).build(config, x_shape)
 
 
-def load_model(run: Path, device: torch.device | str = "cpu") -> tuple[Config, VAE]:
-    """The trained VAE of a run directory (best.pt where early stopping kept one, else checkpoint.pt:
-    `model_file`), in eval mode on `device`."""
+def load_model(run: Path, device: torch.device | str = "cpu") -> tuple[Config, nn.Module]:
+    """The trained model of a run directory (best.pt where early stopping kept one, else checkpoint.pt:
+    `model_file`), in eval mode on `device`; its kind is model_kind(config.model)."""
     config, x_shape = read_config(run)
-    vae = build_from_config(config, x_shape)
-    load_parameters(vae, load_checkpoint(model_file(run), device)["model"], model_file(run))
-    return config, vae.to(device).eval()
+    model = build_from_config(config, x_shape)
+    load_parameters(model, load_checkpoint(model_file(run), device)["model"], model_file(run))
+    return config, model.to(device).eval()
 
 
 EVAL_EXAMPLES = "eval_examples.pt"

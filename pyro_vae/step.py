@@ -38,11 +38,12 @@ class SVIStep:
         self.one_dtype = len({p.dtype for p in params}) <= 1  # AMP's check takes one dtype at a time
         self.validate = True
 
-    def __call__(self, x: Tensor, *args) -> Tensor:
-        """Run the step on batch x (args go to loss_fn); returns the loss, detached, on the device."""
+    def __call__(self, x: Tensor, *args, **options) -> Tensor:
+        """Run the step on batch x (args and options go to loss_fn); returns the loss, detached, on the
+        device."""
         with pyro.validation_enabled(self.validate), param_sites(False):
             try:
-                loss = self.loss_fn(x, *args)
+                loss = self.loss_fn(x, *args, **options)
             except ValueError as err:  # Pyro's check of distribution parameters (NaN/inf)
                 if not is_validation_error(err):
                     raise
@@ -70,11 +71,11 @@ class SVIStep:
         it over processes (all call it together). Waits for the device."""
         return int(reduce(self.skipped))
 
-    def gradients(self, x: Tensor, *args) -> Tensor:
+    def gradients(self, x: Tensor, *args, **options) -> Tensor:
         """Run batch x again at the current parameters: the loss, and the gradients in .grad; no step."""
         self.optimizer.zero_grad(set_to_none=True)
         with pyro.validation_enabled(False), param_sites(False):
-            loss = self.loss_fn(x, *args)
+            loss = self.loss_fn(x, *args, **options)
         if loss.requires_grad:
             loss.backward()
         return loss.detach()

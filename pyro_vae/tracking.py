@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+from .epoch_report import EpochView, Reporter, RunView
 from .errors import InputError
 from .run_dir import CONFIG, EVAL, METRICS, SUMMARY, read_json, write_json
 
@@ -139,10 +140,11 @@ class _Sender:
         return [label for i, label in enumerate(self.labels) if i not in self.done], self.error
 
 
-class MLflowTracker:
-    """Logs one training run to MLflow; train(..., reporters=[tracker]) calls `start` once the run
-    directory is ready, `epoch` with each epoch's metrics row, `finish` with summary.json. The server is
-    checked when the tracker is made, so make it before anything is written."""
+class MLflowTracker(Reporter):
+    """Logs one training run to MLflow: a reporter of the epoch report (epoch_report.py), given with
+    train(..., reporters=[tracker]): `start` once the run directory is ready, `epoch` with each epoch's
+    metrics row, `finish` with summary.json. The server is checked when the tracker is made, so make it
+    before anything is written."""
 
     def __init__(self, uri: str, experiment: str | None = None):
         check_server(uri)
@@ -151,40 +153,41 @@ class MLflowTracker:
         self.client = self.mlflow.Client(tracking_uri=uri)
         self.run_id: str | None = None
         self.sender: _Sender | None = None
+        self.out: Path | None = None
 
-    def start(self, trainer) -> None:
+    def start(self, run: RunView) -> None:
         """Continue the MLflow run recorded in the run directory (a resumed run: the epochs the server
         has not seen are logged again), or start one: parameters, tags, RUN/mlflow.json. An InputError
         if the server refuses (a new run's directory is then emptied by the trainer)."""
-        out = Path(trainer.out)
-        record = read_json(out / RECORD) if trainer.resume and (out / RECORD).is_file() else {}
+        out = self.out = Path(run.out)
+        record = read_json(out / RECORD) if run.resumed and (out / RECORD).is_file() else {}
         self.sender = _Sender()
         try:
-            self._start(trainer, out, record)
+            self._start(run, out, record)
         except Exception as err:  # the server answered the check but refuses this run
             raise InputError(f"the MLflow server {self.uri} refused to track {out} ({error_line(err)}); "
                              "check the server, or train without --mlflow") from None
 
-    def _start(self, trainer, out: Path, record: dict) -> None:
-        config = trainer.config
+    def _start(self, run: RunView, out: Path, record: dict) -> None:
+        config = run.config
         if record.get("tracking_uri") == self.uri:
             self.run_id = record["run_id"]
             seen = {m.step for m in self.client.get_metric_history(self.run_id, "train_loss")}
             self.client.update_run(self.run_id, status="RUNNING")
-            for row in trainer.metrics:
+            for row in run.metrics:
                 if row["epoch"] not in seen:
-                    self.epoch(trainer, row)
+                    self._log_epoch(row)
             return
         experiment_id = self._experiment_id(self.experiment or out.name)
-        tags = {**{k: str(getattr(config, k)) for k in TAGGED}, "device": str(trainer.device),
+        tags = {**{k: str(getattr(config, k)) for k in TAGGED}, "device": str(run.device),
                 "run_dir": str(out.resolve())}
         self.run_id = self.client.create_run(experiment_id, run_name=out.name, tags=tags).info.run_id
         write_json(out / RECORD, {"tracking_uri": self.uri, "experiment_id": experiment_id,
                                   "run_id": self.run_id})
         params = _params(config.to_dict())
         self.sender.send("parameters", lambda: self._log(params=params))
-        for row in trainer.metrics:  # none for a new run; kept for a run resumed into another server
-            self.epoch(trainer, row)
+        for row in run.metrics:  # none for a new run; kept for a run resumed into another server
+            self._log_epoch(row)
 
     def _experiment_id(self, name: str) -> str:
         """The id of experiment `name`, made if missing (by this run, or by another run of its grid
@@ -200,24 +203,27 @@ class MLflowTracker:
                 raise
             return found.experiment_id
 
-    def epoch(self, trainer, row: dict) -> None:
+    def epoch(self, row: dict, view: EpochView) -> None:
+        self._log_epoch(row)
+
+    def _log_epoch(self, row: dict) -> None:
         """Queue the epoch's metrics (every number of its metrics.jsonl row but the epoch) at step = epoch."""
         values = {k: v for k, v in row.items() if k != "epoch" and _number(v) is not None}
         self.sender.send(int(row["epoch"]), lambda: self._log(values, step=int(row["epoch"])))
 
-    def finish(self, trainer, summary: dict) -> None:
+    def finish(self, summary: dict) -> None:
         """Queue summary.json's numbers as final/ metrics and the run's files as artifacts, end the MLflow
         run, and wait (FLUSH_SECONDS at most) for the queue; warn once if anything was not logged."""
-        out = Path(trainer.out)
+        out = self.out
         final = {FINAL + k: v for k, v in summary.items() if _number(v) is not None}
         self.sender.send("the final metrics", lambda: self._log(final))
         files = [out / name for name in (SUMMARY, METRICS, CONFIG, EVAL)] + sorted(out.glob("*.png"))
         for path in (p for p in files if p.is_file()):
             self.sender.send(path.name, lambda path=path: self.client.log_artifact(self.run_id, str(path)))
         self.sender.send("the run's end", lambda: self.client.set_terminated(self.run_id, "FINISHED"))
-        self.close(out)
+        self._flush(out)
 
-    def close(self, out: Path) -> None:
+    def _flush(self, out: Path) -> None:
         """Wait for the queued calls (FLUSH_SECONDS at most); one warning lists what was not logged."""
         missing, error = self.sender.close(FLUSH_SECONDS)
         if not missing:

@@ -1,5 +1,9 @@
-"""The SVI training loop as a small trainer with named parts: `setup`, `run_epoch`, `step`,
-`checkpoint`, `finish`. `train()` runs them in that order; a reader follows it top to bottom.
+"""The SVI training loop. `Trainer(...)` prepares a run (device, data, the model its kind builds, the
+optimizer and step, the run directory locked: checkpoints.py); `run()` trains epoch by epoch (`run_epoch`,
+each `step`, `end_epoch`) and ends with `finish`; a reader follows it top to bottom. What differs
+between kinds of model is asked of the run's kind (models/kind.py), early stopping is early_stopping.py,
+and each epoch's row goes to the epoch report (epoch_report.py: metrics.jsonl, TensorBoard, the
+progress line, and any reporter added to it, e.g. MLflow: tracking.py).
 
 Training uses Pyro's ELBO as a differentiable loss and a torch optimizer over the model's parameters
 (not pyro.optim). The loss of a step is -ELBO summed over the batch divided by the batch size: nats
@@ -21,13 +25,14 @@ evaluation and figures describe the model in best.pt.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import threading
 import time
 import warnings
 from collections.abc import Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,49 +42,45 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed, plots
-from .board import Board
 from .board import check_available as check_tensorboard
-from .config import LABELLED_MODELS, Config
-from .data import Dataset, UnreadableImage, batch_indices, binarize
+from .checkpoints import TrainingDirectory
+from .config import Config
+from .data import UnreadableImage, batch_indices, binarize
 from .device import resolve_device
-from .discrete import make_discrete_estimator, temperature
+from .early_stopping import EarlyStopping
+from .epoch_report import (
+    EpochReport,
+    EpochView,
+    MetricsFile,
+    ProgressLine,
+    Reporter,
+    RunView,
+    TensorBoardReport,
+)
 from .errors import InputError, TrainingError
-from .estimators import check_analytic_kl, make_estimator
-from .evaluate import elbo_terms, evaluate, test_accuracy
+from .estimators import check_analytic_kl
 from .exemplar import EAGER_PRIORS, leave_out, use_training_set
 from .faults import NumericalFault, locate_nonfinite
 from .kl_weight import kl_weight, scale_latents
-from .m2 import UNLABELLED
-from .model import VAE
+from .models.kind import PAIR, ModelKind, model_kind
+from .models.vae import init_prior
 from .program import Program
 from .rng import forked_rng, get_rng_state, set_rng_state
 from .run_dir import (
     BEST,
     CHECKPOINT,
-    CONFIG,
-    METRICS,
-    STALE,
-    SUMMARY,
     build_from_config,
     check_data_shape,
-    check_run_dir,
     config_record,
     describe_pair,
-    empty_directory,
-    load_checkpoint,
     load_parameters,
     pair_parameters,
-    recorded_pair,
-    remove_stale_temp_files,
     restore_parameters,
-    retire_results,
-    save_checkpoint,
-    write_json,
-    write_jsonl,
 )
-from .run_lock import run_lock
 from .step import CUDAGraphStep, SVIStep
-from .train_data import n_classes, prepare_data, prepare_stream, stop_on_unreadable, streamed
+from .train_data import prepare_data, prepare_stream, stop_on_unreadable, streamed
+
+__all__ = ["Interrupted", "RunResult", "Trainer", "init_prior", "prepare_data", "train"]
 
 POSTFIX_EVERY = 10  # steps between progress-bar loss updates
 FAULT_CHECK_EVERY = 100  # steps between checks for a non-finite step (each waits for the device)
@@ -101,12 +102,7 @@ class RunResult:
     out: Path
     metrics: list[dict]
     summary: dict
-
-
-def init_prior(vae: VAE, config: Config, data: Dataset) -> None:
-    """With --prior-init data, start the VampPrior's pseudo-inputs at random training examples."""
-    if config.prior_init == "data":
-        vae.prior.init_from(data.train_x, torch.Generator().manual_seed(config.seed))
+    kind: ModelKind = PAIR  # the model's kind: what its summary holds (ModelKind.result_line)
 
 
 @contextmanager
@@ -133,207 +129,173 @@ def _stop_requests(requested: list[int]):
 def train(
     config: Config, out: str | Path | None = None, resume: bool = False, progress: bool = True,
     overwrite: bool = False, program: object | None = None, tensorboard: bool = False,
-    reporters: Sequence[object] = (),
+    reporters: Sequence[Reporter] = (),
 ) -> RunResult:
     """Train as `config` says and write the run directory (see DESIGN.md). The model is pyro-vae's own
     VAE built from the config or, with `program`, a user's own model/guide pair (an object with .model
     and .guide, or a Program), trained in place: an nn.Module pair is moved to the config's device,
     another must live there already. With resume=True, `out` is an existing run whose checkpoint is
     continued up to config.epochs (a pair's run: pass the same pair again, or one built the same way).
-    With tensorboard=True, TensorBoard event files go to RUN/tensorboard/ (board.py). Each of `reporters`
-    (tracking.MLflowTracker, grid_ray's Tune reporter) is called with the trainer: .start(trainer) once the
-    run directory is ready, .epoch(trainer, row) after each epoch's checkpoint and metrics.jsonl,
-    .finish(trainer, summary) after summary.json (rank 0 only)."""
+    With tensorboard=True, TensorBoard event files go to RUN/tensorboard/ (board.py). `reporters`
+    (epoch_report.Reporter: tracking.MLflowTracker, grid_ray's Tune reporter) join the epoch report (the
+    main process only): told when the run starts, of each epoch's row, and of summary.json."""
     return Trainer(config, out, resume, progress, overwrite, program, tensorboard, reporters).run()
 
 
 class Trainer:
-    """One training run. Its state (the position: epoch, steps, batch in the epoch; the metrics; the
-    random state the epoch started from) lives in attributes, so each part reads what the parts
-    before it set; `run` calls setup, then run_epoch per epoch (each calling step per batch and
-    checkpoint when due), then finish."""
+    """One training run. Everything it holds is made in __init__, which prepares the run in the order
+    below (a failure leaves nothing half-written and releases the run directory); `run` trains and
+    finishes. The loop's position (epoch, steps, batch in the epoch), the metrics and the random state
+    the epoch started from change as it trains, and are what a checkpoint holds."""
 
     def __init__(self, config: Config, out: str | Path | None = None, resume: bool = False,
                  progress: bool = True, overwrite: bool = False, program: object | None = None,
-                 tensorboard: bool = False, reporters: Sequence[object] = ()):
-        self.config, self.resume, self.progress = config, resume, progress
-        self.reporters = list(reporters)  # start / epoch / finish, on rank 0 (train's docstring)
-        self.tensorboard, self.board, self.step_losses = tensorboard, None, []
-        self.out, self.overwrite = Path(out) if out is not None else None, overwrite
-        # the pair trained: the user's as given, or (None until setup) pyro-vae's VAE
-        self.pair, self.own_vae = program, program is None
-        self.epoch, self.steps, self.batch, self.metrics = 1, 0, 0, []
+                 tensorboard: bool = False, reporters: Sequence[Reporter] = ()):
+        # what differs between kinds of model: pyro-vae's own kind that config.model names, or a pair's
+        self.kind: ModelKind = model_kind(config.model) if program is None else PAIR
+        self.own_model = program is None
         self.stop = [0]  # the signal that asked to stop after the current step, or 0
-        # early stopping: {"best_epoch", "best_validation_elbo", "epochs_since_best"}, None before epoch 1
-        self.early: dict | None = None
-        # wall time of the run's earlier sessions (a resumed run's checkpoint): in all, and in the epoch
-        # the checkpoint stopped in; this session's clock starts at the end of setup
-        self.seconds_before, self.epoch_seconds_before, self.epoch_started = 0.0, 0.0, 0.0
-        self.lock = ExitStack()  # holds the run directory's lock (run_lock.py) from setup to the end
-        self.fresh = False  # whether this run emptied (or made) its directory and wrote config.json
         self.reason: str | None = None  # why training ended (stop_reason), once it has
+        config.validate()
+        if not self.own_model:
+            self.kind.check(config)  # a pair brings its own networks
+        if tensorboard:
+            check_tensorboard()  # before anything is written
+        self.ranks, self.device = distributed.start(resolve_device(config.device))
+        self.progress = progress and self.ranks.is_main
+        self.cuda_graph = self._use_cuda_graph(config)
+        self.dir = TrainingDirectory(out, resume, overwrite, self.ranks.is_main, self.own_model)
+        try:
+            self._prepare(config, program, tensorboard, reporters)
+        except BaseException as err:
+            self.dir.discard_unstarted(err)
+            self.dir.close()
+            raise
+
+    def _prepare(self, config: Config, program: object | None, tensorboard: bool,
+                 reporters: Sequence[Reporter]) -> None:
+        """The run directory (locked), its checkpoint if resumed, the data, the model and its optimizer,
+        where training starts (a checkpoint's position, or a fresh config.json), the epoch report and
+        the training step; last, the reporters are told the run starts."""
+        self.dir.open()
+        state = self.dir.resumed_state(self.device, config.epochs)
+        pyro.set_rng_seed(config.seed)
+        self.stream, data = (prepare_stream(config) if config.workers
+                             else (None, prepare_data(config, self.kind)))
+        self.data = data.to(self.device)
+        if state is not None:
+            check_data_shape(self.out, self.data.shape)
+        # a copy with what the kind reads off the data (e.g. the number of classes): recorded in
+        # config.json, the model is rebuilt from it; the caller's Config is left as it was
+        self.config = config = dataclasses.replace(config, **self.kind.derive(config, self.data))
+        self.labels = self.data.train_y if self.kind.labelled else None
+        self.pair, self.program, self.sites, self.params = self._build_model(program)
+        self.elbo = self.kind.objective(config)
+        self.kl_record = check_analytic_kl(config.estimator, self.program.model, self.program.guide,
+                                           self.data.test_x)
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=config.lr, fused=True,
+                                          capturable=self.cuda_graph)  # state on the device, as a graph needs
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        # the position: the next epoch and batch, the steps taken; the epoch's loss so far; the metrics
+        self.epoch, self.batch, self.steps, self.metrics = 1, 0, 0, []
+        self.epoch_total = torch.zeros((), device=self.device)
+        self.early = EarlyStopping(config.early_stop)
+        # wall time of the run's earlier sessions (a resumed run's checkpoint): in all, and in the epoch
+        # the checkpoint stopped in; this session's clock starts at the end of __init__
+        self.seconds_before, self.epoch_seconds_before, self.epoch_started = 0.0, 0.0, 0.0
+        self.resumed_rng = None  # this process's random state at the checkpoint, set once its epoch starts
+        if state is not None:
+            self._continue_from(state)
+        else:
+            self._start_run_dir()
+        self.report = self._epoch_report(tensorboard, reporters)
+        if self.ranks.active:  # each process draws its own z; model and data order are the same in all
+            pyro.set_rng_seed(config.seed + self.ranks.rank)
+        self.n_train = len(self.stream) if self.stream else self.data.train_x.shape[0]
+        self.n_batches = (math.ceil(self.n_train / config.batch_size)
+                          - self.ranks.drops_last(self.n_train, config.batch_size))
+        self.total_steps = config.epochs * self.n_batches  # what the kind's schedule runs over
+        module = self.pair if self.own_model else self.program.owner  # DDP averages its gradients
+        self.svi_step = SVIStep(self.ranks.data_parallel(self._loss, module, self.device), self.optimizer,
+                                list(self.params.values()), config.clip_grad, self.device)
+        if self.cuda_graph:
+            self.svi_step = CUDAGraphStep(self.svi_step)
+        # the epoch in progress: its random state at the start, its images and its order of batches
+        self.epoch_state, self.x_epoch, self.order = self.generator.get_state(), self.data.train_x, []
+        self.started = self.last_save = time.perf_counter()
+        self.report.start(RunView(self.out, config, self.device, state is not None, list(self.metrics)))
+
+    @property
+    def out(self) -> Path:
+        """The run directory."""
+        return self.dir.out
 
     def run(self) -> RunResult:
-        """setup, every epoch left up to config.epochs, finish; the run directory locked throughout."""
-        with self.lock:
+        """Every epoch left up to config.epochs, then finish; the run directory locked throughout."""
+        with self.dir:
             try:
-                self.setup()
                 with _stop_requests(self.stop), warnings.catch_warnings():
                     warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # we stop on NaN
                     while (reason := self.stop_reason()) is None:
                         self.run_epoch()
                     self.reason = reason
             except BaseException as err:
-                self._discard_unstarted(err)
+                self.dir.discard_unstarted(err)
                 raise
             return self.finish()
-
-    def _discard_unstarted(self, err: BaseException) -> None:
-        """A new run stopped (Ctrl-C, bad input) before its first checkpoint: empty its directory, so
-        nothing half-written is left (the lock removes the directory it made). A TrainingError's
-        message points at the directory, which stays."""
-        if self.fresh and not isinstance(err, TrainingError) and not (self.out / CHECKPOINT).exists():
-            empty_directory(self.out)
 
     def request_stop(self, signum: int = signal.SIGINT) -> None:
         """Stop after the step in progress, as SIGINT/SIGTERM `signum` does: a checkpoint is written and
         Interrupted raised (the CLI exits 128 + signum). Safe to call from another thread or a step hook."""
         self.stop[0] = signum
 
-    # -- setup ---------------------------------------------------------------------------------------
+    # -- preparing the run ---------------------------------------------------------------------------
 
-    def setup(self) -> None:
-        """Processes and device, data, the model and its optimizer, and the training step; then the
-        checkpoint to continue from (resume) or a fresh run directory."""
-        config = self.config
-        config.validate()
-        if self.tensorboard:
-            check_tensorboard()  # before anything is written
-        self.ranks, self.device = distributed.start(resolve_device(config.device))
-        self.progress = self.progress and self.ranks.is_main
-        self._check_run()
-        state = load_checkpoint(self.out / CHECKPOINT, self.device) if self.resume else None
-        if state is not None:
-            self._check_epochs(state)
-            if (self.out / BEST).is_file():  # read at the end: refused now if it cannot be
-                load_checkpoint(self.out / BEST, self.device)
-        pyro.set_rng_seed(config.seed)
-        self.stream, data = prepare_stream(config) if config.workers else (None, prepare_data(config))
-        self.data = data.to(self.device)
-        if state is not None:
-            check_data_shape(self.out, self.data.shape)
-        if config.model in LABELLED_MODELS and config.classes is None:
-            config.classes = n_classes(self.data)  # recorded in config.json: the model is rebuilt from it
-        self.labels = self.data.train_y if config.model in LABELLED_MODELS else None
-        self._build_model()
-        self.elbo = (make_discrete_estimator(config.discrete) if config.model == "m2"
-                     else make_estimator(config.estimator, config.particles))
-        self.kl_record = check_analytic_kl(config.estimator, self.program.model, self.program.guide,
-                                           self.data.test_x)
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=config.lr, fused=True,
-                                          capturable=self.cuda_graph)  # state on the device, as a graph needs
-        self.generator = torch.Generator(self.device).manual_seed(config.seed)
-        self.epoch_total = torch.zeros((), device=self.device)
-        self.resumed_rng = None  # this process's random state at the checkpoint, set once its epoch starts
-        if state is not None:
-            self._continue_from(state)
-        else:
-            self._start_run_dir()
-        if self.tensorboard and self.ranks.is_main:
-            self.board = Board(self.out)
-        if self.ranks.active:  # each process draws its own z; model and data order are the same in all
-            pyro.set_rng_seed(config.seed + self.ranks.rank)
-        self.n_train = len(self.stream) if self.stream else self.data.train_x.shape[0]
-        self.n_batches = (math.ceil(self.n_train / config.batch_size)
-                          - self.ranks.drops_last(self.n_train, config.batch_size))
-        module = self.pair if self.own_vae else self.program.owner  # DDP averages its gradients
-        self.svi_step = SVIStep(self.ranks.data_parallel(self._loss, module, self.device), self.optimizer,
-                                list(self.params.values()), config.clip_grad, self.device)
-        if self.cuda_graph:
-            self.svi_step = CUDAGraphStep(self.svi_step)
-        self.started = self.last_save = time.perf_counter()
-        self.reporters = self.reporters if self.ranks.is_main else []
-        for reporter in self.reporters:
-            reporter.start(self)
-
-    def _check_run(self) -> None:
+    def _use_cuda_graph(self, config: Config) -> bool:
         """Refuse what this run cannot do (more processes than examples in a batch, a CUDA graph off a
-        single GPU, a pair with settings of pyro-vae's VAE) and find its directory: a new one, or the
-        run to continue (a pair's run with the pair, the VAE's without)."""
-        config, ranks, device = self.config, self.ranks, self.device
+        single GPU or for a kind that runs eagerly); whether the step is captured as a CUDA graph (auto:
+        where the kind knows it holds, one GPU, one process: measured equal to eager and 10x faster for
+        the VAE, docs/scaling.md; a user's pair only when asked for)."""
+        ranks, device = self.ranks, self.device
         if config.batch_size < ranks.world_size:
             raise InputError(f"--batch-size {config.batch_size} is the global batch, shared by "
                              f"{ranks.world_size} processes; make it at least the number of processes")
         if config.cuda_graph == "on" and (device.type != "cuda" or ranks.active):
             raise InputError("--cuda-graph on needs a CUDA GPU and a single process; "
                              f"this run has {device.type} and {ranks.world_size} process(es): leave it off")
-        if not self.own_vae:
-            config.check_for_pair()
-        # auto: the graph where it is known to hold (our own VAE, one GPU, one process: measured equal to
-        # eager and 10x faster, docs/scaling.md); a user's pair only when asked for
-        if config.cuda_graph == "on" and config.model in LABELLED_MODELS:
-            raise InputError(f"--cuda-graph on captures the VAE's step; --model {config.model} runs eagerly: "
-                             "leave --cuda-graph at auto or off")
-        self.cuda_graph = config.cuda_graph == "on" or (
-            config.cuda_graph == "auto" and self.own_vae and device.type == "cuda" and not ranks.active
-            and config.model not in LABELLED_MODELS and config.prior not in EAGER_PRIORS)
-        if not self.resume:
-            self.out = check_run_dir(self.out, self.overwrite)
-            if ranks.is_main:  # made now if new, and removed again if start-up fails
-                self.lock.enter_context(run_lock(self.out, create=True))
-            return
-        if self.out is None:
-            raise InputError("resume=True continues a run: pass its directory as out")
-        if ranks.is_main:
-            self.lock.enter_context(run_lock(self.out))
-        recorded = recorded_pair(self.out)
-        if recorded is not None and self.own_vae:
-            raise InputError(f"{self.out} trained your own model/guide pair ({recorded.get('name')}); to "
-                             "continue it, pass the same pair again: train(config, out, resume=True, "
-                             "program=pair)")
-        if recorded is None and not self.own_vae:
-            raise InputError(f"{self.out} trained pyro-vae's own VAE, not a pair of yours; continue it "
-                             f"without program= (or with: pyro-vae train --resume {self.out})")
+        if config.cuda_graph == "on" and self.kind.eager:
+            raise InputError(f"--cuda-graph on captures the VAE's step; --model {self.kind.name} runs "
+                             "eagerly: leave --cuda-graph at auto or off")
+        return config.cuda_graph == "on" or (
+            config.cuda_graph == "auto" and self.kind.auto_cuda_graph and device.type == "cuda"
+            and not ranks.active and config.prior not in EAGER_PRIORS)
 
-    def _check_epochs(self, state: dict) -> None:
-        """Refuse a resume that would not continue the run: fewer epochs than it has trained (it would
-        stop mid-way and overwrite its summary), or as many when it has finished them."""
-        done, epochs = int(state["epoch"]) - 1, self.config.epochs
-        fewer = epochs < done or (epochs == done and int(state["batch"]) > 0)
-        if fewer or (epochs == done and (self.out / SUMMARY).is_file()):
-            part = " and part of the next" if int(state["batch"]) else ""
-            raise InputError(f"{self.out} has already trained {done} epoch(s){part}; --epochs {epochs} would "
-                             f"train nothing; the run was left as it was (pass --epochs {done + 1} or more "
-                             "to continue it)")
-
-    def _build_model(self) -> None:
-        """pyro-vae's VAE from the config, or the user's pair moved to the device; the pair as a
-        Program with its sites (found by tracing), and the tensors the optimizer steps, by name."""
+    def _build_model(self, program: object | None) -> tuple[object, Program, object, dict[str, Tensor]]:
+        """The model the kind builds from the config, or the user's pair moved to the device; the pair as
+        a Program, its sites (found by tracing; None without a latent) and the tensors the optimizer
+        steps, by name. An exemplar prior in the model gets the training images as its exemplars
+        (exemplar.py; a resumed run's checkpoint then loads over them)."""
         x = self.data.test_x
-        if self.own_vae:
-            self.pair = build_from_config(self.config, self.data.shape).to(self.device)
-            use_training_set(self.pair, self.data.train_x)  # the exemplar prior's exemplars (exemplar.py)
-        self.program = Program.of(self.pair)
-        owner = self.program.owner
-        if not self.own_vae and self.ranks.active and not isinstance(owner, nn.Module):
+        pair = build_from_config(self.config, self.data.shape).to(self.device) if self.own_model else program
+        use_training_set(pair, self.data.train_x)
+        as_program = Program.of(pair)
+        owner = as_program.owner
+        if not self.own_model and self.ranks.active and not isinstance(owner, nn.Module):
             raise InputError("several processes (torchrun) average the gradients of an nn.Module's "
                              "parameters; make your model/guide pair an nn.Module, or train in one process")
         if isinstance(owner, nn.Module):
             owner.to(self.device)
         # the sites and parameters are found by tracing once, in eval mode (no batch statistics change),
         # without drawing from the run's random stream (a run replays exactly)
-        self._train_mode(False)
+        _train_mode(pair if self.own_model else owner, False)
         with forked_rng(self.device):
-            self.sites = None if self.program.is_classifier else self.program.sites(x)
-            params = dict(self.pair.named_parameters()) if self.own_vae else pair_parameters(self.program, x)
-        self.params = {name: p for name, p in params.items() if p.requires_grad}
+            sites = as_program.sites(x) if self.kind.latent else None
+            params = dict(pair.named_parameters()) if self.own_model else pair_parameters(as_program, x)
+        return pair, as_program, sites, {name: p for name, p in params.items() if p.requires_grad}
 
     def _continue_from(self, state: dict) -> None:
-        """Restore parameters, optimizer, position, the epoch's random state and metrics."""
-        if self.own_vae:
-            load_parameters(self.pair, state["model"], self.out / CHECKPOINT)
-        else:
-            restore_parameters(self.params, state["model"], self.out / CHECKPOINT)
+        """Restore parameters, optimizer, position, the epoch's random state, metrics and early stopping."""
+        self._load(state, self.out / CHECKPOINT)
         for group in state["optimizer"]["param_groups"]:  # --lr and --cuda-graph may change on resume;
             group.update(lr=self.config.lr, fused=True,  # older runs used plain Adam
                          capturable=self.cuda_graph)
@@ -343,32 +305,30 @@ class Trainer:
         if self.ranks.is_main:  # the epoch's loss so far (summed over processes) is counted once
             self.epoch_total = state["epoch_total"].to(self.device)
         self.metrics = list(state["metrics"])
-        self.early = state.get("early_stop")
+        self.early = EarlyStopping(self.config.early_stop, state.get("early_stop"))
         # checkpoints before pyro-vae recorded the seconds: the sum of their whole epochs' seconds
         self.seconds_before = float(state.get("seconds", sum(m.get("seconds") or 0.0 for m in self.metrics)))
         self.epoch_seconds_before = float(state.get("epoch_seconds", 0.0))
         self.resumed_rng = self.ranks.rng_state(state)
-        if self.ranks.is_main:
-            remove_stale_temp_files(self.out)
-            write_jsonl(self.out / METRICS, self.metrics)
-            retired = retire_results(self.out)  # they describe the model before this resume
-            if retired:
-                warnings.warn(f"training continues: {len(retired)} result file(s) of the model at step "
-                              f"{self.steps} moved to {self.out / STALE} (evaluate again when it ends)",
-                              stacklevel=2)
+        self.dir.continue_run(self.metrics, self.steps)
 
     def _start_run_dir(self) -> None:
-        """A fresh run: the VampPrior's pseudo-inputs (--prior-init data), the run directory and
-        config.json."""
-        if self.own_vae:
-            init_prior(self.pair, self.config, self.data)
+        """A fresh run: what the kind sets from the training data (the VampPrior's pseudo-inputs with
+        --prior-init data), the run directory and config.json."""
+        if self.own_model:
+            self.kind.start(self.pair, self.config, self.data)
         self.ranks.barrier()  # every process has checked the run directory before rank 0 fills it
-        if self.ranks.is_main:
-            empty_directory(self.out)  # holds a run only with --overwrite; the lock made it if new
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.fresh = True
-            pair = None if self.own_vae else describe_pair(self.program, self.sites)
-            write_json(self.out / CONFIG, config_record(self.config, self.data.shape, pair))
+        pair = None if self.own_model else describe_pair(self.program, self.sites)
+        self.dir.start(config_record(self.config, self.data.shape, pair))
+
+    def _epoch_report(self, tensorboard: bool, reporters: Sequence[Reporter]) -> EpochReport:
+        """Where each epoch's row goes (the main process only): metrics.jsonl, TensorBoard if asked for,
+        the progress line if shown, then the caller's `reporters` (e.g. MLflow). Another reporter is
+        added here (or with report.add)."""
+        if not self.ranks.is_main:
+            return EpochReport()
+        return EpochReport([MetricsFile(self.out), *([TensorBoardReport(self.out)] if tensorboard else []),
+                            *([ProgressLine()] if self.progress else []), *reporters])
 
     # -- one epoch, one step -------------------------------------------------------------------------
 
@@ -401,7 +361,7 @@ class Trainer:
             signum, due = ranks.agree(self.steps, self.stop[0], due)  # several processes: the same step
             if signum:
                 self.checkpoint()
-                raise Interrupted(signum, self.out, self.steps, self._resume_hint())
+                raise Interrupted(signum, self.out, self.steps, self.dir.resume_hint())
             if due:
                 self.checkpoint()
                 self.last_save = time.perf_counter()
@@ -411,76 +371,47 @@ class Trainer:
         """One SVI step on x, this process's share of the global batch `idx`; returns its loss (-ELBO
         per example, on the device)."""
         per = len(idx) / self.ranks.world_size
-        if self.config.discrete == "relaxed":
-            self.pair.temperature = self._temperature(self.steps)
+        schedule = self.kind.schedule(self.config, self.steps, self.total_steps)  # e.g. M2's temperature
         with leave_out(self.pair, self.ranks.shard(idx)):  # the exemplar prior skips each example's own
-            loss = self.svi_step(x, self._kl_weight(self.steps), per, *self._labels(idx))
+            loss = self.svi_step(x, self._kl_weight(self.steps), per, *self._labels(idx), **schedule)
         self.epoch_total += loss * per
         self.steps, self.batch = self.steps + 1, self.batch + 1
-        if self.board is not None:
-            self.step_losses.append(loss.detach())  # written at the epoch's end: no host sync here
+        self.report.step(self.steps, loss)
         return loss
 
     def end_epoch(self, started: float) -> None:
-        """The epoch's row of metrics (train loss, test ELBO), then the checkpoint at the next epoch's
-        start and metrics.jsonl."""
+        """The epoch's row of metrics (train loss, what the kind measures on the test set, ...), early
+        stopping's count, the checkpoint at the next epoch's start, then the epoch report."""
         self._check_fault()
         self._train_mode(False)
         row = {"epoch": self.epoch, "step": self.steps,
                "train_loss": float(self.ranks.sum(self.epoch_total)) / self.n_train}
-        if not self.program.is_classifier:
-            test = elbo_terms(self.program.model, self.program.guide, self.data.test_x)
-            row["test_elbo"] = None if self.program.is_autoencoder else float(test["elbo"].mean())
-            row["test_recon"] = float(test["recon"].mean())
-        if self.labels is not None:
-            row["test_accuracy"] = test_accuracy(self.pair, self.data)[0]
-        if self.config.discrete == "relaxed":
-            row["temperature"] = self._temperature(self.steps - 1)
+        row.update(self.kind.test_metrics(self.program, self.data))
+        row.update(self.kind.schedule(self.config, self.steps - 1, self.total_steps))  # the last step's
         row["seconds"] = time.perf_counter() - started
         if self.config.beta != 1.0 or self.config.kl_anneal:
             row["kl_weight"] = self._kl_weight(self.steps - 1)  # that of the epoch's last step
-        if self.data.val_x is not None and not self.program.is_classifier:
+        if self.data.val_x is not None and self.kind.latent:
             row["validation_elbo"] = self.validation_elbo()
             if self.config.early_stop is not None:
-                self._track_best(row["validation_elbo"])
-                row["best_epoch"] = self.early["best_epoch"]
+                if self.early.update(self.epoch, row["validation_elbo"]):
+                    self.dir.save_best({"model": self._parameters(), "epoch": self.epoch, "step": self.steps,
+                                        "validation_elbo": row["validation_elbo"]})
+                row["best_epoch"] = self.early.best_epoch
         self.metrics.append(row)
         self.epoch, self.batch = self.epoch + 1, 0
         self.epoch_total = torch.zeros((), device=self.device)
         self.epoch_state = self.generator.get_state()  # where the next epoch starts
         self.checkpoint()
         self.last_save = time.perf_counter()
-        if self.ranks.is_main:
-            write_jsonl(self.out / METRICS, self.metrics)
-        if self.board is not None:
-            self.board.steps(self.steps, self.step_losses)
-            self.step_losses = []
-            self.board.epoch(row, self.program, self.data.test_x, self.config.seed)
-        if self.progress:
-            tested = (f"test accuracy {row['test_accuracy']:.4f}" if self.program.is_classifier else
-                      f"test reconstruction log p(x|z) {row['test_recon']:.2f}" if self.program.is_autoencoder
-                      else f"test ELBO {row['test_elbo']:.2f}")
-            tqdm.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.2f}, {tested} nats "
-                       f"({row['seconds']:.1f} s)")
-        for reporter in self.reporters:
-            reporter.epoch(self, row)
+        self.report.epoch(row, EpochView(self.metrics, self.program, self.kind, self.data.test_x,
+                                         self.config.seed))
 
     def validation_elbo(self) -> float:
         """The ELBO per example on the validation set (one draw of z per example; unweighted KL); with
         several processes, their mean, so that all of them stop at the same epoch."""
-        value = elbo_terms(self.program.model, self.program.guide, self.data.val_x)["elbo"].mean()
+        value = self.kind.validation_elbo(self.program, self.data)
         return float(self.ranks.sum(value)) / self.ranks.world_size
-
-    def _track_best(self, value: float) -> None:
-        """Early stopping's bookkeeping at the end of an epoch whose validation ELBO is `value`: a new
-        best resets the count and is written to best.pt; otherwise the count of epochs since grows."""
-        if self.early is None or value > self.early["best_validation_elbo"]:
-            self.early = {"best_epoch": self.epoch, "best_validation_elbo": value, "epochs_since_best": 0}
-            if self.ranks.is_main:
-                save_checkpoint(self.out / BEST, {"model": self._parameters(), "epoch": self.epoch,
-                                                  "step": self.steps, "validation_elbo": value})
-        else:
-            self.early["epochs_since_best"] += 1
 
     def stop_reason(self) -> str | None:
         """Why training ends before the next epoch: "epochs" (--epochs done), "early_stop" (--early-stop's
@@ -488,7 +419,7 @@ class Trainer:
         while it goes on. Asked at epoch ends only, so the last epoch is always whole."""
         if self.epoch > self.config.epochs:
             return "epochs"
-        if self.stopped_early():
+        if self.early.stopped():
             return "early_stop"
         budget = self.config.time_budget
         if budget is None:
@@ -497,34 +428,33 @@ class Trainer:
         # several processes stop at the same epoch end: as soon as one of their clocks is past the budget
         return "time_budget" if self.ranks.agree(0, spent)[0] else None
 
-    def stopped_early(self) -> bool:
-        """Whether --early-stop PATIENCE epochs in a row have not beaten the best validation ELBO."""
-        patience = self.config.early_stop
-        return patience is not None and self.early is not None and self.early["epochs_since_best"] >= patience
-
     def _parameters(self) -> dict[str, Tensor]:
         """The trained parameters as checkpoints hold them (a pair's by param-store name)."""
-        return self.pair.state_dict() if self.own_vae else {n: p.detach() for n, p in self.params.items()}
+        return self.pair.state_dict() if self.own_model else {n: p.detach() for n, p in self.params.items()}
 
-    def _loss(self, x: Tensor, weight: float, per: float, *labels: Tensor) -> Tensor:
+    def _load(self, state: dict, path: Path) -> None:
+        """Load a checkpoint's (or best.pt's) parameters into the model (a pair's into its tensors)."""
+        if self.own_model:
+            load_parameters(self.pair, state["model"], path)
+        else:
+            restore_parameters(self.params, state["model"], path)
+
+    def _loss(self, x: Tensor, weight: float, per: float, *labels: Tensor, **schedule: float) -> Tensor:
         """-ELBO with KL weight `weight` on every latent site, summed over the examples of x, divided by
         `per`: the examples in x, or with W processes, those in the step's global batch divided by W.
-        `labels` (M2, the classifier) go to model and guide after x."""
+        `labels` (M2, the classifier) go to model and guide after x, and the kind's `schedule` of the
+        step (M2's temperature) as keyword arguments."""
         if self.sites is None:  # nothing latent to weight
-            return self.elbo.differentiable_loss(self.program.model, self.program.guide, x, *labels) / per
+            return self.elbo.differentiable_loss(self.program.model, self.program.guide, x, *labels,
+                                                 **schedule) / per
         latent = self.sites.latent
         model, guide = (scale_latents(fn, weight, latent) for fn in (self.program.model, self.program.guide))
-        return self.elbo.differentiable_loss(model, guide, x, *labels) / per
+        return self.elbo.differentiable_loss(model, guide, x, *labels, **schedule) / per
 
     def _labels(self, idx: Tensor) -> tuple[Tensor, ...]:
         """The labels of this process's share of batch `idx` (UNLABELLED where none), as the one extra
         argument of model and guide; () for a model without labels."""
         return () if self.labels is None else (self.labels[self.ranks.shard(idx)],)
-
-    def _temperature(self, step: int) -> float:
-        """The Gumbel-softmax temperature of step `step` (--discrete relaxed)."""
-        return temperature(self.config.temperature, self.config.temperature_final, step,
-                           self.config.epochs * self.n_batches)
 
     def _kl_weight(self, step: int) -> float:
         """The KL weight of step `step` (counted from 0 over the whole run)."""
@@ -541,34 +471,34 @@ class Trainer:
 
     def _train_mode(self, training: bool) -> None:
         """Dropout and the like on (training) or off, where the pair is an nn.Module."""
-        module = self.pair if self.own_vae else self.program.owner
-        if isinstance(module, nn.Module):
-            module.train(training)
+        _train_mode(self.pair if self.own_model else self.program.owner, training)
 
     # -- checkpoint, faults --------------------------------------------------------------------------
 
     def checkpoint(self) -> None:
         """Save everything needed to continue at (epoch, batch) exactly as if never stopped: the
         parameters (a pair's by param-store name), the optimizer, the position, the random state the
-        epoch started from and every process's current one, the epoch's loss so far, the metrics."""
+        epoch started from and every process's current one, the epoch's loss so far, the metrics,
+        early stopping's count."""
         self._check_fault()
         total, rng = self.ranks.sum(self.epoch_total), self.ranks.gather(get_rng_state(self.device))
         if not self.ranks.is_main:
             return
-        save_checkpoint(self.out / CHECKPOINT, {
+        self.dir.save({
             "model": self._parameters(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
             "batch": self.batch, "step": self.steps, "epoch_generator": self.epoch_state,
             "epoch_total": total, "metrics": self.metrics, "rng": rng[0], "seconds": self.elapsed(),
             "epoch_seconds": time.perf_counter() - self.epoch_started if self.batch else 0.0,
             **({"rng_ranks": rng} if self.ranks.active else {}),
-            **({"early_stop": dict(self.early)} if self.early is not None else {}),
+            **self.early.record(),
         })
 
     def elapsed(self) -> float:
         """The run's wall time so far in seconds, summed over its sessions (a checkpoint carries the sum
-        up to it): each session from the end of its setup to its last checkpoint (the last session: to
-        summary.json), so epochs, their test ELBO, checkpoints and the final evaluation count; setup,
-        figures, a session's time after its last checkpoint and the time between sessions do not."""
+        up to it): each session from the end of its preparation to its last checkpoint (the last
+        session: to summary.json), so epochs, their test ELBO, checkpoints and the final evaluation
+        count; preparation, figures, a session's time after its last checkpoint and the time between
+        sessions do not."""
         return self.seconds_before + time.perf_counter() - self.started
 
     def _check_fault(self) -> None:
@@ -581,12 +511,14 @@ class Trainer:
             next(streamed(self.stream, [idx], 0, self.ranks, self.device, None))  # read again, not binarized
         per = len(idx) / self.ranks.world_size
         # the model as that step saw it
-        loss = self.svi_step.gradients(x, self._kl_weight(bad_step), per, *self._labels(idx))
+        with leave_out(self.pair, self.ranks.shard(idx)):
+            loss = self.svi_step.gradients(x, self._kl_weight(bad_step), per, *self._labels(idx),
+                                           **self.kind.schedule(self.config, bad_step, self.total_steps))
         raise NumericalFault(
             f"{locate_nonfinite(self.program, self.params, x, loss)} at step {bad_step + 1} (epoch "
             f"{self.epoch}); this step was not applied and the last good checkpoint is in {self.out}. "
             f"Lower --lr (now {self.config.lr:g}) or clip gradients with --clip-grad (e.g. 10), then "
-            f"continue with: {self._resume_hint()} --lr ..."
+            f"continue with: {self.dir.resume_hint()} --lr ..."
         )
 
     def _unreadable(self, err: UnreadableImage) -> None:
@@ -597,46 +529,37 @@ class Trainer:
         saved = "the last checkpoint is in" if self.ranks.active else "a checkpoint was saved in"
         raise TrainingError(f"{err} at step {self.steps + 1} (epoch {self.epoch}); {saved} {self.out}; "
                             "replace the file with a readable image (or delete it) and continue with: "
-                            f"{self._resume_hint()}") from None
-
-    def _resume_hint(self) -> str:
-        """How to continue this run."""
-        if self.own_vae:
-            return f"pyro-vae train --resume {self.out}"
-        return f"train(config, {str(self.out)!r}, resume=True, program=<the same pair>) in Python"
+                            f"{self.dir.resume_hint()}") from None
 
     # -- finish --------------------------------------------------------------------------------------
 
     def _restore_best(self) -> dict:
         """With early stopping, load best.pt's parameters into the pair and say what they are (for
         summary.json: best_epoch, its validation ELBO, whether training stopped early); else {}."""
-        if self.config.early_stop is None or not (self.out / BEST).is_file():
+        state = self.dir.best(self.device) if self.config.early_stop is not None else None
+        if state is None:
             return {}
-        state = load_checkpoint(self.out / BEST, self.device)
-        if self.own_vae:
-            load_parameters(self.pair, state["model"], self.out / BEST)
-        else:
-            restore_parameters(self.params, state["model"], self.out / BEST)
+        self._load(state, self.out / BEST)
         return {"best_epoch": int(state["epoch"]), "best_step": int(state["step"]),
                 "best_validation_elbo": float(state["validation_elbo"]),
-                "stopped_early": self.stopped_early()}
+                "stopped_early": self.early.stopped()}
 
     def finish(self) -> RunResult:
         """Rank 0 evaluates the trained model (with early stopping: the best one, from best.pt, left in
-        the pair) on the test set (ELBO, log p(x), ...) and writes summary.json and the figures; the
-        other processes return once the last checkpoint is written."""
+        the pair) on the test set as its kind says (ELBO, log p(x), accuracy ...) and writes the figures
+        and summary.json; the other processes return once the last checkpoint is written."""
         self.ranks.barrier()
         if not self.ranks.is_main:
-            return RunResult(self.out, self.metrics, {})
+            return RunResult(self.out, self.metrics, {}, self.kind)
         self._train_mode(False)
         best = self._restore_best()
-        final = {} if self.program.is_classifier else evaluate(self.pair, self.data.test_x,
-                                                                k=self.config.eval_k, progress=self.progress)
-        if self.labels is not None:
-            final["test_accuracy"], final["test_accuracy_se"] = test_accuracy(self.pair, self.data)
-            final["labels"] = int((self.labels != UNLABELLED).sum())
+        program = Program.of(self.pair)  # traced afresh, as evaluate_run does
+        if self.kind.latent:
+            program.sites(self.data.test_x)
+        final, _ = self.kind.evaluate(program, self.data, self.config.eval_k, self.progress)
         summary = {
             **final,
+            **self.kind.training_record(self.data),
             "epochs": self.metrics[-1]["epoch"] if self.metrics else 0,
             "steps": self.steps,
             "train_loss": self.metrics[-1]["train_loss"] if self.metrics else None,
@@ -650,11 +573,16 @@ class Trainer:
             **(self.kl_record or {}),
             **best,
         }
-        if self.board is not None:
-            self.board.close()
-        if not self.program.is_classifier:
-            plots.save_figures(self.pair, self.data, self.out, self.metrics, seed=self.config.seed)
-        write_json(self.out / SUMMARY, summary)  # last: a run stopped before it resumes to write them all
-        for reporter in self.reporters:
-            reporter.finish(self, summary)
-        return RunResult(self.out, self.metrics, summary)
+        self.report.close()
+        if self.kind.figures:
+            plots.save_figures(self.pair, self.data, self.out, self.metrics, seed=self.config.seed,
+                               kind=self.kind)
+        self.dir.write_summary(summary)  # last: a run stopped before it resumes to write them all
+        self.report.finish(summary)  # e.g. MLflow logs summary.json and the figures
+        return RunResult(self.out, self.metrics, summary, self.kind)
+
+
+def _train_mode(module: object, training: bool) -> None:
+    """Dropout and the like on (training) or off, where `module` is an nn.Module."""
+    if isinstance(module, nn.Module):
+        module.train(training)

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import Subset
 
 from . import distributed
-from .config import LABELLED_MODELS, Config
+from .config import Config
 from .data import (
     Dataset,
     ImageStream,
@@ -22,23 +22,23 @@ from .data import (
     load_dataset,
     read_images,
 )
-from .discrete import choose_labelled, mask_labels
 from .errors import InputError
 from .likelihoods import make_likelihood
+from .models.kind import ModelKind, model_kind
 
 
-def prepare_data(config: Config) -> Dataset:
+def prepare_data(config: Config, kind: ModelKind | None = None) -> Dataset:
     """The dataset as training sees it. With --validation-size N, N training examples drawn by a seeded
     permutation become the validation set (val_x). 'static' binarizes train, validation and test once
     (fixed seed); 'dynamic' keeps train as probabilities (redrawn each epoch) and binarizes validation
     and test once; 'none' uses the values as they are. The data must lie in the support of
-    config.likelihood."""
+    config.likelihood. The model kind (by default config.model's) shapes the training set (e.g. the
+    labelled subset of M2: ModelKind.training_data)."""
     data = load_dataset(config.dataset, config.data_dir, config.train_size, config.test_size,
                         config.image_size, config.channels)
     if config.validation_size is not None:
         data = split_validation(data, config.validation_size, config.seed)
-    if config.model in LABELLED_MODELS:
-        data = label_training_set(data, config.model, config.labels, config.seed)
+    data = (kind or model_kind(config.model)).training_data(config, data)
     if config.binarize != "none":
         test_x = binarize_held_out(data.test_x)
         val_x = None if data.val_x is None else binarize_held_out(data.val_x, 1)
@@ -50,29 +50,6 @@ def prepare_data(config: Config) -> Dataset:
         if x is not None:
             likelihood.check(x)
     return data
-
-
-def label_training_set(data: Dataset, model: str, n: int, seed: int) -> Dataset:
-    """The training set of a semi-supervised run: `n` labelled examples balanced over the classes
-    (discrete.choose_labelled, drawn with `seed` from the training set only); for 'm2' every other
-    label is replaced by UNLABELLED, for 'classifier' only the labelled examples are kept. The test
-    labels stay as they are (for accuracy alone)."""
-    if data.train_y is None or data.test_y is None:
-        raise InputError(f"--model {model} needs class labels, and dataset {data.name!r} has none (for "
-                         f"{'training' if data.train_y is None else 'testing'}); use digits, mnist, "
-                         "fashion-mnist, a folder of images in one subfolder per class, or an .npz with "
-                         "y_train and y_test")
-    labelled = choose_labelled(data.train_y, n, seed)
-    if model == "classifier":
-        return Dataset(data.name, data.train_x[labelled], data.test_x, data.train_y[labelled], data.test_y,
-                       data.val_x)
-    return Dataset(data.name, data.train_x, data.test_x, mask_labels(data.train_y, labelled), data.test_y,
-                   data.val_x)
-
-
-def n_classes(data: Dataset) -> int:
-    """The number of classes the labels of `data` name: one more than the largest label."""
-    return int(max(int(y.max()) for y in (data.train_y, data.test_y) if y is not None and y.numel())) + 1
 
 
 HELD_OUT_SEED = 0  # validation and test images are binarized once, the same for every run

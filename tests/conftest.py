@@ -63,7 +63,7 @@ def crash_copy(monkeypatch):
     that checkpoint's step. monkeypatch.undo() disarms it."""
     from pyro_vae import run_dir
 
-    train_module = importlib.import_module("pyro_vae.train")  # the module (pyro_vae.train is the function)
+    checkpoints = importlib.import_module("pyro_vae.checkpoints")  # where the trainer saves
 
     def arm(dest, epoch: int, batch: int) -> list[int]:
         saved, real_save = [], run_dir.save_checkpoint
@@ -74,7 +74,7 @@ def crash_copy(monkeypatch):
                 shutil.copytree(path.parent, dest)
                 saved.append(state["step"])
 
-        monkeypatch.setattr(train_module, "save_checkpoint", save_and_keep)
+        monkeypatch.setattr(checkpoints, "save_checkpoint", save_and_keep)
         return saved
 
     return arm

@@ -35,18 +35,20 @@ RUNNER = textwrap.dedent("""
 
     torch.distributions.normal._standard_normal = (
         lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
-    train_module = importlib.import_module("pyro_vae.train")
     log = open(f"{sys.argv[1]}/writes-rank{os.environ.get('RANK', '0')}.txt", "a")
 
-    def recorded(name):
-        real = getattr(train_module, name)
+    def recorded(module, name):
+        real = getattr(module, name)
         def write(*args, **kwargs):
             print(name, file=log, flush=True)
             return real(*args, **kwargs)
         return write
 
-    for name in ("save_checkpoint", "write_json", "write_jsonl"):
-        setattr(train_module, name, recorded(name))
+    for module in ("pyro_vae.checkpoints", "pyro_vae.epoch_report"):  # where the trainer writes
+        module = importlib.import_module(module)
+        for name in ("save_checkpoint", "write_json", "write_jsonl"):
+            if hasattr(module, name):
+                setattr(module, name, recorded(module, name))
     root, run = sys.argv[1], sys.argv[2:]
     code = main(["train", "--epochs", "1", "--out", f"{root}/two", *run])
     code = code or main(["train", "--resume", f"{root}/two", "--epochs", "2", "--quiet"])

@@ -9,6 +9,7 @@ import importlib
 import json
 import math
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pyro
@@ -23,9 +24,10 @@ from pyro_vae.data import Dataset, load_dataset
 from pyro_vae.discrete import ScoreFunction_ELBO, choose_labelled, make_discrete_estimator, mask_labels
 from pyro_vae.errors import InputError
 from pyro_vae.m2 import UNLABELLED, build_m2
+from pyro_vae.models import model_kind
 from pyro_vae.nets import MIN_SCALE
 from pyro_vae.train import train
-from pyro_vae.train_data import label_training_set, prepare_data
+from pyro_vae.train_data import prepare_data
 
 train_module = importlib.import_module("pyro_vae.train")  # the module (pyro_vae.train is the function)
 
@@ -270,6 +272,11 @@ def _tagged(n=60, classes=3):
     x = torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
     y = torch.arange(n) % classes
     return Dataset("tags", x, x[:9] + 1000, y, y[:9].flip(0))
+
+
+def label_training_set(data, model, n, seed):
+    """The training set a labelled kind trains on (ModelKind.training_data) with n labels drawn with seed."""
+    return model_kind(model).training_data(SimpleNamespace(labels=n, seed=seed), data)
 
 
 def test_m2_keeps_every_training_example_and_hides_all_labels_but_the_chosen():

@@ -195,7 +195,7 @@ if mode == "sigterm":
     import importlib
     train = importlib.import_module("pyro_vae.train")
     load = train.prepare_data
-    train.prepare_data = lambda config: (os.kill(os.getpid(), signal.SIGTERM), load(config))[1]
+    train.prepare_data = lambda *args: (os.kill(os.getpid(), signal.SIGTERM), load(*args))[1]
 sys.exit(main())
 """
 

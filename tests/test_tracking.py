@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from pyro_vae.cli import main
 from pyro_vae.config import Config
+from pyro_vae.epoch_report import Reporter
 from pyro_vae.tracking import RECORD, MLflowTracker
 from pyro_vae.train import train
 
@@ -74,16 +75,13 @@ def test_a_tracked_run_holds_its_config_epochs_files_and_later_results(mlflow_ur
     assert len(client.search_runs([mlrun.info.experiment_id])) == 1
 
 
-class _StopServerAfter:
+class _StopServerAfter(Reporter):
     """A reporter that, once the tracker has logged epoch `epoch`, stops the server's process group."""
 
     def __init__(self, tracker, process, epoch):
         self.tracker, self.process, self.at = tracker, process, epoch
 
-    def start(self, trainer):
-        pass
-
-    def epoch(self, trainer, row):
+    def epoch(self, row, view):
         if row["epoch"] != self.at:
             return
         deadline = time.monotonic() + 60
@@ -93,9 +91,6 @@ class _StopServerAfter:
         assert len(sender.done) == len(sender.labels), "epoch 1 was not logged before the server stopped"
         stop_group(self.process.pid)
         self.process.wait()
-
-    def finish(self, trainer, summary):
-        pass
 
 
 def test_a_server_that_goes_away_mid_run_costs_one_warning_not_the_run(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from pyro.distributions import constraints
 from torch import Tensor
 
 from ..errors import InputError
+from ..models.kind import kind_of
 from ..program import Program
 from ..rng import forked_rng
 from ..stats import mean_se
@@ -69,9 +70,7 @@ def _real_valued(support: constraints.Constraint) -> bool:
 
 
 def _check(program: Program, x: Tensor, n_examples: int, mcmc_examples: int, k: int) -> None:
-    if program.is_autoencoder:
-        raise InputError("an autoencoder run has no q(z|x) and no p(z|x) to diagnose; "
-                         "diagnose a VAE run (--model vae)")
+    kind_of(program).refuse("diagnose", "the model")
     guide_trace = poutine.trace(program.guide).get_trace(x[:2])
     for name in program.sites(x).latent:
         support = guide_trace.nodes[name]["fn"].support

@@ -1,0 +1,8 @@
+"""Model kinds, one module each: a kind owns all that differs between kinds of model (its settings,
+objective, metrics, evaluation, figures, and what compare, diagnose and sample can do with it; see
+kind.py). Importing this package registers the built-in kinds: vae, ae, m2, classifier, hvae."""
+
+from . import autoencoder, classifier, hvae, m2, vae  # noqa: F401 - each registers its kind
+from .kind import MODEL_KINDS, PAIR, ModelKind, kind_of, model_kind, register_model
+
+__all__ = ["MODEL_KINDS", "PAIR", "ModelKind", "kind_of", "model_kind", "register_model"]

@@ -12,6 +12,9 @@ at the sampled z2) and KL(q(z2|x) || p(z2)) where the prior allows it.
 Parameters reach Pyro's param store as the VAE's do (model.py, param_store.py): model() registers
 the prior, p(z1|z2), the decoder and the likelihood, guide() the two encoders, under their
 state_dict names prefixed "hvae$$$".
+
+Its model kind ("hvae", HVAEKind) is the VAE's (settings, objective, metrics, evaluation, figures)
+with its own building and its own guide: a guide family (--guide) is refused.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from ..nets import NETWORKS
 from ..param_store import RegisteringModule
 from ..priors import make_prior
 from .hvae_nets import ConditionalPrior, JointDecoder, JointEncoder, TopEncoder
+from .kind import MODEL_KINDS
+from .vae import VAEKind
 
-HVAE_MODELS = ("hvae",)  # --model names built here (config.py, run_dir.py)
 HVAE_ENCODERS = ("mlp", "gated-mlp", "conv")  # conv: the authors' ConvHVAE (gated convolutions)
 
 
@@ -38,8 +42,7 @@ class HVAE(RegisteringModule):
     conditional a diagonal Gaussian from a network but p(z2) (the prior module) and p(x|z1, z2)
     (likelihood(decoder(z1, z2)))."""
 
-    is_autoencoder = False
-    is_classifier = False
+    model_kind = "hvae"
     param_prefix = "hvae"
 
     def __init__(self, q_z2: nn.Module, q_z1: nn.Module, p_z1: nn.Module, decoder: nn.Module,
@@ -97,7 +100,8 @@ def build_hvae(
 ) -> HVAE:
     """An HVAE with z1 and z2 of z_dim each, from registry names; `encoder` 'mlp' or 'gated-mlp'
     (dense layers `hidden`, the authors' HVAE with gated ones) or 'conv' (the authors' ConvHVAE).
-    `options` go to the likelihood and prior factories (sigma, sigma_mode, prior_components)."""
+    `options` go to the likelihood and prior factories (sigma, sigma_mode, prior_components,
+    exemplar_subset, exemplar_k)."""
     if encoder not in HVAE_ENCODERS:
         known = f"choose one of {', '.join(HVAE_ENCODERS)}"
         raise InputError(f"unknown encoder {encoder!r} for --model hvae: {known}" if encoder not in NETWORKS
@@ -112,3 +116,32 @@ def build_hvae(
         JointDecoder(x_shape, hidden, z_dim, out_shape, gated, conv),
         make_prior(prior, z_dim, encoder=q_z2, x_shape=x_shape, **options), lik,
     )
+
+
+class HVAEKind(VAEKind):
+    """--model hvae: the VAE's settings but a guide family (its guide is q(z2|x) q(z1|x, z2), diagonal
+    Gaussians from its own networks), its objective, metrics, evaluation and figures; z1 and z2 of
+    --z-dim each; the exemplar prior, like every prior, on z2."""
+
+    name = "hvae"
+    figures = ("samples.png", "reconstructions.png", "latent_map.png")  # a traversal takes one site
+
+    def check(self, config) -> None:
+        super().check(config)
+        if config.guide != "diagonal":
+            raise InputError(f"--guide {config.guide} is a family for --model vae's single latent; "
+                             "--model hvae has its own guide q(z2|x) q(z1|x, z2) (diagonal Gaussians): "
+                             "drop --guide")
+
+    def build(self, config, x_shape: tuple[int, ...]) -> HVAE:
+        return build_hvae(x_shape, encoder=config.encoder, hidden=config.hidden, z_dim=config.z_dim,
+                          prior=config.prior, likelihood=config.likelihood, sigma=config.sigma,
+                          sigma_mode=config.sigma_mode, prior_components=config.prior_components,
+                          exemplar_subset=config.exemplar_subset, exemplar_k=config.exemplar_k)
+
+    def evaluation_notes(self, result: dict, config) -> list[str]:
+        return [f"active units {result['active_units']} of {2 * config.z_dim} (z1 and z2); "
+                f"{result['n_examples']} test examples"]
+
+
+HVAE_KIND = MODEL_KINDS.builtin(HVAEKind())

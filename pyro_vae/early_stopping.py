@@ -1,0 +1,39 @@
+"""Early stopping on the validation ELBO (--early-stop PATIENCE): the parameters of the epoch with the
+best validation ELBO are kept (the trainer writes them to best.pt when `update` says so), and training
+stops once PATIENCE epochs in a row have not beaten it. The count and the best epoch are plain data in
+the checkpoint, so a resumed run continues them."""
+
+from __future__ import annotations
+
+
+class EarlyStopping:
+    """The bookkeeping of --early-stop `patience` (None: off): `state` is {"best_epoch",
+    "best_validation_elbo", "epochs_since_best"}, None before the first validation ELBO (or as a
+    checkpoint has it)."""
+
+    def __init__(self, patience: int | None, state: dict | None = None):
+        self.patience = patience
+        self.state = None if state is None else dict(state)
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Count epoch `epoch`, whose validation ELBO is `value`: a new best resets the count (returns
+        True: keep its parameters), otherwise the count of epochs since the best grows."""
+        if self.state is None or value > self.state["best_validation_elbo"]:
+            self.state = {"best_epoch": epoch, "best_validation_elbo": value, "epochs_since_best": 0}
+            return True
+        self.state["epochs_since_best"] += 1
+        return False
+
+    @property
+    def best_epoch(self) -> int:
+        """The epoch with the best validation ELBO so far (after the first update)."""
+        return self.state["best_epoch"]
+
+    def stopped(self) -> bool:
+        """Whether `patience` epochs in a row have not beaten the best validation ELBO."""
+        return self.patience is not None and self.state is not None and \
+            self.state["epochs_since_best"] >= self.patience
+
+    def record(self) -> dict:
+        """What a checkpoint holds of it: {"early_stop": state}, or nothing before the first update."""
+        return {"early_stop": dict(self.state)} if self.state is not None else {}
