@@ -22,13 +22,16 @@ from .guides import GUIDES
 from .likelihoods import LIKELIHOODS, SIGMA_MODES, make_likelihood
 from .m2 import DISCRETE
 from .model import MODELS as VAE_MODELS
-from .nets import NETWORKS
-from .priors import PRIORS
+from .nets import ENCODER_SCALES, NETWORKS, WEIGHT_INITS
+from .optim import OPTIMIZERS
+from .priors import PRIORS, PSEUDO_INPUTS
 from .registry import load_plugins
 
 LABELLED_MODELS = ("m2", "classifier")  # semi-supervised M2 and its classifier-only baseline (m2.py)
 MODELS = VAE_MODELS + LABELLED_MODELS
-PRIOR_INITS = ("noise", "data")
+PRIOR_INITS = ("noise", "data", "authors")
+HELDOUT_MODES = ("seeded", "authors")  # --heldout: how validation and test are held out and binarized
+EARLY_STOP_RULES = ("plain", "authors")  # --early-stop-rule: how the patience counts
 MIXTURE_PRIORS = ("mog", "vamp")  # the priors that take --prior-components
 CUDA_GRAPH_MODES = ("auto", "off", "on")
 # the settings of the latent z and the model of x: without them (--model classifier) they mean nothing
@@ -39,11 +42,12 @@ RESUMABLE = {"epochs", "time_budget", "device", "lr", "clip_grad", "checkpoint_e
              "workers", "cuda_graph", "plugins", "threads"}
 # settings added since runs were first written, each with the value under which an older run ran: a
 # config.json without one reads as that value (a missing setting not listed here is refused)
-ADDED_SETTINGS = {"time_budget": None}
+ADDED_SETTINGS = {"time_budget": None, "weight_init": "default", "optimizer": "adam", "heldout": "seeded",
+                  "early_stop_rule": "plain", "encoder_scale": "softplus", "pseudo_inputs": "free"}
 # the settings that build pyro-vae's own VAE; a user's own model/guide pair brings its own networks
 MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init",
                   "guide", "guide_rank", "flows", "labels", "classes", "discrete", "aux_loss", "temperature",
-                  "temperature_final")
+                  "temperature_final", "weight_init", "encoder_scale", "pseudo_inputs")
 
 
 @dataclass
@@ -96,6 +100,13 @@ class Config:
     aux_loss: float = 0.0  # --model m2: alpha, weight of the classifier's log-likelihood of the labels
     temperature: float = 1.0  # --discrete relaxed: the Gumbel-softmax temperature at the first step
     temperature_final: float | None = None  # --discrete relaxed: annealed geometrically to this by the end
+    # the VampPrior authors' protocol, each difference an option (presets.py: the -authors presets)
+    weight_init: str = "default"  # he: every linear layer's weights ~ N(0, 2/fan_in) (nets.he_init)
+    optimizer: str = "adam"  # adam-normgrad: each tensor's gradient divided by its norm first (optim.py)
+    heldout: str = "seeded"  # authors: validation = the last N training images, NumPy seed 777 binarizes
+    early_stop_rule: str = "plain"  # authors: the patience count is reset during the KL warm-up
+    encoder_scale: str = "softplus"  # clamped-logvar: sigma = exp(hardtanh(raw, -6, 2) / 2)
+    pseudo_inputs: str = "free"  # hardtanh: the VampPrior's pseudo-inputs pass through Hardtanh(0, 1)
 
     def __post_init__(self) -> None:
         if self.binarize is None:
@@ -125,7 +136,9 @@ class Config:
         choices = {
             "binarize": BINARIZE_MODES, "encoder": tuple(NETWORKS), "sigma_mode": SIGMA_MODES,
             "device": DEVICES, "model": MODELS, "prior_init": PRIOR_INITS, "cuda_graph": CUDA_GRAPH_MODES,
-            "discrete": DISCRETE,
+            "discrete": DISCRETE, "weight_init": WEIGHT_INITS, "optimizer": OPTIMIZERS,
+            "heldout": HELDOUT_MODES, "early_stop_rule": EARLY_STOP_RULES,
+            "encoder_scale": tuple(ENCODER_SCALES), "pseudo_inputs": PSEUDO_INPUTS,
         }
         for registry, name in ((PRIORS, self.prior), (LIKELIHOODS, self.likelihood),
                                (ESTIMATORS, self.estimator), (GUIDES, self.guide)):
@@ -187,6 +200,12 @@ class Config:
         if self.prior_init != "noise" and self.prior != "vamp":
             raise InputError(f"--prior-init {self.prior_init} sets the VampPrior's pseudo-inputs; use it "
                              "with --prior vamp")
+        if self.pseudo_inputs != "free" and self.prior != "vamp":
+            raise InputError(f"--pseudo-inputs {self.pseudo_inputs} clamps the VampPrior's pseudo-inputs; "
+                             "use it with --prior vamp")
+        if self.encoder_scale != "softplus" and self.model in LABELLED_MODELS:
+            raise InputError(f"--encoder-scale {self.encoder_scale} applies to the VAE's encoder; --model "
+                             f"{self.model} keeps its own: leave --encoder-scale at softplus")
         self._validate_protocol()
         self._validate_guide()
         self._validate_labelled()
@@ -214,6 +233,12 @@ class Config:
         if self.early_stop is not None and self.validation_size is None:
             raise InputError(f"--early-stop {self.early_stop} stops on the validation ELBO; hold out a "
                              "validation set with --validation-size N too")
+        if self.heldout == "authors" and self.validation_size is None:
+            raise InputError("--heldout authors binarizes the validation set, then the test set, as the "
+                             "authors' code does; hold out a validation set with --validation-size N too")
+        if self.early_stop_rule != "plain" and self.early_stop is None:
+            raise InputError(f"--early-stop-rule {self.early_stop_rule} says how early stopping counts its "
+                             "patience; use it with --early-stop PATIENCE")
         if self.early_stop is not None and self.model == "ae":
             raise InputError("--early-stop watches the validation ELBO, and --model ae has no ELBO; "
                              "use it with --model vae")

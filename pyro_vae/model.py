@@ -121,11 +121,13 @@ def build_vae(
     likelihood: str = "bernoulli",
     model: str = "vae",
     guide: str = DEFAULT_GUIDE,
+    encoder_scale: str = "softplus",
     **options,
 ) -> VAE:
     """A VAE (or, with model='ae', the AutoEncoder) from registry names. `options` go to the likelihood,
-    prior and guide factories (e.g. sigma, sigma_mode, prior_components, guide_rank, flows); the prior
-    also gets the guide's encoder (its (loc, scale) outputs) and the data shape."""
+    prior and guide factories (e.g. sigma, sigma_mode, prior_components, guide_rank, flows, pseudo_inputs);
+    the prior also gets the guide's encoder (its (loc, scale) outputs) and the data shape. `encoder_scale`
+    says how the encoder makes q's standard deviation (nets.ENCODER_SCALES)."""
     if model not in MODELS:
         raise InputError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
     if model == "ae" and guide != DEFAULT_GUIDE:
@@ -135,7 +137,7 @@ def build_vae(
     family = make_guide(guide, z_dim, **options)
     c, h, w = x_shape
     enc, dec = make_networks(encoder, x_shape, hidden, z_dim, (c * lik.params_per_pixel, h, w),
-                             extra=family.extra)
+                             extra=family.extra, scale=encoder_scale)
     if model == "ae":
         return AutoEncoder(enc, dec, FlatLatent(z_dim), lik)
     gaussian = enc if not family.extra else GaussianOutputs(enc)

@@ -354,6 +354,7 @@ def build_from_config(config: Config, x_shape: tuple[int, ...]) -> VAE | M2 | La
         prior=config.prior, likelihood=config.likelihood, sigma=config.sigma,
         sigma_mode=config.sigma_mode, prior_components=config.prior_components, model=config.model,
         guide=config.guide, guide_rank=config.guide_rank, flows=config.flows,
+        encoder_scale=config.encoder_scale, pseudo_inputs=config.pseudo_inputs,
     )
 
 

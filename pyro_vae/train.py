@@ -49,6 +49,8 @@ from .faults import NumericalFault, locate_nonfinite
 from .kl_weight import kl_weight, scale_latents
 from .m2 import UNLABELLED
 from .model import VAE
+from .nets import he_init
+from .optim import make_optimizer
 from .program import Program
 from .rng import forked_rng, get_rng_state, set_rng_state
 from .run_dir import (
@@ -102,9 +104,18 @@ class RunResult:
 
 
 def init_prior(vae: VAE, config: Config, data: Dataset) -> None:
-    """With --prior-init data, start the VampPrior's pseudo-inputs at random training examples."""
+    """With --prior-init data, start the VampPrior's pseudo-inputs at random training examples; with
+    --prior-init authors, draw them from N(0.05, 0.01^2) as the authors' code does."""
     if config.prior_init == "data":
         vae.prior.init_from(data.train_x, torch.Generator().manual_seed(config.seed))
+    elif config.prior_init == "authors":
+        vae.prior.init_normal(torch.Generator().manual_seed(config.seed))
+
+
+def init_weights(module: nn.Module, config: Config) -> None:
+    """With --weight-init he, draw every linear layer's weights He-normal (nets.he_init)."""
+    if config.weight_init == "he":
+        he_init(module)
 
 
 @contextmanager
@@ -223,8 +234,8 @@ class Trainer:
                      else make_estimator(config.estimator, config.particles))
         self.kl_record = check_analytic_kl(config.estimator, self.program.model, self.program.guide,
                                            self.data.test_x)
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=config.lr, fused=True,
-                                          capturable=self.cuda_graph)  # state on the device, as a graph needs
+        self.optimizer = make_optimizer(config.optimizer, self.params.values(), lr=config.lr, fused=True,
+                                        capturable=self.cuda_graph)  # state on the device, as a graph needs
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.epoch_total = torch.zeros((), device=self.device)
         self.resumed_rng = None  # this process's random state at the checkpoint, set once its epoch starts
@@ -350,6 +361,7 @@ class Trainer:
         """A fresh run: the VampPrior's pseudo-inputs (--prior-init data), the run directory and
         config.json."""
         if self.own_vae:
+            init_weights(self.pair, self.config)
             init_prior(self.pair, self.config, self.data)
         self.ranks.barrier()  # every process has checked the run directory before rank 0 fills it
         if self.ranks.is_main:
@@ -467,6 +479,8 @@ class Trainer:
                                                   "step": self.steps, "validation_elbo": value})
         else:
             self.early["epochs_since_best"] += 1
+            if self.config.early_stop_rule == "authors" and self.epoch < self.config.kl_anneal:
+                self.early["epochs_since_best"] = 0  # the authors' count stays 0 while the warm-up lasts
 
     def stop_reason(self) -> str | None:
         """Why training ends before the next epoch: "epochs" (--epochs done), "early_stop" (--early-stop's
@@ -486,6 +500,8 @@ class Trainer:
     def stopped_early(self) -> bool:
         """Whether --early-stop PATIENCE epochs in a row have not beaten the best validation ELBO."""
         patience = self.config.early_stop
+        if patience is not None and self.config.early_stop_rule == "authors":
+            patience += 1  # the authors' code stops once the count exceeds the patience
         return patience is not None and self.early is not None and self.early["epochs_since_best"] >= patience
 
     def _parameters(self) -> dict[str, Tensor]:
