@@ -471,7 +471,9 @@ class Trainer:
 
     def _track_best(self, value: float) -> None:
         """Early stopping's bookkeeping at the end of an epoch whose validation ELBO is `value`: a new
-        best resets the count and is written to best.pt; otherwise the count of epochs since grows."""
+        best resets the count and is written to best.pt; otherwise the count of epochs since grows (with
+        --early-stop-rule authors it is set back to 0 while the epoch is inside the KL warm-up, epoch <
+        --kl-anneal, as the authors' loop does)."""
         if self.early is None or value > self.early["best_validation_elbo"]:
             self.early = {"best_epoch": self.epoch, "best_validation_elbo": value, "epochs_since_best": 0}
             if self.ranks.is_main:
@@ -498,7 +500,8 @@ class Trainer:
         return "time_budget" if self.ranks.agree(0, spent)[0] else None
 
     def stopped_early(self) -> bool:
-        """Whether --early-stop PATIENCE epochs in a row have not beaten the best validation ELBO."""
+        """Whether --early-stop PATIENCE epochs in a row have not beaten the best validation ELBO (with
+        --early-stop-rule authors, PATIENCE + 1: the authors' loop stops once its count exceeds PATIENCE)."""
         patience = self.config.early_stop
         if patience is not None and self.config.early_stop_rule == "authors":
             patience += 1  # the authors' code stops once the count exceeds the patience
