@@ -64,7 +64,7 @@ HELP = {
     "exemplar_k": "--prior exemplar: of those, keep only each example's K nearest in latent space, their "
                   "union over the batch (retrieval-augmented training; default: keep all)",
     "prior_init": "VampPrior pseudo-inputs start as: noise (uniform on [0, 1], default) | data (random "
-                  "training examples)",
+                  "training examples) | authors (N(0.05, 0.01^2) elementwise, the authors' default)",
     "guide": "posterior q(z|x): diagonal (Gaussian, default) | fullrank (Gaussian, full covariance) | "
              "lowrank (diagonal + rank --guide-rank) | iaf (inverse autoregressive flow, --flows steps)",
     "guide_rank": "rank R of the lowrank guide's covariance factor, 1 <= R < z_dim (default 1)",
@@ -110,6 +110,22 @@ HELP = {
     "temperature": "--discrete relaxed: the Gumbel-softmax temperature at the first step (default 1)",
     "temperature_final": "--discrete relaxed: anneal the temperature geometrically to this value at the last "
                          "step (default: constant)",
+    "weight_init": "default (PyTorch's) | he (every linear layer's weights ~ N(0, 2/fan_in), biases as "
+                   "PyTorch draws them: the VampPrior authors' he_init)",
+    "optimizer": "adam (default) | adam-normgrad (the authors' AdamNormGrad: each parameter tensor's "
+                 "gradient divided by its 2-norm + 1e-7, then Adam)",
+    "heldout": "seeded (default: a --seed permutation picks the validation images; fixed torch seeds "
+               "binarize validation and test) | authors (the last N training images are the validation "
+               "set; NumPy's seed 777 binarizes validation, then test, as the authors' code; needs "
+               "--validation-size)",
+    "early_stop_rule": "plain (default: stop after PATIENCE epochs without a better validation ELBO) | "
+                       "authors (the count stays 0 during the --kl-anneal epochs and training stops once "
+                       "it exceeds PATIENCE, as the authors' code)",
+    "encoder_scale": "how the encoder makes q's standard deviation: softplus (softplus(raw) + 1e-4, "
+                     "default) | clamped-logvar (exp(hardtanh(raw, -6, 2) / 2): the authors' clamped "
+                     "log-variance)",
+    "pseudo_inputs": "the VampPrior's pseudo-inputs: free (the parameter itself, default) | hardtanh (the "
+                     "parameter through Hardtanh(0, 1), always in [0, 1], as the authors' code)",
     "threads": "torch threads for this run (default 1: on a busy or small CPU more threads only wait for "
                "each other; docs/usage.md has the measurement); may change on resume",
     "plugins": "import MODULE first; it registers priors, likelihoods or estimators of your own (repeat for "

@@ -20,18 +20,23 @@ from .data import BINARIZE_MODES
 from .device import DEVICES
 from .errors import InputError
 from .models.kind import LATENT_SETTINGS, MIXTURE_PRIORS, MODEL_SETTINGS, discrete_likelihood, model_kind
+from .optim import OPTIMIZERS
 from .registry import load_plugins
 
 __all__ = ["ADDED_SETTINGS", "LATENT_SETTINGS", "MIXTURE_PRIORS", "MODEL_SETTINGS", "RESUMABLE", "Config",
            "load_config_file"]
-PRIOR_INITS = ("noise", "data")
+PRIOR_INITS = ("noise", "data", "authors")
+HELDOUT_MODES = ("seeded", "authors")  # --heldout: how validation and test are held out and binarized
+EARLY_STOP_RULES = ("plain", "authors")  # --early-stop-rule: how the patience counts
 CUDA_GRAPH_MODES = ("auto", "off", "on")
 # settings that may change when a run is resumed: they do not change the model or the data
 RESUMABLE = {"epochs", "time_budget", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir",
              "workers", "cuda_graph", "plugins", "threads"}
 # settings added since runs were first written, each with the value under which an older run ran: a
 # config.json without one reads as that value (a missing setting not listed here is refused)
-ADDED_SETTINGS = {"time_budget": None, "exemplar_subset": None, "exemplar_k": None}
+ADDED_SETTINGS = {"time_budget": None, "exemplar_subset": None, "exemplar_k": None, "weight_init": "default",
+                  "optimizer": "adam", "heldout": "seeded", "early_stop_rule": "plain",
+                  "encoder_scale": "softplus", "pseudo_inputs": "free"}
 
 
 @dataclass
@@ -86,6 +91,13 @@ class Config:
     aux_loss: float = 0.0  # --model m2: alpha, weight of the classifier's log-likelihood of the labels
     temperature: float = 1.0  # --discrete relaxed: the Gumbel-softmax temperature at the first step
     temperature_final: float | None = None  # --discrete relaxed: annealed geometrically to this by the end
+    # the VampPrior authors' protocol, each difference an option (presets.py: the -authors presets)
+    weight_init: str = "default"  # he: every linear layer's weights ~ N(0, 2/fan_in) (nets.he_init)
+    optimizer: str = "adam"  # adam-normgrad: each tensor's gradient divided by its norm first (optim.py)
+    heldout: str = "seeded"  # authors: validation = the last N training images, NumPy seed 777 binarizes
+    early_stop_rule: str = "plain"  # authors: the patience count is reset during the KL warm-up
+    encoder_scale: str = "softplus"  # clamped-logvar: sigma = exp(hardtanh(raw, -6, 2) / 2)
+    pseudo_inputs: str = "free"  # hardtanh: the VampPrior's pseudo-inputs pass through Hardtanh(0, 1)
 
     def __post_init__(self) -> None:
         if self.binarize is None:
@@ -114,7 +126,8 @@ class Config:
         """Raise InputError for values outside their allowed set or range, then for what the model kind
         (`model`: a registered name) does not take (ModelKind.check)."""
         choices = {"binarize": BINARIZE_MODES, "device": DEVICES, "prior_init": PRIOR_INITS,
-                   "cuda_graph": CUDA_GRAPH_MODES}
+                   "cuda_graph": CUDA_GRAPH_MODES, "optimizer": OPTIMIZERS, "heldout": HELDOUT_MODES,
+                   "early_stop_rule": EARLY_STOP_RULES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InputError(
@@ -159,6 +172,12 @@ class Config:
         if self.early_stop is not None and self.validation_size is None:
             raise InputError(f"--early-stop {self.early_stop} stops on the validation ELBO; hold out a "
                              "validation set with --validation-size N too")
+        if self.heldout == "authors" and self.validation_size is None:
+            raise InputError("--heldout authors binarizes the validation set, then the test set, as the "
+                             "authors' code does; hold out a validation set with --validation-size N too")
+        if self.early_stop_rule != "plain" and self.early_stop is None:
+            raise InputError(f"--early-stop-rule {self.early_stop_rule} says how early stopping counts its "
+                             "patience; use it with --early-stop PATIENCE")
 
     def to_dict(self) -> dict:
         return asdict(self)

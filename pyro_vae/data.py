@@ -108,6 +108,33 @@ def binarize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     return torch.bernoulli(x, generator=generator)
 
 
+AUTHORS_SEED = 777  # the NumPy seed the VampPrior and Exemplar VAE code binarize validation and test with
+
+
+def binarize_like_authors(val_x: Tensor | None, test_x: Tensor) -> tuple[Tensor | None, Tensor]:
+    """Validation and test images binarized once as the authors' loaders do (Exemplar VAE's
+    base_load_data.binarize, VampPrior's load_data): np.random.seed(777), then
+    np.random.binomial(1, x_val), then np.random.binomial(1, x_test), each over the images flattened
+    (N, pixels) in row-major order, with probabilities in float64. Drawn from a RandomState(777) of our
+    own, which gives the same draws as the global generator after np.random.seed(777) (NumPy's legacy
+    stream, frozen by NEP 19) and leaves NumPy's global state alone. Pixel values that are k/255 (the
+    uint8 datasets, stored in float32) become k/255 in float64, as the authors' uint8 / 255. gives."""
+    rng = np.random.RandomState(AUTHORS_SEED)
+    draw = lambda x: torch.as_tensor(  # noqa: E731
+        rng.binomial(1, _authors_probabilities(x)).reshape(x.shape), dtype=x.dtype, device=x.device)
+    val = None if val_x is None else draw(val_x)
+    return val, draw(test_x)
+
+
+def _authors_probabilities(x: Tensor) -> np.ndarray:
+    """x as a float64 (N, pixels) array, pixel values that are multiples of 1/255 as k/255 in float64."""
+    if x.numel() and not (x.min() >= 0 and x.max() <= 1):
+        binarize(x)  # says what is wrong with the range
+    p = x.detach().cpu().double().numpy().reshape(x.shape[0], -1)
+    k = np.rint(p * 255.0)
+    return k / 255.0 if np.abs(p * 255.0 - k).max(initial=0.0) < 1e-3 else p
+
+
 def batch_indices(
     n: int, batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu"
 ) -> Iterator[Tensor]:

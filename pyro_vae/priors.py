@@ -19,6 +19,7 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor, nn
 from torch.distributions import Normal, register_kl
+from torch.nn import functional as F
 
 from .errors import InputError
 from .exemplar import ExemplarPrior
@@ -169,18 +170,30 @@ class MixtureOfGaussians(nn.Module):
         return _mixture(self.logits, self.loc, positive_scale(self.raw_scale))
 
 
+PSEUDO_INPUTS = ("free", "hardtanh")  # --pseudo-inputs: the parameter itself, or through Hardtanh(0, 1)
+AUTHORS_INIT = (0.05, 0.01)  # --prior-init authors: the mean and std of the authors' pseudo-input weights
+
+
 class VampPrior(nn.Module):
     """VampPrior (Tomczak & Welling 2018): p(z) = 1/K sum_k q(z | u_k), the uniform mixture of the
     guide's posteriors at K learned pseudo-inputs u_k in data space, shape (K, C, H, W). The
     pseudo-inputs pass through the guide's own `encoder` (the same module, so the two are trained
-    together). They start as uniform noise on [0, 1], the range of the built-in datasets;
-    `init_from(x)` starts them at data instead. No closed-form KL from q(z|x)."""
+    together). With pseudo_inputs='free' u_k is the parameter itself; with 'hardtanh' u_k =
+    hardtanh(w_k, 0, 1) = min(max(w_k, 0), 1) of a parameter w_k, as in the authors' code, so every u_k
+    stays in [0, 1] (the gradient is 0 where w_k is outside). The parameter starts as uniform noise on
+    [0, 1], the range of the built-in datasets; `init_from(x)` starts it at data, `init_normal()` at
+    N(0.05, 0.01^2) elementwise as the authors' code does (through the Hardtanh: nearly black images of
+    mean 0.05). No closed-form KL from q(z|x)."""
 
     def __init__(self, encoder: nn.Module, x_shape: Sequence[int],
-                 components: int | None = None):
+                 components: int | None = None, pseudo_inputs: str = "free"):
         super().__init__()
+        if pseudo_inputs not in PSEUDO_INPUTS:
+            raise InputError(f"unknown pseudo_inputs {pseudo_inputs!r}: choose one of "
+                             f"{', '.join(PSEUDO_INPUTS)}")
         k = _components("vamp", components)
         self.encoder = encoder
+        self.clamped = pseudo_inputs == "hardtanh"
         self.pseudo_inputs = nn.Parameter(torch.rand(k, *x_shape))
 
     @torch.no_grad()
@@ -195,8 +208,19 @@ class VampPrior(nn.Module):
                  else torch.randint(x.shape[0], (k,), generator=generator))
         self.pseudo_inputs.copy_(x[index.to(x.device)])
 
+    @torch.no_grad()
+    def init_normal(self, generator: torch.Generator | None = None) -> None:
+        """Draw the pseudo-input parameter from N(mean, std^2) elementwise, (mean, std) = AUTHORS_INIT."""
+        mean, std = AUTHORS_INIT
+        draw = torch.randn(self.pseudo_inputs.shape, generator=generator)
+        self.pseudo_inputs.copy_(mean + std * draw)
+
+    def inputs(self) -> Tensor:
+        """The pseudo-inputs u_k as the encoder sees them, shape (K, C, H, W)."""
+        return F.hardtanh(self.pseudo_inputs, 0.0, 1.0) if self.clamped else self.pseudo_inputs
+
     def forward(self) -> dist.Distribution:
-        loc, scale = self.encoder(self.pseudo_inputs)
+        loc, scale = self.encoder(self.inputs())
         return _mixture(loc.new_zeros(loc.shape[0]), loc, scale)
 
 
@@ -204,8 +228,8 @@ PRIORS = Registry("prior", {
     "normal": lambda z_dim, **_: StandardNormal(z_dim),
     "learned": lambda z_dim, **_: LearnedNormal(z_dim),
     "mog": lambda z_dim, prior_components=None, **_: MixtureOfGaussians(z_dim, prior_components),
-    "vamp": lambda z_dim, encoder, x_shape, prior_components=None, **_: VampPrior(
-        encoder, x_shape, prior_components),
+    "vamp": lambda z_dim, encoder, x_shape, prior_components=None, pseudo_inputs="free", **_: VampPrior(
+        encoder, x_shape, prior_components, pseudo_inputs),
     "exemplar": lambda z_dim, encoder, x_shape, exemplar_subset=None, exemplar_k=None, **_: ExemplarPrior(
         encoder, x_shape, exemplar_subset, exemplar_k),
 }, returns=nn.Module)

@@ -64,6 +64,7 @@ from .faults import NumericalFault, locate_nonfinite
 from .kl_weight import kl_weight, scale_latents
 from .models.kind import PAIR, ModelKind, model_kind
 from .models.vae import init_prior
+from .optim import make_optimizer
 from .program import Program
 from .rng import forked_rng, get_rng_state, set_rng_state
 from .run_dir import (
@@ -193,13 +194,13 @@ class Trainer:
         self.elbo = self.kind.objective(config)
         self.kl_record = check_analytic_kl(config.estimator, self.program.model, self.program.guide,
                                            self.data.test_x)
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=config.lr, fused=True,
-                                          capturable=self.cuda_graph)  # state on the device, as a graph needs
+        self.optimizer = make_optimizer(config.optimizer, self.params.values(), lr=config.lr, fused=True,
+                                        capturable=self.cuda_graph)  # state on the device, as a graph needs
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         # the position: the next epoch and batch, the steps taken; the epoch's loss so far; the metrics
         self.epoch, self.batch, self.steps, self.metrics = 1, 0, 0, []
         self.epoch_total = torch.zeros((), device=self.device)
-        self.early = EarlyStopping(config.early_stop)
+        self.early = EarlyStopping(config.early_stop, rule=config.early_stop_rule, warmup=config.kl_anneal)
         # wall time of the run's earlier sessions (a resumed run's checkpoint): in all, and in the epoch
         # the checkpoint stopped in; this session's clock starts at the end of __init__
         self.seconds_before, self.epoch_seconds_before, self.epoch_started = 0.0, 0.0, 0.0
@@ -305,7 +306,8 @@ class Trainer:
         if self.ranks.is_main:  # the epoch's loss so far (summed over processes) is counted once
             self.epoch_total = state["epoch_total"].to(self.device)
         self.metrics = list(state["metrics"])
-        self.early = EarlyStopping(self.config.early_stop, state.get("early_stop"))
+        self.early = EarlyStopping(self.config.early_stop, state.get("early_stop"),
+                                   rule=self.config.early_stop_rule, warmup=self.config.kl_anneal)
         # checkpoints before pyro-vae recorded the seconds: the sum of their whole epochs' seconds
         self.seconds_before = float(state.get("seconds", sum(m.get("seconds") or 0.0 for m in self.metrics)))
         self.epoch_seconds_before = float(state.get("epoch_seconds", 0.0))

@@ -17,6 +17,7 @@ from .data import (
     ImageStream,
     UnreadableImage,
     binarize,
+    binarize_like_authors,
     check_subset_size,
     image_folder_parts,
     load_dataset,
@@ -29,19 +30,25 @@ from .models.kind import ModelKind, model_kind
 
 def prepare_data(config: Config, kind: ModelKind | None = None) -> Dataset:
     """The dataset as training sees it. With --validation-size N, N training examples drawn by a seeded
-    permutation become the validation set (val_x). 'static' binarizes train, validation and test once
-    (fixed seed); 'dynamic' keeps train as probabilities (redrawn each epoch) and binarizes validation
-    and test once; 'none' uses the values as they are. The data must lie in the support of
-    config.likelihood. The model kind (by default config.model's) shapes the training set (e.g. the
-    labelled subset of M2: ModelKind.training_data)."""
+    permutation become the validation set (val_x) (with --heldout authors: the last N). 'static'
+    binarizes train, validation and test once (fixed seed); 'dynamic' keeps train as probabilities
+    (redrawn each epoch) and binarizes validation and test once (--heldout authors: as the authors' code
+    draws them, data.binarize_like_authors); 'none' uses the values as they are. The data must lie in
+    the support of config.likelihood. The model kind (by default config.model's) shapes the training
+    set (e.g. the labelled subset of M2: ModelKind.training_data)."""
     data = load_dataset(config.dataset, config.data_dir, config.train_size, config.test_size,
                         config.image_size, config.channels)
+    authors = config.heldout == "authors"
     if config.validation_size is not None:
-        data = split_validation(data, config.validation_size, config.seed)
+        data = (split_last(data, config.validation_size) if authors
+                else split_validation(data, config.validation_size, config.seed))
     data = (kind or model_kind(config.model)).training_data(config, data)
     if config.binarize != "none":
-        test_x = binarize_held_out(data.test_x)
-        val_x = None if data.val_x is None else binarize_held_out(data.val_x, 1)
+        if authors:
+            val_x, test_x = binarize_like_authors(data.val_x, data.test_x)
+        else:
+            test_x = binarize_held_out(data.test_x)
+            val_x = None if data.val_x is None else binarize_held_out(data.val_x, 1)
         train_x = (binarize(data.train_x, torch.Generator().manual_seed(config.seed))
                    if config.binarize == "static" else data.train_x)
         data = Dataset(data.name, train_x, test_x, data.train_y, data.test_y, val_x)
@@ -65,14 +72,29 @@ def split_validation(data: Dataset, size: int, seed: int) -> Dataset:
     """`size` training examples, drawn by a permutation seeded with `seed`, as the validation set; the
     rest (in their order) as the training set."""
     n = data.train_x.shape[0]
-    if size >= n:
-        raise InputError(f"--validation-size {size} holds out that many of the {n} training examples and "
-                         "leaves none to train on; make it smaller than the training set")
+    check_validation_size(size, n)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     held, kept = order[:size], order[size:].sort().values
     pick = lambda t: None if t is None else t[kept]  # noqa: E731
     return Dataset(data.name, data.train_x[kept], data.test_x, pick(data.train_y), data.test_y,
                    data.train_x[held])
+
+
+def split_last(data: Dataset, size: int) -> Dataset:
+    """The last `size` training examples as the validation set, the others (in their order) as the
+    training set: the authors' split (Fashion-MNIST and MNIST: images 50,000 to 59,999 held out)."""
+    n = data.train_x.shape[0]
+    check_validation_size(size, n)
+    cut = lambda t: None if t is None else t[:n - size]  # noqa: E731
+    return Dataset(data.name, data.train_x[:n - size], data.test_x, cut(data.train_y), data.test_y,
+                   data.train_x[n - size:])
+
+
+def check_validation_size(size: int, n: int) -> None:
+    """Refuse a validation set that leaves no training example."""
+    if size >= n:
+        raise InputError(f"--validation-size {size} holds out that many of the {n} training examples and "
+                         "leaves none to train on; make it smaller than the training set")
 
 
 def prepare_stream(config: Config) -> tuple[ImageStream, Dataset]:

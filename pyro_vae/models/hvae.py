@@ -31,7 +31,7 @@ from ..nets import NETWORKS
 from ..param_store import RegisteringModule
 from ..priors import make_prior
 from .hvae_nets import ConditionalPrior, JointDecoder, JointEncoder, TopEncoder
-from .kind import MODEL_KINDS
+from .kind import MODEL_KINDS, check_encoder_scale
 from .vae import VAEKind
 
 HVAE_ENCODERS = ("mlp", "gated-mlp", "conv")  # conv: the authors' ConvHVAE (gated convolutions)
@@ -101,7 +101,7 @@ def build_hvae(
     """An HVAE with z1 and z2 of z_dim each, from registry names; `encoder` 'mlp' or 'gated-mlp'
     (dense layers `hidden`, the authors' HVAE with gated ones) or 'conv' (the authors' ConvHVAE).
     `options` go to the likelihood and prior factories (sigma, sigma_mode, prior_components,
-    exemplar_subset, exemplar_k)."""
+    exemplar_subset, exemplar_k, pseudo_inputs)."""
     if encoder not in HVAE_ENCODERS:
         known = f"choose one of {', '.join(HVAE_ENCODERS)}"
         raise InputError(f"unknown encoder {encoder!r} for --model hvae: {known}" if encoder not in NETWORKS
@@ -132,12 +132,14 @@ class HVAEKind(VAEKind):
             raise InputError(f"--guide {config.guide} is a family for --model vae's single latent; "
                              "--model hvae has its own guide q(z2|x) q(z1|x, z2) (diagonal Gaussians): "
                              "drop --guide")
+        check_encoder_scale(config, self)  # its networks clamp their log-variances (clamped_scale)
 
     def build(self, config, x_shape: tuple[int, ...]) -> HVAE:
         return build_hvae(x_shape, encoder=config.encoder, hidden=config.hidden, z_dim=config.z_dim,
                           prior=config.prior, likelihood=config.likelihood, sigma=config.sigma,
                           sigma_mode=config.sigma_mode, prior_components=config.prior_components,
-                          exemplar_subset=config.exemplar_subset, exemplar_k=config.exemplar_k)
+                          exemplar_subset=config.exemplar_subset, exemplar_k=config.exemplar_k,
+                          pseudo_inputs=config.pseudo_inputs)
 
     def evaluation_notes(self, result: dict, config) -> list[str]:
         return [f"active units {result['active_units']} of {2 * config.z_dim} (z1 and z2); "

@@ -38,8 +38,8 @@ from ..errors import InputError
 from ..estimators import ESTIMATORS, make_estimator
 from ..guides import GUIDES
 from ..likelihoods import LIKELIHOODS, SIGMA_MODES, make_likelihood
-from ..nets import NETWORKS
-from ..priors import PRIORS
+from ..nets import ENCODER_SCALES, NETWORKS, WEIGHT_INITS, he_init
+from ..priors import PRIORS, PSEUDO_INPUTS
 from ..program import Program
 from ..registry import Registry, load_factory
 from ..scores import active_units, elbo_terms, iwae_log_px, labelled_correct
@@ -48,7 +48,8 @@ from ..stats import mean_se
 # the settings that build pyro-vae's own models; a user's own model/guide pair brings its own networks
 MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init",
                   "guide", "guide_rank", "flows", "labels", "classes", "discrete", "aux_loss", "temperature",
-                  "temperature_final", "exemplar_subset", "exemplar_k")
+                  "temperature_final", "exemplar_subset", "exemplar_k", "weight_init", "encoder_scale",
+                  "pseudo_inputs")
 # the settings of the latent z and the model of x: without them (the classifier) they mean nothing
 LATENT_SETTINGS = ("z_dim", "prior", "prior_components", "prior_init", "likelihood", "sigma", "sigma_mode",
                    "beta", "kl_anneal", "eval_k", "exemplar_subset", "exemplar_k")
@@ -123,7 +124,10 @@ class ModelKind:
                          "pair (train(..., program=pair))")
 
     def start(self, model: object, config: Any, data: Dataset) -> None:
-        """What a fresh run sets from the training data before its first step (nothing)."""
+        """What a fresh run sets before its first step: with --weight-init he, every linear layer's weights
+        drawn He-normal (nets.he_init; a pair refuses the setting)."""
+        if config.weight_init == "he":
+            he_init(model)
 
     # -- training ------------------------------------------------------------------------------------
 
@@ -286,7 +290,9 @@ def check_parts(config: Any) -> None:
     for registry, name in ((PRIORS, config.prior), (LIKELIHOODS, config.likelihood),
                            (ESTIMATORS, config.estimator), (GUIDES, config.guide)):
         registry.lookup(name)  # an unknown name, or a MODULE:FACTORY that cannot be loaded, raises
-    for name, allowed in (("encoder", tuple(NETWORKS)), ("sigma_mode", SIGMA_MODES), ("discrete", DISCRETE)):
+    for name, allowed in (("encoder", tuple(NETWORKS)), ("sigma_mode", SIGMA_MODES), ("discrete", DISCRETE),
+                          ("weight_init", WEIGHT_INITS), ("encoder_scale", tuple(ENCODER_SCALES)),
+                          ("pseudo_inputs", PSEUDO_INPUTS)):
         if getattr(config, name) not in allowed:
             raise InputError(f"unknown {name} {getattr(config, name)!r}: choose one of {', '.join(allowed)}")
     if config.binarize != "none" and not discrete_likelihood(config):
@@ -305,6 +311,9 @@ def check_parts(config: Any) -> None:
     if config.prior_init != "noise" and config.prior != "vamp":
         raise InputError(f"--prior-init {config.prior_init} sets the VampPrior's pseudo-inputs; use it "
                          "with --prior vamp")
+    if config.pseudo_inputs != "free" and config.prior != "vamp":
+        raise InputError(f"--pseudo-inputs {config.pseudo_inputs} clamps the VampPrior's pseudo-inputs; "
+                         "use it with --prior vamp")
     check_guide(config)
 
 
@@ -369,6 +378,14 @@ def check_exemplar(config: Any, kind: ModelKind) -> None:
                          "graph would freeze: leave --cuda-graph at auto or off")
 
 
+def check_encoder_scale(config: Any, kind: ModelKind) -> None:
+    """--encoder-scale only with a kind whose encoder is the VAE's (nets.py): another kind's networks
+    would silently not take it."""
+    if config.encoder_scale != "softplus":
+        raise InputError(f"--encoder-scale {config.encoder_scale} applies to the VAE's encoder; --model "
+                         f"{kind.name} keeps its own: leave --encoder-scale at softplus")
+
+
 def check_kl_weight(config: Any) -> None:
     """--beta and --kl-anneal weight an ELBO's KL term, which the importance-weighted bound has not."""
     if (config.beta != 1.0 or config.kl_anneal) and config.estimator.startswith("iwae"):
@@ -396,7 +413,8 @@ class LabelledKind(ModelKind):
     refused = {"estimator": "mc", "particles": 1, "guide": "diagonal", "workers": 0}
 
     def check_labelled(self, config: Any) -> None:
-        """The VAE's estimator, guide and streamed data do not apply."""
+        """The VAE's estimator, guide, encoder scale and streamed data do not apply."""
+        check_encoder_scale(config, self)
         refuse_at_defaults(config, self.refused, lambda wrong: (
             f"{', '.join('--' + k for k in wrong)} do(es) not apply to --model {self.name} (--discrete "
             "chooses M2's estimator; labels are read with the images in memory): leave them at their "

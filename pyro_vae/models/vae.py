@@ -133,11 +133,13 @@ def build_vae(
     likelihood: str = "bernoulli",
     model: str = "vae",
     guide: str = DEFAULT_GUIDE,
+    encoder_scale: str = "softplus",
     **options,
 ) -> VAE:
     """A VAE (or, with model='ae', the AutoEncoder) from registry names. `options` go to the likelihood,
-    prior and guide factories (e.g. sigma, sigma_mode, prior_components, guide_rank, flows); the prior
-    also gets the guide's encoder (its (loc, scale) outputs) and the data shape."""
+    prior and guide factories (e.g. sigma, sigma_mode, prior_components, guide_rank, flows, pseudo_inputs);
+    the prior also gets the guide's encoder (its (loc, scale) outputs) and the data shape. `encoder_scale`
+    says how the encoder makes q's standard deviation (nets.ENCODER_SCALES)."""
     if model not in MODELS:
         raise InputError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
     if model == "ae" and guide != DEFAULT_GUIDE:
@@ -147,7 +149,7 @@ def build_vae(
     family = make_guide(guide, z_dim, **options)
     c, h, w = x_shape
     enc, dec = make_networks(encoder, x_shape, hidden, z_dim, (c * lik.params_per_pixel, h, w),
-                             extra=family.extra)
+                             extra=family.extra, scale=encoder_scale)
     if model == "ae":
         return AutoEncoder(enc, dec, FlatLatent(z_dim), lik)
     gaussian = enc if not family.extra else GaussianOutputs(enc)
@@ -190,16 +192,21 @@ class VAEKind(ModelKind):
             sigma_mode=config.sigma_mode, prior_components=config.prior_components, model=self.builds,
             guide=config.guide, guide_rank=config.guide_rank, flows=config.flows,
             exemplar_subset=config.exemplar_subset, exemplar_k=config.exemplar_k,
+            encoder_scale=config.encoder_scale, pseudo_inputs=config.pseudo_inputs,
         )
 
     def start(self, model: VAE, config, data: Dataset) -> None:
+        super().start(model, config, data)  # --weight-init
         init_prior(model, config, data)
 
 
 def init_prior(vae: VAE, config, data: Dataset) -> None:
-    """With --prior-init data, start the VampPrior's pseudo-inputs at random training examples."""
+    """With --prior-init data, start the VampPrior's pseudo-inputs at random training examples; with
+    --prior-init authors, draw them from N(0.05, 0.01^2) as the authors' code does."""
     if config.prior_init == "data":
         vae.prior.init_from(data.train_x, torch.Generator().manual_seed(config.seed))
+    elif config.prior_init == "authors":
+        vae.prior.init_normal(torch.Generator().manual_seed(config.seed))
 
 
 VAE_KIND = MODEL_KINDS.builtin(VAEKind())
