@@ -1,4 +1,5 @@
-"""`pyro-vae` subcommands: train, evaluate, sample, compare, diagnose, report, grid. Parses and
+"""`pyro-vae` subcommands: train, evaluate, sample, compare, diagnose, report, grid, encode,
+interpolate (and --version). Parses and
 validates, calls the library, and turns bad input into one line on stderr with exit code 2."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 from pathlib import Path
 
-from . import plots
+from . import __version__, plots
 from .compare import CompareOptions, compare_estimators
 from .config import RESUMABLE, Config, load_config_file
 from .device import resolve_device
@@ -23,11 +24,14 @@ from .diagnostics import diagnose, write_report
 from .errors import InputError, TrainingError
 from .evaluate import evaluate_run
 from .grid import grid_report, run_grid
+from .grid_ray import SCHEDULERS, run_grid_ray
+from .latents import SPLITS, encode_run, interpolate_run
 from .presets import describe_presets, preset_settings
 from .registry import load_plugins
 from .report import MARKDOWN, report
 from .run_dir import EVAL, check_data_shape, load_model, model_stamp, read_config
 from .run_lock import run_lock
+from .tracking import MLflowTracker, log_results, resolve_uri
 from .train import Interrupted, train
 from .train_data import prepare_data
 
@@ -48,8 +52,13 @@ HELP = {
     "hidden": "hidden layer sizes, e.g. --hidden 300 300 (default 400)",
     "z_dim": "latent dimension (default 20)",
     "prior": "prior p(z): normal (N(0, I), default) | learned (diagonal Gaussian) | mog (mixture of "
-             "Gaussians) | vamp (VampPrior)",
+             "Gaussians) | vamp (VampPrior) | exemplar (Exemplar VAE: the encoder's means of the training "
+             "images, one learned scale)",
     "prior_components": "mixture components K of the mog (default 10) and vamp (default 500) priors",
+    "exemplar_subset": "--prior exemplar: exemplars drawn at random for each training step (default: all "
+                       "of them; the fashion-mnist-vae-exemplar preset: 25000); tests use all",
+    "exemplar_k": "--prior exemplar: of those, keep only each example's K nearest in latent space, their "
+                  "union over the batch (retrieval-augmented training; default: keep all)",
     "prior_init": "VampPrior pseudo-inputs start as: noise (uniform on [0, 1], default) | data (random "
                   "training examples) | authors (N(0.05, 0.01^2) elementwise, the authors' default)",
     "guide": "posterior q(z|x): diagonal (Gaussian, default) | fullrank (Gaussian, full covariance) | "
@@ -144,6 +153,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=base, default=None, metavar=f.name.upper(), help=HELP[f.name])
 
 
+def _add_mlflow_flag(parser: argparse.ArgumentParser, experiment: str) -> None:
+    parser.add_argument("--mlflow", metavar="URI", default=None,
+                        help="track in MLflow at this tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                        "no tracking): config, every epoch's metrics, summary, figures; the experiment is "
+                        f"{experiment}; later evaluate/compare/report results go to the same MLflow run "
+                        '(needs pip install -e ".[mlflow]")')
+
+
 def _add_plugin_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugin", dest="plugins", action="append", metavar="MODULE", default=None,
                         help=HELP["plugins"])
@@ -152,6 +169,7 @@ def _add_plugin_flag(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs.",
                      allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="train a VAE and write a run directory", allow_abbrev=False)
@@ -166,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events to "
                        "RUN/tensorboard/ (needs pip install -e \".[tensorboard]\")")
+    _add_mlflow_flag(train, "the run directory's name")
 
     evaluate = sub.add_parser("evaluate", help="test ELBO, log p(x), KL, active units -> RUN/eval.json")
     evaluate.add_argument("run", help="a run directory written by `pyro-vae train`")
@@ -183,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_diagnose_parser(sub)
     _add_report_parser(sub)
     _add_grid_parser(sub)
+    _add_latent_parsers(sub)
     for command in sub.choices.values():
         _add_plugin_flag(command)
     return parser
@@ -291,13 +311,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise InputError(f"{flag} applies to a new run; --resume {args.resume} continues that run in its own "
                          f"directory: drop {flag} (copy the directory first to continue a copy)")
     config = _resume_config(args) if args.resume else resolve_config(args)
+    uri = resolve_uri(args.mlflow)
+    reporters = [MLflowTracker(uri)] if uri else []  # the server checked before anything is written
     with torch_threads(config.threads):  # --threads, recorded in config.json
         if args.resume:
             result = train(config, out=args.resume, resume=True, progress=not args.quiet,
-                           tensorboard=args.tensorboard)
+                           tensorboard=args.tensorboard, reporters=reporters)
         else:
             result = train(config, out=args.out, progress=not args.quiet, overwrite=args.overwrite,
-                           tensorboard=args.tensorboard)
+                           tensorboard=args.tensorboard, reporters=reporters)
     s = result.summary
     if not s:  # a process of a multi-process run other than rank 0: rank 0 reports
         return
@@ -343,6 +365,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"active units {result['active_units']} of {config.z_dim}; "
               f"{result['n_examples']} test examples")
     print(f"wrote {Path(args.run) / EVAL}")
+    log_results(args.run, result, [Path(args.run) / EVAL])
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -369,6 +392,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print((result.out / "compare.md").read_text(), end="")
     for path in result.paths:
         print(f"wrote {path}")
+    if args.run:
+        log_results(args.run, {}, result.paths)
 
 
 def _add_diagnose_parser(sub) -> None:
@@ -422,6 +447,15 @@ def cmd_report(args: argparse.Namespace) -> None:
     print((Path(args.out) / MARKDOWN).read_text(), end="")
     for path in result.paths:
         print(f"wrote {path}")
+    log_report(result)
+
+
+def log_report(result) -> None:
+    """Each tracked run of a report gets its row's paired differences (report/diff_...) and the report's
+    files in its MLflow run."""
+    for run, row in zip(result.runs, result.rows, strict=True):
+        diffs = {k: v for k, v in row.items() if k.startswith("diff_")}
+        log_results(run.path, diffs, result.paths, prefix="report/")
 
 
 def _add_grid_parser(sub) -> None:
@@ -429,29 +463,102 @@ def _add_grid_parser(sub) -> None:
                           allow_abbrev=False)
     grid.add_argument("file", help="YAML/JSON grid: base (settings) and sweep (setting: [values, ...])")
     grid.add_argument("--out", default="grid", help="where the runs go, one OUT/<name> each (default: grid)")
-    grid.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each its own process "
-                      "(default 1)")
+    grid.add_argument("--jobs", type=int, default=None, help="local backend: runs trained at a time, each "
+                      "its own process (default 1)")
     grid.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the grid "
                       "file's threads setting, else 1)")
     grid.add_argument("--tensorboard", action="store_true", help="TensorBoard events in each run "
                       "(tensorboard --logdir OUT shows them side by side)")
     grid.add_argument("--k", type=int, default=100, help="importance samples per example in each run's "
                       "evaluation (default 100)")
+    _add_mlflow_flag(grid, "the grid file's name")
+    grid.add_argument("--backend", choices=("local", "ray"), default="local", help="local (default): worker "
+                      "processes on this machine; ray: each run a Ray Tune trial (needs pip install -e "
+                      '".[ray]"; docs/scaling.md)')
+    grid.add_argument("--address", default=None, help="ray: the cluster to join, HOST:PORT or auto (default: "
+                      "start a local one)")
+    grid.add_argument("--cpus-per-run", type=float, default=None, help="ray: CPUs each run asks for "
+                      "(default 1)")
+    grid.add_argument("--gpus-per-run", type=float, default=None, help="ray: GPUs each run asks for "
+                      "(default 0)")
+    grid.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="ray: asha stops runs whose "
+                      "validation ELBO lags (Ray Tune's ASHA; needs validation_size); default: none")
+
+
+RAY_ONLY = ("address", "cpus_per_run", "gpus_per_run", "scheduler")
 
 
 def cmd_grid(args: argparse.Namespace) -> None:
-    runs, failed = run_grid(args.file, args.out, args.jobs, args.k, args.threads, args.tensorboard)
-    if len(failed) < len(runs):
+    uri, stopped = resolve_uri(args.mlflow), {}
+    if args.backend == "ray":
+        if args.jobs is not None:
+            raise InputError("--jobs is the local backend's; on Ray the cluster runs as many runs at a time "
+                             "as its resources allow (--cpus-per-run, --gpus-per-run)")
+        runs, failed, stopped = run_grid_ray(
+            args.file, args.out, args.k, args.threads, args.tensorboard, uri, args.address,
+            1 if args.cpus_per_run is None else args.cpus_per_run,
+            0 if args.gpus_per_run is None else args.gpus_per_run, args.scheduler)
+    else:
+        given = [name for name in RAY_ONLY if getattr(args, name) is not None]
+        if given:
+            raise InputError(f"--{given[0].replace('_', '-')} is for --backend ray; the local backend runs "
+                             "--jobs worker processes on this machine")
+        jobs = 1 if args.jobs is None else args.jobs
+        runs, failed = run_grid(args.file, args.out, jobs, args.k, args.threads, args.tensorboard, mlflow=uri)
+    if len(failed) + len(stopped) < len(runs):
         try:
-            result = grid_report(runs, Path(args.out), failed)
+            result = grid_report(runs, Path(args.out), failed, stopped)
         except InputError as err:
             print(f"pyro-vae: warning: no report over the grid: {err}", file=sys.stderr)
         else:
             print((result.paths[0].parent / MARKDOWN).read_text(), end="")
             print(f"wrote {result.paths[0].parent}")
+            log_report(result)
     if failed:
         raise TrainingError(f"{len(failed)} of {len(runs)} run(s) failed: {', '.join(failed)}; fix the cause "
                             f"and run the grid again (finished runs are skipped)")
+
+
+# --- latents: `encode` and `interpolate` (the implementations are in latents.py) ----------------------
+
+def _add_latent_parsers(sub) -> None:
+    encode = sub.add_parser("encode", help="posterior means and scales of every example -> a .npz file",
+                            allow_abbrev=False)
+    encode.add_argument("run", help="a run directory written by `pyro-vae train`")
+    encode.add_argument("--data", default="test", choices=SPLITS,
+                        help="which examples of the run's dataset: test (default) or train")
+    encode.add_argument("--out", required=True, help="the .npz file to write: mean and scale (N, z_dim), "
+                        "labels (N,) where the data have them, epoch and step of the model")
+    encode.add_argument("--no-scales", action="store_true", help="write the means only (an autoencoder "
+                        "run has no scales: its guide is a point mass)")
+    encode.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    interp = sub.add_parser("interpolate", help="decode the line between two examples' posterior means -> "
+                            "RUN/interpolate_I_J.png and .npz", allow_abbrev=False)
+    interp.add_argument("run", help="a run directory written by `pyro-vae train`")
+    interp.add_argument("--from", dest="start", type=int, required=True, metavar="I",
+                        help="index of the first example")
+    interp.add_argument("--to", dest="end", type=int, required=True, metavar="J",
+                        help="index of the second example")
+    interp.add_argument("--steps", type=int, default=9, help="pictures along the line, ends included "
+                        "(default 9)")
+    interp.add_argument("--data", default="test", choices=SPLITS,
+                        help="which examples of the run's dataset: test (default) or train")
+    interp.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    path = encode_run(args.run, args.out, args.data, scales=not args.no_scales, device=args.device)
+    print(f"wrote {path}")
+
+
+def cmd_interpolate(args: argparse.Namespace) -> None:
+    for path in interpolate_run(args.run, args.start, args.end, args.steps, args.data, args.device):
+        print(f"wrote {path}")
+
+
+LATENT_COMMANDS = {"encode": cmd_encode, "interpolate": cmd_interpolate}
+
+# --- end of latents ------------------------------------------------------------------------------------
 
 
 class _Terminated(BaseException):
@@ -477,7 +584,7 @@ def _sigterm_as_exception():
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample, "compare": cmd_compare,
-            "diagnose": cmd_diagnose, "report": cmd_report, "grid": cmd_grid}
+            "diagnose": cmd_diagnose, "report": cmd_report, "grid": cmd_grid, **LATENT_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,7 @@ from .errors import InputError
 from .estimators import ESTIMATORS, check_analytic_kl, make_estimator
 from .evaluate import iwae_log_px
 from .model import VAE
+from .models.hvae import HVAE_MODELS
 from .plots import save_figure, subplots
 from .program import Program
 from .rng import forked_rng
@@ -222,7 +223,7 @@ def _compare_estimators(run: str | Path | None, config_file: str | Path | None, 
     if model == "classifier":
         raise InputError(f"{run or config_file} is the classifier baseline (model 'classifier'): it has no "
                          "latent and no ELBO to estimate; compare an M2 or a VAE run")
-    if model != "vae":
+    if model not in ("vae", *HVAE_MODELS):
         raise InputError(f"{run or config_file} is an autoencoder (model {config.model!r}): it has no ELBO "
                          "to estimate; compare a VAE")
     if options.temperature is not None:

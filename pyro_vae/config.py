@@ -22,13 +22,14 @@ from .guides import GUIDES
 from .likelihoods import LIKELIHOODS, SIGMA_MODES, make_likelihood
 from .m2 import DISCRETE
 from .model import MODELS as VAE_MODELS
+from .models.hvae import HVAE_MODELS
 from .nets import ENCODER_SCALES, NETWORKS, WEIGHT_INITS
 from .optim import OPTIMIZERS
 from .priors import PRIORS, PSEUDO_INPUTS
 from .registry import load_plugins
 
 LABELLED_MODELS = ("m2", "classifier")  # semi-supervised M2 and its classifier-only baseline (m2.py)
-MODELS = VAE_MODELS + LABELLED_MODELS
+MODELS = VAE_MODELS + LABELLED_MODELS + HVAE_MODELS
 PRIOR_INITS = ("noise", "data", "authors")
 HELDOUT_MODES = ("seeded", "authors")  # --heldout: how validation and test are held out and binarized
 EARLY_STOP_RULES = ("plain", "authors")  # --early-stop-rule: how the patience counts
@@ -36,18 +37,20 @@ MIXTURE_PRIORS = ("mog", "vamp")  # the priors that take --prior-components
 CUDA_GRAPH_MODES = ("auto", "off", "on")
 # the settings of the latent z and the model of x: without them (--model classifier) they mean nothing
 LATENT_SETTINGS = ("z_dim", "prior", "prior_components", "prior_init", "likelihood", "sigma", "sigma_mode",
-                   "beta", "kl_anneal", "eval_k")
+                   "beta", "kl_anneal", "eval_k", "exemplar_subset", "exemplar_k")
 # settings that may change when a run is resumed: they do not change the model or the data
 RESUMABLE = {"epochs", "time_budget", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir",
              "workers", "cuda_graph", "plugins", "threads"}
 # settings added since runs were first written, each with the value under which an older run ran: a
 # config.json without one reads as that value (a missing setting not listed here is refused)
-ADDED_SETTINGS = {"time_budget": None, "weight_init": "default", "optimizer": "adam", "heldout": "seeded",
-                  "early_stop_rule": "plain", "encoder_scale": "softplus", "pseudo_inputs": "free"}
+ADDED_SETTINGS = {"time_budget": None, "exemplar_subset": None, "exemplar_k": None, "weight_init": "default",
+                  "optimizer": "adam", "heldout": "seeded", "early_stop_rule": "plain",
+                  "encoder_scale": "softplus", "pseudo_inputs": "free"}
 # the settings that build pyro-vae's own VAE; a user's own model/guide pair brings its own networks
 MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init",
                   "guide", "guide_rank", "flows", "labels", "classes", "discrete", "aux_loss", "temperature",
-                  "temperature_final", "weight_init", "encoder_scale", "pseudo_inputs")
+                  "temperature_final", "exemplar_subset", "exemplar_k", "weight_init", "encoder_scale",
+                  "pseudo_inputs")
 
 
 @dataclass
@@ -70,6 +73,8 @@ class Config:
     prior: str = "normal"
     prior_components: int | None = None
     prior_init: str = "noise"
+    exemplar_subset: int | None = None  # --prior exemplar: exemplars per training step (None: all)
+    exemplar_k: int | None = None  # --prior exemplar: keep each example's k nearest of them (retrieval)
     guide: str = "diagonal"
     guide_rank: int | None = None
     flows: int | None = None
@@ -150,7 +155,8 @@ class Config:
                 )
         for name in ("z_dim", "particles", "epochs", "batch_size", "eval_k", "channels", "threads",
                      "image_size", "train_size", "test_size", "prior_components", "validation_size",
-                     "early_stop", "guide_rank", "flows", "labels", "classes"):
+                     "early_stop", "guide_rank", "flows", "labels", "classes", "exemplar_subset",
+                     "exemplar_k"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -203,11 +209,13 @@ class Config:
         if self.pseudo_inputs != "free" and self.prior != "vamp":
             raise InputError(f"--pseudo-inputs {self.pseudo_inputs} clamps the VampPrior's pseudo-inputs; "
                              "use it with --prior vamp")
-        if self.encoder_scale != "softplus" and self.model in LABELLED_MODELS:
+        if self.encoder_scale != "softplus" and self.model not in VAE_MODELS:
             raise InputError(f"--encoder-scale {self.encoder_scale} applies to the VAE's encoder; --model "
                              f"{self.model} keeps its own: leave --encoder-scale at softplus")
+        self._validate_exemplar()
         self._validate_protocol()
         self._validate_guide()
+        self._validate_hvae()
         self._validate_labelled()
         if self.model == "ae":
             vae_only = {"guide": "diagonal", "prior": "normal", "estimator": "mc", "particles": 1,
@@ -222,6 +230,13 @@ class Config:
             raise InputError(f"--beta and --kl-anneal weight the KL term of an ELBO; the importance-"
                              f"weighted bound ({self.estimator}) has no separate KL term; use --estimator "
                              "mc, analytic or stl")
+
+    def _validate_hvae(self) -> None:
+        """--model hvae (models/hvae.py): its two guides are diagonal Gaussians from its own networks."""
+        if self.model in HVAE_MODELS and self.guide != "diagonal":
+            raise InputError(f"--guide {self.guide} is a family for --model vae's single latent; "
+                             "--model hvae has its own guide q(z2|x) q(z1|x, z2) (diagonal Gaussians): "
+                             "drop --guide")
 
     def _validate_protocol(self) -> None:
         """Raise InputError for a validation split or early stopping that cannot work."""
@@ -278,6 +293,24 @@ class Config:
         if self.model == "classifier" and self.early_stop is not None:
             raise InputError("--early-stop watches the validation ELBO, and --model classifier has none; "
                              "drop --early-stop")
+
+    def _validate_exemplar(self) -> None:
+        """--exemplar-subset with --prior exemplar only; the exemplar prior with --model vae or hvae (on
+        z2) only (it needs the training images of an unlabelled run in memory), and not in a CUDA graph
+        (each step draws its own subset of exemplars)."""
+        given = [k for k in ("exemplar_subset", "exemplar_k") if getattr(self, k) is not None]
+        if given and self.prior != "exemplar":
+            raise InputError(f"--{given[0].replace('_', '-')} sets which exemplars the exemplar prior uses "
+                             f"per step; use it with --prior exemplar, not --prior {self.prior}")
+        if self.prior != "exemplar":
+            return
+        if self.model not in ("vae", *HVAE_MODELS) or self.workers:
+            what = f"--workers {self.workers}" if self.workers else f"--model {self.model}"
+            raise InputError(f"--prior exemplar builds its prior from the training images held in memory "
+                             f"and works with --model vae or hvae and --workers 0; {what} cannot use it")
+        if self.cuda_graph == "on":
+            raise InputError("--prior exemplar draws a new subset of exemplars at every step, which a CUDA "
+                             "graph would freeze: leave --cuda-graph at auto or off")
 
     def _validate_guide(self) -> None:
         """--flows only with the iaf guide, --guide-rank only with lowrank and below z_dim (a user's

@@ -52,10 +52,11 @@ def make_estimator(estimator: str | ELBO = "mc", particles: int = 1) -> ELBO:
                             max_plate_nesting=MAX_PLATE_NESTING)
 
 
-def traces(model: Callable, guide: Callable, x: Tensor, num_particles: int):
+def traces(model: Callable, guide: Callable, x: Tensor, num_particles: int, *conditions: Tensor):
     """Guide and model traces with `num_particles` vectorized samples of z per example; every
-    site's log_prob has shape (num_particles, N)."""
-    model_trace, guide_trace = particle_traces(model, guide, num_particles, x)
+    site's log_prob has shape (num_particles, N). `conditions` follow x into model and guide (a
+    conditional pair's c)."""
+    model_trace, guide_trace = particle_traces(model, guide, num_particles, x, *conditions)
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
     return model_trace, guide_trace
@@ -68,11 +69,11 @@ def log_weights(model: Callable, guide: Callable, x: Tensor, num_particles: int)
     return weights(model, guide, num_particles, x).log_w
 
 
-def analytic_kl_sites(model: Callable, guide: Callable, x: Tensor) -> dict[str, bool]:
+def analytic_kl_sites(model: Callable, guide: Callable, x: Tensor, *conditions: Tensor) -> dict[str, bool]:
     """For each latent site of the guide, whether torch has KL(q || p) in closed form for it, i.e.
     whether TraceMeanField_ELBO uses the analytic KL there (it falls back to Monte Carlo, log q - log p
-    at the sampled z, where it has not)."""
-    model_trace, guide_trace = traces(model, guide, x[:1], 1)
+    at the sampled z, where it has not). `conditions`: a conditional pair's c, one row per example."""
+    model_trace, guide_trace = traces(model, guide, x[:1], 1, *(c[:1] for c in conditions))
     sites = {}
     for name, site in sample_sites(guide_trace):
         if not site["is_observed"]:
@@ -84,13 +85,14 @@ def analytic_kl_sites(model: Callable, guide: Callable, x: Tensor) -> dict[str, 
     return sites
 
 
-def check_analytic_kl(estimator: str | ELBO, model: Callable, guide: Callable, x: Tensor) -> dict | None:
+def check_analytic_kl(estimator: str | ELBO, model: Callable, guide: Callable, x: Tensor,
+                      *conditions: Tensor) -> dict | None:
     """With the `analytic` estimator: warn (once per call) naming every latent site whose KL is
     estimated by Monte Carlo instead, and return the record {"analytic_kl_sites": [...],
     "monte_carlo_kl_sites": [...]} for the run's summary; None for other estimators."""
     if estimator != "analytic":
         return None
-    sites = analytic_kl_sites(model, guide, x)
+    sites = analytic_kl_sites(model, guide, x, *conditions)
     fallback = [name for name, analytic in sites.items() if not analytic]
     if fallback:
         warnings.warn(

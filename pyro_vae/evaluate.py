@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .device import resolve_device
 from .elbo import mean_field_terms
-from .estimators import log_weights
+from .iwae import weights
 from .program import Program
 from .run_dir import (
     EVAL,
@@ -58,28 +58,32 @@ def importance_chunks(x: Tensor, k: int, max_elements: int = MAX_ELEMENTS) -> li
 @torch.no_grad()
 def iwae_log_px(
     model: Callable, guide: Callable, x: Tensor, k: int, max_elements: int = MAX_ELEMENTS,
-    progress: bool = False,
+    progress: bool = False, conditions: tuple[Tensor, ...] = (),
 ) -> Tensor:
     """Per-example IWAE estimate log p(x) ~ logsumexp_k(log w_k) - log k, with w_k = p(x, z_k) /
-    q(z_k|x); computed in chunks of particles and examples so memory stays bounded. Shape (N,)."""
-    log_sum = torch.full((x.shape[0],), -math.inf, device=x.device)
+    q(z_k|x); computed in chunks of particles and examples so memory stays bounded. Shape (N,).
+    `conditions`: tensors with one row per example, passed after x to model and guide (a conditional
+    pair's c: then the estimate is of log p(x | c))."""
+    dtype = x.dtype if x.is_floating_point() else None  # float64 data keep float64 weights
+    log_sum = torch.full((x.shape[0],), -math.inf, device=x.device, dtype=dtype)
     chunks = importance_chunks(x, k, max_elements)
     for rows, draws in tqdm(chunks, desc=f"log p(x), k={k}", disable=not progress, leave=False):
-        lw = log_weights(model, guide, x[rows], draws.stop - draws.start)
+        lw = weights(model, guide, draws.stop - draws.start, x[rows], *(c[rows] for c in conditions)).log_w
         log_sum[rows] = torch.logaddexp(log_sum[rows], lw.logsumexp(0))
     return log_sum - math.log(k)
 
 
 @torch.no_grad()
 def elbo_terms(
-    model: Callable, guide: Callable, x: Tensor, samples: int = 1
+    model: Callable, guide: Callable, x: Tensor, samples: int = 1, conditions: tuple[Tensor, ...] = ()
 ) -> dict[str, Tensor]:
     """Per-example ELBO = recon - kl: recon = E_q[log p(x|z)] (Monte Carlo over `samples`), and
     kl = KL(q(z|x) || p(z)) in closed form where torch has it, else Monte Carlo; unscaled (any
-    poutine.scale, e.g. a KL weight, is ignored: these are the true terms). Shapes (N,)."""
+    poutine.scale, e.g. a KL weight, is ignored: these are the true terms). Shapes (N,). `conditions`:
+    as in iwae_log_px (then the terms are of log p(x | c), with KL(q(z|x,c) || p(z|c)))."""
     recon, kl = [], []
     for rows in example_chunks(x, samples):
-        r, k = mean_field_terms(model, guide, samples, x[rows])
+        r, k = mean_field_terms(model, guide, samples, x[rows], *(c[rows] for c in conditions))
         recon.append(r)
         kl.append(k)
     recon_t, kl_t = torch.cat(recon), torch.cat(kl)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +30,10 @@ from .board import check_available as check_tensorboard
 from .config import RESUMABLE, Config, load_config_file
 from .errors import InputError, TrainingError
 from .evaluate import evaluate_run
-from .report import report
+from .report import MARKDOWN, report
 from .run_dir import CHECKPOINT, CONFIG, EVAL, SUMMARY, load_checkpoint, read_config, read_json
 from .run_lock import run_lock
+from .tracking import MLflowTracker, check_server, log_results
 from .train import train
 
 GRID_KEYS = ("base", "sweep")
@@ -108,33 +109,41 @@ def run_state(run: Path, settings: dict) -> str:
     return "done" if isinstance(stamp, dict) and stamp.get("step") == int(state["step"]) else "trained"
 
 
-def _job(run: str, settings: dict, state: str, k: int, tensorboard: bool) -> str:
-    """In a worker process: train (or resume) the run and evaluate it; returns a line saying what was
-    done, or raises InputError/TrainingError."""
+def train_and_evaluate(run: str, settings: dict, state: str, k: int, tensorboard: bool,
+                       reporters: Sequence[object] = ()) -> str:
+    """In the process of a worker (local or Ray): train (or resume) the run and evaluate it, each of
+    `reporters` following the training (train's docstring) and a tracked run's evaluation logged to
+    MLflow; returns a line saying what was done, or raises InputError/TrainingError."""
     config = Config.from_dict(settings)
     torch.set_num_threads(config.threads)  # the worker's own process
     with run_lock(run, create=True):  # one writer at a time, from training to evaluation
+        options = {"progress": False, "tensorboard": tensorboard, "reporters": reporters}
         if state == "new":
-            train(config, out=run, progress=False, overwrite=True, tensorboard=tensorboard)
+            train(config, out=run, overwrite=True, **options)
         elif state == "partial":
-            train(config, out=run, resume=True, progress=False, tensorboard=tensorboard)
+            train(config, out=run, resume=True, **options)
         result, _, _ = evaluate_run(run, k=k, device=config.device)
+    log_results(run, result, [Path(run) / EVAL])
     return f"{'trained' if state == 'new' else 'resumed' if state == 'partial' else 'evaluated'}: " \
            f"log p(x) {result['log_px']:.2f} nats"
 
 
+def _job(run: str, settings: dict, state: str, k: int, tensorboard: bool, mlflow: str | None,
+         experiment: str) -> str:
+    """A local worker's run: train_and_evaluate, tracked in MLflow at URI `mlflow` (if given)."""
+    reporters = [MLflowTracker(mlflow, experiment)] if mlflow else []
+    return train_and_evaluate(run, settings, state, k, tensorboard, reporters)
+
+
 def run_grid(path: str | Path, out: str | Path, jobs: int = 1, k: int = 100, threads: int | None = None,
-             tensorboard: bool = False,
-             echo: Callable[[str], None] = print) -> tuple[list[GridRun], list[str]]:
+             tensorboard: bool = False, echo: Callable[[str], None] = print,
+             mlflow: str | None = None) -> tuple[list[GridRun], list[str]]:
     """Train and evaluate every combination of the grid file into OUT/<name>, `jobs` worker processes
     at a time, each with its config's torch threads (`threads`, if given, for every run), importance-
     sampling log p(x) with k draws. Returns the combinations and the names that failed (each line of
-    progress goes to echo); with tensorboard, each run writes TensorBoard events (board.py)."""
-    for name, value in (("jobs", jobs), ("k", k), ("threads", threads or 1)):
-        if value < 1:
-            raise InputError(f"--{name} must be a positive integer, got {value}")
-    if tensorboard:
-        check_tensorboard()
+    progress goes to echo); with tensorboard, each run writes TensorBoard events (board.py); with mlflow
+    (a tracking URI), each run is tracked in the MLflow experiment named after the grid file."""
+    check_options(jobs=jobs, k=k, threads=threads or 1, tensorboard=tensorboard, mlflow=mlflow)
     runs, out = read_grid(path, {"threads": threads} if threads else None), Path(out)
     states = {r.name: run_state(out / r.name, r.settings) for r in runs}
     todo = [r for r in runs if states[r.name] != "done"]
@@ -147,7 +156,7 @@ def run_grid(path: str | Path, out: str | Path, jobs: int = 1, k: int = 100, thr
         context = multiprocessing.get_context("spawn")  # a clean process: no inherited torch threads, locks
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
             futures = {r.name: pool.submit(_job, str(out / r.name), r.settings, states[r.name], k,
-                                           tensorboard) for r in todo}
+                                           tensorboard, mlflow, Path(path).stem) for r in todo}
             for name, future in futures.items():
                 try:
                     echo(f"{name}: {future.result()}")
@@ -157,6 +166,30 @@ def run_grid(path: str | Path, out: str | Path, jobs: int = 1, k: int = 100, thr
     return runs, failed
 
 
-def grid_report(runs: list[GridRun], out: Path, failed: list[str]):
-    """`pyro-vae report` over the grid's runs that did not fail, written to OUT/report."""
-    return report([out / r.name for r in runs if r.name not in failed], out / "report")
+def check_options(tensorboard: bool = False, mlflow: str | None = None, **counts: int) -> None:
+    """Refuse, before anything is written, a count (--jobs, --k, ...) that is not positive, TensorBoard
+    events without tensorboard, and an MLflow tracking URI whose server does not answer."""
+    for name, value in counts.items():
+        if value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if tensorboard:
+        check_tensorboard()
+    if mlflow:
+        check_server(mlflow)
+
+
+def grid_report(runs: list[GridRun], out: Path, failed: list[str], stopped: dict[str, dict] | None = None):
+    """`pyro-vae report` over the grid's runs that did not fail, written to OUT/report; runs a scheduler
+    stopped (grid_ray: name -> {"by", "epoch", "validation_elbo"}) are left out of the table and listed
+    under it as stopped."""
+    stopped = stopped or {}
+    result = report([out / r.name for r in runs if r.name not in failed and r.name not in stopped],
+                    out / "report")
+    if stopped:
+        lines = [f"- {name}: after epoch {s['epoch']}, validation ELBO {s['validation_elbo']:.2f} nats"
+                 for name, s in stopped.items()]
+        by = ", ".join(sorted({str(s["by"]) for s in stopped.values()}))
+        with (out / "report" / MARKDOWN).open("a") as f:
+            f.write(f"\nStopped by the scheduler ({by}; not failed, not in the table):\n\n" + "\n".join(lines)
+                    + "\n")
+    return result

@@ -21,8 +21,10 @@ RenyiELBO(alpha=0) scales before the logsumexp and takes it over the whole batch
 The traces are built as Trace_ELBO builds its own (Pyro's get_importance_trace), so under Pyro's
 validation the same checks run: a model latent missing from the guide warns, a log density whose
 shape disagrees with its plates raises. What the gradients assume is checked on every call and
-refused with an InputError: latent sites with rsample (all three), and for STL and DReG latent
-sites that do not depend on one another (`_PerExampleBound.check_guide`).
+refused with an InputError: latent sites with rsample (all three). STL and DReG stop the variational
+parameters' gradient by detaching each site's distribution; where latent sites depend on one another
+(a hierarchical guide, z1 drawn given z2) that would cut a path, so there they score the draws again
+instead (`_PerExampleBound.dependent_surrogate`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.distributions.util import detach, scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.enum import get_importance_trace
@@ -93,6 +96,11 @@ def _log_prob(site: dict, stop_params: bool = False) -> Tensor:
     its path (tests/test_guides.py)."""
     log_p = detach(site["fn"]).log_prob(site["value"]) if stop_params else site["unscaled_log_prob"]
     return scale_and_mask(log_p, 1.0, site["mask"])
+
+
+def _scaled_log_prob(site: dict) -> Tensor:
+    """log fn(value) times the site's scale, masked as the site says."""
+    return scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
 
 
 def _common_scale(sites: list[dict], device: torch.device) -> Tensor | float | None:
@@ -165,7 +173,7 @@ class _PerExampleBound(ELBO):
             raise ValueError(f"num_particles must be a positive integer, got {num_particles}")
         super().__init__(num_particles=num_particles, max_plate_nesting=MAX_PLATE_NESTING,
                          vectorize_particles=True, **kwargs)
-        self._independent_guides: set = set()  # (guide, latent names) found independent: check_guide
+        self._dependence: dict = {}  # (guide, latent names) -> whether they depend on one another
 
     def _get_trace(self, model, guide, args, kwargs) -> tuple[Trace, Trace]:
         """Model and guide traces of one vectorized draw of all particles (particle_traces: Pyro's
@@ -177,6 +185,10 @@ class _PerExampleBound(ELBO):
 
     def bound(self, log_w: Tensor) -> Tensor:
         """The bound per example from log w (K, N), unscaled: shape (N,)."""
+        raise NotImplementedError
+
+    def scaled_bound(self, w: Weights) -> Tensor:
+        """The bound per example, scaled, shape (N,): the value of the loss."""
         raise NotImplementedError
 
     def bound_and_surrogate(self, w: Weights) -> tuple[Tensor, Tensor]:
@@ -199,12 +211,12 @@ class _PerExampleBound(ELBO):
                              "meaning: use --estimator mc, analytic or stl with it")
         return w.scale
 
-    def check_guide(self, guide: Callable, w: Weights, args: tuple, kwargs: dict) -> None:
-        """Refuse, with an InputError, a guide whose gradient this estimator would get wrong: a latent
-        site without rsample (the gradient runs through z_k), and for STL and DReG (stop_q_params)
-        latent sites that depend on one another. Those two detach a site's whole distribution to stop
-        the variational parameters' gradient, which would also cut the path through another latent
-        that its parameters are computed from (and DReG's hook would weight such a path twice).
+    def check_guide(self, guide: Callable, w: Weights, args: tuple, kwargs: dict) -> bool:
+        """Refuse, with an InputError, a latent site without rsample (the gradient runs through z_k);
+        for STL and DReG (stop_q_params) return whether some latent site is drawn given another (then
+        `dependent_surrogate` takes the gradient: detaching a site's distribution, as the independent
+        case does, would also cut the path through the other latent that its parameters are computed
+        from, and DReG's hook would weight such a path twice).
 
         Dependence is found by Pyro's provenance tracking (pyro.infer.inspect.get_dependencies): one
         extra run of the guide, without gradients and with the RNG forked, the first time this
@@ -217,30 +229,69 @@ class _PerExampleBound(ELBO):
                              f"{_names(w.not_reparameterized)} {verb} not: use --estimator mc (Trace_ELBO, "
                              "with its score-function gradient) for such a guide")
         if not self.stop_q_params or len(w.latent_names) < 2:
-            return
+            return False
         key = (guide, tuple(w.latent_names))
         try:
-            if key in self._independent_guides:
-                return
+            if key in self._dependence:
+                return self._dependence[key]
         except TypeError:  # a guide that cannot be hashed: checked on every call
             key = None
         dependencies = get_dependencies(guide, args, kwargs)["prior_dependencies"]
-        for site in w.latent_names:
-            upstream = [u for u in w.latent_names if u != site and u in dependencies.get(site, ())]
-            if upstream:
-                raise InputError(
-                    f"{name} stops the variational parameters' gradient by detaching each latent site's "
-                    f"distribution, but the guide's latent site {site!r} is drawn given "
-                    f"{_names(upstream, 'latent site')}, a path the detach would cut (a biased gradient): "
-                    "use --estimator iwae (or mc) for a guide whose latent sites depend on one another")
+        dependent = any(u != site and u in dependencies.get(site, ())
+                        for site in w.latent_names for u in w.latent_names)
         if key is not None:
-            self._independent_guides.add(key)
+            self._dependence[key] = dependent
+        return dependent
+
+    def path_weights(self, w: Weights) -> tuple[Tensor, Tensor | None]:
+        """For `dependent_surrogate`: the weight c_k of each particle's path term, shape (K, N), and the
+        factor h_k applied to the gradient arriving at its latent values (None: no factor)."""
+        raise NotImplementedError
+
+    def dependent_surrogate(self, model, guide, w: Weights, args: tuple, kwargs: dict) -> Tensor:
+        """The per-example surrogate (N,) whose gradient is the path derivative, for a guide whose
+        latent sites depend on one another: with z_k the draws of `w`, z^_k = z_k with the gradient
+        arriving there multiplied by h_k, and zbar_k = z_k detached,
+
+            sum_k c_k [log p(x, z^_k) - log q(z^_k|x) + log q(zbar_k|x) - stop(log q(zbar_k|x))],
+
+        each density rescored by running model or guide again with its latent sites set to those values
+        (poutine.condition; the guide twice). The last two terms cancel the score term grad_phi log q
+        that the second one carries, so phi gets its gradient along z_k = z(eps_k; phi) alone,
+        through every latent the draw is computed from, h_k applied once where the objective meets z_k
+        (never again between z1 and the z2 it is drawn given). Each site's density carries its scale."""
+        weight, factor = self.path_weights(w)
+        live, fixed = {}, {}
+        for name, z in zip(w.latent_names, w.latents, strict=True):
+            fixed[name] = z.detach()
+            live[name] = z.view_as(z)
+            if factor is not None and live[name].requires_grad:
+                shaped = factor.reshape(factor.shape + (1,) * (z.dim() - factor.dim()))
+                live[name].register_hook(lambda grad, shaped=shaped: grad * shaped)
+        model_trace = self._rescored(model, live, args, kwargs)
+        guide_live, guide_fixed = (self._rescored(guide, values, args, kwargs) for values in (live, fixed))
+        latent = set(w.latent_names)
+        terms = [_scaled_log_prob(site) for _, site in sample_sites(model_trace)]
+        for name, site in sample_sites(guide_live):
+            if name in latent:
+                score = _scaled_log_prob(guide_fixed.nodes[name])
+                terms += [-_scaled_log_prob(site), score - score.detach()]
+        per_particle = sum(terms).expand(w.log_w.shape)
+        return (weight * per_particle).sum(0)
+
+    def _rescored(self, fn: Callable, values: dict[str, Tensor], args: tuple, kwargs: dict) -> Trace:
+        """A trace of `fn` run inside the particle plate with its latent sites set to `values`."""
+        conditioned = _in_particles(poutine.condition(fn, data=values), self.num_particles)
+        return poutine.trace(conditioned).get_trace(*args, **kwargs)
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
         """-sum_n scale_n b(x_n): its value is the bound's, its gradient the estimator's."""
         w = self._weights(model, guide, args, kwargs, self.stop_q_params)
-        self.check_guide(guide, w, args, kwargs)
-        value, surrogate = self.bound_and_surrogate(w)
+        if self.check_guide(guide, w, args, kwargs):
+            value = self.scaled_bound(w)
+            surrogate = self.dependent_surrogate(model, guide, w, args, kwargs)
+        else:
+            value, surrogate = self.bound_and_surrogate(w)
         if surrogate is not value:
             value = value.detach() + (surrogate - surrogate.detach())
         return -value.sum()
@@ -282,8 +333,11 @@ class IWAE(_PerExampleBound):
     def bound(self, log_w: Tensor) -> Tensor:
         return _iwae(log_w)
 
+    def scaled_bound(self, w: Weights) -> Tensor:
+        return self.shared_scale(w) * self.bound(w.log_w)
+
     def bound_and_surrogate(self, w: Weights) -> tuple[Tensor, Tensor]:
-        value = self.shared_scale(w) * self.bound(w.log_w)
+        value = self.scaled_bound(w)
         return value, value
 
 
@@ -294,8 +348,8 @@ class STL(_PerExampleBound):
 
     Unbiased for the ELBO's gradient because the dropped score term has zero mean under q. Its
     variance vanishes where q(z|x) is the exact posterior; far from it, it can be larger than the
-    full gradient's. Assumes reparameterized, per-example latent sites that do not depend on one
-    another (checked: check_guide).
+    full gradient's. Assumes reparameterized, per-example latent sites (checked: check_guide); sites
+    drawn given one another get the path derivative through `dependent_surrogate`.
     """
 
     stop_q_params = True
@@ -303,9 +357,16 @@ class STL(_PerExampleBound):
     def bound(self, log_w: Tensor) -> Tensor:
         return log_w.mean(0)
 
+    def scaled_bound(self, w: Weights) -> Tensor:
+        return w.scaled_log_w.mean(0)  # linear in log w: each site keeps its own scale, as in Trace_ELBO
+
     def bound_and_surrogate(self, w: Weights) -> tuple[Tensor, Tensor]:
-        value = w.scaled_log_w.mean(0)  # linear in log w: each site keeps its own scale, as in Trace_ELBO
+        value = self.scaled_bound(w)
         return value, value
+
+    def path_weights(self, w: Weights) -> tuple[Tensor, Tensor | None]:
+        """c_k = 1/K, no factor: the mean over particles of the path derivative."""
+        return torch.full_like(w.log_w, 1.0 / w.log_w.shape[0]), None
 
 
 class DReG(_PerExampleBound):
@@ -315,15 +376,19 @@ class DReG(_PerExampleBound):
 
     One backward pass: the surrogate sum_k w~_k log w_k gives the decoder's gradient, and a hook on
     each latent value z_k multiplies the gradient arriving there by w~_k, giving the encoder's.
-    Assumes the guide's latent sites do not depend on one another (true for the VAE's single "z";
-    checked: check_guide): a site computed from another would receive the factor w~ twice, and its
-    detached distribution would cut the path through the other. At K=1 this is STL.
+    The hook on z_k assumes the guide's latent sites do not depend on one another (true for the VAE's
+    single "z"): a site computed from another would receive the factor w~ twice, and its detached
+    distribution would cut the path through the other; such a guide (found by check_guide) gets
+    `dependent_surrogate`, which applies w~ once where the objective meets z_k. At K=1 this is STL.
     """
 
     stop_q_params = True
 
     def bound(self, log_w: Tensor) -> Tensor:
         return _iwae(log_w)
+
+    def scaled_bound(self, w: Weights) -> Tensor:
+        return self.shared_scale(w) * self.bound(w.log_w)
 
     def bound_and_surrogate(self, w: Weights) -> tuple[Tensor, Tensor]:
         scale = self.shared_scale(w)
@@ -333,3 +398,10 @@ class DReG(_PerExampleBound):
                 factor = w_tilde.reshape(w_tilde.shape + (1,) * (z.dim() - w_tilde.dim()))
                 z.register_hook(lambda grad, factor=factor: grad * factor)
         return scale * self.bound(w.log_w), scale * (w_tilde * w.log_w).sum(0)
+
+    def path_weights(self, w: Weights) -> tuple[Tensor, Tensor | None]:
+        """c_k = w~_k and the factor w~_k on the gradient at z_k: the decoder gets sum_k w~_k grad log w_k,
+        the encoder sum_k w~_k^2 (d log w_k / d z_k)(d z_k / d phi)."""
+        self.shared_scale(w)  # the bound is scaled after its logsumexp: one scale for every site
+        w_tilde = torch.softmax(w.log_w.detach(), dim=0)
+        return w_tilde, w_tilde

@@ -452,3 +452,23 @@ def save_figures(
         return paths
 
     return write_all_or_none(out, write)
+
+
+def save_tiles(tiles: Tensor, path: Path, title: str, column_names: Sequence[str] | None = None,
+               row_names: Sequence[str] | None = None) -> Path:
+    """Draw (rows, columns, C, H, W) pictures (C = 1 or 3) as one grid, its columns and rows named where
+    names are given."""
+    rows, cols = tiles.shape[:2]
+    grid = image_grid(tiles.flatten(0, 1).cpu(), rows, cols)
+    fig, ax = subplots(figsize=(1.0 + 0.9 * cols, 0.9 + 0.9 * rows))
+    ax.imshow(grid.squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(title, fontsize="medium")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    width, height = grid.shape[1] / cols, grid.shape[0] / rows
+    if column_names:
+        ax.set_xticks([width * (i + 0.5) for i in range(cols)], labels=list(column_names), rotation=45,
+                      fontsize="small")
+    if row_names:
+        ax.set_yticks([height * (i + 0.5) for i in range(rows)], labels=list(row_names), fontsize="small")
+    return save_figure(fig, path)

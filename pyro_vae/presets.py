@@ -33,6 +33,9 @@ with random training images plus N(0, 0.01^2) noise behind --use_training_data_i
 that remain in both: their KL weight is epoch/warmup for a whole epoch, ours rises every step
 (kl_weight.py); their Adam adds eps before the bias correction (optim.py). docs/results.md ("The
 authors' protocol, measured") has what each option changes on the VAE.
+The exemplar presets follow the Exemplar VAE code (sajadn/Exemplar-VAE) on top of the same protocol
+(exemplar.py says what it computes). The HVAE presets add `--model hvae` (models/hvae.py: z1 and z2 of
+40 each; the ConvHVAE with `--encoder conv`), as the Exemplar VAE paper's table reports them.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ VAMPPRIOR = {"prior": "vamp", "prior_components": 500, "prior_init": "data"}
 AUTHORS = {"weight_init": "he", "optimizer": "adam-normgrad", "heldout": "authors",
            "early_stop_rule": "authors", "encoder_scale": "clamped-logvar"}
 VAMPPRIOR_AUTHORS = {**VAMPPRIOR, "prior_init": "authors", "pseudo_inputs": "hardtanh"}
+# the Exemplar VAE's prior: exemplar subsampling with 25,000 of the 50,000 training images per step (the
+# authors' code: number_components=25000, approximate_prior=False, leave-one-out on)
+EXEMPLAR = {"prior": "exemplar", "exemplar_subset": 25_000}
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,20 @@ PRESETS = {
                                 "-228.70 +- 0.15"),
     "fashion-mnist-vampprior": Preset({**PROTOCOL, "dataset": "fashion-mnist", **VAMPPRIOR},
                                       "-227.35 +- 0.05"),
+    "fashion-mnist-vae-exemplar": Preset({**PROTOCOL, "dataset": "fashion-mnist", **EXEMPLAR},
+                                         "-226.75 +- 0.07"),
+    # the hierarchical VAE (models/hvae.py): z1 and z2 of 40, the same protocol; conv: the ConvHVAE
+    "fashion-mnist-hvae": Preset({**PROTOCOL, "dataset": "fashion-mnist", "model": "hvae", "prior": "normal"},
+                                 "-227.37 +- 0.10"),
+    "fashion-mnist-hvae-vampprior": Preset({**PROTOCOL, "dataset": "fashion-mnist", "model": "hvae",
+                                            **VAMPPRIOR}, "-226.72 +- 0.08"),
+    "fashion-mnist-convhvae-vampprior": Preset({**PROTOCOL, "dataset": "fashion-mnist", "model": "hvae",
+                                                "encoder": "conv", **VAMPPRIOR}, "-224.67 +- 0.03"),
+    # the exemplar prior on the HVAE's z2 (its top encoder's means), and on the ConvHVAE's
+    "fashion-mnist-hvae-exemplar": Preset({**PROTOCOL, "dataset": "fashion-mnist", "model": "hvae",
+                                           **EXEMPLAR}, "-226.53 +- 0.09"),
+    "fashion-mnist-convhvae-exemplar": Preset({**PROTOCOL, "dataset": "fashion-mnist", "model": "hvae",
+                                               "encoder": "conv", **EXEMPLAR}, "-224.63 +- 0.06"),
     "mnist-vae": Preset({**PROTOCOL, "dataset": "mnist", "prior": "normal"}, "-84.45"),
     "mnist-vampprior": Preset({**PROTOCOL, "dataset": "mnist", **VAMPPRIOR}, "-82.43"),
     "fashion-mnist-vae-authors": Preset({**PROTOCOL, **AUTHORS, "dataset": "fashion-mnist",

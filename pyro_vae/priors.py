@@ -1,10 +1,12 @@
 """Prior registry: name -> factory of a module whose call returns p(z), a distribution with
-event shape (z_dim,) and batch shape () on the module's device. Adding a prior is one entry here
-plus its tests.
+event shape (z_dim,) and batch shape () on the module's device (the exemplar prior, while the trainer
+has it leave each example's own exemplar out, batch shape (B,): one mixture per example of the batch).
+Adding a prior is one entry here plus its tests.
 
 Factories receive keyword options: `z_dim`, the guide's `encoder` and the data shape `x_shape`
-(for the VampPrior), and `prior_components` (None: the prior's own default); each takes the
-ones it needs. `register_prior` adds one of your own (its docstring states the contract).
+(for the VampPrior and the exemplar prior), `prior_components` (None: the prior's own default),
+`exemplar_subset` and `exemplar_k` (exemplar.py); each takes the ones it needs. `register_prior` adds
+one of your own (its docstring states the contract).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.distributions import Normal, register_kl
 from torch.nn import functional as F
 
 from .errors import InputError
+from .exemplar import ExemplarPrior
 from .nets import MIN_SCALE, positive_scale
 from .registry import Registry
 
@@ -227,6 +230,8 @@ PRIORS = Registry("prior", {
     "mog": lambda z_dim, prior_components=None, **_: MixtureOfGaussians(z_dim, prior_components),
     "vamp": lambda z_dim, encoder, x_shape, prior_components=None, pseudo_inputs="free", **_: VampPrior(
         encoder, x_shape, prior_components, pseudo_inputs),
+    "exemplar": lambda z_dim, encoder, x_shape, exemplar_subset=None, exemplar_k=None, **_: ExemplarPrior(
+        encoder, x_shape, exemplar_subset, exemplar_k),
 }, returns=nn.Module)
 
 

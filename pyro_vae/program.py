@@ -16,7 +16,8 @@ Nothing here relies on site names: `Program.sites` finds them from one trace. Wh
 beyond this (decoding a z into a picture) is read from the observed site's distribution: its
 `.mean`, reshaped to the shape of x. An object may offer more, used when present:
 `is_autoencoder` (a point-mass guide, no bound on log p(x)) and `sample_latents(n)` (draws of z
-where the model's prior cannot be sampled, as for the autoencoder's flat prior).
+where the model's prior cannot be sampled, as for the autoencoder's flat prior; a dict of draws by
+site name for several latent sites).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer.inspect import get_dependencies
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
@@ -54,6 +56,7 @@ class Program:
         self.model, self.guide = model, guide
         self.owner = owner if owner is not None else getattr(model, "__self__", None)
         self._sites: Sites | None = None
+        self._drawn_given: tuple[str, ...] | None = None
 
     @classmethod
     def of(cls, program: object, guide: Callable | None = None) -> Program:
@@ -142,8 +145,10 @@ class Program:
     def posterior_moments(self, x: Tensor, draws: int = MOMENT_DRAWS) -> dict[str, tuple[Tensor, Tensor]]:
         """Per latent site, the mean and standard deviation of q(z|x), each shaped like the site's
         value (N, *event) (for a discrete site, its most likely value and 0): in closed form where the guide's
-        distribution has them, else estimated from `draws` joint draws of the guide (as for a site whose q
-        depends on an earlier site)."""
+        distribution has them, else estimated from `draws` joint draws of the guide: so for a site whose q
+        is drawn given an earlier continuous latent site (z1 of q(z2|x) q(z1|x, z2)), whose distribution in
+        one trace is q(z1|x, z2) at one draw of z2, not the marginal q(z1|x))."""
+        drawn_given = self.drawn_given_continuous(x)
         with torch.no_grad():
             guide_trace = poutine.trace(self.guide).get_trace(x)
             moments, sampled = {}, None
@@ -154,15 +159,32 @@ class Program:
                     mode = site["fn"].mode.expand(shape)
                     moments[name] = (mode, torch.zeros(shape, device=mode.device))
                     continue
-                try:
-                    moments[name] = (site["fn"].mean.expand(shape), site["fn"].stddev.expand(shape))
-                except (NotImplementedError, AttributeError):
-                    if sampled is None:
-                        with pyro.plate("draws", draws, dim=PARTICLE_DIM):
-                            sampled = poutine.trace(self.guide).get_trace(x)
-                    value = sampled.nodes[name]["value"]
-                    moments[name] = (value.mean(0), value.std(0))
+                closed = None if name in drawn_given else _closed_form_moments(site["fn"], shape)
+                if closed is not None:
+                    moments[name] = closed
+                    continue
+                if sampled is None:
+                    with pyro.plate("draws", draws, dim=PARTICLE_DIM):
+                        sampled = poutine.trace(self.guide).get_trace(x)
+                value = sampled.nodes[name]["value"]
+                moments[name] = (value.mean(0), value.std(0))
         return moments
+
+    def drawn_given_continuous(self, x: Tensor) -> tuple[str, ...]:
+        """The latent sites whose guide distribution is computed from the value of another continuous
+        latent site (z1 in q(z2|x) q(z1|x, z2)), found once by Pyro's provenance tracking
+        (pyro.infer.inspect.get_dependencies: one run of the guide on x[:2], without gradients, the RNG
+        forked); () for a single latent site."""
+        if self._drawn_given is None:
+            latent = self.sites(x).latent
+            if len(latent) < 2:
+                self._drawn_given = ()
+            else:
+                upstream = get_dependencies(self.guide, (x[:2],))["prior_dependencies"]
+                continuous = set(self.continuous_sites(x))
+                self._drawn_given = tuple(n for n in latent
+                                          if any(u != n and u in continuous for u in upstream.get(n, ())))
+        return self._drawn_given
 
     def posterior_means(self, x: Tensor) -> Tensor:
         """E_q[z|x] for every continuous latent site (a discrete one, such as a class, has no mean),
@@ -205,16 +227,29 @@ class Program:
     @torch.no_grad()
     def sample(self, x_like: Tensor) -> Tensor:
         """Pictures generated from the prior: the mean of p(x|z), z ~ p(z), one per row of x_like (or,
-        where the object offers `sample_latents`, z from it)."""
+        where the object offers `sample_latents`, z from it: one tensor for a single latent site, or a
+        dict of the latent sites' draws by name)."""
         sample_latents = getattr(self.owner, "sample_latents", None)
         if callable(sample_latents):
-            (name,) = self.sites(x_like).latent
-            return self.decode(x_like, {name: sample_latents(x_like.shape[0])})
+            latents = sample_latents(x_like.shape[0])
+            if not isinstance(latents, dict):
+                (name,) = self.sites(x_like).latent
+                latents = {name: latents}
+            return self.decode(x_like, latents)
         try:
             return self.decode(x_like)
         except NotImplementedError:
             raise InputError("the model's prior cannot be sampled (e.g. an improper density): there are "
                              "no samples to show; offer sample_latents(n) on the object") from None
+
+
+def _closed_form_moments(fn: object, shape: torch.Size) -> tuple[Tensor, Tensor] | None:
+    """The mean and standard deviation of the distribution `fn`, expanded to `shape`; None where it
+    has no closed form for them (a flow)."""
+    try:
+        return fn.mean.expand(shape), fn.stddev.expand(shape)
+    except (NotImplementedError, AttributeError):
+        return None
 
 
 def _reached(trace: Trace, params: list[Tensor]) -> set[int]:

@@ -26,6 +26,7 @@ from .config import ADDED_SETTINGS, LABELLED_MODELS, MODEL_SETTINGS, Config
 from .errors import InputError
 from .m2 import M2, LabelClassifier, build_m2
 from .model import VAE, build_vae
+from .models.hvae import HVAE, HVAE_MODELS, build_hvae
 from .program import Program, Sites
 
 CONFIG = "config.json"
@@ -340,8 +341,9 @@ def load_pair(run: Path, pair: object, device: torch.device | str = "cpu") -> Pr
     return program
 
 
-def build_from_config(config: Config, x_shape: tuple[int, ...]) -> VAE | M2 | LabelClassifier:
-    """The (untrained) VAE that `config` describes (M2 or the classifier with --model m2/classifier)."""
+def build_from_config(config: Config, x_shape: tuple[int, ...]) -> VAE | M2 | LabelClassifier | HVAE:
+    """The (untrained) VAE that `config` describes (M2 or the classifier with --model m2/classifier, the
+    hierarchical VAE with --model hvae)."""
     if config.model in LABELLED_MODELS:
         return build_m2(
             x_shape, config.classes, encoder=config.encoder, hidden=config.hidden, z_dim=config.z_dim,
@@ -349,11 +351,18 @@ def build_from_config(config: Config, x_shape: tuple[int, ...]) -> VAE | M2 | La
             aux_loss=config.aux_loss, temperature=config.temperature, model=config.model,
             sigma=config.sigma, sigma_mode=config.sigma_mode, prior_components=config.prior_components,
         )
+    if config.model in HVAE_MODELS:
+        return build_hvae(x_shape, encoder=config.encoder, hidden=config.hidden, z_dim=config.z_dim,
+                          prior=config.prior, likelihood=config.likelihood, sigma=config.sigma,
+                          sigma_mode=config.sigma_mode, prior_components=config.prior_components,
+                          exemplar_subset=config.exemplar_subset, exemplar_k=config.exemplar_k,
+                          pseudo_inputs=config.pseudo_inputs)
     return build_vae(
         x_shape, encoder=config.encoder, hidden=config.hidden, z_dim=config.z_dim,
         prior=config.prior, likelihood=config.likelihood, sigma=config.sigma,
         sigma_mode=config.sigma_mode, prior_components=config.prior_components, model=config.model,
         guide=config.guide, guide_rank=config.guide_rank, flows=config.flows,
+        exemplar_subset=config.exemplar_subset, exemplar_k=config.exemplar_k,
         encoder_scale=config.encoder_scale, pseudo_inputs=config.pseudo_inputs,
     )
 

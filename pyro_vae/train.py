@@ -26,6 +26,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from .discrete import make_discrete_estimator, temperature
 from .errors import InputError, TrainingError
 from .estimators import check_analytic_kl, make_estimator
 from .evaluate import elbo_terms, evaluate, test_accuracy
+from .exemplar import EAGER_PRIORS, leave_out, use_training_set
 from .faults import NumericalFault, locate_nonfinite
 from .kl_weight import kl_weight, scale_latents
 from .m2 import UNLABELLED
@@ -142,14 +144,18 @@ def _stop_requests(requested: list[int]):
 def train(
     config: Config, out: str | Path | None = None, resume: bool = False, progress: bool = True,
     overwrite: bool = False, program: object | None = None, tensorboard: bool = False,
+    reporters: Sequence[object] = (),
 ) -> RunResult:
     """Train as `config` says and write the run directory (see DESIGN.md). The model is pyro-vae's own
     VAE built from the config or, with `program`, a user's own model/guide pair (an object with .model
     and .guide, or a Program), trained in place: an nn.Module pair is moved to the config's device,
     another must live there already. With resume=True, `out` is an existing run whose checkpoint is
     continued up to config.epochs (a pair's run: pass the same pair again, or one built the same way).
-    With tensorboard=True, TensorBoard event files go to RUN/tensorboard/ (board.py)."""
-    return Trainer(config, out, resume, progress, overwrite, program, tensorboard).run()
+    With tensorboard=True, TensorBoard event files go to RUN/tensorboard/ (board.py). Each of `reporters`
+    (tracking.MLflowTracker, grid_ray's Tune reporter) is called with the trainer: .start(trainer) once the
+    run directory is ready, .epoch(trainer, row) after each epoch's checkpoint and metrics.jsonl,
+    .finish(trainer, summary) after summary.json (rank 0 only)."""
+    return Trainer(config, out, resume, progress, overwrite, program, tensorboard, reporters).run()
 
 
 class Trainer:
@@ -160,8 +166,9 @@ class Trainer:
 
     def __init__(self, config: Config, out: str | Path | None = None, resume: bool = False,
                  progress: bool = True, overwrite: bool = False, program: object | None = None,
-                 tensorboard: bool = False):
+                 tensorboard: bool = False, reporters: Sequence[object] = ()):
         self.config, self.resume, self.progress = config, resume, progress
+        self.reporters = list(reporters)  # start / epoch / finish, on rank 0 (train's docstring)
         self.tensorboard, self.board, self.step_losses = tensorboard, None, []
         self.out, self.overwrite = Path(out) if out is not None else None, overwrite
         # the pair trained: the user's as given, or (None until setup) pyro-vae's VAE
@@ -256,6 +263,9 @@ class Trainer:
         if self.cuda_graph:
             self.svi_step = CUDAGraphStep(self.svi_step)
         self.started = self.last_save = time.perf_counter()
+        self.reporters = self.reporters if self.ranks.is_main else []
+        for reporter in self.reporters:
+            reporter.start(self)
 
     def _check_run(self) -> None:
         """Refuse what this run cannot do (more processes than examples in a batch, a CUDA graph off a
@@ -277,7 +287,7 @@ class Trainer:
                              "leave --cuda-graph at auto or off")
         self.cuda_graph = config.cuda_graph == "on" or (
             config.cuda_graph == "auto" and self.own_vae and device.type == "cuda" and not ranks.active
-            and config.model not in LABELLED_MODELS)
+            and config.model not in LABELLED_MODELS and config.prior not in EAGER_PRIORS)
         if not self.resume:
             self.out = check_run_dir(self.out, self.overwrite)
             if ranks.is_main:  # made now if new, and removed again if start-up fails
@@ -313,6 +323,7 @@ class Trainer:
         x = self.data.test_x
         if self.own_vae:
             self.pair = build_from_config(self.config, self.data.shape).to(self.device)
+            use_training_set(self.pair, self.data.train_x)  # the exemplar prior's exemplars (exemplar.py)
         self.program = Program.of(self.pair)
         owner = self.program.owner
         if not self.own_vae and self.ranks.active and not isinstance(owner, nn.Module):
@@ -414,7 +425,8 @@ class Trainer:
         per = len(idx) / self.ranks.world_size
         if self.config.discrete == "relaxed":
             self.pair.temperature = self._temperature(self.steps)
-        loss = self.svi_step(x, self._kl_weight(self.steps), per, *self._labels(idx))
+        with leave_out(self.pair, self.ranks.shard(idx)):  # the exemplar prior skips each example's own
+            loss = self.svi_step(x, self._kl_weight(self.steps), per, *self._labels(idx))
         self.epoch_total += loss * per
         self.steps, self.batch = self.steps + 1, self.batch + 1
         if self.board is not None:
@@ -462,6 +474,8 @@ class Trainer:
                       else f"test ELBO {row['test_elbo']:.2f}")
             tqdm.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.2f}, {tested} nats "
                        f"({row['seconds']:.1f} s)")
+        for reporter in self.reporters:
+            reporter.epoch(self, row)
 
     def validation_elbo(self) -> float:
         """The ELBO per example on the validation set (one draw of z per example; unweighted KL); with
@@ -660,4 +674,6 @@ class Trainer:
         if not self.program.is_classifier:
             plots.save_figures(self.pair, self.data, self.out, self.metrics, seed=self.config.seed)
         write_json(self.out / SUMMARY, summary)  # last: a run stopped before it resumes to write them all
+        for reporter in self.reporters:
+            reporter.finish(self, summary)
         return RunResult(self.out, self.metrics, summary)

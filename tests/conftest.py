@@ -14,6 +14,8 @@ from pyro_vae.evaluate import per_example
 from pyro_vae.run_dir import load_model
 from pyro_vae.train_data import prepare_data
 
+from .servers import mlflow_server
+
 QUICK = ["--train-size", "400", "--test-size", "120", "--eval-k", "20", "--quiet"]
 N_SE = 4.0  # statistical tolerance in standard errors: a true statement fails with probability ~6e-5
 
@@ -76,6 +78,14 @@ def crash_copy(monkeypatch):
         return saved
 
     return arm
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend store, 127.0.0.1, a free port) for the session's tests; its
+    tracking URI. Stopped, every process of it, however the session ends."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as (uri, _):
+        yield uri
 
 
 @pytest.fixture(autouse=True)

@@ -151,6 +151,6 @@ def test_the_console_command_prints_one_line_and_no_traceback():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "pyro-vae: error: unknown prior 'nope': choose one of normal, learned, mog, vamp, or add your own "
-        "(register_prior, --plugin MODULE, or MODULE:FACTORY)"
+        "pyro-vae: error: unknown prior 'nope': choose one of normal, learned, mog, vamp, exemplar, or add "
+        "your own (register_prior, --plugin MODULE, or MODULE:FACTORY)"
     ]

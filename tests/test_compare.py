@@ -212,20 +212,19 @@ def test_compare_measures_a_registered_elbo_through_its_own_loss():
 
 
 def test_an_estimator_that_refuses_the_pair_is_skipped_with_a_one_line_note(tmp_path):
-    """STL refuses a guide whose latent sites depend on one another; compare measures IWAE on it (the
-    exact posterior, so every draw is log p(x)) and says in one line why STL was not measured."""
-    module = TwoLatents()
-    record = compare(module, XS, estimators=["iwae:2", "stl:2"], repeats=3, k_ref=10)
-    iwae_row, stl_row = record["estimators"]
-    assert set(stl_row) == {"estimator", "particles", "skipped"}
-    assert "latent site 'b' is drawn given latent site 'a'" in stl_row["skipped"]
-    log_px = float(dist.Normal(0.0, 3.0**0.5).log_prob(XS).mean())
-    assert iwae_row["value_mean"] == pytest.approx(log_px, abs=1e-5) and iwae_row["value_std"] < 1e-5
+    """IWAE refuses a guide whose latent site has no rsample; compare measures mc on it (Trace_ELBO's
+    score-function gradient) and says in one line why IWAE was not measured."""
+    module = TwoLatents(discrete=True)
+    record = compare(module, XS, estimators=["mc:2", "iwae:2"], repeats=3, k_ref=10)
+    mc_row, iwae_row = record["estimators"]
+    assert set(iwae_row) == {"estimator", "particles", "skipped"}
+    assert "latent site of the guide reparameterized (rsample); site 'a' is not" in iwae_row["skipped"]
+    assert "skipped" not in mc_row and math.isfinite(mc_row["value_mean"]) and mc_row["value_std"] > 0
     write_comparison(record, tmp_path)
     notes = [line for line in (tmp_path / "compare.md").read_text().splitlines() if line.startswith("- ")]
-    assert notes == [f"- `stl` K=2 not measured: {stl_row['skipped']}"]
-    assert json.loads((tmp_path / "compare.json").read_text())["estimators"][1] == stl_row
-    nothing_measured = compare(module, XS, estimators=["stl:2"], repeats=3, k_ref=10)
+    assert notes == [f"- `iwae` K=2 not measured: {iwae_row['skipped']}"]
+    assert json.loads((tmp_path / "compare.json").read_text())["estimators"][1] == iwae_row
+    nothing_measured = compare(module, XS, estimators=["iwae:2"], repeats=3, k_ref=10)
     for path in write_comparison(nothing_measured, tmp_path / "none"):  # the files, the figures empty
         assert path.stat().st_size > 0
 

@@ -37,6 +37,29 @@ def _declared() -> set[str]:
     return names
 
 
+def _optional() -> set[str]:
+    """Normalized distribution names of pyproject.toml's optional extras (tensorboard, ray, mlflow; not
+    dev, which gathers them for CI)."""
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return {_normalize(Requirement(line).name) for group, lines in extras.items() if group != "dev"
+            for line in lines}
+
+
+def _imported_at_module_level(module: str) -> list[str]:
+    """The package files that import top-level module `module` in their module body (on import)."""
+    files = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                     else [])
+            if any(name.split(".")[0] == module for name in names):
+                files.append(str(path.relative_to(ROOT)))
+    return files
+
+
 def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -74,10 +97,15 @@ def test_every_imported_package_is_declared_and_installed(module):
     importlib.import_module(module)
     distributions = importlib.metadata.packages_distributions().get(module, [])
     assert distributions, f"{module} is imported by the package but no installed distribution provides it"
-    declared = _declared()
-    assert {_normalize(d) for d in distributions} & declared, (
+    provided = {_normalize(d) for d in distributions}
+    if provided & _declared():
+        return
+    assert provided & _optional(), (
         f"{module} (from {sorted(distributions)}) is imported by "
         f"{sorted(_third_party(_imported_top_levels())[module])} but pyproject.toml does not declare it")
+    # an optional extra is imported where it is asked for, so the package imports without it
+    assert not _imported_at_module_level(module), (
+        f"{module} is an optional extra but {_imported_at_module_level(module)} import it on import")
 
 
 def test_the_netcdf_engine_diagnose_writes_with_is_declared_and_installed():

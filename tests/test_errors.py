@@ -101,6 +101,7 @@ def fixtures(tmp_path_factory, digits_run):
     (f / "grid_unknown_key.yaml").write_text(base + "sweep: {prior: [normal]}\nepochs: 3\n")
     (f / "grid_empty_list.yaml").write_text(base + "sweep: {prior: []}\n")
     (f / "grid_refused.yaml").write_text("base: {beta: 0.5}\nsweep: {estimator: [mc, iwae]}\n")
+    (f / "grid_ok.yaml").write_text(base + "sweep: {seed: [0]}\n")
     shutil.copytree(digits_run, f / "run_no_seconds")  # evaluated, its epochs' wall times removed
     assert main(["evaluate", str(f / "run_no_seconds"), "--k", "2", "--quiet"]) == 0
     metrics = [json.loads(line) for line in (f / "run_no_seconds" / "metrics.jsonl").read_text().splitlines()]
@@ -114,6 +115,8 @@ def fixtures(tmp_path_factory, digits_run):
     for model, latent in (("m2", ["--z-dim", "2", "--eval-k", "2"]), ("classifier", [])):  # it has no z
         assert main(["train", "--model", model, *small, *latent, "--out", str(f / f"run_{model}")]) == 0
     (f / "m2.yaml").write_text("model: m2\nlabels: 20\n")
+    assert main(["train", "--model", "ae", "--epochs", "1", "--train-size", "200", "--test-size", "40",
+                 "--hidden", "16", "--quiet", "--out", str(f / "run_ae")]) == 0  # codes without scales
     shutil.copytree(digits_run, f / "run_pair")  # config.json as a run of a user's pair records it
     record = {k: v for k, v in json.loads((digits_run / "config.json").read_text()).items()
               if k not in MODEL_SETTINGS}

@@ -12,7 +12,8 @@ from pyro_vae.errors import InputError
 from pyro_vae.presets import PRESETS, preset_settings
 
 PUBLISHED = {"fashion-mnist-vae": "-228.70", "fashion-mnist-vampprior": "-227.35", "mnist-vae": "-84.45",
-             "mnist-vampprior": "-82.43"}
+             "mnist-vampprior": "-82.43", "fashion-mnist-vae-exemplar": "-226.75 +- 0.07",
+             "fashion-mnist-hvae-exemplar": "-226.53 +- 0.09"}
 
 
 def _config(argv: list[str]) -> Config:
@@ -28,9 +29,11 @@ def test_each_preset_is_the_published_protocol(name):
     protocol = (config.validation_size, config.early_stop, config.epochs, config.eval_k)
     assert protocol == (10_000, 50, 2000, 5000)
     assert config.binarize == "dynamic" and config.likelihood == "bernoulli"
-    assert config.dataset == name.rsplit("-", 1)[0]
+    assert name.startswith(config.dataset + "-")
     if name.endswith("vampprior"):
         assert (config.prior, config.prior_components) == ("vamp", 500)
+    elif name.endswith("exemplar"):
+        assert (config.prior, config.exemplar_subset) == ("exemplar", 25_000)
     else:
         assert config.prior == "normal"
     assert PUBLISHED[name] in PRESETS[name].published
@@ -62,6 +65,7 @@ def test_list_presets_prints_every_setting_and_target(capsys):
     for name, number in PUBLISHED.items():
         assert f"{name}:" in out and number in out
     assert "--encoder gated-mlp" in out and "--early-stop 50" in out and "--prior-components 500" in out
+    assert "--prior exemplar --exemplar-subset 25000" in out
 
 
 def test_a_preset_trains(tmp_path):

@@ -16,6 +16,7 @@ from pyro_vae.config import Config
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import InputError
 from pyro_vae.estimators import make_estimator
+from pyro_vae.exemplar import ExemplarPrior, use_training_set
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.model import VAE, build_vae
 from pyro_vae.priors import MIN_SCALE, PRIORS, VampPrior, make_prior
@@ -30,7 +31,9 @@ def seeded():
 
 def make_vae(prior: str, likelihood: str = "bernoulli", **options) -> VAE:
     options.setdefault("prior_components", K)
-    return build_vae(SHAPE, hidden=HIDDEN, z_dim=Z_DIM, prior=prior, likelihood=likelihood, **options)
+    vae = build_vae(SHAPE, hidden=HIDDEN, z_dim=Z_DIM, prior=prior, likelihood=likelihood, **options)
+    use_training_set(vae, torch.rand(2 * K, *SHAPE, generator=torch.Generator().manual_seed(8)))  # exemplars
+    return vae
 
 
 @torch.no_grad()
@@ -41,11 +44,12 @@ def scramble(vae: VAE) -> None:
     draws = {"logits": lambda shape: torch.randn(shape, generator=g),
              "loc": lambda shape: 3 * torch.randn(shape, generator=g),
              "raw_scale": lambda shape: 0.7 * torch.randn(shape, generator=g),
-             "pseudo_inputs": lambda shape: torch.rand(shape, generator=g)}
+             "pseudo_inputs": lambda shape: torch.rand(shape, generator=g),
+             "log_variance": lambda shape: 0.7 * torch.randn(shape, generator=g)}
     for name, p in vae.prior.named_parameters():
         if name in draws:
             p.copy_(draws[name](p.shape))
-    if isinstance(vae.prior, VampPrior):  # spread the encoder's posteriors, too
+    if isinstance(vae.prior, VampPrior | ExemplarPrior):  # spread the encoder's posteriors, too
         vae.encoder.net[-1].bias.copy_(2 * torch.randn(vae.encoder.net[-1].bias.shape, generator=g))
 
 
@@ -61,6 +65,10 @@ def components(vae: VAE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     prior = vae.prior
     if isinstance(prior, VampPrior):  # 1/K sum_k q(z | u_k), through the guide's encoder
         loc, scale = vae.encoder(prior.pseudo_inputs)
+        return torch.full((loc.shape[0],), -math.log(loc.shape[0])), loc, scale
+    if isinstance(prior, ExemplarPrior):  # 1/N sum_n N(z | mu(x_n), sigma^2 I), all exemplars (none left out)
+        loc = vae.encoder(prior.exemplars)[0]
+        scale = (0.5 * prior.log_variance).exp().expand(loc.shape)
         return torch.full((loc.shape[0],), -math.log(loc.shape[0])), loc, scale
     if hasattr(prior, "logits"):
         return prior.logits.log_softmax(-1), prior.loc, F.softplus(prior.raw_scale) + MIN_SCALE
@@ -297,6 +305,7 @@ def test_every_prior_and_likelihood_give_a_finite_differentiable_loss(
     x = digits_batch
     vae = build_vae(x.shape[1:], hidden=HIDDEN, z_dim=Z_DIM, prior=prior, likelihood=likelihood,
                     sigma_mode=sigma_mode, prior_components=K)
+    use_training_set(vae, x)  # the exemplar prior's exemplars; nothing for the others
     vae.likelihood.check(x)
     loss = make_estimator(estimator, particles=2).differentiable_loss(vae.model, vae.guide, x)
     assert loss.shape == () and torch.isfinite(loss) and loss.requires_grad
