@@ -33,8 +33,7 @@ with random training images plus N(0, 0.01^2) noise behind --use_training_data_i
 that remain in both: their KL weight is epoch/warmup for a whole epoch, ours rises every step
 (kl_weight.py); their Adam adds eps before the bias correction (optim.py). docs/results.md ("The
 authors' protocol, measured") has what each option changes on the VAE.
-
-The exemplar preset follows the Exemplar VAE code (sajadn/Exemplar-VAE) on top of the same protocol
+The exemplar presets follow the Exemplar VAE code (sajadn/Exemplar-VAE) on top of the same protocol
 (exemplar.py says what it computes). The HVAE presets add `--model hvae` (models/hvae.py: z1 and z2 of
 40 each; the ConvHVAE with `--encoder conv`), as the Exemplar VAE paper's table reports them.
 """
@@ -51,13 +50,13 @@ PROTOCOL = {
     "binarize": "dynamic", "early_stop": 50, "epochs": 2000, "eval_k": 5000,
 }
 VAMPPRIOR = {"prior": "vamp", "prior_components": 500, "prior_init": "data"}
-# the Exemplar VAE's prior: exemplar subsampling with 25,000 of the 50,000 training images per step (the
-# authors' code: number_components=25000, approximate_prior=False, leave-one-out on)
-EXEMPLAR = {"prior": "exemplar", "exemplar_subset": 25_000}
 # the authors' code where it differs from pyro-vae's defaults (the table above)
 AUTHORS = {"weight_init": "he", "optimizer": "adam-normgrad", "heldout": "authors",
            "early_stop_rule": "authors", "encoder_scale": "clamped-logvar"}
 VAMPPRIOR_AUTHORS = {**VAMPPRIOR, "prior_init": "authors", "pseudo_inputs": "hardtanh"}
+# the Exemplar VAE's prior: exemplar subsampling with 25,000 of the 50,000 training images per step (the
+# authors' code: number_components=25000, approximate_prior=False, leave-one-out on)
+EXEMPLAR = {"prior": "exemplar", "exemplar_subset": 25_000}
 
 
 @dataclass(frozen=True)

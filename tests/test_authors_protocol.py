@@ -299,6 +299,13 @@ def test_clamped_logvar_reaches_the_vamp_prior_components():
     assert torch.allclose(vae.prior().scale, torch.full((3, 2), math.exp(-3.0)))
 
 
+@pytest.mark.parametrize("model", [{"model": "m2", "labels": 100}, {"model": "hvae"}])
+def test_clamped_logvar_is_refused_where_the_encoder_is_not_the_vaes(model):
+    """M2 and the HVAE build their own encoders, which the option would silently not reach."""
+    with pytest.raises(InputError, match="applies to the VAE's encoder"):
+        Config.from_dict({**model, "encoder_scale": "clamped-logvar"})
+
+
 # -- 6. Pseudo-inputs through Hardtanh(0, 1), started at N(0.05, 0.01^2) --------------------------
 
 def test_hardtanh_pseudo_inputs_stay_in_0_1_and_the_encoder_sees_them_clamped():
