@@ -104,11 +104,11 @@ def test_a_grid_worker_holds_its_run_while_it_trains_and_evaluates(digits_run, t
     proc = hold_lock(run)
     try:
         with pytest.raises(InputError, match="is being written by"):
-            grid_module._job(str(run), settings, "trained", 2, False)
+            grid_module._job(str(run), settings, "trained", 2, False, None, "grid")
     finally:
         _kill_9(proc)
     assert not (run / "eval.json").exists()
-    assert grid_module._job(str(run), settings, "trained", 2, False).startswith("evaluated")
+    assert grid_module._job(str(run), settings, "trained", 2, False, None, "grid").startswith("evaluated")
 
 
 def test_the_lock_is_reentrant_and_released_on_exit_and_on_errors(tmp_path):
