@@ -92,16 +92,18 @@ class Registry(Mapping[str, Callable]):
     def _add(self, name: str, factory: Callable) -> None:
         self._check_callable(name, factory)
         taken_by = self._entries.get(name, factory)
-        if taken_by is not factory and (name in self.builtins or _origin(taken_by) != _origin(factory)):
-            taken = "built in" if name in self.builtins else f"by {_origin(taken_by)}"
+        origin = self._origin
+        if taken_by is not factory and (name in self.builtins or origin(taken_by) != origin(factory)):
+            taken = "built in" if name in self.builtins else f"by {origin(taken_by)}"
             raise InputError(f"{self.kind} name {name!r} is already taken ({taken}); register yours "
                              "under another name")
         self._entries[name] = factory
 
-
-def _origin(factory: Callable) -> str:
-    """'module.qualname' of a factory, for messages."""
-    return f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
+    @staticmethod
+    def _origin(factory: Callable) -> str:
+        """'module.qualname' of a factory, for messages (the same definition registered again may
+        replace the old one)."""
+        return f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
 
 
 def load_plugin(module: str):

@@ -26,13 +26,6 @@ from .conftest import N_SE
 SHAPE = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def fresh_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-
-
 @pytest.fixture(scope="module")
 def digits():
     """Binarized digits (8 x 8), train and test, with labels."""

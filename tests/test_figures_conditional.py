@@ -21,13 +21,6 @@ from pyro_vae.models.nn_baseline import build_baseline
 SHAPE = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def fresh_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-
-
 def test_completions_show_the_given_pixels_in_every_column_and_differ_between_draws(tmp_path):
     torch.manual_seed(0)
     base = build_baseline(SHAPE, "quadrants:1", hidden=(16,))

@@ -232,20 +232,11 @@ class KindRegistry(Registry):
             raise InputError(f"model kind {name!r} must be a pyro_vae.models.ModelKind (an instance of a "
                              f"subclass), not {type(factory).__name__}")
 
-    def _add(self, name: str, factory: Callable) -> None:
-        self._check_callable(name, factory)
-        taken_by = self._entries.get(name, factory)
-        if taken_by is not factory and (name in self.builtins or _origin(taken_by) != _origin(factory)):
-            taken = "built in" if name in self.builtins else f"by {_origin(taken_by)}"
-            raise InputError(f"model name {name!r} is already taken ({taken}); register yours under "
-                             "another name")
-        self._entries[name] = factory
-
-
-def _origin(kind: object) -> str:
-    """'module.qualname' of a kind's class, for messages (a re-registered kind of the same class may
-    replace the old one)."""
-    return f"{type(kind).__module__}.{type(kind).__qualname__}"
+    @staticmethod
+    def _origin(kind: object) -> str:
+        """'module.qualname' of a kind's class, for messages (a re-registered kind of the same class may
+        replace the old one)."""
+        return f"{type(kind).__module__}.{type(kind).__qualname__}"
 
 
 MODEL_KINDS = KindRegistry()
