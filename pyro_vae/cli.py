@@ -30,6 +30,7 @@ from .latents import SPLITS, encode_run, interpolate_run
 from .models.kind import model_kind
 from .presets import describe_presets, preset_settings
 from .registry import load_plugins
+from .renames import add_renamed_flag
 from .report import MARKDOWN, report
 from .run_dir import EVAL, check_data_shape, load_model, model_stamp, read_config
 from .run_lock import run_lock
@@ -92,7 +93,7 @@ HELP = {
     "lr": "Adam learning rate (default 1e-3)",
     "seed": "random seed (default 0)",
     "device": "auto (default: cuda if available) | cpu | cuda",
-    "eval_k": "importance samples for the final log p(x) in summary.json (default 100)",
+    "eval_k": "importance samples per example for the final log p(x) in summary.json (default 100)",
     "checkpoint_every": "also checkpoint every M minutes inside an epoch (default 10; 0: epoch ends only)",
     "clip_grad": "clip the gradient norm to this value (default: no clipping)",
     "workers": "read an image-folder dataset batch by batch with N DataLoader worker processes instead of "
@@ -192,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="test ELBO, log p(x), KL, active units -> RUN/eval.json")
     evaluate.add_argument("run", help="a run directory written by `pyro-vae train`")
-    evaluate.add_argument("--k", type=int, default=5000, help="importance samples per example (default 5000)")
+    evaluate.add_argument("--eval-k", type=int, default=5000, help="importance samples per example for log "
+                          "p(x) (default 5000)")
+    add_renamed_flag(evaluate, "--k", "--eval-k", type=int)
     evaluate.add_argument("--test-size", type=int, default=None, help="evaluate on the first N test examples")
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -221,12 +224,14 @@ def _add_compare_parser(sub) -> None:
     compare.add_argument("--estimators", nargs="+", metavar="NAME[:K]", default=None,
                          help="estimators to compare, NAME or NAME:K (e.g. mc iwae:50); default: all (for an "
                               "M2 run: enum score relaxed)")
-    compare.add_argument("--particles-list", type=int, nargs="+", default=[1, 5, 50], metavar="K",
-                         help="particles K for each bare NAME (default 1 5 50)")
+    compare.add_argument("--particles", type=int, nargs="+", default=[1, 5, 50], metavar="K",
+                         help="K, the samples of z per example, for each bare NAME (default 1 5 50)")
+    add_renamed_flag(compare, "--particles-list", "--particles", type=int, nargs="+")
     compare.add_argument("--repeats", type=int, default=100, help="draws per estimator (default 100)")
     compare.add_argument("--batch-size", type=int, default=64, help="test examples in the batch (default 64)")
-    compare.add_argument("--k-ref", type=int, default=1000,
-                         help="importance samples for the reference log p(x) (default 1000)")
+    compare.add_argument("--eval-k", type=int, default=1000,
+                         help="importance samples per example for the reference log p(x) (default 1000)")
+    add_renamed_flag(compare, "--k-ref", "--eval-k", type=int)
     compare.add_argument("--train-epochs", type=int, default=0, metavar="N",
                          help="also train the network from its initialization with each estimator for "
                               "N epochs and report the final log p(x) (default 0: off)")
@@ -344,12 +349,13 @@ def _load_run(run: str, device_name: str, test_size: int | None = None):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    _positive("k", args.k)
+    _positive("eval-k", args.eval_k)
     _positive("test-size", args.test_size)
-    result, config, _ = evaluate_run(args.run, args.k, args.test_size, args.device, progress=not args.quiet)
+    result, config, _ = evaluate_run(args.run, args.eval_k, args.test_size, args.device,
+                                     progress=not args.quiet)
     kind = model_kind(config.model)
     print(f"{'metric':<22}{'per example':>18}{'std. error':>12}")
-    for name, label in kind.evaluation_rows(args.k):
+    for name, label in kind.evaluation_rows(args.eval_k):
         if name in result:
             print(f"{label:<22}{result[name]:>18.3f}{result[name + '_se']:>12.3f}")
     for line in kind.evaluation_notes(result, config):
@@ -370,7 +376,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     options = CompareOptions(
-        particles=args.particles_list, repeats=args.repeats, batch_size=args.batch_size, k_ref=args.k_ref,
+        particles=args.particles, repeats=args.repeats, batch_size=args.batch_size, eval_k=args.eval_k,
         train_epochs=args.train_epochs, pretrain_epochs=args.pretrain_epochs, seed=args.seed,
         device=args.device, progress=not args.quiet, temperature=args.temperature, estimators=args.estimators,
     )
@@ -392,7 +398,9 @@ def _add_diagnose_parser(sub) -> None:
                       help="test examples, drawn at random (default 100)")
     diag.add_argument("--mcmc-examples", type=int, default=5,
                       help="of those, how many get NUTS on z (default 5; 0: no MCMC)")
-    diag.add_argument("--k", type=int, default=5000, help="importance samples per example (default 5000)")
+    diag.add_argument("--eval-k", type=int, default=5000, help="importance samples per example for log p(x) "
+                      "(default 5000)")
+    add_renamed_flag(diag, "--k", "--eval-k", type=int)
     diag.add_argument("--svi-steps", type=int, default=500, help="SVI steps fitting each q* (default 500)")
     diag.add_argument("--num-samples", type=int, default=500, help="NUTS draws per chain (default 500)")
     diag.add_argument("--warmup", type=int, default=500, help="NUTS warm-up steps per chain (default 500)")
@@ -403,14 +411,14 @@ def _add_diagnose_parser(sub) -> None:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> None:
-    for name in ("n-examples", "k", "svi-steps", "num-samples", "warmup", "chains"):
+    for name in ("n-examples", "eval-k", "svi-steps", "num-samples", "warmup", "chains"):
         _positive(name, getattr(args, name.replace("-", "_")))
     with run_lock(args.run):  # one writer at a time
         config, vae, kind, data = _load_run(args.run, args.device)
         kind.refuse("diagnose", args.run)
         with torch_threads(config.threads):  # the run's --threads (NUTS on a few z gains nothing from more)
             result = diagnose(vae, data.test_x, n_examples=args.n_examples, mcmc_examples=args.mcmc_examples,
-                              k=args.k, svi_steps=args.svi_steps, num_samples=args.num_samples,
+                              eval_k=args.eval_k, svi_steps=args.svi_steps, num_samples=args.num_samples,
                               warmup=args.warmup, chains=args.chains, seed=args.seed, progress=not args.quiet)
         result.summary["model_checkpoint"] = model_stamp(Path(args.run))
         paths = write_report(result, Path(args.run))
@@ -458,8 +466,10 @@ def _add_grid_parser(sub) -> None:
                       "file's threads setting, else 1)")
     grid.add_argument("--tensorboard", action="store_true", help="TensorBoard events in each run "
                       "(tensorboard --logdir OUT shows them side by side)")
-    grid.add_argument("--k", type=int, default=100, help="importance samples per example in each run's "
-                      "evaluation (default 100)")
+    grid.add_argument("--eval-k", type=int, default=None, help="importance samples per example for each "
+                      "run's log p(x), at the end of training and in its evaluation (default: the grid "
+                      "file's eval_k setting, else 100)")
+    add_renamed_flag(grid, "--k", "--eval-k", type=int)
     _add_mlflow_flag(grid, "the grid file's name")
     grid.add_argument("--backend", choices=("local", "ray"), default="local", help="local (default): worker "
                       "processes on this machine; ray: each run a Ray Tune trial (needs pip install -e "
@@ -484,7 +494,7 @@ def cmd_grid(args: argparse.Namespace) -> None:
             raise InputError("--jobs is the local backend's; on Ray the cluster runs as many runs at a time "
                              "as its resources allow (--cpus-per-run, --gpus-per-run)")
         runs, failed, stopped = run_grid_ray(
-            args.file, args.out, args.k, args.threads, args.tensorboard, uri, args.address,
+            args.file, args.out, args.eval_k, args.threads, args.tensorboard, uri, args.address,
             1 if args.cpus_per_run is None else args.cpus_per_run,
             0 if args.gpus_per_run is None else args.gpus_per_run, args.scheduler)
     else:
@@ -493,7 +503,8 @@ def cmd_grid(args: argparse.Namespace) -> None:
             raise InputError(f"--{given[0].replace('_', '-')} is for --backend ray; the local backend runs "
                              "--jobs worker processes on this machine")
         jobs = 1 if args.jobs is None else args.jobs
-        runs, failed = run_grid(args.file, args.out, jobs, args.k, args.threads, args.tensorboard, mlflow=uri)
+        runs, failed = run_grid(args.file, args.out, jobs, args.eval_k, args.threads, args.tensorboard,
+                                mlflow=uri)
     if len(failed) + len(stopped) < len(runs):
         try:
             result = grid_report(runs, Path(args.out), failed, stopped)

@@ -58,6 +58,7 @@ from .models.kind import kind_of, model_kind
 from .models.vae import VAE
 from .plots import save_figure, subplots
 from .program import Program
+from .renames import renamed_keywords
 from .rng import forked_rng
 from .run_dir import build_from_config, load_model, model_stamp, read_config
 from .stats import mean_se
@@ -119,14 +120,14 @@ def estimate_stats(elbo: pyro.infer.ELBO, program: object, x: Tensor, repeats: i
     return stats if per_example is not None else {**stats, "note": BATCH_ONLY}
 
 
-def measure(program: object, x: Tensor, specs: Sequence[tuple[str, int]], repeats: int, k_ref: int,
+def measure(program: object, x: Tensor, specs: Sequence[tuple[str, int]], repeats: int, eval_k: int,
             seed: int = 0, progress: bool = False) -> dict:
     """The comparison on one model/guide pair and batch: the reference log p(x) and one row per
     (name, K)."""
     program = Program.of(program)
     pyro.set_rng_seed(seed)
-    log_px = iwae_log_px(program.model, program.guide, x, k_ref)
-    record: dict = {"n_examples": int(x.shape[0]), "repeats": repeats, "k_ref": k_ref, "seed": seed,
+    log_px = iwae_log_px(program.model, program.guide, x, eval_k)
+    record: dict = {"n_examples": int(x.shape[0]), "repeats": repeats, "k_ref": eval_k, "seed": seed,
                     "device": str(x.device), "log_px_ref": float(log_px.mean()),
                     "log_px_ref_se": mean_se(log_px)[1]}
     if any(name == "analytic" for name, _ in specs):
@@ -171,10 +172,10 @@ def _model(run: Path | None, config_file: Path | None, config: Config, out: Path
     return vae, data.test_x[: options.batch_size], described
 
 
-def train_each(config: Config, specs: Sequence[tuple[str, int]], epochs: int, out: Path, k_ref: int,
+def train_each(config: Config, specs: Sequence[tuple[str, int]], epochs: int, out: Path, eval_k: int,
                x: Tensor, progress: bool = True) -> dict[str, dict]:
     """Train the config's network from its initialization (same seed) with each estimator for `epochs`
-    epochs; per 'name K' label, the final log p(x) (IWAE, k_ref) on the batch x and the run's summary."""
+    epochs; per 'name K' label, the final log p(x) (IWAE, eval_k) on the batch x and the run's summary."""
     results = {}
     for name, k in specs:
         run = out / TRAIN_DIR / f"{name}-K{k}"
@@ -182,7 +183,7 @@ def train_each(config: Config, specs: Sequence[tuple[str, int]], epochs: int, ou
         summary = train(cfg, out=run, progress=progress, overwrite=True).summary
         _, vae = load_model(run, x.device)
         pyro.set_rng_seed(cfg.seed)
-        log_px = iwae_log_px(vae.model, vae.guide, x, k_ref)
+        log_px = iwae_log_px(vae.model, vae.guide, x, eval_k)
         results[f"{name} {k}"] = {
             "epochs": epochs, "run": str(run), "log_px": float(log_px.mean()),
             "log_px_se": mean_se(log_px)[1],
@@ -227,14 +228,14 @@ def _compare_estimators(run: str | Path | None, config_file: str | Path | None, 
         for name, k in specs:
             dataclasses.replace(config, estimator=name, particles=k, epochs=options.train_epochs).validate()
     vae, x, described = _model(run, config_file, config, out_dir, options, device)
-    record = compare(vae, x, options.estimators, options.particles, options.repeats, options.k_ref,
+    record = compare(vae, x, options.estimators, options.particles, options.repeats, options.eval_k,
                      options.seed, options.progress)
     record.update(model=described, dataset=config.dataset, prior=getattr(config, "prior", None))
     if run is not None and config_file is None:
         record["model_checkpoint"] = model_stamp(run)
     if options.train_epochs:
         del vae  # measured: the models trained next take its names in Pyro's param store, not its tensors
-        final = train_each(config, specs, options.train_epochs, out_dir, options.k_ref, x, options.progress)
+        final = train_each(config, specs, options.train_epochs, out_dir, options.eval_k, x, options.progress)
         for row in record["estimators"]:
             row["final"] = final[f"{row['estimator']} {row['particles']}"]
     return CompareResult(out_dir, record, write_comparison(record, out_dir))
@@ -247,25 +248,26 @@ def _describe(program: Program) -> str:
     return "/".join(getattr(fn, "__name__", type(fn).__name__) for fn in (program.model, program.guide))
 
 
+@renamed_keywords(k_ref="eval_k")
 def compare(program: object, x: Tensor, estimators: Sequence[str] | None = None,
-            particles: Sequence[int] = (1, 5, 50), repeats: int = 100, k_ref: int = 1000, seed: int = 0,
+            particles: Sequence[int] = (1, 5, 50), repeats: int = 100, eval_k: int = 1000, seed: int = 0,
             progress: bool = False) -> dict:
     """Compare ELBO estimators on the model/guide pair `program` (our VAE, an object with .model and
     .guide, a (model, guide) tuple or a Program) and the batch x: the record compare.json holds (a
-    reference log p(x) by IWAE with k_ref draws, and per estimator NAME or NAME:K (default: every
+    reference log p(x) by IWAE with eval_k draws, and per estimator NAME or NAME:K (default: every
     registered one), K from `particles` for a bare NAME: value spread and bias over `repeats` draws,
     gradient variance and SNR of the guide's ("encoder") and the model's ("decoder") parameters, time;
     or a note, see the module's docstring). write_comparison writes it. Seeded with `seed`, on forked
     generators: the caller's random state is as it was afterwards."""
     options = CompareOptions(estimators=list(estimators or ESTIMATORS), particles=list(particles),
-                             repeats=repeats, k_ref=k_ref, seed=seed, progress=progress)
+                             repeats=repeats, eval_k=eval_k, seed=seed, progress=progress)
     options.validate()
     program = Program.of(program)
     with forked_rng(x.device):  # tracing the pair draws too
         program.sites(x)
         kind_of(program).refuse("compare", _describe(program))
         specs = parse_specs(options.estimators, options.particles)
-        record = measure(program, x, specs, repeats, k_ref, seed, progress)
+        record = measure(program, x, specs, repeats, eval_k, seed, progress)
     return {"model": _describe(program), "dataset": None, **record}
 
 

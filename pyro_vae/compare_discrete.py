@@ -141,14 +141,14 @@ def parameter_groups(m2: M2) -> dict[str, list[Tensor]]:
             "decoder": [p for p in decoder if p.requires_grad]}
 
 
-def measure_m2(m2: M2, x: Tensor, names: list[str], repeats: int, k_ref: int, temperature: float,
+def measure_m2(m2: M2, x: Tensor, names: list[str], repeats: int, eval_k: int, temperature: float,
                baseline: Baseline, seed: int = 0, progress: bool = False) -> dict:
     """The comparison of the estimators `names` on the M2 and the unlabelled batch x: the record
     compare.json holds (rows as compare's, with a 'classifier' group, particles 1)."""
     m2.eval()
     pyro.set_rng_seed(seed)
-    log_px = iwae_log_px(m2.model, m2.guide, x, k_ref)
-    record: dict = {"kind": "m2", "n_examples": int(x.shape[0]), "repeats": repeats, "k_ref": k_ref,
+    log_px = iwae_log_px(m2.model, m2.guide, x, eval_k)
+    record: dict = {"kind": "m2", "n_examples": int(x.shape[0]), "repeats": repeats, "k_ref": eval_k,
                     "seed": seed, "device": str(x.device), "log_px_ref": float(log_px.mean()),
                     "log_px_ref_se": mean_se(log_px)[1],
                     "temperature": temperature, "labels": "none (every example unlabelled)"}
@@ -192,7 +192,7 @@ def compare_m2_run(run: Path, config: Config, out: Path, options: CompareOptions
             train_x = binarize(train_x, torch.Generator(device=train_x.device).manual_seed(options.seed))
         baseline = fit_baseline(m2, train_x)
         fitted = f"b(x) linear, fitted by least squares to log w on {train_x.shape[0]} training examples"
-    record = measure_m2(m2, x, names, options.repeats, options.k_ref, tau, baseline, options.seed,
+    record = measure_m2(m2, x, names, options.repeats, options.eval_k, tau, baseline, options.seed,
                         options.progress)
     record.update(model=f"{run} (M2, trained with --discrete {config.discrete})", dataset=config.dataset,
                   prior=config.prior, score_baseline=fitted, model_checkpoint=model_stamp(run))

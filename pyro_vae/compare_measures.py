@@ -52,7 +52,7 @@ class CompareOptions:
     particles: list[int] = field(default_factory=lambda: [1, 5, 50])  # K for a bare NAME
     repeats: int = 100
     batch_size: int = 64
-    k_ref: int = 1000
+    eval_k: int = 1000
     train_epochs: int = 0
     pretrain_epochs: int = 0
     seed: int = 0
@@ -62,7 +62,7 @@ class CompareOptions:
 
     def validate(self) -> None:
         """Raise InputError for values outside their range."""
-        for name in ("batch_size", "k_ref"):
+        for name in ("batch_size", "eval_k"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got "
                                  f"{getattr(self, name)}")
@@ -73,7 +73,7 @@ class CompareOptions:
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.particles or min(self.particles) < 1:
-            raise InputError(f"--particles-list needs positive integers, got {self.particles}")
+            raise InputError(f"--particles needs positive integers, got {self.particles}")
 
 
 def parameter_groups(program: object, x: Tensor) -> dict[str, list[Tensor]]:

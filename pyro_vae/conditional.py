@@ -28,6 +28,7 @@ from .data import batch_indices
 from .estimators import make_estimator
 from .evaluate import MAX_ELEMENTS, elbo_terms, iwae_log_px
 from .program import Program
+from .renames import renamed_keywords
 from .rng import seeded
 from .stats import mean_se
 
@@ -70,18 +71,19 @@ class ConditionalScores:
 
 
 @torch.no_grad()
-def score_conditional(program: object, x: Tensor, c: Tensor, k: int = 5000, elbo_samples: int = 10,
+@renamed_keywords(k="eval_k")
+def score_conditional(program: object, x: Tensor, c: Tensor, eval_k: int = 5000, elbo_samples: int = 10,
                       baseline: object | None = None, seed: int = 0,
                       progress: bool = False) -> ConditionalScores:
-    """The importance-sampled log p(x | c) (k draws), the ELBO and, given a `baseline` with
+    """The importance-sampled log p(x | c) (eval_k draws per example), the ELBO and, given a `baseline` with
     .log_likelihood(x, c) (nn_baseline.BaselineNet), its log p(x_m | c), per example; seeded (the
     caller's random state is left as it was)."""
     pair = Program.of(program)
     with seeded(seed, x.device):
-        log_lik = conditional_log_likelihood(pair, x, c, k, progress=progress)
+        log_lik = conditional_log_likelihood(pair, x, c, eval_k, progress=progress)
         elbo = elbo_terms(pair.model, pair.guide, x, elbo_samples, conditions=(c,))["elbo"]
     base = None if baseline is None else baseline.log_likelihood(x, c)
-    return ConditionalScores(log_lik, elbo, k, base)
+    return ConditionalScores(log_lik, elbo, eval_k, base)
 
 
 def fit_svi(program: object, x: Tensor, c: Tensor, epochs: int = 10, batch_size: int = 128,

@@ -15,6 +15,7 @@ from torch import Tensor
 from .device import resolve_device
 from .models.kind import PAIR, kind_of, model_kind
 from .program import Program
+from .renames import renamed_keywords
 from .run_dir import (
     EVAL,
     EVAL_EXAMPLES,
@@ -47,28 +48,30 @@ __all__ = ["ACTIVE_UNIT_THRESHOLD", "MAX_ELEMENTS", "PREDICT_BATCH", "active_uni
            "per_example", "summarize", "test_accuracy", "test_fingerprint", "write_evaluation"]
 
 
+@renamed_keywords(k="eval_k")
 @torch.no_grad()
-def per_example(program: object, x: Tensor, k: int = 5000, elbo_samples: int = 10,
+def per_example(program: object, x: Tensor, eval_k: int = 5000, elbo_samples: int = 10,
                 progress: bool = False) -> dict[str, Tensor]:
     """The per-example values behind `evaluate`, each of shape (N,), in nats, as the model's kind
     measures them (kind_of; ModelKind.per_example): for a VAE or a pair, "elbo" = "recon" - "kl" and
-    "log_px" (IWAE, k draws); for an autoencoder "recon" = log p(x | decoder(encoder(x))) and
+    "log_px" (IWAE, eval_k draws per example); for an autoencoder "recon" = log p(x | decoder(encoder(x))) and
     "mse" = ||x - mean of p(x|z)||^2 summed over pixels.
     `program`: a model/guide pair (Program.of); an InputError if it breaks the contract (e.g. a
     global latent, which cannot be scored per example)."""
     kind, program = kind_of(program), Program.of(program)
     program.sites(x)
-    return kind.per_example(program, x, k, elbo_samples, progress)
+    return kind.per_example(program, x, eval_k, elbo_samples, progress)
 
 
+@renamed_keywords(k="eval_k")
 @torch.no_grad()
-def evaluate(program: object, x: Tensor, k: int = 5000, elbo_samples: int = 10,
+def evaluate(program: object, x: Tensor, eval_k: int = 5000, elbo_samples: int = 10,
              progress: bool = False) -> dict[str, float]:
     """All evaluation metrics on x, in nats per example, with standard errors over examples (for an
     autoencoder: its reconstruction error, and None for the ELBO and log p(x)); `progress` shows a
     bar over the importance-sampling chunks, the long part. `program`: our VAE, an object with .model
     and .guide, a (model, guide) tuple or a Program; per_example gives the values behind the means."""
-    return summarize(program, x, per_example(program, x, k, elbo_samples, progress), k)
+    return summarize(program, x, per_example(program, x, eval_k, elbo_samples, progress), eval_k)
 
 
 @torch.no_grad()
@@ -106,7 +109,8 @@ def write_evaluation(run: str | Path, result: dict, values: dict[str, Tensor], x
     return eval_json, examples
 
 
-def evaluate_run(run: str | Path, k: int = 5000, test_size: int | None = None, device: str = "auto",
+@renamed_keywords(k="eval_k")
+def evaluate_run(run: str | Path, eval_k: int = 5000, test_size: int | None = None, device: str = "auto",
                  progress: bool = False, program: object | None = None) -> tuple[dict, object, object]:
     """Evaluate the model of a run directory on its test set (the first `test_size` examples, if given)
     and write RUN/eval.json and RUN/eval_examples.pt (write_evaluation); returns (result, config, model).
@@ -126,6 +130,6 @@ def evaluate_run(run: str | Path, k: int = 5000, test_size: int | None = None, d
         pair = Program.of(model)
         if kind.latent:
             pair.sites(data.test_x)
-        result, values = kind.evaluate(pair, data, k, progress)
+        result, values = kind.evaluate(pair, data, eval_k, progress)
         write_evaluation(run, result, values, data.test_x, model_stamp(run))
     return result, config, model

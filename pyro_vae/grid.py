@@ -30,6 +30,7 @@ from .board import check_available as check_tensorboard
 from .config import RESUMABLE, Config, load_config_file
 from .errors import InputError, TrainingError
 from .evaluate import evaluate_run
+from .renames import renamed_keywords
 from .report import MARKDOWN, report
 from .run_dir import CHECKPOINT, CONFIG, EVAL, SUMMARY, load_checkpoint, read_config, read_json
 from .run_lock import run_lock
@@ -109,9 +110,10 @@ def run_state(run: Path, settings: dict) -> str:
     return "done" if isinstance(stamp, dict) and stamp.get("step") == int(state["step"]) else "trained"
 
 
-def train_and_evaluate(run: str, settings: dict, state: str, k: int, tensorboard: bool,
+def train_and_evaluate(run: str, settings: dict, state: str, tensorboard: bool,
                        reporters: Sequence[object] = ()) -> str:
-    """In the process of a worker (local or Ray): train (or resume) the run and evaluate it, each of
+    """In the process of a worker (local or Ray): train (or resume) the run and evaluate it (with its
+    eval_k importance samples per example), each of
     `reporters` following the training (train's docstring) and a tracked run's evaluation logged to
     MLflow; returns a line saying what was done, or raises InputError/TrainingError."""
     config = Config.from_dict(settings)
@@ -122,29 +124,39 @@ def train_and_evaluate(run: str, settings: dict, state: str, k: int, tensorboard
             train(config, out=run, overwrite=True, **options)
         elif state == "partial":
             train(config, out=run, resume=True, **options)
-        result, _, _ = evaluate_run(run, k=k, device=config.device)
+        result, _, _ = evaluate_run(run, eval_k=config.eval_k, device=config.device)
     log_results(run, result, [Path(run) / EVAL])
     return f"{'trained' if state == 'new' else 'resumed' if state == 'partial' else 'evaluated'}: " \
            f"log p(x) {result['log_px']:.2f} nats"
 
 
-def _job(run: str, settings: dict, state: str, k: int, tensorboard: bool, mlflow: str | None,
+def _job(run: str, settings: dict, state: str, tensorboard: bool, mlflow: str | None,
          experiment: str) -> str:
     """A local worker's run: train_and_evaluate, tracked in MLflow at URI `mlflow` (if given)."""
     reporters = [MLflowTracker(mlflow, experiment)] if mlflow else []
-    return train_and_evaluate(run, settings, state, k, tensorboard, reporters)
+    return train_and_evaluate(run, settings, state, tensorboard, reporters)
 
 
-def run_grid(path: str | Path, out: str | Path, jobs: int = 1, k: int = 100, threads: int | None = None,
-             tensorboard: bool = False, echo: Callable[[str], None] = print,
+def overrides(threads: int | None, eval_k: int | None) -> dict | None:
+    """The settings the command line sets for every run of a grid (`threads`, `eval_k`), those given."""
+    given = {name: value for name, value in (("threads", threads), ("eval_k", eval_k)) if value}
+    return given or None
+
+
+@renamed_keywords(k="eval_k")
+def run_grid(path: str | Path, out: str | Path, jobs: int = 1, eval_k: int | None = None,
+             threads: int | None = None, tensorboard: bool = False, echo: Callable[[str], None] = print,
              mlflow: str | None = None) -> tuple[list[GridRun], list[str]]:
     """Train and evaluate every combination of the grid file into OUT/<name>, `jobs` worker processes
     at a time, each with its config's torch threads (`threads`, if given, for every run), importance-
-    sampling log p(x) with k draws. Returns the combinations and the names that failed (each line of
-    progress goes to echo); with tensorboard, each run writes TensorBoard events (board.py); with mlflow
-    (a tracking URI), each run is tracked in the MLflow experiment named after the grid file."""
-    check_options(jobs=jobs, k=k, threads=threads or 1, tensorboard=tensorboard, mlflow=mlflow)
-    runs, out = read_grid(path, {"threads": threads} if threads else None), Path(out)
+    sampling log p(x) with its config's eval_k draws per example (`eval_k`, if given, for every run:
+    at the end of training and in the evaluation). Returns the combinations and the names that failed
+    (each line of progress goes to echo); with tensorboard, each run writes TensorBoard events
+    (board.py); with mlflow (a tracking URI), each run is tracked in the MLflow experiment named after
+    the grid file."""
+    check_options(jobs=jobs, threads=threads or 1, tensorboard=tensorboard, mlflow=mlflow,
+                  **({} if eval_k is None else {"eval_k": eval_k}))
+    runs, out = read_grid(path, overrides(threads, eval_k)), Path(out)
     states = {r.name: run_state(out / r.name, r.settings) for r in runs}
     todo = [r for r in runs if states[r.name] != "done"]
     for r in runs:
@@ -155,8 +167,8 @@ def run_grid(path: str | Path, out: str | Path, jobs: int = 1, k: int = 100, thr
         out.mkdir(parents=True, exist_ok=True)
         context = multiprocessing.get_context("spawn")  # a clean process: no inherited torch threads, locks
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
-            futures = {r.name: pool.submit(_job, str(out / r.name), r.settings, states[r.name], k,
-                                           tensorboard, mlflow, Path(path).stem) for r in todo}
+            futures = {r.name: pool.submit(_job, str(out / r.name), r.settings, states[r.name], tensorboard,
+                                           mlflow, Path(path).stem) for r in todo}
             for name, future in futures.items():
                 try:
                     echo(f"{name}: {future.result()}")
@@ -167,7 +179,7 @@ def run_grid(path: str | Path, out: str | Path, jobs: int = 1, k: int = 100, thr
 
 
 def check_options(tensorboard: bool = False, mlflow: str | None = None, **counts: int) -> None:
-    """Refuse, before anything is written, a count (--jobs, --k, ...) that is not positive, TensorBoard
+    """Refuse, before anything is written, a count (--jobs, --eval-k, ...) that is not positive, TensorBoard
     events without tensorboard, and an MLflow tracking URI whose server does not answer."""
     for name, value in counts.items():
         if value < 1:

@@ -34,7 +34,8 @@ from types import SimpleNamespace
 
 from .epoch_report import EpochView, Reporter
 from .errors import InputError, TrainingError
-from .grid import GridRun, check_options, read_grid, run_state, train_and_evaluate
+from .grid import GridRun, check_options, overrides, read_grid, run_state, train_and_evaluate
+from .renames import renamed_keywords
 from .run_dir import METRICS, read_json, read_jsonl, write_json
 from .tracking import MLflowTracker, error_line, mark_stopped
 
@@ -79,7 +80,7 @@ class TuneReporter(Reporter):
         self.report(tune_row(row))
 
 
-def _trial(space: dict, out: str, settings: dict[str, dict], k: int, tensorboard: bool, mlflow: str | None,
+def _trial(space: dict, out: str, settings: dict[str, dict], tensorboard: bool, mlflow: str | None,
            experiment: str) -> None:
     """One Tune trial, in a Ray worker: train and evaluate run space["name"] (from its checkpoint when
     the trial is started again), reporting {LINE: what was done} at the end or {FAILED: message}."""
@@ -89,7 +90,7 @@ def _trial(space: dict, out: str, settings: dict[str, dict], k: int, tensorboard
     try:
         reporters = [*([MLflowTracker(mlflow, experiment)] if mlflow else []), TuneReporter(tune.report)]
         state = run_state(run, settings[name])  # a trial started again finds the checkpoint
-        line = train_and_evaluate(str(run), settings[name], state, k, tensorboard, reporters)
+        line = train_and_evaluate(str(run), settings[name], state, tensorboard, reporters)
     except (InputError, TrainingError) as err:
         tune.report({**tune_row(_last_row(run)), FAILED: str(err)})
         return
@@ -144,22 +145,25 @@ def _connect(ray, address: str | None) -> None:
                          ) from None
 
 
-def run_grid_ray(path: str | Path, out: str | Path, k: int = 100, threads: int | None = None,
+@renamed_keywords(k="eval_k")
+def run_grid_ray(path: str | Path, out: str | Path, eval_k: int | None = None, threads: int | None = None,
                  tensorboard: bool = False, mlflow: str | None = None, address: str | None = None,
                  cpus_per_run: float = 1, gpus_per_run: float = 0, scheduler: str | None = None,
                  echo: Callable[[str], None] = print) -> tuple[list[GridRun], list[str], dict[str, dict]]:
     """Train and evaluate every combination of the grid file into OUT/<name> as Ray Tune trials (see the
-    module's docstring); importance-sampling log p(x) with k draws; with mlflow (a tracking URI), each
-    run tracked in the MLflow experiment named after the grid file. Returns the combinations, the names
-    that failed, and the runs the scheduler stopped (name -> stopped.json's record), now or before."""
+    module's docstring); importance-sampling log p(x) as run_grid does (`eval_k`); with mlflow (a
+    tracking URI), each run tracked in the MLflow experiment named after the grid file. Returns the
+    combinations, the names that failed, and the runs the scheduler stopped (name -> stopped.json's
+    record), now or before."""
     m = _ray()
-    check_options(k=k, threads=threads or 1, tensorboard=tensorboard, mlflow=mlflow)
+    check_options(threads=threads or 1, tensorboard=tensorboard, mlflow=mlflow,
+                  **({} if eval_k is None else {"eval_k": eval_k}))
     if cpus_per_run <= 0 or gpus_per_run < 0:
         raise InputError(f"--cpus-per-run must be positive and --gpus-per-run at least 0, got {cpus_per_run} "
                          f"and {gpus_per_run}")
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise InputError(f"unknown --scheduler {scheduler!r}: choose among {', '.join(SCHEDULERS)}")
-    runs, out = read_grid(path, {"threads": threads} if threads else None), Path(out).resolve()
+    runs, out = read_grid(path, overrides(threads, eval_k)), Path(out).resolve()
     if scheduler and any(r.settings["validation_size"] is None for r in runs):
         raise InputError(f"--scheduler {scheduler} stops runs whose validation ELBO lags: give every run a "
                          "validation set (validation_size in the grid file's base)")
@@ -178,7 +182,7 @@ def run_grid_ray(path: str | Path, out: str | Path, k: int = 100, threads: int |
     _connect(m.ray, address)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        results = _tune(m, todo, out, Path(path).stem, k, tensorboard, mlflow, cpus_per_run, gpus_per_run,
+        results = _tune(m, todo, out, Path(path).stem, tensorboard, mlflow, cpus_per_run, gpus_per_run,
                         scheduler)
     finally:
         m.ray.shutdown()
@@ -203,12 +207,12 @@ def run_grid_ray(path: str | Path, out: str | Path, k: int = 100, threads: int |
     return runs, failed, stopped
 
 
-def _tune(m: SimpleNamespace, todo: list[GridRun], out: Path, grid: str, k: int, tensorboard: bool,
+def _tune(m: SimpleNamespace, todo: list[GridRun], out: Path, grid: str, tensorboard: bool,
           mlflow: str | None, cpus: float, gpus: float, scheduler: str | None) -> dict:
     """Run the combinations `todo` as Tune trials on the connected cluster; their results by name."""
     tune = m.tune
     settings = {r.name: _absolute_data_dir(r.settings) for r in todo}
-    trainable = functools.partial(_trial, out=str(out), settings=settings, k=k, tensorboard=tensorboard,
+    trainable = functools.partial(_trial, out=str(out), settings=settings, tensorboard=tensorboard,
                                   mlflow=mlflow, experiment=grid)
     asha = m.ASHAScheduler(time_attr="epoch", metric="validation_elbo", mode="max",
                            max_t=max(s["epochs"] for s in settings.values()), grace_period=1,

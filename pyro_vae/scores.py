@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .elbo import mean_field_terms
 from .iwae import weights
 from .program import Program
+from .renames import renamed_keywords
 from .stats import mean_se
 
 MAX_ELEMENTS = 2**24  # particles x examples x pixels per chunk: bounds memory (~64 MB a tensor)
@@ -40,21 +41,23 @@ def importance_chunks(x: Tensor, k: int, max_elements: int = MAX_ELEMENTS) -> li
 
 
 @torch.no_grad()
+@renamed_keywords(k="eval_k")
 def iwae_log_px(
-    model: Callable, guide: Callable, x: Tensor, k: int, max_elements: int = MAX_ELEMENTS,
+    model: Callable, guide: Callable, x: Tensor, eval_k: int, max_elements: int = MAX_ELEMENTS,
     progress: bool = False, conditions: tuple[Tensor, ...] = (),
 ) -> Tensor:
-    """Per-example IWAE estimate log p(x) ~ logsumexp_k(log w_k) - log k, with w_k = p(x, z_k) /
-    q(z_k|x); computed in chunks of particles and examples so memory stays bounded. Shape (N,).
+    """Per-example IWAE estimate log p(x) ~ logsumexp_k(log w_k) - log K over K = eval_k draws, with
+    w_k = p(x, z_k) / q(z_k|x); computed in chunks of particles and examples so memory stays bounded.
+    Shape (N,).
     `conditions`: tensors with one row per example, passed after x to model and guide (a conditional
     pair's c: then the estimate is of log p(x | c))."""
     dtype = x.dtype if x.is_floating_point() else None  # float64 data keep float64 weights
     log_sum = torch.full((x.shape[0],), -math.inf, device=x.device, dtype=dtype)
-    chunks = importance_chunks(x, k, max_elements)
-    for rows, draws in tqdm(chunks, desc=f"log p(x), k={k}", disable=not progress, leave=False):
+    chunks = importance_chunks(x, eval_k, max_elements)
+    for rows, draws in tqdm(chunks, desc=f"log p(x), k={eval_k}", disable=not progress, leave=False):
         lw = weights(model, guide, draws.stop - draws.start, x[rows], *(c[rows] for c in conditions)).log_w
         log_sum[rows] = torch.logaddexp(log_sum[rows], lw.logsumexp(0))
-    return log_sum - math.log(k)
+    return log_sum - math.log(eval_k)
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ def run_values(run: Path, seed: int = 0) -> dict[str, torch.Tensor]:
     the run's eval_k, as its summary was computed (seeded)."""
     config, vae = load_model(run)
     pyro.set_rng_seed(seed)
-    return per_example(vae, prepare_data(config).test_x, k=config.eval_k)
+    return per_example(vae, prepare_data(config).test_x, eval_k=config.eval_k)
 
 
 def assert_log_px_at_least_elbo(values: dict[str, torch.Tensor]) -> None:

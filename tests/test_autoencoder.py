@@ -69,6 +69,6 @@ def test_run_reports_reconstruction_error_and_no_bound(ae_run):
 
 
 def test_evaluate_says_there_is_no_bound(ae_run, capsys):
-    assert main(["evaluate", str(ae_run), "--k", "5"]) == 0
+    assert main(["evaluate", str(ae_run), "--eval-k", "5"]) == 0
     out = capsys.readouterr().out
     assert "squared error" in out and "no ELBO" in out and "log p(x), k=" not in out

@@ -61,7 +61,7 @@ def test_summary_reports_bounds_in_nats_per_example(digits_run):
 
 
 def test_evaluate_writes_eval_json_with_the_requested_k(digits_run, capsys):
-    assert main(["evaluate", str(digits_run), "--k", "50", "--test-size", "40", "--device", "cpu"]) == 0
+    assert main(["evaluate", str(digits_run), "--eval-k", "50", "--test-size", "40", "--device", "cpu"]) == 0
     result = json.loads((digits_run / "eval.json").read_text())
     assert {"test_elbo", "log_px", "kl", "recon", "active_units", "k", "n_examples"} <= set(result)
     assert result["k"] == 50 and result["n_examples"] == 40
@@ -72,7 +72,7 @@ def test_evaluate_writes_eval_json_with_the_requested_k(digits_run, capsys):
 
 @pytest.mark.parametrize("quiet", [False, True])
 def test_evaluate_shows_its_progress_unless_quiet(digits_run, capsys, quiet):
-    argv = ["evaluate", str(digits_run), "--k", "30", "--test-size", "20", "--device", "cpu"]
+    argv = ["evaluate", str(digits_run), "--eval-k", "30", "--test-size", "20", "--device", "cpu"]
     assert main(argv + ["--quiet"] * quiet) == 0
     assert ("log p(x), k=30" in capsys.readouterr().err) != quiet
 

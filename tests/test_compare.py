@@ -20,7 +20,7 @@ from pyro_vae.estimators import make_estimator
 from .conftest import unregister_all
 from .test_estimators import X0, XS, Tiny, TwoLatents
 
-SMALL = ["--repeats", "4", "--batch-size", "16", "--k-ref", "50", "--quiet"]
+SMALL = ["--repeats", "4", "--batch-size", "16", "--eval-k", "50", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def compared(digits_run, tmp_path_factory):
     """A copy of the session's digits run, compared with every estimator at K = 1 and 4."""
     run = tmp_path_factory.mktemp("compare") / "run"
     shutil.copytree(digits_run, run)
-    assert main(["compare", str(run), "--particles-list", "1", "4", *SMALL]) == 0
+    assert main(["compare", str(run), "--particles", "1", "4", *SMALL]) == 0
     return run, json.loads((run / "compare.json").read_text())
 
 
@@ -79,7 +79,7 @@ def test_compare_on_a_config_trains_each_estimator_and_reports_its_final_log_px(
     config.write_text("train_size: 100\ntest_size: 20\nhidden: [32]\nz_dim: 4\nbatch_size: 50\neval_k: 2\n")
     out = tmp_path / "out"
     argv = ["compare", "--config", str(config), "--out", str(out), "--estimators", "mc", "iwae:2",
-            "--train-epochs", "1", "--repeats", "3", "--batch-size", "8", "--k-ref", "10", "--quiet"]
+            "--train-epochs", "1", "--repeats", "3", "--batch-size", "8", "--eval-k", "10", "--quiet"]
     assert main(argv) == 0
     record = json.loads((out / "compare.json").read_text())
     assert "untrained" in record["model"]
@@ -95,8 +95,8 @@ BAD = [
     (["--estimators", "iwae:0"], "the number of particles after ':' must be a positive integer"),
     (["--estimators", "iwae:x"], "the number of particles after ':' must be a positive integer"),
     (["--repeats", "1"], "--repeats must be at least 2"),
-    (["--k-ref", "0"], "--k-ref must be a positive integer"),
-    (["--particles-list", "0"], "--particles-list needs positive integers"),
+    (["--eval-k", "0"], "--eval-k must be a positive integer"),
+    (["--particles", "0"], "--particles needs positive integers"),
     (["--pretrain-epochs", "2"], "--pretrain-epochs applies to --config"),
     (["--config", "CONFIG"], "either a run directory or --config FILE (not both)"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
@@ -192,7 +192,7 @@ def test_compare_measures_a_registered_elbo_through_its_own_loss():
     register_estimator("plain-mc", PlainELBO)
     register_estimator("renyi", _renyi)
     try:
-        record = compare(vae, x, particles=[1], repeats=5, k_ref=20)
+        record = compare(vae, x, particles=[1], repeats=5, eval_k=20)
     finally:
         unregister_all()
     rows = {row["estimator"]: row for row in record["estimators"]}
@@ -215,7 +215,7 @@ def test_an_estimator_that_refuses_the_pair_is_skipped_with_a_one_line_note(tmp_
     """IWAE refuses a guide whose latent site has no rsample; compare measures mc on it (Trace_ELBO's
     score-function gradient) and says in one line why IWAE was not measured."""
     module = TwoLatents(discrete=True)
-    record = compare(module, XS, estimators=["mc:2", "iwae:2"], repeats=3, k_ref=10)
+    record = compare(module, XS, estimators=["mc:2", "iwae:2"], repeats=3, eval_k=10)
     mc_row, iwae_row = record["estimators"]
     assert set(iwae_row) == {"estimator", "particles", "skipped"}
     assert "latent site of the guide reparameterized (rsample); site 'a' is not" in iwae_row["skipped"]
@@ -224,7 +224,7 @@ def test_an_estimator_that_refuses_the_pair_is_skipped_with_a_one_line_note(tmp_
     notes = [line for line in (tmp_path / "compare.md").read_text().splitlines() if line.startswith("- ")]
     assert notes == [f"- `iwae` K=2 not measured: {iwae_row['skipped']}"]
     assert json.loads((tmp_path / "compare.json").read_text())["estimators"][1] == iwae_row
-    nothing_measured = compare(module, XS, estimators=["iwae:2"], repeats=3, k_ref=10)
+    nothing_measured = compare(module, XS, estimators=["iwae:2"], repeats=3, eval_k=10)
     for path in write_comparison(nothing_measured, tmp_path / "none"):  # the files, the figures empty
         assert path.stat().st_size > 0
 

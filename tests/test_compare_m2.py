@@ -17,7 +17,7 @@ NO_LATENT = ["--labels", "50", "--epochs", "1", "--train-size", "400", "--test-s
              "--quiet"]
 TINY = [*NO_LATENT, "--eval-k", "20", "--z-dim", "4"]
 REPEATS, BATCH = 20, 32
-SMALL = ["--repeats", str(REPEATS), "--batch-size", str(BATCH), "--k-ref", "50", "--quiet"]
+SMALL = ["--repeats", str(REPEATS), "--batch-size", str(BATCH), "--eval-k", "50", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_a_bound_draw_sums_to_minus_the_estimators_loss(m2_run, name):
 
 def test_temperature_flag_and_one_estimator(m2_run, tmp_path):
     argv = ["compare", str(m2_run), "--estimators", "relaxed", "--temperature", "0.3", "--out", str(tmp_path),
-            "--repeats", "3", "--batch-size", "8", "--k-ref", "10", "--quiet"]
+            "--repeats", "3", "--batch-size", "8", "--eval-k", "10", "--quiet"]
     assert main(argv) == 0
     record = json.loads((tmp_path / "compare.json").read_text())
     assert [r["estimator"] for r in record["estimators"]] == ["relaxed"] and record["temperature"] == 0.3
@@ -169,7 +169,7 @@ def test_a_run_trained_relaxed_and_one_trained_with_score_bring_their_own_temper
                  "--temperature-final", "0.7", "--out", str(relaxed)]) == 0
     assert main(["train", "--model", "m2", *TINY, "--discrete", "score", "--out", str(score)]) == 0
     for run in (relaxed, score):
-        assert main(["compare", str(run), "--repeats", "3", "--batch-size", "8", "--k-ref", "10",
+        assert main(["compare", str(run), "--repeats", "3", "--batch-size", "8", "--eval-k", "10",
                      "--quiet"]) == 0
     assert json.loads((relaxed / "compare.json").read_text())["temperature"] == 0.7
     assert json.loads((score / "compare.json").read_text())["score_baseline"].startswith("the run's b(x)")

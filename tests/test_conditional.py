@@ -63,7 +63,7 @@ def test_with_a_rough_guide_the_estimate_nears_the_exact_value_from_below_and_be
     x, c = linear_data
     exact = exact_log_likelihood(x, c)
     pyro.set_rng_seed(0)
-    scores = score_conditional((linear_model, rough_guide), x, c, k=3000, elbo_samples=10)
+    scores = score_conditional((linear_model, rough_guide), x, c, eval_k=3000, elbo_samples=10)
     gap_is, gap_elbo = exact - scores.log_lik, exact - scores.elbo
     se = float(gap_is.std()) / math.sqrt(len(gap_is))
     assert float(gap_is.mean()) > -N_SE * se  # a lower bound in expectation
@@ -99,7 +99,7 @@ def test_the_importance_sampled_estimate_is_above_the_elbo_and_rises_with_k(digi
     repeats = 20  # E[estimate with k = 2] per example, as the mean of 20 independent estimates
     few = conditional_log_likelihood(cvae, x.repeat(repeats, 1, 1, 1), c.repeat(repeats, 1, 1, 1), k=2)
     few = few.view(repeats, -1).mean(0)
-    scores = score_conditional(cvae, x, c, k=500, seed=1)
+    scores = score_conditional(cvae, x, c, eval_k=500, seed=1)
     mean, se = _paired(scores.log_lik, scores.elbo)
     assert mean > N_SE * se, (mean, se)
     mean, se = _paired(scores.log_lik, few)
@@ -108,7 +108,7 @@ def test_the_importance_sampled_estimate_is_above_the_elbo_and_rises_with_k(digi
 
 def test_the_cvae_beats_the_baseline_on_the_conditional_log_likelihood_of_digits(digits_quadrants):
     cvae, base, x, c = digits_quadrants
-    scores = score_conditional(cvae, x, c, k=500, baseline=base)
+    scores = score_conditional(cvae, x, c, eval_k=500, baseline=base)
     summary = scores.summary()
     assert summary["log_lik_minus_baseline"] > 3 * summary["log_lik_minus_baseline_se"], summary
     mean, se = _paired(scores.log_lik, scores.baseline)
@@ -121,7 +121,7 @@ def test_scoring_leaves_the_callers_random_state_as_it_was(digits_quadrants):
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    score_conditional(cvae, x[:10], c[:10], k=5)
+    score_conditional(cvae, x[:10], c[:10], eval_k=5)
     assert torch.equal(torch.rand(3), expected)
 
 

@@ -37,7 +37,7 @@ def test_train_evaluate_and_sample_on_the_gpu(tmp_path, graph):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["device"].startswith("cuda")
     assert summary["cuda_graph"] is (graph != "off")  # auto: the graph, for our own VAE on one GPU
-    assert main(["evaluate", str(run), "--k", "50", "--device", "cuda"]) == 0
+    assert main(["evaluate", str(run), "--eval-k", "50", "--device", "cuda"]) == 0
     assert_log_px_at_least_elbo(torch.load(run / "eval_examples.pt", weights_only=True))
     assert main(["sample", str(run), "--device", "cuda"]) == 0
     assert (run / "samples.png").stat().st_size > 1000

@@ -66,7 +66,7 @@ def linear_gaussian():
     vae = lg.vae(lg.encoder(shift=0.8, widen=1.4))
     pyro.set_rng_seed(2)
     x = vae.model(n=8).detach()
-    result = diagnose(vae, x, n_examples=8, mcmc_examples=2, k=4000, svi_steps=400, num_samples=200,
+    result = diagnose(vae, x, n_examples=8, mcmc_examples=2, eval_k=4000, svi_steps=400, num_samples=200,
                       warmup=100, chains=2, seed=0)
     return lg, vae, x, result
 
@@ -188,7 +188,7 @@ def test_khat_is_low_for_a_good_q_and_high_for_a_bad_one(shift, widen, bad):
     vae = lg.vae(lg.encoder(shift=shift, widen=widen))
     pyro.set_rng_seed(3)
     x = vae.model(n=10).detach()
-    result = diagnose(vae, x, n_examples=10, mcmc_examples=0, k=2000, svi_steps=1, seed=1)
+    result = diagnose(vae, x, n_examples=10, mcmc_examples=0, eval_k=2000, svi_steps=1, seed=1)
     khat, share = result.per_example["khat"], result.summary["psis"]["share_above_threshold"]
     if bad:
         assert torch.all(khat > KHAT_THRESHOLD) and share == 1.0
@@ -200,7 +200,7 @@ def test_khat_is_low_for_a_good_q_and_high_for_a_bad_one(shift, widen, bad):
 
 # ------------------------------------------------------------------ a trained model, via the CLI
 
-DIAGNOSE = ["--n-examples", "40", "--mcmc-examples", "2", "--k", "1000", "--svi-steps", "200",
+DIAGNOSE = ["--n-examples", "40", "--mcmc-examples", "2", "--eval-k", "1000", "--svi-steps", "200",
             "--num-samples", "50", "--warmup", "50", "--quiet"]
 
 
@@ -254,7 +254,7 @@ def test_diagnose_writes_json_markdown_figures_and_netcdf(diagnosed_run):
     (["--n-examples", "0"], "--n-examples must be a positive integer"),
     (["--n-examples", "5", "--mcmc-examples", "6"], "--mcmc-examples must be between 0 and"),
     (["--n-examples", "100000"], "--n-examples must be between 1 and the 120 test examples"),
-    (["--k", "1"], "--k must be at least 2"),
+    (["--eval-k", "1"], "--eval-k must be at least 2"),
     (["--chains", "0"], "--chains must be a positive integer"),
 ])
 def test_bad_diagnose_input_is_one_line_and_exit_2(digits_run, flags, message, capsys):

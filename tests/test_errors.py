@@ -103,7 +103,7 @@ def fixtures(tmp_path_factory, digits_run):
     (f / "grid_refused.yaml").write_text("base: {beta: 0.5}\nsweep: {estimator: [mc, iwae]}\n")
     (f / "grid_ok.yaml").write_text(base + "sweep: {seed: [0]}\n")
     shutil.copytree(digits_run, f / "run_no_seconds")  # evaluated, its epochs' wall times removed
-    assert main(["evaluate", str(f / "run_no_seconds"), "--k", "2", "--quiet"]) == 0
+    assert main(["evaluate", str(f / "run_no_seconds"), "--eval-k", "2", "--quiet"]) == 0
     metrics = [json.loads(line) for line in (f / "run_no_seconds" / "metrics.jsonl").read_text().splitlines()]
     (f / "run_no_seconds" / "metrics.jsonl").write_text(
         "".join(json.dumps({k: v for k, v in m.items() if k != "seconds"}) + "\n" for m in metrics))
@@ -146,7 +146,7 @@ def _broken_runs(f: Path, digits_run: Path) -> None:
     (f / "run_bad_best" / "best.pt").write_bytes(b"PK\x03\x04 not a whole zip")
     evaluated = f / "run_evaluated"  # what report reads: eval.json and eval_examples.pt too
     shutil.copytree(digits_run, evaluated)
-    assert main(["evaluate", str(evaluated), "--k", "2", "--quiet"]) == 0
+    assert main(["evaluate", str(evaluated), "--eval-k", "2", "--quiet"]) == 0
     for name in ("run_bad_metrics", "run_bad_summary", "run_eval_list", "run_metrics_no_epoch",
                  "run_metrics_text", "run_eval_no_size", "run_eval_stamp"):
         shutil.copytree(evaluated, f / name)

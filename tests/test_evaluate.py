@@ -23,7 +23,7 @@ def trained(digits_run):
 def test_iwae_with_one_sample_equals_the_elbo_in_expectation(trained):
     vae, x = trained
     pyro.set_rng_seed(0)
-    iwae1 = torch.stack([iwae_log_px(vae.model, vae.guide, x, k=1) for _ in range(200)])  # (R, N)
+    iwae1 = torch.stack([iwae_log_px(vae.model, vae.guide, x, eval_k=1) for _ in range(200)])  # (R, N)
     elbo = elbo_terms(vae.model, vae.guide, x, samples=2000)["elbo"]  # analytic KL, 2000 samples
     # per example: the mean of 200 single-sample bounds vs a 2000-sample ELBO
     diff = iwae1.mean(0) - elbo
@@ -37,7 +37,7 @@ def test_iwae_rises_with_k_on_average(trained):
     pyro.set_rng_seed(1)
     means = []
     for k in (1, 10, 100, 1000):
-        estimates = torch.stack([iwae_log_px(vae.model, vae.guide, x, k=k) for _ in range(5)])
+        estimates = torch.stack([iwae_log_px(vae.model, vae.guide, x, eval_k=k) for _ in range(5)])
         means.append(float(estimates.mean()))
     assert means == sorted(means)
     assert means[-1] > means[0]
@@ -47,10 +47,10 @@ def test_chunking_keeps_the_estimate_and_its_shape(trained):
     vae, x = trained
     x = x[:6]
     pyro.set_rng_seed(2)
-    whole = torch.stack([iwae_log_px(vae.model, vae.guide, x, k=16) for _ in range(40)])
+    whole = torch.stack([iwae_log_px(vae.model, vae.guide, x, eval_k=16) for _ in range(40)])
     # 5 particles per chunk (the last one 1), one example per chunk
     chunked = torch.stack([
-        iwae_log_px(vae.model, vae.guide, x, k=16, max_elements=5 * x[0].numel()) for _ in range(40)
+        iwae_log_px(vae.model, vae.guide, x, eval_k=16, max_elements=5 * x[0].numel()) for _ in range(40)
     ])
     assert chunked.shape == whole.shape == (40, len(x))
     se = math.sqrt(float(whole.var(0).mean() + chunked.var(0).mean()) / (40 * len(x)))

@@ -36,20 +36,22 @@ def test_a_half_finished_grid_is_finished_and_a_finished_one_skipped(tmp_path, c
                  "40", "--hidden", "32", "--z-dim", "4", "--eval-k", "5", "--epochs", "1", "--quiet"]) == 0
     first_epoch = json.loads((partial / "metrics.jsonl").read_text().splitlines()[0])
     capsys.readouterr()
-    assert main(["grid", str(grid), "--out", str(out), "--jobs", "2", "--k", "5"]) == 0
+    assert main(["grid", str(grid), "--out", str(out), "--jobs", "2"]) == 0
     said = capsys.readouterr().out
     assert "prior-normal: trained" in said and "prior-learned: resumed" in said
     for name in ("prior-normal", "prior-learned"):
         rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in rows] == [1, 2]
-        assert json.loads((out / name / "eval.json").read_text())["model_checkpoint"]["epoch"] == 2
+        evaluation = json.loads((out / name / "eval.json").read_text())
+        assert evaluation["model_checkpoint"]["epoch"] == 2
+        assert evaluation["k"] == BASE["eval_k"]  # no --eval-k: the grid file's eval_k evaluates each run
     rows = [json.loads(line) for line in (partial / "metrics.jsonl").read_text().splitlines()]
     assert rows[0] == first_epoch  # continued, not started over
     report = json.loads((out / "report" / "report.json").read_text())["runs"]
     assert [r["run"] for r in report] == ["prior-normal", "prior-learned"]
     names = ("prior-normal", "prior-learned")
     checkpoints = {n: (out / n / "checkpoint.pt").stat().st_mtime_ns for n in names}
-    assert main(["grid", str(grid), "--out", str(out), "--k", "5"]) == 0
+    assert main(["grid", str(grid), "--out", str(out), "--eval-k", "5"]) == 0
     assert capsys.readouterr().out.count("done, skipped") == 2
     assert checkpoints == {n: (out / n / "checkpoint.pt").stat().st_mtime_ns for n in checkpoints}
 

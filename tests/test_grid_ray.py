@@ -71,7 +71,7 @@ def _metrics(run):
 def test_a_killed_trial_resumes_from_its_checkpoint_and_every_run_is_tracked(cluster, mlflow_uri, tmp_path):
     out = tmp_path / "out"
     grid = _grid_file(tmp_path / "sweep2x2.yaml", {"lr": [0.003, 0.001], "seed": [0, 1]})
-    process = _grid([str(grid), "--out", str(out), "--backend", "ray", "--address", cluster, "--k", "5",
+    process = _grid([str(grid), "--out", str(out), "--backend", "ray", "--address", cluster, "--eval-k", "5",
                      "--mlflow", mlflow_uri])
     try:
         epochs_at_kill = _kill_after_first_checkpoint(out / KILLED, process)
@@ -113,7 +113,7 @@ def test_asha_stops_a_bad_configuration_early_and_the_report_says_stopped(cluste
     grid = _grid_file(tmp_path / "asha.yaml", {"lr": [0.003, 1.0e-7]}, {**BASE, "epochs": 4})
     out = tmp_path / "out"
     # one trial at a time (2 CPUs each): the good one reaches every ASHA epoch first
-    args = [str(grid), "--out", str(out), "--backend", "ray", "--address", cluster, "--k", "5",
+    args = [str(grid), "--out", str(out), "--backend", "ray", "--address", cluster, "--eval-k", "5",
             "--scheduler", "asha", "--cpus-per-run", "2"]
     process = _grid(args)
     stdout, stderr = process.communicate(timeout=RUN_SECONDS)

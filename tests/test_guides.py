@@ -313,9 +313,9 @@ def test_evaluate_sample_and_diagnose_work_with_the_guide(guide, tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--guide", guide, "--epochs", "1", "--train-size", "100", "--test-size", "20",
                  "--eval-k", "5", "--hidden", "16", "--z-dim", "3", "--out", str(out), "--quiet"]) == 0
-    assert main(["evaluate", str(out), "--k", "10", "--quiet"]) == 0
+    assert main(["evaluate", str(out), "--eval-k", "10", "--quiet"]) == 0
     assert main(["sample", str(out), "--n", "4"]) == 0
-    assert main(["diagnose", str(out), "--n-examples", "2", "--mcmc-examples", "0", "--k", "20",
+    assert main(["diagnose", str(out), "--n-examples", "2", "--mcmc-examples", "0", "--eval-k", "20",
                  "--svi-steps", "3", "--quiet"]) == 0
     assert (out / "diagnose.json").is_file() and (out / "samples.png").is_file()
 

@@ -203,7 +203,7 @@ def test_compare_measures_every_estimator_over_both_sites(hvae_run):
     x = prepare_data(config).test_x[:16]
     with pytest.warns(UserWarning, match="no closed-form KL.*'z2'"):
         record = compare(hvae, x, estimators=["mc:1", "analytic:1", "stl:1", "iwae-dreg:2"], repeats=3,
-                         k_ref=20)
+                         eval_k=20)
     assert record["analytic_kl"] == {"analytic_kl_sites": ["z1"], "monte_carlo_kl_sites": ["z2"]}
     rows = {row["estimator"]: row for row in record["estimators"]}
     assert set(rows) == {"mc", "analytic", "stl", "iwae-dreg"}
@@ -213,7 +213,7 @@ def test_compare_measures_every_estimator_over_both_sites(hvae_run):
 
 def test_diagnose_runs_over_both_sites(hvae_run):
     """diagnose's NUTS and q* cover the latent (z2, z1): every coordinate of both sites, named."""
-    assert main(["diagnose", str(hvae_run), "--n-examples", "3", "--mcmc-examples", "1", "--k", "30",
+    assert main(["diagnose", str(hvae_run), "--n-examples", "3", "--mcmc-examples", "1", "--eval-k", "30",
                  "--svi-steps", "5", "--num-samples", "20", "--warmup", "20", "--chains", "1",
                  "--quiet"]) == 0
     record = json.loads((hvae_run / "diagnose.json").read_text())

@@ -283,7 +283,7 @@ def test_wall_time_sums_every_session_of_a_resumed_run(tmp_path, monkeypatch, cr
     assert rows[0]["seconds"] >= 7 * 0.25 and rows[1]["seconds"] >= 3 * 0.25
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train_seconds"] >= sum(r["seconds"] for r in rows) >= 10 * 0.25
-    assert main(["evaluate", str(run), "--k", "5", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--eval-k", "5", "--quiet"]) == 0
     assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
     table = json.loads((tmp_path / "report" / "report.json").read_text())["runs"]
     assert table[0]["train_seconds"] == summary["train_seconds"]

@@ -145,12 +145,12 @@ def test_a_plugin_kind_trains_evaluates_samples_compares_and_reports_from_the_co
     assert recorded["model"] == "two-site" and recorded["plugins"] == [PLUGIN]
     assert {"test_elbo", "test_recon"} <= set(json.loads((run / "metrics.jsonl").read_text().splitlines()[0]))
     assert (run / "samples.png").is_file() and not (run / "traversal.png").exists()  # the kind's figures
-    assert main(["evaluate", str(run), "--k", "5", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--eval-k", "5", "--quiet"]) == 0
     assert "test ELBO" in capsys.readouterr().out
     assert json.loads((run / "eval.json").read_text())["log_px"] < 0
     assert main(["sample", str(run), "--n", "4"]) == 0
-    assert main(["compare", str(run), "--estimators", "mc", "--particles-list", "1", "--repeats", "2",
-                 "--k-ref", "5", "--quiet"]) == 0
+    assert main(["compare", str(run), "--estimators", "mc", "--particles", "1", "--repeats", "2",
+                 "--eval-k", "5", "--quiet"]) == 0
     record = json.loads((run / "compare.json").read_text())
     assert record["estimators"][0]["estimator"] == "mc"
     assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0

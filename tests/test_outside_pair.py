@@ -62,11 +62,11 @@ def pyro_pair(digits):
 def test_evaluate_takes_pyros_example_pair_as_it_is(pyro_pair, digits):
     _, x, _ = digits
     pyro.set_rng_seed(1)
-    result = evaluate(pyro_pair, x, k=200)
+    result = evaluate(pyro_pair, x, eval_k=200)
     assert all(math.isfinite(result[key]) for key in ("test_elbo", "log_px", "kl", "recon"))
     # log p(x) >= ELBO per example: IWAE with k=200 lies between them, up to its noise
     pyro.set_rng_seed(1)
-    values = per_example(pyro_pair, x, k=200)
+    values = per_example(pyro_pair, x, eval_k=200)
     gap = values["log_px"] - values["elbo"]
     assert gap.mean() > -N_SE * gap.std() / math.sqrt(len(gap))
     assert result["test_elbo"] <= result["log_px"] + N_SE * float(gap.std()) / math.sqrt(len(gap))
@@ -76,13 +76,13 @@ def test_evaluate_takes_pyros_example_pair_as_it_is(pyro_pair, digits):
     # the pair as a (model, guide) tuple and as a Program: the same numbers from the same seed
     for program in ((pyro_pair.model, pyro_pair.guide), Program.of(pyro_pair)):
         pyro.set_rng_seed(1)
-        assert evaluate(program, x, k=200) == result
+        assert evaluate(program, x, eval_k=200) == result
 
 
 def test_compare_groups_the_guides_and_the_models_parameters_by_param_site(pyro_pair, digits, tmp_path):
     _, x, _ = digits
     record = compare(pyro_pair, x[:16], estimators=["mc", "analytic", "iwae:4"], particles=[1], repeats=3,
-                     k_ref=50)
+                     eval_k=50)
     assert [(r["estimator"], r["particles"]) for r in record["estimators"]] == [
         ("mc", 1), ("analytic", 1), ("iwae", 4)]
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
@@ -103,7 +103,7 @@ def test_compare_groups_the_guides_and_the_models_parameters_by_param_site(pyro_
 
 def test_diagnose_takes_pyros_example_pair_as_it_is(pyro_pair, digits, tmp_path):
     _, x, _ = digits
-    result = diagnose(pyro_pair, x, n_examples=6, mcmc_examples=2, k=200, svi_steps=30, num_samples=30,
+    result = diagnose(pyro_pair, x, n_examples=6, mcmc_examples=2, eval_k=200, svi_steps=30, num_samples=30,
                       warmup=30, chains=2, seed=0)
     assert result.nuts.z.shape == (2, 30, 2, Z_DIM)
     assert result.summary["mcmc"]["coordinates"] == [f"latent_{u}" for u in range(Z_DIM)]
@@ -215,7 +215,7 @@ def test_beta_scales_the_kl_of_every_latent_site_whatever_its_name(two_sites, es
 
 def test_diagnose_runs_nuts_over_both_latent_sites_and_fits_q_star_per_site(two_sites):
     pair, x = two_sites
-    result = diagnose(pair, x, n_examples=4, mcmc_examples=1, k=100, svi_steps=10, num_samples=20,
+    result = diagnose(pair, x, n_examples=4, mcmc_examples=1, eval_k=100, svi_steps=10, num_samples=20,
                       warmup=20, chains=1, seed=0)
     assert result.nuts.z.shape == (1, 20, 1, 5)
     assert result.summary["mcmc"]["coordinates"] == ["style_0", "style_1", "content_0", "content_1",
@@ -273,9 +273,9 @@ def _global_latent_pair():
 def test_a_global_latent_is_refused_in_one_line(entry, digits, tmp_path):
     x = digits[1][:8]
     calls = {
-        "evaluate": lambda pair: evaluate(pair, x, k=10),
-        "compare": lambda pair: compare(pair, x, estimators=["mc"], particles=[1], repeats=2, k_ref=5),
-        "diagnose": lambda pair: diagnose(pair, x, n_examples=4, mcmc_examples=0, k=10, svi_steps=1),
+        "evaluate": lambda pair: evaluate(pair, x, eval_k=10),
+        "compare": lambda pair: compare(pair, x, estimators=["mc"], particles=[1], repeats=2, eval_k=5),
+        "diagnose": lambda pair: diagnose(pair, x, n_examples=4, mcmc_examples=0, eval_k=10, svi_steps=1),
         "save_figures": lambda pair: save_figures(pair, x, tmp_path),
         "active_units": lambda pair: active_units(pair, x),
     }
@@ -326,9 +326,9 @@ def test_what_a_pair_cannot_offer_is_refused_in_one_line(entry, pair, message, d
     """The rows of docs/errors.md's table for model/guide pairs."""
     x = digits[1][:8]
     calls = {
-        "evaluate": lambda p: evaluate(p, x, k=10),
-        "compare": lambda p: compare(p, x, estimators=["mc"], particles=[1], repeats=2, k_ref=5),
-        "diagnose": lambda p: diagnose(p, x, n_examples=4, mcmc_examples=0, k=10, svi_steps=1),
+        "evaluate": lambda p: evaluate(p, x, eval_k=10),
+        "compare": lambda p: compare(p, x, estimators=["mc"], particles=[1], repeats=2, eval_k=5),
+        "diagnose": lambda p: diagnose(p, x, n_examples=4, mcmc_examples=0, eval_k=10, svi_steps=1),
     }
     with pytest.raises(InputError, match=message) as err:
         calls[entry](pair())

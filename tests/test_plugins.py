@@ -224,7 +224,7 @@ def test_plugin_flag_trains_a_run_that_records_and_reimports_the_plugin(plugin_p
     assert recorded["plugins"] == ["plugin_cli"] and recorded["binarize"] == "dynamic"
 
     forget_plugins()  # as in a new process: evaluate must import the plugin by itself
-    assert main(["evaluate", str(run), "--k", "5", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--eval-k", "5", "--quiet"]) == 0
     assert built("plugin_cli")["prior"] >= 1 and built("plugin_cli")["likelihood"] >= 1
     forget_plugins()
     with pytest.warns(UserWarning, match="training continues"):
@@ -249,8 +249,9 @@ def test_module_colon_factory_from_the_cli_needs_no_registration(plugin_path, tm
 
 @pytest.mark.parametrize("command", [
     ["sample", "--n", "4"],
-    ["compare", "--estimators", "mc:1", "--repeats", "2", "--batch-size", "4", "--k-ref", "10", "--quiet"],
-    ["diagnose", "--n-examples", "2", "--mcmc-examples", "0", "--k", "10", "--svi-steps", "2", "--quiet"],
+    ["compare", "--estimators", "mc:1", "--repeats", "2", "--batch-size", "4", "--eval-k", "10", "--quiet"],
+    ["diagnose", "--n-examples", "2", "--mcmc-examples", "0", "--eval-k", "10", "--svi-steps", "2",
+     "--quiet"],
 ])
 def test_every_command_that_rebuilds_the_model_imports_the_plugin(plugin_path, tmp_path, command, capsys):
     write_plugin(plugin_path, "plugin_every")
@@ -267,9 +268,9 @@ def test_a_run_trained_with_an_unrecorded_plugin_takes_it_as_a_flag(plugin_path,
     run = pyro_vae.train(Config(prior="laplace", epochs=1, hidden=[32], z_dim=4, train_size=200,
                                 test_size=50, eval_k=5), out=tmp_path / "run", progress=False).out
     forget_plugins()
-    assert main(["evaluate", str(run), "--k", "5", "--quiet"]) == 2
+    assert main(["evaluate", str(run), "--eval-k", "5", "--quiet"]) == 2
     assert "unknown prior 'laplace'" in capsys.readouterr().err
-    assert main(["evaluate", str(run), "--k", "5", "--quiet", "--plugin", "plugin_script"]) == 0
+    assert main(["evaluate", str(run), "--eval-k", "5", "--quiet", "--plugin", "plugin_script"]) == 0
     forget_plugins()
     with pytest.warns(UserWarning, match="training continues"):
         assert main(["train", "--resume", str(run), "--epochs", "2", "--plugin", "plugin_script",
@@ -283,8 +284,8 @@ def test_a_fresh_process_evaluates_a_plugin_run_from_pythonpath(plugin_path, tmp
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_path), str(root)]),
            "PYTHONDONTWRITEBYTECODE": "1"}
-    done = subprocess.run([sys.executable, "-m", "pyro_vae", "evaluate", str(run), "--k", "5", "--quiet"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "pyro_vae", "evaluate", str(run), "--eval-k", "5",
+                           "--quiet"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "log p(x), k=5" in done.stdout
 

@@ -142,7 +142,7 @@ def test_results_say_they_describe_best_pt_when_early_stopping_kept_one(tmp_path
     run = tmp_path / "run"
     assert main(["train", "--epochs", "3", "--validation-size", "50", "--early-stop", "5", "--out", str(run),
                  "--train-size", "200", "--test-size", "30", "--eval-k", "5", "--quiet"]) == 0
-    assert main(["evaluate", str(run), "--k", "5"]) == 0
+    assert main(["evaluate", str(run), "--eval-k", "5"]) == 0
     stamp = json.loads((run / "eval.json").read_text())["model_checkpoint"]
     best = torch.load(run / "best.pt", weights_only=True)
     assert stamp == {"checkpoint": "best.pt", "epoch": int(best["epoch"]), "step": int(best["step"])}

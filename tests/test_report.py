@@ -28,7 +28,7 @@ def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     runs = [_train(root / prior, "--epochs", "1", "--prior", prior) for prior in ("normal", "learned")]
     for run in runs:
-        assert main(["evaluate", str(run), "--k", "20", "--quiet"]) == 0
+        assert main(["evaluate", str(run), "--eval-k", "20", "--quiet"]) == 0
     return runs
 
 
@@ -53,7 +53,7 @@ def test_eval_json_records_the_checkpoint_epoch_and_step_it_describes(two_runs):
 def test_compare_records_the_model_it_measured(two_runs, tmp_path):
     out = tmp_path / "cmp"
     assert main(["compare", str(two_runs[0]), "--out", str(out), "--estimators", "mc", "--repeats", "3",
-                 "--batch-size", "8", "--k-ref", "5", "--quiet"]) == 0
+                 "--batch-size", "8", "--eval-k", "5", "--quiet"]) == 0
     assert json.loads((out / "compare.json").read_text())["model_checkpoint"]["epoch"] == 1
 
 
@@ -115,7 +115,7 @@ def test_report_refuses_a_run_that_was_not_evaluated(two_runs, tmp_path, capsys)
 def test_report_refuses_runs_evaluated_on_different_test_sets(two_runs, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(two_runs[1], other)
-    assert main(["evaluate", str(other), "--k", "5", "--test-size", "30", "--quiet"]) == 0
+    assert main(["evaluate", str(other), "--eval-k", "5", "--test-size", "30", "--quiet"]) == 0
     capsys.readouterr()
     assert main(["report", str(two_runs[0]), str(other), "--out", str(tmp_path / "rep")]) == 2
     err = capsys.readouterr().err
@@ -129,7 +129,7 @@ def test_report_refuses_runs_evaluated_on_different_test_sets(two_runs, tmp_path
 
 def test_resume_moves_the_older_models_results_aside_and_report_refuses_a_stale_evaluation(tmp_path, capsys):
     run = _train(tmp_path / "run", "--epochs", "1")
-    assert main(["evaluate", str(run), "--k", "5", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--eval-k", "5", "--quiet"]) == 0
     kept = tmp_path / "kept_eval.json"
     shutil.copy(run / "eval.json", kept)
     shutil.copy(run / "eval_examples.pt", tmp_path / "kept_examples.pt")
@@ -161,7 +161,7 @@ def test_report_pairs_the_accuracy_of_m2_and_the_classifier_on_the_same_test_exa
     clf = _train(tmp_path / "clf", "--epochs", "5", "--model", "classifier", "--labels", "20",
                  settings=NO_LATENT)
     for run in (m2, clf):
-        assert main(["evaluate", str(run), "--k", "5", "--quiet"]) == 0
+        assert main(["evaluate", str(run), "--eval-k", "5", "--quiet"]) == 0
     assert main(["report", str(m2), str(clf), "--out", str(tmp_path / "rep")]) == 0
     rows = json.loads((tmp_path / "rep" / "report.json").read_text())["runs"]
     a, b = (torch.load(run / "eval_examples.pt", weights_only=True)["correct"] for run in (m2, clf))

@@ -49,7 +49,7 @@ def _kill_9(proc: subprocess.Popen) -> None:
 def evaluated_run(digits_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(digits_run, run)
-    assert main(["evaluate", str(run), "--k", "2", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--eval-k", "2", "--quiet"]) == 0
     return run
 
 
@@ -62,7 +62,7 @@ def test_a_second_writer_is_refused_the_reader_is_not_and_a_killed_holder_blocks
         if HAS_PROC_LOCKS:
             assert holder(run) == proc.pid
         for argv in (["train", "--resume", str(run), "--epochs", "4", "--quiet"],
-                     ["evaluate", str(run), "--k", "2", "--quiet"],
+                     ["evaluate", str(run), "--eval-k", "2", "--quiet"],
                      ["sample", str(run), "--n", "4"],
                      ["train", "--epochs", "1", "--out", str(run), "--overwrite", *SMALL]):  # would empty it
             assert main(argv) == 2
@@ -99,16 +99,16 @@ def test_a_grid_worker_holds_its_run_while_it_trains_and_evaluates(digits_run, t
     shutil.copytree(digits_run, run)
     for result in ("eval.json", "eval_examples.pt"):  # other tests evaluate the shared run in place
         (run / result).unlink(missing_ok=True)
-    settings = train_module.Config.from_dict({"train_size": 400, "test_size": 120, "eval_k": 20,
+    settings = train_module.Config.from_dict({"train_size": 400, "test_size": 120, "eval_k": 2,
                                               "epochs": 3}).to_dict()
     proc = hold_lock(run)
     try:
         with pytest.raises(InputError, match="is being written by"):
-            grid_module._job(str(run), settings, "trained", 2, False, None, "grid")
+            grid_module._job(str(run), settings, "trained", False, None, "grid")
     finally:
         _kill_9(proc)
     assert not (run / "eval.json").exists()
-    assert grid_module._job(str(run), settings, "trained", 2, False, None, "grid").startswith("evaluated")
+    assert grid_module._job(str(run), settings, "trained", False, None, "grid").startswith("evaluated")
 
 
 def test_the_lock_is_reentrant_and_released_on_exit_and_on_errors(tmp_path):

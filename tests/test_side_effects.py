@@ -90,17 +90,17 @@ def _draws() -> tuple:
 
 
 def _compare(vae, x, run, tmp_path):
-    compare(vae, x[:8], estimators=["mc", "iwae"], particles=[2], repeats=2, k_ref=10, seed=5)
+    compare(vae, x[:8], estimators=["mc", "iwae"], particles=[2], repeats=2, eval_k=10, seed=5)
 
 
 def _compare_run(vae, x, run, tmp_path):
-    options = CompareOptions(estimators=["mc"], particles=[1], repeats=2, batch_size=8, k_ref=10, seed=5,
+    options = CompareOptions(estimators=["mc"], particles=[1], repeats=2, batch_size=8, eval_k=10, seed=5,
                              progress=False)
     compare_estimators(run, out=tmp_path / "compare", options=options)
 
 
 def _diagnose(vae, x, run, tmp_path):
-    diagnose(vae, x, n_examples=4, mcmc_examples=0, k=10, svi_steps=2, seed=5)
+    diagnose(vae, x, n_examples=4, mcmc_examples=0, eval_k=10, svi_steps=2, seed=5)
 
 
 @pytest.mark.parametrize("call", [_compare, _compare_run, _diagnose],
@@ -127,7 +127,7 @@ def test_train_and_diagnose_in_python_never_set_torch_threads(tmp_path, monkeypa
     config = Config(threads=3, epochs=1, hidden=[16], z_dim=2, train_size=100, test_size=20, eval_k=5)
     train(config, out=tmp_path / "run", progress=False)
     _, vae = load_model(digits_run)
-    diagnose(vae, prepare_data(read_config(digits_run)[0]).test_x, n_examples=2, mcmc_examples=1, k=10,
+    diagnose(vae, prepare_data(read_config(digits_run)[0]).test_x, n_examples=2, mcmc_examples=1, eval_k=10,
              svi_steps=2, num_samples=5, warmup=5, chains=1)
     assert calls == [] and torch.get_num_threads() == before
 
@@ -136,6 +136,6 @@ def test_the_command_line_runs_diagnose_with_the_runs_threads(tmp_path, monkeypa
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     run = shutil.copytree(digits_run, tmp_path / "run")
-    assert main(["diagnose", str(run), "--n-examples", "4", "--mcmc-examples", "0", "--k", "10",
+    assert main(["diagnose", str(run), "--n-examples", "4", "--mcmc-examples", "0", "--eval-k", "10",
                  "--svi-steps", "2", "--quiet"]) == 0
     assert calls == [read_config(run)[0].threads, torch.get_num_threads()]  # the run's, then restored

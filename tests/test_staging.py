@@ -43,12 +43,12 @@ def _fail(*args, **kwargs):
 
 
 @pytest.mark.parametrize("command, module, name", [
-    (["compare", "--particles-list", "1", "--estimators", "mc", "--repeats", "2", "--batch-size", "8",
-      "--k-ref", "10", "--quiet"], compare_measures, "plot_estimates"),
-    (["diagnose", "--n-examples", "2", "--mcmc-examples", "1", "--k", "20", "--svi-steps", "2",
+    (["compare", "--particles", "1", "--estimators", "mc", "--repeats", "2", "--batch-size", "8",
+      "--eval-k", "10", "--quiet"], compare_measures, "plot_estimates"),
+    (["diagnose", "--n-examples", "2", "--mcmc-examples", "1", "--eval-k", "20", "--svi-steps", "2",
       "--num-samples", "5", "--warmup", "5", "--chains", "1", "--quiet"], diagnose_report, "plot_posterior"),
     (["sample", "--n", "4"], plots, "plot_latent_map"),
-    (["evaluate", "--k", "5"], evaluate_module, "write_json"),
+    (["evaluate", "--eval-k", "5"], evaluate_module, "write_json"),
 ])
 def test_a_command_failing_at_its_last_file_leaves_the_run_unchanged(command, module, name, digits_run,
                                                                       tmp_path, monkeypatch):

@@ -37,5 +37,5 @@ def test_a_standard_error_over_one_example_is_nan_wherever_it_is_reported():
     data = SimpleNamespace(test_x=X0[:1], test_y=torch.zeros(1, dtype=torch.long))
     accuracy, accuracy_se = accuracy_of(model, data)
     assert accuracy == 1.0 and math.isnan(accuracy_se)
-    record = compare(Tiny(), X0[:1], estimators=["mc:1"], repeats=2, k_ref=4)
+    record = compare(Tiny(), X0[:1], estimators=["mc:1"], repeats=2, eval_k=4)
     assert isinstance(record["log_px_ref_se"], float) and math.isnan(record["log_px_ref_se"])

@@ -61,7 +61,7 @@ def test_a_run_written_before_time_budget_existed_still_evaluates_and_resumes(di
     config = _read(run, "config.json")
     del config["time_budget"]
     (run / "config.json").write_text(json.dumps(config))
-    assert main(["evaluate", str(run), "--k", "5", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--eval-k", "5", "--quiet"]) == 0
     with pytest.warns(UserWarning, match="result file"):  # the evaluation just made describes epoch 3
         assert main(["train", "--resume", str(run), "--epochs", "4", "--quiet"]) == 0
     assert _epochs(run)[-1] == 4

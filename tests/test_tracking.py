@@ -58,13 +58,13 @@ def test_a_tracked_run_holds_its_config_epochs_files_and_later_results(mlflow_ur
 
     # later results go to the same MLflow run: evaluate, compare, then a resume (tracking URI from the
     # environment)
-    assert main(["evaluate", str(run), "--k", "5", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--eval-k", "5", "--quiet"]) == 0
     evaluation = json.loads((run / "eval.json").read_text())
     mlrun = client.get_run(record["run_id"])
     assert mlrun.data.metrics["eval/log_px"] == evaluation["log_px"]
     assert "eval.json" in {a.path for a in client.list_artifacts(record["run_id"])}
     assert main(["compare", str(run), "--estimators", "mc", "analytic", "--repeats", "3", "--batch-size", "8",
-                 "--k-ref", "10", "--quiet"]) == 0
+                 "--eval-k", "10", "--quiet"]) == 0
     assert {"compare.json", "compare.md"} <= {a.path for a in client.list_artifacts(record["run_id"])}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     with pytest.warns(UserWarning, match="training continues: .* moved to"):  # evaluate's files are stale
@@ -125,7 +125,7 @@ def test_a_local_grid_tracks_every_run_in_an_experiment_named_after_the_grid(mlf
     grid, out = tmp_path / "mygrid.yaml", tmp_path / "out"
     grid.write_text(yaml.safe_dump({"base": {"train_size": 200, "test_size": 40, "hidden": [16], "z_dim": 2,
                                              "eval_k": 5, "epochs": 1}, "sweep": {"seed": [0, 1]}}))
-    args = [str(grid), "--out", str(out), "--k", "5", "--jobs", "2", "--mlflow", mlflow_uri]
+    args = [str(grid), "--out", str(out), "--eval-k", "5", "--jobs", "2", "--mlflow", mlflow_uri]
     assert main(["grid", *args]) == 0
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("mygrid").experiment_id])

@@ -135,7 +135,7 @@ def test_metrics_and_summary_are_in_nats_per_example(trained):
     assert summary["epochs"] == 2 and summary["steps"] == 8 and summary["n_examples"] == 64
     assert summary["test_elbo"] == pytest.approx(summary["recon"] - summary["kl"], abs=1e-3)
     pyro.set_rng_seed(0)
-    assert_log_px_at_least_elbo(per_example(pair, prepare_data(_config()).test_x, k=_config().eval_k))
+    assert_log_px_at_least_elbo(per_example(pair, prepare_data(_config()).test_x, eval_k=_config().eval_k))
     for figure in ("samples.png", "reconstructions.png", "traversal.png", "latent_map.png", "curves.png"):
         assert (out / figure).is_file(), figure
 
@@ -207,14 +207,14 @@ def test_report_on_a_pair_run_names_the_python_call_that_evaluates_it_and_that_c
     assert err.count("\n") == 1 and "pyro-vae evaluate" not in err, err
     hint = f"pyro_vae.evaluate_run({str(out)!r}, program=<the same pair>)"
     assert hint in err, err
-    result, _, evaluated = pyro_vae.evaluate_run(str(out), k=5, program=_pair(seed=1))
+    result, _, evaluated = pyro_vae.evaluate_run(str(out), eval_k=5, program=_pair(seed=1))
     for p, q in zip(pair.parameters(), evaluated.parameters(), strict=True):
         assert torch.equal(p, q)  # the run's parameters, not the fresh pair's
     assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     table = json.loads((tmp_path / "report" / "report.json").read_text())["runs"]
     assert table[0]["log_px"] == result["log_px"] and table[0]["n_examples"] == 64
     with pytest.raises(InputError, match="not a pair of yours"):  # and a pair for pyro-vae's VAE's run
-        pyro_vae.evaluate_run(digits_run, k=5, program=_pair())
+        pyro_vae.evaluate_run(digits_run, eval_k=5, program=_pair())
     assert main(["evaluate", str(out)]) == 2 and hint in capsys.readouterr().err  # evaluate's hint too
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..models.kind import kind_of
 from ..program import Program
+from ..renames import renamed_keywords
 from ..rng import forked_rng
 from ..stats import mean_se
 from .importance import (
@@ -84,7 +85,8 @@ def _check(program: Program, x: Tensor, n_examples: int, mcmc_examples: int, k: 
         raise InputError(f"--mcmc-examples must be between 0 and --n-examples ({n_examples}), "
                          f"got {mcmc_examples}")
     if k < 2:
-        raise InputError(f"--k must be at least 2 (k-hat and standard errors need several draws), got {k}")
+        raise InputError(f"--eval-k must be at least 2 (k-hat and standard errors need several draws), "
+                         f"got {k}")
 
 
 def sample_examples(n_total: int, n: int, seed: int) -> Tensor:
@@ -92,8 +94,9 @@ def sample_examples(n_total: int, n: int, seed: int) -> Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
+@renamed_keywords(k="eval_k")
 def diagnose(
-    program: object, x: Tensor, n_examples: int = 100, mcmc_examples: int = 5, k: int = 5000,
+    program: object, x: Tensor, n_examples: int = 100, mcmc_examples: int = 5, eval_k: int = 5000,
     svi_steps: int = 500, num_samples: int = 500, warmup: int = 500, chains: int = 2, seed: int = 0,
     progress: bool = False,
 ) -> Diagnosis:
@@ -105,10 +108,10 @@ def diagnose(
     the caller's random state is as it was afterwards."""
     program = Program.of(program)
     with forked_rng(x.device):  # checking the pair traces it: a draw too
-        _check(program, x, n_examples, mcmc_examples, k)
+        _check(program, x, n_examples, mcmc_examples, eval_k)
         pyro.set_rng_seed(seed)
-        return _diagnose(program, x, n_examples, mcmc_examples, k, svi_steps, num_samples, warmup, chains,
-                         seed, progress)
+        return _diagnose(program, x, n_examples, mcmc_examples, eval_k, svi_steps, num_samples, warmup,
+                         chains, seed, progress)
 
 
 def _diagnose(program: Program, x: Tensor, n_examples: int, mcmc_examples: int, k: int, svi_steps: int,
