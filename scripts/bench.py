@@ -3,7 +3,7 @@ in one process, side by side: median ms per step over interleaved repeats (warm-
 the ratio to the reference, the time of one epoch, peak memory; optionally IWAE evaluation time.
 
     python scripts/bench.py --device cpu --batch-size 128 --estimator mc analytic --json bench-cpu.json
-    python scripts/bench.py --device cuda --iwae-k 5000 --json bench-cuda.json
+    python scripts/bench.py --device cuda --eval-k 5000 --json bench-cuda.json
     OMP_NUM_THREADS=1 python scripts/bench.py --hidden 300 300 --z-dim 40 --batch-size 100 \
         --estimator mc --prior normal vamp      # the VampPrior step against the normal prior's
 
@@ -49,6 +49,7 @@ from pyro_vae.errors import InputError  # noqa: E402
 from pyro_vae.estimators import make_estimator  # noqa: E402
 from pyro_vae.evaluate import iwae_log_px  # noqa: E402
 from pyro_vae.model import build_vae  # noqa: E402
+from pyro_vae.renames import add_renamed_flag  # noqa: E402
 from pyro_vae.step import CUDAGraphStep, SVIStep  # noqa: E402
 
 Step = Callable[[Tensor], Tensor]
@@ -69,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per row first (default 10)")
     parser.add_argument("--epoch", action="store_true", help="also time one full epoch per row")
     parser.add_argument("--compile", action="store_true", help="add the compiled reference on CPU too")
-    parser.add_argument("--iwae-k", type=int, default=0, help="also time IWAE evaluation with K samples")
+    parser.add_argument("--eval-k", type=int, default=0, help="also time IWAE evaluation with K importance "
+                        "samples per example")
+    add_renamed_flag(parser, "--iwae-k", "--eval-k", type=int)
     parser.add_argument("--iwae-n", type=int, default=None,
                         help="test images for the IWAE timing (default: all on CUDA, 20 on CPU)")
     parser.add_argument("--pyro-example", action="store_true",
@@ -225,15 +228,15 @@ def bench_iwae(x_test: Tensor, args: argparse.Namespace, device: torch.device) -
     x = x_test[:n]
     pyro.set_rng_seed(0)
     vae = build_vae(tuple(x.shape[1:]), hidden=args.hidden, z_dim=args.z_dim).to(device).eval()
-    iwae_log_px(vae.model, vae.guide, x[:2], min(args.iwae_k, 100))  # warm-up
+    iwae_log_px(vae.model, vae.guide, x[:2], min(args.eval_k, 100))  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     synchronize(device)
     start = time.perf_counter()
-    iwae_log_px(vae.model, vae.guide, x, args.iwae_k)
+    iwae_log_px(vae.model, vae.guide, x, args.eval_k)
     synchronize(device)
     seconds = time.perf_counter() - start
-    return {"k": args.iwae_k, "images": n, "seconds": seconds,
+    return {"k": args.eval_k, "images": n, "seconds": seconds,
             "seconds_for_10000_images": seconds * 10000 / n,
             "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
 
@@ -302,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         for line in speedups(results["mc"]):
             print(line)
     out = {"meta": meta, "results": results}
-    if args.iwae_k:
+    if args.eval_k:
         out["iwae"] = iwae = bench_iwae(x_test, args, device)
         print(f"\nIWAE log p(x), k={iwae['k']}: {iwae['seconds']:.2f} s for {iwae['images']} test images "
               f"({iwae['seconds_for_10000_images']:.1f} s for 10,000)"

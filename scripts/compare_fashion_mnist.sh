@@ -12,4 +12,4 @@ if [ ! -f "$run/summary.json" ]; then
     --binarize dynamic --likelihood bernoulli --out "$run" --overwrite --quiet
 fi
 time pyro-vae compare "$run" --estimators mc:1 analytic:1 stl:1 iwae:1 iwae:5 iwae:50 iwae-dreg:5 \
-  iwae-dreg:50 --repeats 100 --batch-size 64 --k-ref 1000 --seed 0 --quiet "$@"
+  iwae-dreg:50 --repeats 100 --batch-size 64 --eval-k 1000 --seed 0 --quiet "$@"

@@ -6,7 +6,7 @@ OUT/results.json (every summary) and OUT/completions_N_seed.png; prints the tabl
 
     python scripts/cvae_quadrants.py --dataset digits --epochs 30 --out cvae-digits
     python scripts/cvae_quadrants.py --dataset fashion-mnist --hidden 500 500 --z-dim 200 --epochs 50 \
-        --k 5000 --device cuda --out cvae-fm
+        --eval-k 5000 --device cuda --out cvae-fm
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pyro_vae.device import resolve_device
 from pyro_vae.figures_conditional import plot_completions
 from pyro_vae.models.cvae import build_cvae
 from pyro_vae.models.nn_baseline import build_baseline
+from pyro_vae.renames import add_renamed_flag
 from pyro_vae.stats import mean_se
 
 
@@ -41,7 +42,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--estimator", default="mc", help="the CVAE's: mc, analytic, iwae, stl, iwae-dreg")
-    p.add_argument("--k", type=int, default=1000, help="importance samples per test example")
+    p.add_argument("--eval-k", type=int, default=1000, help="importance samples per test example")
+    add_renamed_flag(p, "--k", "--eval-k", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
@@ -59,7 +61,7 @@ def run_one(args: argparse.Namespace, x_train: torch.Tensor, x_test: torch.Tenso
     cvae = build_cvae(x_train.shape[1:], condition, args.hidden, args.z_dim, baseline=baseline)
     cvae = cvae.to(x_train.device)
     fit_svi(cvae, x_train, c_train, args.epochs, args.batch_size, args.lr, args.estimator, seed=seed)
-    summary = score_conditional(cvae, x_test, c_test, args.k, baseline=baseline, seed=seed).summary()
+    summary = score_conditional(cvae, x_test, c_test, args.eval_k, baseline=baseline, seed=seed).summary()
     plot_completions(cvae, x_test, c_test, out / f"completions_{given}_{seed}.png", baseline=baseline)
     return {"given": given, "seed": seed, **summary}
 
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> str:
         for seed in args.seeds:
             results.append(run_one(args, x_train, x_test, given, seed, out))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    text = table(results, args.k)
+    text = table(results, args.eval_k)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     (out / "table.md").write_text(text)
     print(text, end="")

@@ -12,5 +12,5 @@ shift || true
 if [ ! -f "$out/checkpoint.pt" ]; then
   time pyro-vae train --dataset fashion-mnist --hidden 300 300 --z-dim 40 --epochs 5 --out "$out" --quiet
 fi
-time OMP_NUM_THREADS=1 pyro-vae diagnose "$out" --n-examples 100 --k 2000 --svi-steps 300 \
+time OMP_NUM_THREADS=1 pyro-vae diagnose "$out" --n-examples 100 --eval-k 2000 --svi-steps 300 \
   --mcmc-examples 3 --num-samples 1000 --warmup 500 --quiet "$@"

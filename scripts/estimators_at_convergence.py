@@ -13,7 +13,7 @@ preset's KL warm-up (`--kl-anneal 0`; pyro-vae refuses it for them); the others 
 Each run is `pyro-vae train` in its own process with one torch thread (OMP_NUM_THREADS=1, --threads 1),
 JOBS at a time; a finished run (summary.json) is kept, an unfinished one (checkpoint.pt) is continued with
 --resume, so the script can be stopped and called again, across sessions, until the study is done. Each
-finished run is then evaluated (`pyro-vae evaluate RUN --k K`) unless its eval.json already describes its
+finished run is then evaluated (`pyro-vae evaluate RUN --eval-k K`) unless its eval.json already describes its
 final model with K samples. Writes OUT/estimators.md (printed) and OUT/estimators.json, and `pyro-vae
 report` of every run into OUT/report.
 
@@ -109,7 +109,7 @@ def train_one(args: argparse.Namespace, name: str, k: int, seed: int) -> None:
             return
         print(f"{out.name}: trained", flush=True)
     if not evaluated(out, args.eval_k):
-        if _call(pyro_vae("evaluate", str(out), "--k", str(args.eval_k), "--quiet"), Path(f"{out}.log"),
+        if _call(pyro_vae("evaluate", str(out), "--eval-k", str(args.eval_k), "--quiet"), Path(f"{out}.log"),
                  f"{out.name} (evaluate)"):
             print(f"{out.name}: evaluated with k = {args.eval_k}", flush=True)
 

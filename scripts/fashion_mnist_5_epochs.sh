@@ -7,4 +7,4 @@ out=${1:-runs/fm5}
 shift || true
 time pyro-vae train --dataset fashion-mnist --epochs 5 --hidden 300 300 --z-dim 40 \
   --binarize dynamic --likelihood bernoulli --out "$out" --quiet "$@"
-time pyro-vae evaluate "$out" --k 1000
+time pyro-vae evaluate "$out" --eval-k 1000

@@ -47,7 +47,7 @@ cat "$out/device.txt"
 
 step tests 150 $py -m pytest -m "cuda and not slow" -p no:cacheprovider -q -rs tests
 step bench 240 $py scripts/bench.py --device cuda --data-dir "$data" --batch-size 128 --estimator mc analytic \
-    --epoch --iwae-k 5000 --json "$out/bench-cuda.json"
+    --epoch --eval-k 5000 --json "$out/bench-cuda.json"
 step bench_example 150 $py scripts/bench.py --device cuda --data-dir "$data" --batch-size 256 --hidden 400 \
     --z-dim 50 --estimator mc --pyro-example --repeats 10 --json "$out/bench-example.json"
 for graph in off on; do

@@ -5,7 +5,7 @@ training step (a bench row: batch 128, --estimator mc). Prints a Markdown table 
 every run and its diagnosis, to OUT.
 
     nice -n 19 env OMP_NUM_THREADS=1 python scripts/guides_fashion_mnist.py --epochs 3 \
-        --test-size 1000 --k 1000 --diagnose-examples 20 --diagnose-k 1000 --svi-steps 200
+        --test-size 1000 --eval-k 1000 --diagnose-examples 20 --diagnose-eval-k 1000 --svi-steps 200
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pyro_vae import Config, train
 from pyro_vae.estimators import make_estimator
 from pyro_vae.evaluate import elbo_terms, iwae_log_px
 from pyro_vae.param_store import param_sites
+from pyro_vae.renames import add_renamed_flag
 from pyro_vae.run_dir import load_model
 from pyro_vae.train import prepare_data
 
@@ -99,11 +100,14 @@ def _paired(a: torch.Tensor, b: torch.Tensor) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--k", type=int, default=1000, help="importance samples for test log p(x)")
+    parser.add_argument("--eval-k", type=int, default=1000, help="importance samples per example for test "
+                        "log p(x)")
+    add_renamed_flag(parser, "--k", "--eval-k", type=int)
     parser.add_argument("--test-size", type=int, default=1000, help="first N test images")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--diagnose-examples", type=int, default=20)
-    parser.add_argument("--diagnose-k", type=int, default=1000)
+    parser.add_argument("--diagnose-eval-k", type=int, default=1000)
+    add_renamed_flag(parser, "--diagnose-k", "--diagnose-eval-k", type=int)
     parser.add_argument("--svi-steps", type=int, default=200)
     parser.add_argument("--bench-steps", type=int, default=10)
     parser.add_argument("--bench-repeats", type=int, default=5)
@@ -122,12 +126,13 @@ def main() -> None:
         run = out / name
         pyro.set_rng_seed(0)
         config = Config(dataset="fashion-mnist", hidden=[300, 300], z_dim=40, likelihood="bernoulli",
-                        binarize="dynamic", epochs=args.epochs, test_size=args.test_size, eval_k=args.k,
+                        binarize="dynamic", epochs=args.epochs, test_size=args.test_size, eval_k=args.eval_k,
                         device=args.device, **settings)
         s = train(config, out=run, progress=False, overwrite=True).summary
         subprocess.run([sys.executable, "-m", "pyro_vae", "diagnose", str(run), "--n-examples",
-                        str(args.diagnose_examples), "--mcmc-examples", "0", "--k", str(args.diagnose_k),
-                        "--svi-steps", str(args.svi_steps), "--device", args.device, "--quiet"], check=True)
+                        str(args.diagnose_examples), "--mcmc-examples", "0", "--eval-k",
+                        str(args.diagnose_eval_k), "--svi-steps", str(args.svi_steps), "--device",
+                        args.device, "--quiet"], check=True)
         bench = {"ms_per_step": ms_per_step(run, args.bench_steps, args.bench_repeats),
                  "threads": torch.get_num_threads()}
         (run / "bench.json").write_text(json.dumps(bench) + "\n")

@@ -23,6 +23,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pyro_vae.renames import add_renamed_flag
+
 ROWS = {  # label -> the settings of the row
     "enum + aux": ["--model", "m2", "--discrete", "enum", "--aux-loss", "{aux}"],
     "enum": ["--model", "m2", "--discrete", "enum"],
@@ -46,7 +48,7 @@ def command(args: argparse.Namespace, row: str, labels: int, seed: int) -> list[
         return [sys.executable, "-m", "pyro_vae", "train", "--resume", str(out), "--quiet"]
     epochs = args.classifier_epochs if row == "classifier" else args.epochs
     settings = [s.format(aux=args.aux_loss) for s in ROWS[row]]
-    latent = [] if row == "classifier" else ["--z-dim", str(args.z_dim), "--eval-k", str(args.k)]  # M2's z
+    latent = [] if row == "classifier" else ["--z-dim", str(args.z_dim), "--eval-k", str(args.eval_k)]  # M2 z
     cmd = [sys.executable, "-m", "pyro_vae", "train", "--dataset", args.dataset, "--data-dir", args.data_dir,
            *settings, "--labels", str(labels), "--seed", str(seed), "--epochs", str(epochs),
            "--hidden", *map(str, args.hidden), *latent, "--batch-size", str(args.batch_size),
@@ -160,7 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--z-dim", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--k", type=int, default=100, help="importance samples for the final log p(x)")
+    parser.add_argument("--eval-k", type=int, default=100, help="importance samples per example for the "
+                        "final log p(x)")
+    add_renamed_flag(parser, "--k", "--eval-k", type=int)
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--test-size", type=int, default=None)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pyro_vae import Config, train
 from pyro_vae.priors import DEFAULT_COMPONENTS
+from pyro_vae.renames import add_renamed_flag
 
 PRIORS = ("normal", "learned", "mog", "vamp")
 
@@ -20,7 +21,9 @@ PRIORS = ("normal", "learned", "mog", "vamp")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--k", type=int, default=1000, help="importance samples for log p(x)")
+    parser.add_argument("--eval-k", type=int, default=1000, help="importance samples per example for "
+                        "log p(x)")
+    add_renamed_flag(parser, "--k", "--eval-k", type=int)
     parser.add_argument("--test-size", type=int, default=None, help="first N test images (default all)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--prior-init", default="data", help="VampPrior pseudo-inputs: data | noise")
@@ -33,7 +36,7 @@ def main() -> None:
     for prior in args.priors:
         config = Config(dataset="fashion-mnist", hidden=[300, 300], z_dim=40, prior=prior,
                         likelihood="bernoulli", binarize="dynamic", epochs=args.epochs,
-                        test_size=args.test_size, eval_k=args.k, device=args.device,
+                        test_size=args.test_size, eval_k=args.eval_k, device=args.device,
                         prior_init=args.prior_init if prior == "vamp" else "noise")
         s = train(config, out=out / prior, progress=False, overwrite=True).summary
         print(f"{prior}: log p(x) {s['log_px']:.2f} nats", flush=True)

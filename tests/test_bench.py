@@ -46,7 +46,7 @@ def test_the_reference_has_pyro_vaes_loss_and_gradient(estimator, monkeypatch):
 def test_the_benchmark_reports_every_row_against_the_reference(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--dataset", "digits", "--hidden", "16", "--z-dim", "2", "--steps", "2", "--repeats", "3",
-                "--warmup", "2", "--epoch", "--iwae-k", "10", "--iwae-n", "4", "--json", str(out)])
+                "--warmup", "2", "--epoch", "--eval-k", "10", "--iwae-n", "4", "--json", str(out)])
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["meta"]["dataset"] == "digits" and result["meta"]["architecture"] == "64-16-2"

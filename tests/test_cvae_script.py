@@ -18,7 +18,7 @@ def test_the_table_holds_each_quadrant_counts_mean_over_seeds(tmp_path):
     out = tmp_path / "table"
     text = script.main(["--dataset", "digits", "--given", "1", "3", "--seeds", "0", "1", "--epochs", "1",
                         "--train-size", "200", "--test-size", "30", "--hidden", "16", "--z-dim", "2",
-                        "--k", "5", "--out", str(out)])
+                        "--eval-k", "5", "--out", str(out)])
     pyro.clear_param_store()
     results = json.loads((out / "results.json").read_text())["results"]
     assert [(r["given"], r["seed"]) for r in results] == [(1, 0), (1, 1), (3, 0), (3, 1)]

@@ -71,7 +71,7 @@ def test_the_study_trains_evaluates_tabulates_and_continues(tmp_path, monkeypatc
     assert again["analytic"]["diff_log_px"] == table["analytic"]["diff_log_px"]
     script.main(_study(out, eval_k=6))
     assert sorted(cmd[cmd.index("evaluate") + 1] for cmd in calls) == sorted(str(r) for r in runs.values())
-    assert all(cmd[-3:] == ["--k", "6", "--quiet"] for cmd in calls)
+    assert all(cmd[-3:] == ["--eval-k", "6", "--quiet"] for cmd in calls)
     waiting = (out / "estimators.md").read_text().splitlines()[-1]  # (the mock evaluated nothing)
     assert waiting.startswith("Not finished or not evaluated yet")
     assert all(r.name in waiting for r in runs.values())

@@ -41,7 +41,7 @@ def test_cells_are_mean_and_standard_error_over_seeds(tmp_path):
 def test_finished_runs_are_kept_and_interrupted_ones_resumed(tmp_path, monkeypatch):
     args = script.argparse.Namespace(
         out=tmp_path, dataset="digits", data_dir="data", epochs=1, classifier_epochs=2, aux_loss=5.0,
-        hidden=[8], z_dim=2, batch_size=64, lr=1e-3, k=2, train_size=None, test_size=None)
+        hidden=[8], z_dim=2, batch_size=64, lr=1e-3, eval_k=2, train_size=None, test_size=None)
     _write_summary(tmp_path, "enum", 20, 0, 0.5, -40.0)
     calls = []
     monkeypatch.setattr(script.subprocess, "run", lambda cmd, **_: calls.append(cmd) or
@@ -85,7 +85,7 @@ def test_every_rows_command_is_one_the_config_accepts(tmp_path):
 
     args = script.argparse.Namespace(
         out=tmp_path, dataset="digits", data_dir="data", epochs=1, classifier_epochs=2, aux_loss=5.0,
-        hidden=[8], z_dim=2, batch_size=64, lr=1e-3, k=2, train_size=None, test_size=None)
+        hidden=[8], z_dim=2, batch_size=64, lr=1e-3, eval_k=2, train_size=None, test_size=None)
     for row in script.ROWS:
         config = resolve_config(build_parser().parse_args(script.command(args, row, 20, 0)[3:]))
         assert config.model == ("classifier" if row == "classifier" else "m2")
