@@ -125,7 +125,7 @@ def evaluate_run(run: str | Path, k: int = 5000, test_size: int | None = None, d
         check_data_shape(run, data.shape)
         pair = Program.of(model)
         if kind.latent:
-            pair.sites(data.test_x)
+            pair.sites(data.test_x, *kind.conditions(model, data.test_x, data.test_y))
         result, values = kind.evaluate(pair, data, k, progress)
         write_evaluation(run, result, values, data.test_x, model_stamp(run))
     return result, config, model
