@@ -143,3 +143,15 @@ def test_a_resumed_cvae_run_keeps_its_baseline(tmp_path):
     after = load_model(tmp_path / "run")[1].baseline.state_dict()
     for name, value in before.items():
         torch.testing.assert_close(after[name], value)
+
+
+def test_a_cvae_run_logs_its_scalars_to_tensorboard(tmp_path):
+    """The board's pictures and active units need a condition it does not have: the scalars only."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = Config(model="cvae", condition="quadrants:2", dataset="digits", train_size=100, test_size=20,
+                    hidden=[8], z_dim=2, epochs=1, eval_k=2, device="cpu")
+    train(config, out=tmp_path / "run", progress=False, tensorboard=True)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert "test/elbo" in events.Tags()["scalars"] and not events.Tags()["images"]
