@@ -155,3 +155,23 @@ def test_a_cvae_run_logs_its_scalars_to_tensorboard(tmp_path):
     train(config, out=tmp_path / "run", progress=False, tensorboard=True)
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     assert "test/elbo" in events.Tags()["scalars"] and not events.Tags()["images"]
+
+
+def test_a_nan_in_the_cvae_decoder_stops_training_naming_the_step_and_site(tmp_path, capsys, monkeypatch):
+    """Fault location traces model and guide with the condition, as the step does."""
+    calls, real_forward = {"n": 0}, torch.nn.Sequential.forward
+
+    def poisoned(self, x):
+        y = real_forward(self, x)
+        if x.shape[-1] == 4 + 64 and self.training:  # the decoder reads [z (4), h(c) (8x8 pixels)]
+            calls["n"] += 1
+            if calls["n"] >= 10:  # from the 10th training step on
+                y = y * float("nan")
+        return y
+
+    monkeypatch.setattr(torch.nn.Sequential, "forward", poisoned)
+    assert main(["train", *SMALL, "--model", "cvae", "--condition", "quadrants:2", "--z-dim", "4", "--epochs",
+                 "3", "--eval-k", "2", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "at step 10 (epoch 2)" in err and "model's sample site 'x'" in err
