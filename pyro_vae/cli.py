@@ -20,6 +20,7 @@ from pathlib import Path
 from . import __version__, plots
 from .compare import CompareOptions, compare_estimators
 from .config import RESUMABLE, Config, load_config_file
+from .data import CLASS_NAMES
 from .device import resolve_device
 from .diagnostics import diagnose, write_report
 from .errors import InputError, TrainingError
@@ -34,6 +35,7 @@ from .renames import add_renamed_flag
 from .report import MARKDOWN, report
 from .run_dir import EVAL, check_data_shape, load_model, model_stamp, read_config
 from .run_lock import run_lock
+from .staging import write_all_or_none
 from .tracking import MLflowTracker, log_results, resolve_uri
 from .train import Interrupted, train
 from .train_data import prepare_data
@@ -129,6 +131,8 @@ HELP = {
                      "parameter through Hardtanh(0, 1), always in [0, 1], as the authors' code)",
     "threads": "torch threads for this run (default 1: on a busy or small CPU more threads only wait for "
                "each other; docs/usage.md has the measurement); may change on resume",
+    "condition": "--model cvae or nn-baseline: quadrants:N (N = 1, 2, 3 quadrants of each image given, the "
+                 "rest predicted; a cvae run trains the NN baseline first) | class (the label; cvae only)",
     "plugins": "import MODULE first; it registers priors, likelihoods or estimators of your own (repeat for "
                "several; train records them in config.json, so later commands import them again). Or name a "
                "factory directly: --prior MODULE:FACTORY (also --likelihood, --estimator)",
@@ -205,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=64, help="number of samples from the prior (default 64)")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     sample.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    sample.add_argument("--class", dest="label", type=int, default=None, metavar="K",
+                        help="a --condition class run: --n samples of class K -> RUN/samples_class_K.png")
     _add_compare_parser(sub)
     _add_diagnose_parser(sub)
     _add_report_parser(sub)
@@ -369,7 +375,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
     with run_lock(args.run):  # one writer at a time
         _, model, kind, data = _load_run(args.run, args.device)
         kind.refuse("sample", args.run)
-        paths = plots.save_figures(model, data, Path(args.run), seed=args.seed, n_samples=args.n)
+        if args.label is None:
+            paths = plots.save_figures(model, data, Path(args.run), seed=args.seed, n_samples=args.n)
+        else:
+            names = CLASS_NAMES.get(data.name)
+            picture = kind.class_picture(model, args.label, args.n, args.seed, list(names) if names else None)
+            paths = write_all_or_none(args.run, lambda folder: [
+                plots.draw_picture(picture, folder / f"samples_class_{args.label}.png")])
     for path in paths:
         print(f"wrote {path}")
 

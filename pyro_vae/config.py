@@ -98,6 +98,7 @@ class Config:
     early_stop_rule: str = "plain"  # authors: the patience count is reset during the KL warm-up
     encoder_scale: str = "softplus"  # clamped-logvar: sigma = exp(hardtanh(raw, -6, 2) / 2)
     pseudo_inputs: str = "free"  # hardtanh: the VampPrior's pseudo-inputs pass through Hardtanh(0, 1)
+    condition: str | None = None  # --model cvae, nn-baseline: quadrants:N (N given) or class (conditions.py)
 
     def __post_init__(self) -> None:
         if self.binarize is None:

@@ -96,7 +96,9 @@ class TensorBoardReport(Reporter):
     def epoch(self, row: dict, view: EpochView) -> None:
         self.board.steps(row["step"], self.losses)
         self.losses = []
-        self.board.epoch(row, view.program, view.x, view.seed, pictures=view.kind.latent)
+        # a conditional model's active units and pictures need its condition: the scalars only
+        self.board.epoch(row, view.program, view.x, view.seed,
+                         pictures=view.kind.latent and not view.kind.conditional)
 
     def close(self) -> None:
         self.board.close()

@@ -28,11 +28,11 @@ def _finite(t) -> bool:
 
 
 @torch.no_grad()
-def _nonfinite_site(program: Program, x: Tensor) -> str | None:
+def _nonfinite_site(program: Program, x: Tensor, *conditions: Tensor) -> str | None:
     """The first sample site (guide, then model) whose parameters, value or log-density is
     not finite when the batch is run again, or None."""
     with pyro.validation_enabled(False):
-        model_trace, guide_trace = program.traces(x)
+        model_trace, guide_trace = program.traces(x, *conditions)
     for who, trace in (("guide", guide_trace), ("model", model_trace)):
         for name, site in sample_sites(trace):
             fn = site["fn"]
@@ -48,11 +48,13 @@ def _nonfinite_site(program: Program, x: Tensor) -> str | None:
     return None
 
 
-def locate_nonfinite(program: Program, params: Mapping[str, Tensor], x: Tensor, loss: Tensor) -> str:
+def locate_nonfinite(program: Program, params: Mapping[str, Tensor], x: Tensor, loss: Tensor,
+                     *conditions: Tensor) -> str:
     """A phrase naming where the non-finite loss or gradient first appeared: the first sample site of
-    the program's traces on x, or the first of `params` (by name) with a non-finite gradient."""
+    the program's traces on x (and a conditional pair's `conditions`), or the first of `params` (by name)
+    with a non-finite gradient."""
     if not _finite(loss):
-        site = _nonfinite_site(program, x)
+        site = _nonfinite_site(program, x, *conditions)
         return f"non-finite loss ({site or 'not reproduced on a second run of the batch'})"
     for name, p in params.items():
         if p.grad is not None and not _finite(p.grad):

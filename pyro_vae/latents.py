@@ -31,8 +31,10 @@ ENCODE_BATCH = 1000  # examples per guide call
 
 
 def _latent_program(program: object, what: str) -> Program:
-    """The pair as a Program, refused with an InputError if it has no latent to encode (a classifier)."""
+    """The pair as a Program, refused with an InputError where its kind refuses `what` (a conditional
+    model) or it has no latent to encode (a classifier)."""
     pair = Program.of(program)
+    kind_of(pair).refuse(what, "this run")
     if not kind_of(pair).latent:
         raise InputError(f"this run trained a classifier, which has no latent z: there is nothing to {what}; "
                          "use a VAE, autoencoder or M2 run")

@@ -11,6 +11,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from .data import CLASS_NAMES, IMAGE_CHANNELS, Dataset
 from .errors import InputError
-from .models.kind import ModelKind, kind_of
+from .models.kind import ModelKind, Picture, kind_of
 from .program import Program
 from .rng import seeded
 from .staging import write_all_or_none
@@ -427,13 +428,15 @@ def save_figures(
     model with a class latent, curves.png when metrics are given) into the folder `out` (made if missing), for
     our VAE or any model/guide pair (Program.of); data: a Dataset (its test images and labels) or a tensor of
     test images. Which figures: those of the model's kind (`kind`, by default kind_of(program):
-    ModelKind.figures). A figure the pair cannot give is skipped with a one-line warning saying why; a pair
-    that breaks the contract is an InputError. Returns the paths written."""
+    ModelKind.figure_names), with the figures the kind makes itself (ModelKind.pictures, e.g. a CVAE's
+    completions; given a Dataset). A figure the pair cannot give is skipped with a one-line warning saying
+    why; a pair that breaks the contract is an InputError. Returns the paths written."""
     kind = kind_of(program) if kind is None else kind
     program, out = Program.of(program), Path(out)
     x, labels = (data, None) if isinstance(data, Tensor) else (data.test_x, data.test_y)
     class_names = None if isinstance(data, Tensor) else CLASS_NAMES.get(data.name)
-    program.sites(x)  # a pair that breaks the contract is an error, not a figure to skip
+    if kind.latent:  # a pair that breaks the contract is an error, not a figure to skip
+        program.sites(x, *kind.conditions(program.owner, x, labels))
     drawn: dict[str, Callable[[Path], Path]] = {
         "samples.png": lambda path: plot_samples(program, x, path, n=n_samples, seed=seed,
                                                  title=kind.sample_title),
@@ -442,11 +445,13 @@ def save_figures(
         "latent_map.png": lambda path: plot_latent_map(program, x, labels, path, class_names),
         "class_samples.png": lambda path: plot_class_samples(program.owner, x, path, class_names, seed=seed),
     }
-    unknown = [name for name in kind.figures if name not in drawn]
+    own = {} if isinstance(data, Tensor) else kind.pictures(program.owner, data, seed)  # the kind's own
+    drawn.update({name: partial(draw_picture, picture) for name, picture in own.items()})
+    unknown = [name for name in kind.figure_names(program.owner) if name not in drawn]
     if unknown:
         raise InputError(f"model kind {kind.name!r} names figure(s) {', '.join(unknown)}; save_figures draws "
                          f"{', '.join(drawn)}")
-    figures = [(name, drawn[name]) for name in kind.figures]
+    figures = [(name, drawn[name]) for name in kind.figure_names(program.owner)]
     if metrics:
         figures.append(("curves.png", lambda path: plot_curves(metrics, path)))
 
@@ -460,6 +465,11 @@ def save_figures(
         return paths
 
     return write_all_or_none(out, write)
+
+
+def draw_picture(picture: Picture, path: Path) -> Path:
+    """A kind's own figure (ModelKind.pictures, ModelKind.class_picture), drawn as a grid into `path`."""
+    return save_tiles(picture.tiles, path, picture.title, picture.columns, picture.rows)
 
 
 def save_tiles(tiles: Tensor, path: Path, title: str, column_names: Sequence[str] | None = None,

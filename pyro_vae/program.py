@@ -75,21 +75,23 @@ class Program:
                              "callables, or an object with .model(x) and .guide(x) methods")
         return cls(model, guide, owner=program)
 
-    def traces(self, x: Tensor) -> tuple[Trace, Trace]:
-        """One model trace replayed on one guide trace, for the batch x."""
-        guide_trace = poutine.trace(self.guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(x)
+    def traces(self, x: Tensor, *conditions: Tensor) -> tuple[Trace, Trace]:
+        """One model trace replayed on one guide trace, for the batch x (and a conditional pair's
+        `conditions`, one row per example of x, passed after it: model(x, c), guide(x, c))."""
+        guide_trace = poutine.trace(self.guide).get_trace(x, *conditions)
+        model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(x, *conditions)
         return model_trace, guide_trace
 
-    def sites(self, x: Tensor) -> Sites:
-        """The latent and observed site names, found by tracing model and guide on x[:2] once (and
-        checked against the contract: an InputError names what does not fit)."""
+    def sites(self, x: Tensor, *conditions: Tensor) -> Sites:
+        """The latent and observed site names, found by tracing model and guide on x[:2] (and the first
+        two rows of each condition) once, and checked against the contract: an InputError names what
+        does not fit."""
         if self._sites is None:
-            self._sites = self._find_sites(x[:2])
+            self._sites = self._find_sites(x[:2], *(c[:2] for c in conditions))
         return self._sites
 
-    def _find_sites(self, x: Tensor) -> Sites:
-        model_trace, guide_trace = self.traces(x)
+    def _find_sites(self, x: Tensor, *conditions: Tensor) -> Sites:
+        model_trace, guide_trace = self.traces(x, *conditions)
         latent = tuple(name for name, site in sample_sites(guide_trace) if not site["is_observed"])
         observed = [name for name, site in sample_sites(model_trace) if site["is_observed"]]
         if len(observed) != 1:

@@ -8,6 +8,8 @@ which examples are hard (which they do: the spread of log p(x) over examples is 
 The per-example values come from RUN/eval_examples.pt, written by `pyro-vae evaluate`; eval.json records
 the test set's size and fingerprint (evaluate.test_fingerprint), and runs evaluated on different test
 sets are refused, as are runs not evaluated, or evaluated on an older checkpoint than they hold now.
+Conditional runs (--model cvae, nn-baseline) pair the same way on their "log_px", which is
+log p(x_missing | x_given) (or log p(x | class)); runs under different conditions are refused.
 
 Runs whose config.json agree on every setting but the seed are one group (seed_groups): report.md and
 report.json give each group's log p(x) as mean ± s.e. over its seeds, and its difference from the first
@@ -156,6 +158,18 @@ def check_same_test_set(runs: list[EvaluatedRun]) -> None:
                     f"run {run.name} was evaluated on other {what} than run {first.name} "
                     f"({run.evaluation.get(key)} vs {first.evaluation.get(key)}): a paired comparison needs "
                     "the same test set; evaluate both with the same dataset and --test-size")
+    for run in runs[1:]:
+        if run.evaluation.get("condition") != first.evaluation.get("condition"):
+            raise InputError(
+                f"run {run.name} scores {_quantity(run)} but run {first.name} scores {_quantity(first)}: a "
+                "paired comparison needs the same quantity; report runs with the same --condition together")
+
+
+def _quantity(run: EvaluatedRun) -> str:
+    """What a run's "log_px" is: log p(x), or a conditional model's log p(x_missing | x_given) (eval.json's
+    log_px_of) under its --condition."""
+    e = run.evaluation
+    return f"{e['log_px_of']} (--condition {e['condition']})" if e.get("condition") else "log p(x)"
 
 
 def paired_difference(a: Tensor, b: Tensor) -> tuple[float, float]:
@@ -368,7 +382,9 @@ def report(runs: list[str | Path], out: str | Path, x: str = "epochs") -> Report
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pooled = any(len(g.runs) > 1 for g in groups)
-    (out / MARKDOWN).write_text(markdown(table) + (group_markdown(grouped) if pooled else ""))
+    conditional = evaluated[0].evaluation.get("condition") is not None  # the same in every run
+    note = f"\nlog p(x) and ELBO here are of {_quantity(evaluated[0])}, in nats.\n" if conditional else ""
+    (out / MARKDOWN).write_text(markdown(table) + note + (group_markdown(grouped) if pooled else ""))
     (out / CSV).write_text(to_csv(table))
     write_json(out / JSON, {"runs": table, "groups": grouped, "paths": [str(p) for p in paths]})
     written = [out / MARKDOWN, out / CSV, out / JSON]

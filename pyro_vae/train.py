@@ -193,7 +193,7 @@ class Trainer:
         self.pair, self.program, self.sites, self.params = self._build_model(program)
         self.elbo = self.kind.objective(config)
         self.kl_record = check_analytic_kl(config.estimator, self.program.model, self.program.guide,
-                                           self.data.test_x)
+                                           self.data.test_x, *self._test_conditions())
         self.optimizer = make_optimizer(config.optimizer, self.params.values(), lr=config.lr, fused=True,
                                         capturable=self.cuda_graph)  # state on the device, as a graph needs
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
@@ -290,7 +290,7 @@ class Trainer:
         # without drawing from the run's random stream (a run replays exactly)
         _train_mode(pair if self.own_model else owner, False)
         with forked_rng(self.device):
-            sites = as_program.sites(x) if self.kind.latent else None
+            sites = as_program.sites(x, *self._test_conditions(pair)) if self.kind.latent else None
             params = dict(pair.named_parameters()) if self.own_model else pair_parameters(as_program, x)
         return pair, as_program, sites, {name: p for name, p in params.items() if p.requires_grad}
 
@@ -375,7 +375,7 @@ class Trainer:
         per = len(idx) / self.ranks.world_size
         schedule = self.kind.schedule(self.config, self.steps, self.total_steps)  # e.g. M2's temperature
         with leave_out(self.pair, self.ranks.shard(idx)):  # the exemplar prior skips each example's own
-            loss = self.svi_step(x, self._kl_weight(self.steps), per, *self._labels(idx), **schedule)
+            loss = self.svi_step(x, self._kl_weight(self.steps), per, *self._inputs(idx, x), **schedule)
         self.epoch_total += loss * per
         self.steps, self.batch = self.steps + 1, self.batch + 1
         self.report.step(self.steps, loss)
@@ -458,6 +458,17 @@ class Trainer:
         argument of model and guide; () for a model without labels."""
         return () if self.labels is None else (self.labels[self.ranks.shard(idx)],)
 
+    def _inputs(self, idx: Tensor, x: Tensor) -> tuple[Tensor, ...]:
+        """What model and guide take after the batch x, this process's share of batch `idx`: the labels
+        (_labels), then the kind's condition made from x and their labels (a conditional VAE's c)."""
+        train_y = self.data.train_y
+        y = None if train_y is None or self.stream is not None else train_y[self.ranks.shard(idx)]
+        return (*self._labels(idx), *self.kind.conditions(self.pair, x, y))
+
+    def _test_conditions(self, pair: object | None = None) -> tuple[Tensor, ...]:
+        """The kind's condition of the test images (ModelKind.conditions), for tracing and checks."""
+        return self.kind.conditions(self.pair if pair is None else pair, self.data.test_x, self.data.test_y)
+
     def _kl_weight(self, step: int) -> float:
         """The KL weight of step `step` (counted from 0 over the whole run)."""
         return kl_weight(self.config.beta, self.config.kl_anneal, step, self.n_batches)
@@ -514,10 +525,11 @@ class Trainer:
         per = len(idx) / self.ranks.world_size
         # the model as that step saw it
         with leave_out(self.pair, self.ranks.shard(idx)):
-            loss = self.svi_step.gradients(x, self._kl_weight(bad_step), per, *self._labels(idx),
+            loss = self.svi_step.gradients(x, self._kl_weight(bad_step), per, *self._inputs(idx, x),
                                            **self.kind.schedule(self.config, bad_step, self.total_steps))
+        where = locate_nonfinite(self.program, self.params, x, loss, *self._inputs(idx, x))
         raise NumericalFault(
-            f"{locate_nonfinite(self.program, self.params, x, loss)} at step {bad_step + 1} (epoch "
+            f"{where} at step {bad_step + 1} (epoch "
             f"{self.epoch}); this step was not applied and the last good checkpoint is in {self.out}. "
             f"Lower --lr (now {self.config.lr:g}) or clip gradients with --clip-grad (e.g. 10), then "
             f"continue with: {self.dir.resume_hint()} --lr ..."
@@ -557,7 +569,7 @@ class Trainer:
         best = self._restore_best()
         program = Program.of(self.pair)  # traced afresh, as evaluate_run does
         if self.kind.latent:
-            program.sites(self.data.test_x)
+            program.sites(self.data.test_x, *self._test_conditions())
         final, _ = self.kind.evaluate(program, self.data, self.config.eval_k, self.progress)
         summary = {
             **final,

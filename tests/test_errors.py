@@ -63,6 +63,7 @@ def fixtures(tmp_path_factory, digits_run):
     np.save(f / "nan.npy", np.full((20, 4, 4), np.nan, np.float32))
     np.save(f / "out_of_range.npy", np.full((20, 4, 4), 2.0, np.float32))
     np.save(f / "tiny.npy", np.zeros((20, 3, 3), np.float32))
+    np.save(f / "wide.npy", np.zeros((20, 8, 6), np.float32))
     np.save(f / "channels_last_2.npy", np.zeros((20, 8, 8, 2), np.float32))
     np.savez(f / "wrong_keys.npz", images=np.zeros((10, 4, 4), np.float32))
     (f / "corrupt.npy").write_bytes(b"\x93NUMPY garbage" * 3)
@@ -115,6 +116,12 @@ def fixtures(tmp_path_factory, digits_run):
     for model, latent in (("m2", ["--z-dim", "2", "--eval-k", "2"]), ("classifier", [])):  # it has no z
         assert main(["train", "--model", model, *small, *latent, "--out", str(f / f"run_{model}")]) == 0
     (f / "m2.yaml").write_text("model: m2\nlabels: 20\n")
+    for condition in ("class", "quadrants:1"):  # conditional VAE runs, evaluated (report reads them)
+        run = f / f"run_cvae_{condition.replace(':', '')}"
+        assert main(["train", "--model", "cvae", "--condition", condition, "--epochs", "1", "--train-size",
+                     "200", "--test-size", "40", "--hidden", "16", "--z-dim", "2", "--eval-k", "2", "--quiet",
+                     "--out", str(run)]) == 0
+        assert main(["evaluate", str(run), "--k", "2", "--quiet"]) == 0
     assert main(["train", "--model", "ae", "--epochs", "1", "--train-size", "200", "--test-size", "40",
                  "--hidden", "16", "--quiet", "--out", str(f / "run_ae")]) == 0  # codes without scales
     shutil.copytree(digits_run, f / "run_pair")  # config.json as a run of a user's pair records it

@@ -87,19 +87,24 @@ Condition = Quadrants | ClassLabel
 
 
 def parse_condition(text: str, x_shape: Sequence[int], n_classes: int | None = None) -> Condition:
-    """`quadrants:N` (N = 1, 2, 3; square images of at least 2 x 2 pixels) or `class` (needs the number
-    of classes, i.e. labelled data); an InputError says what else to give."""
+    """`quadrants:N` (N = 1, 2, 3; square images with an even side, four equal quadrants) or `class`
+    (needs the number of classes, i.e. labelled data); an InputError says what else to give."""
+    check_condition_name(text)
     if text == "class":
         if not n_classes:
             raise InputError("--condition class needs labels, and the data have none: use a labelled "
                              "dataset or --condition quadrants:N")
         return ClassLabel(int(n_classes))
-    kind, _, given = text.partition(":")
-    if kind != "quadrants" or given not in {str(n) for n in QUADRANTS_GIVEN}:
+    _, h, w = x_shape
+    if h != w or h < 2 or h % 2:
+        raise InputError(f"--condition {text} needs square images with an even side (four equal "
+                         f"quadrants), got {h} x {w}: use --condition class, or resize the images "
+                         "(--image-size)")
+    return Quadrants(int(text.partition(":")[2]))
+
+
+def check_condition_name(text: str) -> None:
+    """An InputError unless `text` names a condition: quadrants:1, quadrants:2, quadrants:3 or class."""
+    if text != "class" and text not in {f"quadrants:{n}" for n in QUADRANTS_GIVEN}:
         raise InputError(f"unknown condition {text!r}: choose quadrants:1, quadrants:2, quadrants:3 "
                          "(that many quadrants given, the rest predicted) or class")
-    _, h, w = x_shape
-    if h != w or h < 2:
-        raise InputError(f"--condition {text} needs square images of at least 2 x 2 pixels, got "
-                         f"{h} x {w}: use --condition class, or resize the images (--image-size)")
-    return Quadrants(int(given))

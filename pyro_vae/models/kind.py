@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from pyro.infer import ELBO
 from torch import Tensor, nn
@@ -49,7 +49,7 @@ from ..stats import mean_se
 MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init",
                   "guide", "guide_rank", "flows", "labels", "classes", "discrete", "aux_loss", "temperature",
                   "temperature_final", "exemplar_subset", "exemplar_k", "weight_init", "encoder_scale",
-                  "pseudo_inputs")
+                  "pseudo_inputs", "condition")
 # the settings of the latent z and the model of x: without them (the classifier) they mean nothing
 LATENT_SETTINGS = ("z_dim", "prior", "prior_components", "prior_init", "likelihood", "sigma", "sigma_mode",
                    "beta", "kl_anneal", "eval_k", "exemplar_subset", "exemplar_k")
@@ -58,6 +58,16 @@ EXEMPLAR_SETTINGS = ("exemplar_subset", "exemplar_k")  # which exemplars the exe
 # the settings of a discrete latent (M2's class y), with their defaults
 DISCRETE_SETTINGS = {"discrete": "enum", "aux_loss": 0.0, "temperature": 1.0, "temperature_final": None}
 FIGURES = ("samples.png", "reconstructions.png", "traversal.png", "latent_map.png")  # plots.save_figures
+
+
+class Picture(NamedTuple):
+    """A grid of images a kind makes for one of its figures (plots.save_figures draws it): tiles
+    (rows, columns, C, H, W) with values in [0, 1], the title, and the names of the columns and rows."""
+
+    tiles: Tensor
+    title: str
+    columns: list[str] | None = None
+    rows: list[str] | None = None
 
 
 def changed(config: Any, names: tuple[str, ...] | Mapping[str, Any]) -> list[str]:
@@ -93,6 +103,7 @@ class ModelKind:
     auto_cuda_graph = False  # --cuda-graph auto captures its step on one GPU (on: always, unless eager)
     eager = False  # its step cannot be captured: --cuda-graph on is refused
     exemplar_prior = False  # its p(z) may be --prior exemplar (exemplar.py: the training images in memory)
+    conditional = False  # model and guide take a condition c after x (--condition; conditions())
     scales = True  # its guide has a spread: encode writes the scales of q(z|x) (not a point mass)
     comparison: str | None = "continuous"  # compare.py's measure of its estimators (None: refused)
     figures: tuple[str, ...] = FIGURES  # train and sample draw these (plots.save_figures)
@@ -128,6 +139,13 @@ class ModelKind:
         drawn He-normal (nets.he_init; a pair refuses the setting)."""
         if config.weight_init == "he":
             he_init(model)
+
+    def conditions(self, model: object, x: Tensor, labels: Tensor | None) -> tuple[Tensor, ...]:
+        """What model and guide take after the images x besides a labelled kind's training labels: a
+        conditional model's condition c (one row per example, made from x and their labels, None where the
+        data have none); () for a model of x alone. Every trace of model and guide passes it (training,
+        sites, checks, evaluation, figures)."""
+        return ()
 
     # -- training ------------------------------------------------------------------------------------
 
@@ -197,6 +215,23 @@ class ModelKind:
         """What `pyro-vae train` prints of the final evaluation."""
         return (f"test ELBO {summary['test_elbo']:.2f} nats, log p(x) {summary['log_px']:.2f} nats "
                 f"(k={summary['k']})")
+
+    # -- figures -------------------------------------------------------------------------------------
+
+    def figure_names(self, model: object) -> tuple[str, ...]:
+        """The figures train and sample draw for `model` (plots.save_figures): the kind's `figures`."""
+        return self.figures
+
+    def pictures(self, model: object, data: Dataset, seed: int) -> dict[str, Picture]:
+        """The figures this kind makes itself, by file name (plots.save_figures draws them): none."""
+        return {}
+
+    def class_picture(self, model: object, label: int, n: int, seed: int,
+                      class_names: list[str] | None) -> Picture:
+        """`pyro-vae sample RUN --class K`: n samples of class `label`; a kind without a class condition
+        refuses (an InputError)."""
+        raise InputError(f"--class draws samples of one class from a class-conditional model, and --model "
+                         f"{self.name} takes no class: train --model cvae --condition class, or drop --class")
 
     # -- what other commands can do with it ----------------------------------------------------------
 
@@ -333,6 +368,15 @@ def check_labels(config: Any, kind: ModelKind) -> None:
         raise InputError(f"--labels and --classes apply to --model {labelled}, not --model {kind.name}")
 
 
+def check_no_condition(config: Any, kind: ModelKind) -> None:
+    """--condition only with a kind whose model and guide take a condition."""
+    if config.condition is not None:
+        takers = " or ".join(name for name, other in MODEL_KINDS.items()
+                             if other.conditional and name in MODEL_KINDS.builtins)
+        raise InputError(f"--condition {config.condition} applies to --model {takers}; --model {kind.name} "
+                         "takes no condition: drop --condition")
+
+
 def check_discrete(config: Any, kind: ModelKind, discrete_latent: bool = False) -> None:
     """The settings of a discrete latent (--discrete, --aux-loss, the temperature) only with a kind that
     has one, and the temperature only with --discrete relaxed."""
@@ -404,8 +448,9 @@ class LabelledKind(ModelKind):
     refused = {"estimator": "mc", "particles": 1, "guide": "diagonal", "workers": 0}
 
     def check_labelled(self, config: Any) -> None:
-        """The VAE's estimator, guide, encoder scale and streamed data do not apply."""
+        """The VAE's estimator, guide, encoder scale and streamed data, and a condition, do not apply."""
         check_encoder_scale(config, self)
+        check_no_condition(config, self)
         refuse_at_defaults(config, self.refused, lambda wrong: (
             f"{', '.join('--' + k for k in wrong)} do(es) not apply to --model {self.name} (--discrete "
             "chooses M2's estimator; labels are read with the images in memory): leave them at their "

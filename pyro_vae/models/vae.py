@@ -31,6 +31,7 @@ from .kind import (
     check_exemplar,
     check_kl_weight,
     check_labels,
+    check_no_condition,
     check_parts,
 )
 
@@ -182,6 +183,7 @@ class VAEKind(ModelKind):
         check_parts(config)
         check_exemplar(config, self)
         check_labels(config, self)
+        check_no_condition(config, self)
         check_discrete(config, self)
         check_kl_weight(config)
 
