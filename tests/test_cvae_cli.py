@@ -44,7 +44,7 @@ def quadrant_runs(tmp_path_factory):
     baseline = _train(root / "baseline", "--model", "nn-baseline", "--condition", "quadrants:1", "--epochs",
                       "3")
     for run in (cvae, baseline):
-        assert main(["evaluate", str(run), "--k", "200", "--quiet"]) == 0
+        assert main(["evaluate", str(run), "--eval-k", "200", "--quiet"]) == 0
     return cvae, baseline
 
 
@@ -101,7 +101,7 @@ def test_class_condition_train_evaluate_sample_a_class(tmp_path, capsys):
     config = json.loads((run / "config.json").read_text())
     assert config["condition"] == "class" and config["classes"] == 10
     assert (run / "class_samples.png").is_file()
-    assert main(["evaluate", str(run), "--k", "30", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--eval-k", "30", "--quiet"]) == 0
     assert json.loads((run / "eval.json").read_text())["log_px_of"] == "log p(x | class)"
     capsys.readouterr()
     assert main(["sample", str(run), "--class", "7", "--n", "10", "--device", "cpu"]) == 0
