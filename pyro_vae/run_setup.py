@@ -1,4 +1,4 @@
-"""Where and how a training run computes, decided before anything is written: the device and the
+"""What a training run checks and decides before anything is written: its settings, the device and the
 processes taking part (torchrun: distributed.py), and whether the step is captured as a CUDA graph."""
 
 from __future__ import annotations
@@ -8,11 +8,23 @@ from typing import Any
 import torch
 
 from . import distributed
+from .board import check_available as check_tensorboard
 from .device import resolve_device
 from .distributed import Ranks
 from .errors import InputError
 from .exemplar import EAGER_PRIORS
 from .models.kind import ModelKind
+
+
+def check_settings(config: Any, kind: ModelKind, pair: bool, tensorboard: bool) -> None:
+    """Refuse settings the run cannot take: the config's own checks (which ask the kind config.model
+    names), with a user's `pair` its kind's too (a pair brings its own networks), and with `tensorboard`
+    a missing TensorBoard."""
+    config.validate()
+    if pair:
+        kind.check(config)
+    if tensorboard:
+        check_tensorboard()
 
 
 def start_processes(config: Any) -> tuple[Ranks, torch.device]:

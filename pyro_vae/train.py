@@ -42,7 +42,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .board import check_available as check_tensorboard
 from .checkpoints import TrainingDirectory, start_position
 from .config import Config
 from .data import Dataset, UnreadableImage
@@ -58,7 +57,7 @@ from .models.vae import init_prior
 from .rng import RunRandomState, get_rng_state, set_rng_state, set_seed
 from .run_clock import RunClock
 from .run_dir import CHECKPOINT, check_data_shape, config_record
-from .run_setup import start_processes, use_cuda_graph
+from .run_setup import check_settings, start_processes, use_cuda_graph
 from .step_loss import StepLoss, make_step
 from .train_data import TrainingBatches, prepare_data, prepare_stream
 from .training_model import TrainingModel, restore_optimizer
@@ -138,11 +137,7 @@ class Trainer:
                  tensorboard: bool = False, reporters: Sequence[Reporter] = ()):
         # what differs between kinds of model: pyro-vae's own kind that config.model names, or a pair's
         self.kind: ModelKind = model_kind(config.model) if program is None else PAIR
-        config.validate()
-        if program is not None:
-            self.kind.check(config)  # a pair brings its own networks
-        if tensorboard:
-            check_tensorboard()  # before anything is written
+        check_settings(config, self.kind, program is not None, tensorboard)
         self.ranks, self.device = start_processes(config)
         self.progress = progress and self.ranks.is_main
         self.cuda_graph = use_cuda_graph(config, self.kind, self.ranks, self.device)
@@ -165,12 +160,10 @@ class Trainer:
                                                self.model.program.guide, self.data.test_x)
             self.optimizer = self.model.optimizer(config, self.cuda_graph)
             self.generator = torch.Generator(self.device).manual_seed(config.seed)
-            # where training starts: the next epoch and batch, the steps taken, the metrics, the epoch's loss
             self.epoch, self.batch, self.steps, self.metrics, self.epoch_total = \
-                start_position(state, self.device, self.ranks.is_main)
+                start_position(state, self.device, self.ranks.is_main)  # the loop's position
             self.early = EarlyStopping.of_run(config, state)
-            # this process's random state at the checkpoint, set once its epoch starts
-            self.resumed_rng = None if state is None else self.ranks.rng_state(state)
+            self.resumed_rng = None if state is None else self.ranks.rng_state(state)  # set at epoch start
             self._continue_or_start(state)
             self.report = EpochReport.of_run(self.out, tensorboard, self.progress, reporters) \
                 if self.ranks.is_main else EpochReport()  # where each epoch's row goes
