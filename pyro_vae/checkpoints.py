@@ -6,8 +6,12 @@ written last. What the files hold is run_dir.py's contract; this is the trainer'
 from __future__ import annotations
 
 import warnings
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+import torch
+from torch import Tensor
 
 from .errors import InputError, TrainingError
 from .run_dir import (
@@ -30,6 +34,19 @@ from .run_dir import (
 from .run_lock import run_lock
 
 
+def start_position(state: dict | None, device: torch.device,
+                   main: bool) -> tuple[int, int, int, list[dict], Tensor]:
+    """Where training starts, checkpoint `state`'s position or a new run's (None): the next epoch and
+    batch, the steps taken, the metrics so far and the epoch's loss so far (a sum over the processes,
+    counted once: by the `main` process)."""
+    total = torch.zeros((), device=device)
+    if state is None:
+        return 1, 0, 0, [], total
+    if main:
+        total = state["epoch_total"].to(device)
+    return int(state["epoch"]), int(state["batch"]), int(state["step"]), list(state["metrics"]), total
+
+
 class TrainingDirectory:
     """The directory one training run writes (`out`: a new one, or with resume=True the run to continue),
     locked by the main process from `open` to `close` (use it as a context manager). Only the main
@@ -50,6 +67,17 @@ class TrainingDirectory:
     def close(self) -> None:
         """Release the lock (a new run's directory that the lock made and nothing filled goes with it)."""
         self.lock.close()
+
+    @contextmanager
+    def starting(self) -> Iterator[None]:
+        """The run's preparation: if it fails, nothing half-written is left (discard_unstarted) and the
+        directory is released."""
+        try:
+            yield
+        except BaseException as err:
+            self.discard_unstarted(err)
+            self.close()
+            raise
 
     def open(self) -> Path:
         """Find the directory and lock it: a new one (refused if it holds something, unless a run with

@@ -7,6 +7,8 @@ PATIENCE (PATIENCE + 1 epochs), as the authors' loop does."""
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class EarlyStopping:
     """The bookkeeping of --early-stop `patience` (None: off): `state` is {"best_epoch",
@@ -16,6 +18,13 @@ class EarlyStopping:
     def __init__(self, patience: int | None, state: dict | None = None, rule: str = "plain", warmup: int = 0):
         self.patience, self.rule, self.warmup = patience, rule, warmup
         self.state = None if state is None else dict(state)
+
+    @classmethod
+    def of_run(cls, config: Any, checkpoint: dict | None = None) -> EarlyStopping:
+        """The bookkeeping of a run's --early-stop and --early-stop-rule (the warm-up: --kl-anneal epochs),
+        continued from `checkpoint`'s count if given."""
+        state = None if checkpoint is None else checkpoint.get("early_stop")
+        return cls(config.early_stop, state, rule=config.early_stop_rule, warmup=config.kl_anneal)
 
     def update(self, epoch: int, value: float) -> bool:
         """Count epoch `epoch`, whose validation ELBO is `value`: a new best resets the count (returns

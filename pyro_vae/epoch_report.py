@@ -11,6 +11,7 @@ Ray Tune another (grid_ray.TuneReporter).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,14 @@ class EpochReport:
 
     def __init__(self, reporters: list[Reporter] | None = None):
         self.reporters: list[Reporter] = list(reporters or [])
+
+    @classmethod
+    def of_run(cls, out: Path, tensorboard: bool, progress: bool,
+               reporters: Sequence[Reporter] = ()) -> EpochReport:
+        """A training run's report: metrics.jsonl, TensorBoard if asked for, the progress line if shown,
+        then the caller's `reporters` (e.g. MLflow)."""
+        return cls([MetricsFile(out), *([TensorBoardReport(out)] if tensorboard else []),
+                    *([ProgressLine()] if progress else []), *reporters])
 
     def add(self, reporter: Reporter) -> None:
         """One more destination (e.g. an experiment tracker)."""

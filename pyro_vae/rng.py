@@ -1,6 +1,7 @@
 """Every random-number state a run uses (torch CPU and CUDA, NumPy, Python) as plain tensors and
 numbers, so a checkpoint that holds them still loads with torch.load(weights_only=True); and the
-caller's random state kept while the library draws and seeds (forked_rng, seeded)."""
+caller's random state kept while the library draws and seeds (forked_rng, seeded; across several
+calls, as a training run's own generators: RunRandomState)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,39 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
     with forked_rng(device):
         pyro.set_rng_seed(seed)
         yield
+
+
+def set_seed(seed: int, device: torch.device) -> None:
+    """Seed the generators get_rng_state holds (torch CPU, CUDA on a CUDA `device`, NumPy, Python's
+    random) with `seed`, as pyro.set_rng_seed does, leaving other GPUs' generators alone."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+class RunRandomState:
+    """Random generators of a run's own, lent the global ones (those get_rng_state holds) only inside
+    `with state:` blocks: each block starts where the last one left off (the first from set_seed(seed)),
+    and on leaving it, also on an error, the caller's generators are as they were: a run draws and seeds
+    as if it owned them and changes no global state. Blocks do not nest."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.seed, self.device = seed, device
+        self.state: dict | None = None  # the run's generators between blocks (None: not yet seeded)
+        self.caller: dict | None = None  # the caller's generators while a block runs
+
+    def __enter__(self) -> RunRandomState:
+        self.caller = get_rng_state(self.device)
+        if self.state is None:
+            set_seed(self.seed, self.device)
+        else:
+            set_rng_state(self.state, self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.state = get_rng_state(self.device)
+        set_rng_state(self.caller, self.device)
+        self.caller = None

@@ -1,8 +1,10 @@
 """The data a training run sees: the dataset loaded, binarized as the config says and checked
-against the likelihood's support, or with --workers an image folder streamed batch by batch."""
+against the likelihood's support, or with --workers an image folder streamed batch by batch; and its
+batches, epoch by epoch (TrainingBatches)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from .data import (
     Dataset,
     ImageStream,
     UnreadableImage,
+    batch_indices,
     binarize,
     binarize_like_authors,
     check_subset_size,
@@ -142,3 +145,42 @@ def stop_on_unreadable(xs: Iterator[Tensor], stop: Callable[[UnreadableImage], N
     except UnreadableImage as err:
         stop(err)
         raise
+
+
+class TrainingBatches:
+    """The training images a run steps through, epoch by epoch: `data`'s, on the device, or with --workers
+    read by `stream`'s workers. `n_train` examples, `n_batches` global batches of --batch-size an epoch
+    (with several processes, a last batch too small to share among them is left out); each process steps
+    through its share of each."""
+
+    def __init__(self, data: Dataset, stream: ImageStream | None, config: Config, ranks: distributed.Ranks,
+                 device: torch.device):
+        self.data, self.stream, self.ranks, self.device = data, stream, ranks, device
+        self.batch_size, self.seed = config.batch_size, config.seed
+        self.dynamic = config.binarize == "dynamic"
+        n = self.n_train = len(stream) if stream else data.train_x.shape[0]
+        self.n_batches = math.ceil(n / self.batch_size) - ranks.drops_last(n, self.batch_size)
+
+    def epoch(self, generator: torch.Generator) -> tuple[Tensor, list[Tensor]]:
+        """An epoch's images (with --binarize dynamic, a fresh draw) and its order of global batches (index
+        tensors), both drawn from `generator`."""
+        x = binarize(self.data.train_x, generator) if self.dynamic else self.data.train_x
+        order = list(batch_indices(self.n_train, self.batch_size, generator, self.device))
+        return x, order[:self.n_batches]
+
+    def batches(self, x: Tensor, order: list[Tensor], start: int, epoch: int,
+                unreadable: Callable[[UnreadableImage], None]) -> Iterator[Tensor]:
+        """This process's share of each batch order[start:] of epoch `epoch`: rows of its images `x`, or
+        read by the stream's workers (dynamic: binarized as `streamed` says); an image the stream cannot
+        read calls unreadable(err), which raises."""
+        if self.stream is None:
+            return (x[self.ranks.shard(idx)] for idx in order[start:])
+        key = (self.seed, epoch, self.ranks.rank) if self.dynamic else None
+        xs = streamed(self.stream, order, start, self.ranks, self.device, key)
+        return stop_on_unreadable(xs, unreadable)
+
+    def again(self, x: Tensor, idx: Tensor) -> Tensor:
+        """This process's share of batch `idx` once more: rows of `x`, or read again (not binarized)."""
+        if self.stream is None:
+            return x[self.ranks.shard(idx)]
+        return next(streamed(self.stream, [idx], 0, self.ranks, self.device, None))

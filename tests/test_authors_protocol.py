@@ -57,7 +57,7 @@ def test_weight_init_he_is_applied_when_a_run_starts(tmp_path, monkeypatch):
     seen = {}
 
     def capture(self):
-        layer = next(m for m in self.pair.encoder.modules() if isinstance(m, nn.Linear))
+        layer = next(m for m in self.model.pair.encoder.modules() if isinstance(m, nn.Linear))
         seen["var"], seen["fan_in"] = float(layer.weight.detach().double().var()), layer.in_features
         seen["n"] = layer.weight.numel()
         raise KeyboardInterrupt
@@ -330,7 +330,8 @@ def test_prior_init_authors_starts_the_pseudo_inputs_near_0_05(tmp_path, monkeyp
     seen = {}
 
     def capture(self):
-        seen["w"], seen["u"] = self.pair.prior.pseudo_inputs.detach(), self.pair.prior.inputs().detach()
+        prior = self.model.pair.prior
+        seen["w"], seen["u"] = prior.pseudo_inputs.detach(), prior.inputs().detach()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module.Trainer, "run_epoch", capture)

@@ -20,6 +20,7 @@ from pyro_vae import run_dir
 from pyro_vae.cli import main
 
 train_module = importlib.import_module("pyro_vae.train")  # the module (pyro_vae.train is the function)
+training_model = importlib.import_module("pyro_vae.training_model")  # where the trainer builds its model
 
 # 200 examples in batches of 32: 7 steps an epoch
 FAST = ["--train-size", "200", "--test-size", "50", "--batch-size", "32", "--hidden", "32",
@@ -209,7 +210,7 @@ def test_a_nan_in_the_decoder_stops_training_naming_the_step_and_site(tmp_path, 
 
 
 def test_a_nan_gradient_is_reported_with_its_parameter(tmp_path, capsys, monkeypatch):
-    real_build = train_module.build_from_config
+    real_build = training_model.build_from_config
 
     def build_with_bad_gradient(config, x_shape):
         vae = real_build(config, x_shape)
@@ -217,7 +218,7 @@ def test_a_nan_gradient_is_reported_with_its_parameter(tmp_path, capsys, monkeyp
         bias.register_hook(lambda g: g * float("inf"))
         return vae
 
-    monkeypatch.setattr(train_module, "build_from_config", build_with_bad_gradient)
+    monkeypatch.setattr(training_model, "build_from_config", build_with_bad_gradient)
     assert main(["train", "--epochs", "1", "--out", str(tmp_path / "run"), *FAST]) == 1
     err = capsys.readouterr().err
     assert "non-finite gradient (first in parameter 'encoder.net.0.bias')" in err

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from pyro_vae import plots
 from pyro_vae.cli import main
 from pyro_vae.errors import InputError
 from pyro_vae.run_lock import holder, run_lock
 
 train_module = importlib.import_module("pyro_vae.train")  # the module (pyro_vae.train is the function)
+step_loss = importlib.import_module("pyro_vae.step_loss")
 grid_module = importlib.import_module("pyro_vae.grid")
 HAS_PROC_LOCKS = Path("/proc/locks").is_file()
 SMALL = ["--train-size", "100", "--test-size", "20", "--hidden", "16", "--z-dim", "2", "--eval-k", "2",
@@ -148,7 +150,7 @@ def test_ctrl_c_after_the_run_directory_is_made_leaves_no_directory(tmp_path, ca
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "SVIStep", interrupted)
+    monkeypatch.setattr(step_loss, "SVIStep", interrupted)  # where the trainer makes its step
     out = tmp_path / "run"
     assert main(["train", "--epochs", "1", "--out", str(out), *SMALL]) == 130
     assert capsys.readouterr().err == "pyro-vae: interrupted\n"
@@ -160,14 +162,14 @@ def test_ctrl_c_while_the_run_writes_its_figures_leaves_it_unfinished_and_resuma
     """summary.json is written last: a run stopped while it evaluates or draws its figures has none, so
     `--resume` finishes it (it used to keep summary.json, refuse the resume and miss figures)."""
     out = tmp_path / "run"
-    real_save = train_module.plots.save_figures
+    real_save = plots.save_figures
 
     def draw_one_then_stop(vae, data, run, *args, **kwargs):
         real_save(vae, data, run, *args, **kwargs)
         (run / "curves.png").unlink()  # as if stopped before the last figure
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module.plots, "save_figures", draw_one_then_stop)
+    monkeypatch.setattr(plots, "save_figures", draw_one_then_stop)
     assert main(["train", "--epochs", "1", "--out", str(out), *SMALL]) == 130
     assert capsys.readouterr().err == "pyro-vae: interrupted\n"
     assert not (out / "summary.json").exists() and (out / "checkpoint.pt").is_file()

@@ -1,17 +1,25 @@
 """The trainer in parts: a reporter added to the epoch report gets every epoch's row (what an experiment
 tracker would do), early stopping's bookkeeping on its own, and a Trainer that holds its run directory
-from __init__ (prepared there) to the end of run()."""
+from __init__ (prepared there) to the end of run(); every attribute is made in __init__; the caller's
+Config and global random generators are as they were after a run, which draws from generators of its
+own."""
 
+import copy
 import importlib
 import json
 import os
+import random
 
+import numpy as np
+import pyro
 import pytest
+import torch
 
 from pyro_vae import Config
 from pyro_vae.early_stopping import EarlyStopping
 from pyro_vae.epoch_report import Reporter
 from pyro_vae.errors import InputError
+from pyro_vae.rng import RunRandomState
 from pyro_vae.run_lock import holder
 from pyro_vae.train import Trainer, train
 
@@ -85,7 +93,97 @@ def test_the_trainer_holds_its_run_directory_from_init_and_a_failed_start_releas
     def unbuildable(config, x_shape):
         raise InputError("no model today")
 
-    monkeypatch.setattr(importlib.import_module("pyro_vae.train"), "build_from_config", unbuildable)
+    monkeypatch.setattr(importlib.import_module("pyro_vae.training_model"), "build_from_config", unbuildable)
     with pytest.raises(InputError, match="no model today"):
         Trainer(Config(**SMALL), tmp_path / "other", progress=False)
     assert not (tmp_path / "other").exists()
+
+
+def _rows(run) -> list[dict]:
+    """metrics.jsonl without the wall-clock seconds."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def _global_draws() -> tuple:
+    """The next draws of every global generator a run could touch: torch, NumPy, Python's random."""
+    return torch.rand(4).tolist(), np.random.rand(4).tolist(), random.random()
+
+
+def test_training_leaves_the_callers_random_generators_as_they_were(tmp_path):
+    """train() used to reseed the global generators with config.seed (pyro.set_rng_seed); now the caller's
+    next draws, after a new run and after a resumed one, are those it would have made without the call,
+    and the run's metrics are the same whatever the caller's generators held."""
+    pyro.set_rng_seed(123)
+    expected = _global_draws()
+    pyro.set_rng_seed(123)
+    train(Config(**SMALL), tmp_path / "run", progress=False)
+    assert _global_draws() == expected
+    pyro.set_rng_seed(123)
+    train(Config(**{**SMALL, "epochs": 3}), tmp_path / "run", resume=True, progress=False)
+    assert _global_draws() == expected
+    pyro.set_rng_seed(7)  # another caller's state: the run draws the same
+    train(Config(**{**SMALL, "epochs": 3}), tmp_path / "other", progress=False)
+    assert _rows(tmp_path / "other") == _rows(tmp_path / "run")
+
+
+def test_a_trainer_draws_from_its_own_generators_between_init_and_run(tmp_path):
+    """What the caller draws between Trainer(...) and run() neither changes the run nor is changed by it."""
+    train(Config(**SMALL), tmp_path / "plain", progress=False)
+    pyro.set_rng_seed(5)
+    expected = _global_draws()
+    pyro.set_rng_seed(5)
+    trainer = Trainer(Config(**SMALL), tmp_path / "run", progress=False)
+    assert _global_draws() == expected
+    trainer.run()
+    assert _rows(tmp_path / "run") == _rows(tmp_path / "plain")
+
+
+def test_a_runs_random_state_continues_across_blocks_and_gives_the_callers_back_on_error():
+    own = RunRandomState(3, torch.device("cpu"))
+    with own:
+        first = torch.rand(2)
+    with own:
+        second = torch.rand(2)
+    pyro.set_rng_seed(3)
+    assert torch.equal(torch.cat([first, second]), torch.rand(4))  # one stream, seeded with 3
+    pyro.set_rng_seed(11)
+    expected = _global_draws()
+    pyro.set_rng_seed(11)
+    with pytest.raises(RuntimeError), own:
+        np.random.seed(0)
+        raise RuntimeError
+    assert _global_draws() == expected
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["new", "resumed"])
+def test_every_attribute_of_the_trainer_is_made_in_init(tmp_path, resume):
+    """run() changes the values of the loop's position, never the set of attributes (here with a validation
+    set and early stopping, whose best.pt and count are written as it trains)."""
+    settings = {**SMALL, "validation_size": 20, "early_stop": 5}
+    if resume:
+        train(Config(**settings), tmp_path / "run", progress=False)
+        settings["epochs"] = 3
+    trainer = Trainer(Config(**settings), tmp_path / "run", resume=resume, progress=False)
+    made = set(vars(trainer))
+    trainer.run()
+    assert set(vars(trainer)) == made and trainer.reason == "epochs"
+
+
+def test_an_annealed_m2_leaves_the_callers_config_and_the_models_temperature_as_they_were(tmp_path):
+    """--discrete relaxed with --temperature-final: the temperature each row records falls, while the
+    caller's Config (also across a resume) and the model's own temperature stay as they were: the kind's
+    schedule passes it to model and guide, nothing writes it."""
+    config = Config(model="m2", labels=20, discrete="relaxed", temperature=2.0, temperature_final=0.5,
+                    **{**SMALL, "epochs": 1})
+    kept = copy.deepcopy(config)
+    train(config, tmp_path / "run", progress=False)
+    assert config == kept
+    more = Config.from_dict({**config.to_dict(), "epochs": 2})
+    kept = copy.deepcopy(more)
+    trainer = Trainer(more, tmp_path / "run", resume=True, progress=False)
+    trainer.run()
+    assert more == kept and more.classes is None
+    rows = _rows(tmp_path / "run")
+    assert rows[0]["temperature"] > rows[1]["temperature"] == pytest.approx(0.5)
+    assert trainer.model.pair.temperature == 2.0
