@@ -44,7 +44,8 @@ RUNNER = textwrap.dedent("""
             return real(*args, **kwargs)
         return write
 
-    for module in ("pyro_vae.checkpoints", "pyro_vae.epoch_report"):  # where the trainer writes
+    # where the trainer writes
+    for module in ("pyro_vae.checkpoints", "pyro_vae.epoch_report"):
         module = importlib.import_module(module)
         for name in ("save_checkpoint", "write_json", "write_jsonl"):
             if hasattr(module, name):

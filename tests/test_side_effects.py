@@ -45,7 +45,8 @@ def test_importing_every_module_keeps_the_backend_and_the_warning_format(tmp_pat
     run_python("""
         import pyro_vae
         names = [m.name for m in pkgutil.walk_packages(pyro_vae.__path__, "pyro_vae.")]
-        wanted = {"pyro_vae.cli", "pyro_vae.plots", "pyro_vae.compare", "pyro_vae.diagnostics.report"}
+        wanted = {"pyro_vae.cli", "pyro_vae.plots", "pyro_vae.compare",
+                  "pyro_vae.diagnostics.report"}
         assert wanted <= set(names)
         for name in names:
             importlib.import_module(name)
