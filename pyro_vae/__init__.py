@@ -11,14 +11,14 @@ from .errors import InputError, exit_if_command_interrupted
 try:  # torch and Pyro take seconds to import: Ctrl-C then ends `pyro-vae` in one line, as it does later
     from .config import Config
     from .data import Dataset, load_dataset
-    from .estimators import log_weights, make_estimator, register_estimator
-    from .evaluate import elbo_terms, evaluate, evaluate_run, iwae_log_px
-    from .guides import register_guide
-    from .likelihoods import register_likelihood
+    from .evaluation.evaluate import elbo_terms, evaluate, evaluate_run, iwae_log_px
+    from .inference.estimators import log_weights, make_estimator, register_estimator
     from .models import ModelKind, register_model
+    from .models.guides import register_guide
+    from .models.likelihoods import register_likelihood
+    from .models.priors import register_prior
     from .models.vae import VAE, build_vae
-    from .priors import register_prior
-    from .train import RunResult, train
+    from .training.train import RunResult, train
 except KeyboardInterrupt:
     exit_if_command_interrupted()
     raise

@@ -17,28 +17,29 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 from pathlib import Path
 
-from . import __version__, plots
-from .compare import CompareOptions, compare_estimators
+from . import __version__
 from .config import RESUMABLE, Config, load_config_file
 from .data import CLASS_NAMES
 from .device import resolve_device
-from .diagnostics import diagnose, write_report
 from .errors import InputError, TrainingError
-from .evaluate import evaluate_run
-from .grid import grid_report, run_grid
-from .grid_ray import SCHEDULERS, run_grid_ray
-from .latents import SPLITS, encode_run, interpolate_run
+from .evaluation.compare import CompareOptions, compare_estimators
+from .evaluation.diagnostics import diagnose, write_report
+from .evaluation.evaluate import evaluate_run
+from .evaluation.latents import SPLITS, encode_run, interpolate_run
+from .evaluation.report import MARKDOWN, report
+from .figures import plots
 from .models.kind import model_kind
 from .presets import describe_presets, preset_settings
 from .registry import load_plugins
 from .renames import add_renamed_flag
-from .report import MARKDOWN, report
-from .run_dir import EVAL, check_data_shape, load_model, model_stamp, read_config
-from .run_lock import run_lock
 from .staging import write_all_or_none
-from .tracking import MLflowTracker, log_results, resolve_uri
-from .train import Interrupted, train
-from .train_data import prepare_data
+from .sweeps.grid import grid_report, run_grid
+from .sweeps.grid_ray import SCHEDULERS, run_grid_ray
+from .training.run_dir import EVAL, check_data_shape, load_model, model_stamp, read_config
+from .training.run_lock import run_lock
+from .training.tracking import MLflowTracker, log_results, resolve_uri
+from .training.train import Interrupted, train
+from .training.train_data import prepare_data
 
 HELP = {
     "dataset": "digits (default, embedded), mnist, fashion-mnist, kmnist, a folder of images, "

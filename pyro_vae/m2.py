@@ -1,18 +1,4 @@
-"""M2 and the classifier baseline now live in pyro_vae.models.m2 (their kinds: models/m2.py,
-models/classifier.py); this module keeps the old import path working."""
+"""Moved to pyro_vae.models.m2: this old path warns (DeprecationWarning) and forwards."""
+from ._moved import forward
 
-from .discrete import DISCRETE, UNLABELLED
-from .models.m2 import (
-    M2,
-    M2_ENCODERS,
-    Baseline,
-    ClassDecoder,
-    ClassEncoder,
-    Classifier,
-    GumbelSoftmax,
-    LabelClassifier,
-    build_m2,
-)
-
-__all__ = ["DISCRETE", "M2", "M2_ENCODERS", "UNLABELLED", "Baseline", "ClassDecoder", "ClassEncoder",
-           "Classifier", "GumbelSoftmax", "LabelClassifier", "build_m2"]
+__getattr__, __dir__ = forward(__name__, "pyro_vae.models.m2")

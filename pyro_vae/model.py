@@ -1,6 +1,4 @@
-"""The VAE and the autoencoder baseline now live in pyro_vae.models.vae (their kinds: models/vae.py,
-models/autoencoder.py); this module keeps the old import path working."""
+"""Moved to pyro_vae.models.vae: this old path warns (DeprecationWarning) and forwards."""
+from ._moved import forward
 
-from .models.vae import MODELS, VAE, AutoEncoder, FlatLatent, GaussianOutputs, build_vae
-
-__all__ = ["MODELS", "VAE", "AutoEncoder", "FlatLatent", "GaussianOutputs", "build_vae"]
+__getattr__, __dir__ = forward(__name__, "pyro_vae.models.vae")

@@ -46,11 +46,11 @@ from reference_vae import ReferenceVAE, make_reference_step  # noqa: E402
 
 from pyro_vae.data import batch_indices, binarize, load_dataset  # noqa: E402
 from pyro_vae.errors import InputError  # noqa: E402
-from pyro_vae.estimators import make_estimator  # noqa: E402
-from pyro_vae.evaluate import iwae_log_px  # noqa: E402
-from pyro_vae.model import build_vae  # noqa: E402
+from pyro_vae.evaluation.evaluate import iwae_log_px  # noqa: E402
+from pyro_vae.inference.estimators import make_estimator  # noqa: E402
+from pyro_vae.inference.step import CUDAGraphStep, SVIStep  # noqa: E402
+from pyro_vae.models.vae import build_vae  # noqa: E402
 from pyro_vae.renames import add_renamed_flag  # noqa: E402
-from pyro_vae.step import CUDAGraphStep, SVIStep  # noqa: E402
 
 Step = Callable[[Tensor], Tensor]
 

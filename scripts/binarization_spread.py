@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from pyro_vae.data import binarize, load_dataset
-from pyro_vae.evaluate import elbo_terms
-from pyro_vae.run_dir import EVAL, SUMMARY, load_model
+from pyro_vae.evaluation.evaluate import elbo_terms
+from pyro_vae.training.run_dir import EVAL, SUMMARY, load_model
 
 
 def main(argv: list[str] | None = None) -> dict:

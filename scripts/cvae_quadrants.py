@@ -19,10 +19,10 @@ from pathlib import Path
 import pyro
 import torch
 
-from pyro_vae.conditional import fit_svi, score_conditional
 from pyro_vae.data import binarize, load_dataset
 from pyro_vae.device import resolve_device
-from pyro_vae.figures_conditional import plot_completions
+from pyro_vae.evaluation.conditional import fit_svi, score_conditional
+from pyro_vae.figures.conditional import plot_completions
 from pyro_vae.models.cvae import build_cvae
 from pyro_vae.models.nn_baseline import build_baseline
 from pyro_vae.renames import add_renamed_flag

@@ -35,10 +35,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout, suppress
 from pathlib import Path
 
-from pyro_vae.compare import parse_specs
 from pyro_vae.errors import InputError
-from pyro_vae.report import check_same_test_set, paired_difference, read_run
-from pyro_vae.run_dir import CHECKPOINT, CONFIG, EVAL, SUMMARY, model_stamp, read_json
+from pyro_vae.evaluation.compare import parse_specs
+from pyro_vae.evaluation.report import check_same_test_set, paired_difference, read_run
+from pyro_vae.training.run_dir import CHECKPOINT, CONFIG, EVAL, SUMMARY, model_stamp, read_json
 
 PRESET = "fashion-mnist-vae"
 SPECS = {"budget": ["mc", "analytic", "iwae:5", "iwae:50", "stl", "iwae-dreg:5", "iwae-dreg:50"],

@@ -32,12 +32,12 @@ from bench import _paired_ratio, batches, device_name, time_steps  # noqa: E402
 
 from pyro_vae.data import binarize, load_dataset  # noqa: E402
 from pyro_vae.errors import InputError  # noqa: E402
-from pyro_vae.estimators import make_estimator  # noqa: E402
-from pyro_vae.evaluate import elbo_terms  # noqa: E402
-from pyro_vae.exemplar import leave_out, use_training_set  # noqa: E402
-from pyro_vae.model import VAE, build_vae  # noqa: E402
+from pyro_vae.evaluation.evaluate import elbo_terms  # noqa: E402
+from pyro_vae.inference.estimators import make_estimator  # noqa: E402
+from pyro_vae.inference.step import SVIStep  # noqa: E402
+from pyro_vae.models.exemplar import leave_out, use_training_set  # noqa: E402
+from pyro_vae.models.vae import VAE, build_vae  # noqa: E402
 from pyro_vae.param_store import param_sites  # noqa: E402
-from pyro_vae.step import SVIStep  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

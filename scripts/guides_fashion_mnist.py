@@ -22,12 +22,12 @@ import pyro
 import torch
 
 from pyro_vae import Config, train
-from pyro_vae.estimators import make_estimator
-from pyro_vae.evaluate import elbo_terms, iwae_log_px
+from pyro_vae.evaluation.evaluate import elbo_terms, iwae_log_px
+from pyro_vae.inference.estimators import make_estimator
 from pyro_vae.param_store import param_sites
 from pyro_vae.renames import add_renamed_flag
-from pyro_vae.run_dir import load_model
-from pyro_vae.train import prepare_data
+from pyro_vae.training.run_dir import load_model
+from pyro_vae.training.train import prepare_data
 
 GUIDES = {  # label -> the Config settings of the guide
     "diagonal": {"guide": "diagonal"},

@@ -97,9 +97,9 @@ def summarize(out: Path, rows: list[str], labels: list[int], seeds: list[int]) -
 
 def correct(run: Path):
     """Per test example, whether the run's q(y|x) (or classifier) gets its label: 1.0 or 0.0."""
-    from pyro_vae.evaluate import labelled_correct
-    from pyro_vae.run_dir import load_model
-    from pyro_vae.train_data import prepare_data
+    from pyro_vae.evaluation.evaluate import labelled_correct
+    from pyro_vae.training.run_dir import load_model
+    from pyro_vae.training.train_data import prepare_data
 
     config, model = load_model(run)
     data = prepare_data(config)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from pyro_vae import Config, train
-from pyro_vae.priors import DEFAULT_COMPONENTS
+from pyro_vae.models.priors import DEFAULT_COMPONENTS
 from pyro_vae.renames import add_renamed_flag
 
 PRIORS = ("normal", "learned", "mog", "vamp")

@@ -13,7 +13,8 @@ What is kept from Pyro's example (its documented example run: --aux-loss -alm 46
     i % int(n_train / n_labels) == 1 until the labelled batches run out (so with 100 labels and batch
     200, one labelled step per epoch);
   * pixel intensities in [0, 1] are the Bernoulli targets (no binarization).
-What differs: Fashion-MNIST from pyro_vae's loader; the labelled subset is pyro_vae.discrete.choose_labelled
+What differs: Fashion-MNIST from pyro_vae's loader; the labelled subset is
+pyro_vae.inference.discrete.choose_labelled
 (balanced, as theirs); the unlabelled pool is all 60k training images (theirs holds out the last 10k for
 validation and drops the labelled images from the pool); no validation accuracy, test accuracy only.
 """
@@ -29,7 +30,7 @@ from pyro.optim import Adam
 from torch import nn
 
 from pyro_vae.data import load_dataset
-from pyro_vae.discrete import choose_labelled
+from pyro_vae.inference.discrete import choose_labelled
 
 
 def mlp(sizes_in: int, hidden: int, out: int) -> nn.Sequential:

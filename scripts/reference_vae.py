@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-MIN_SCALE = 1e-4  # as pyro_vae.nets.MIN_SCALE
+MIN_SCALE = 1e-4  # as pyro_vae.models.nets.MIN_SCALE
 
 
 def _mlp(sizes: Sequence[int]) -> nn.Sequential:

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pyro_vae.cli import main
-from pyro_vae.evaluate import per_example
-from pyro_vae.run_dir import load_model
-from pyro_vae.train_data import prepare_data
+from pyro_vae.evaluation.evaluate import per_example
+from pyro_vae.training.run_dir import load_model
+from pyro_vae.training.train_data import prepare_data
 
 from .servers import mlflow_server
 
@@ -39,9 +39,9 @@ def assert_log_px_at_least_elbo(values: dict[str, torch.Tensor]) -> None:
 
 def unregister_all() -> None:
     """Remove every prior, likelihood and estimator registered by a test (the built-in ones stay)."""
-    from pyro_vae.estimators import ESTIMATORS
-    from pyro_vae.likelihoods import LIKELIHOODS
-    from pyro_vae.priors import PRIORS
+    from pyro_vae.inference.estimators import ESTIMATORS
+    from pyro_vae.models.likelihoods import LIKELIHOODS
+    from pyro_vae.models.priors import PRIORS
 
     for registry in (PRIORS, LIKELIHOODS, ESTIMATORS):
         for name in set(registry) - registry.builtins:
@@ -61,9 +61,9 @@ def crash_copy(monkeypatch):
     """arm(dest, epoch, batch): when training writes the checkpoint at (epoch, batch), copy the run
     directory to `dest`, as a run killed right after it would be left; returns the list that receives
     that checkpoint's step. monkeypatch.undo() disarms it."""
-    from pyro_vae import run_dir
+    from pyro_vae.training import run_dir
 
-    checkpoints = importlib.import_module("pyro_vae.checkpoints")  # where the trainer saves
+    checkpoints = importlib.import_module("pyro_vae.training.checkpoints")  # where the trainer saves
 
     def arm(dest, epoch: int, batch: int) -> list[int]:
         saved, real_save = [], run_dir.save_checkpoint

@@ -17,15 +17,15 @@ from pyro_vae.cli import main
 from pyro_vae.config import ADDED_SETTINGS, Config
 from pyro_vae.data import AUTHORS_SEED, binarize_like_authors
 from pyro_vae.errors import InputError
-from pyro_vae.model import build_vae
-from pyro_vae.nets import LOG_VARIANCE_RANGE, he_init
+from pyro_vae.models.nets import LOG_VARIANCE_RANGE, he_init
+from pyro_vae.models.priors import AUTHORS_INIT
+from pyro_vae.models.vae import build_vae
 from pyro_vae.optim import AdamNormGrad, make_optimizer
 from pyro_vae.presets import AUTHORS, PRESETS, preset_settings
-from pyro_vae.priors import AUTHORS_INIT
-from pyro_vae.run_dir import read_config
-from pyro_vae.train_data import prepare_data
+from pyro_vae.training.run_dir import read_config
+from pyro_vae.training.train_data import prepare_data
 
-train_module = importlib.import_module("pyro_vae.train")
+train_module = importlib.import_module("pyro_vae.training.train")
 
 RUNS = Path(__file__).resolve().parents[1] / "docs" / "runs"
 SMALL = {"dataset": "digits", "train_size": 300, "test_size": 60, "hidden": [16], "z_dim": 2,

@@ -9,9 +9,9 @@ import torch
 
 from pyro_vae import build_vae
 from pyro_vae.cli import main
-from pyro_vae.estimators import make_estimator
-from pyro_vae.run_dir import load_model
-from pyro_vae.train import prepare_data
+from pyro_vae.inference.estimators import make_estimator
+from pyro_vae.training.run_dir import load_model
+from pyro_vae.training.train import prepare_data
 
 from .conftest import QUICK
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.distributions.normal
 
-from pyro_vae.estimators import make_estimator
-from pyro_vae.model import build_vae
+from pyro_vae.inference.estimators import make_estimator
+from pyro_vae.models.vae import build_vae
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pyro_vae.cli import main
 from pyro_vae.config import Config
-from pyro_vae.run_dir import load_model
+from pyro_vae.training.run_dir import load_model
 
 from .conftest import QUICK, assert_log_px_at_least_elbo, run_values
 

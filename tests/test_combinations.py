@@ -11,11 +11,11 @@ import torch
 
 from pyro_vae.config import MIXTURE_PRIORS, Config
 from pyro_vae.data import load_dataset
-from pyro_vae.evaluate import elbo_terms
-from pyro_vae.likelihoods import LIKELIHOODS
-from pyro_vae.priors import PRIORS
-from pyro_vae.run_dir import build_from_config, load_model
-from pyro_vae.train import init_prior, prepare_data, train
+from pyro_vae.evaluation.evaluate import elbo_terms
+from pyro_vae.models.likelihoods import LIKELIHOODS
+from pyro_vae.models.priors import PRIORS
+from pyro_vae.training.run_dir import build_from_config, load_model
+from pyro_vae.training.train import init_prior, prepare_data, train
 
 from .conftest import N_SE, assert_log_px_at_least_elbo, run_values
 

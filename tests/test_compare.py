@@ -13,9 +13,9 @@ from pyro import poutine
 
 from pyro_vae import build_vae, register_estimator
 from pyro_vae.cli import main
-from pyro_vae.compare import BATCH_ONLY, VAE_GROUPS, compare, markdown, write_comparison
-from pyro_vae.compare_measures import parameter_groups
-from pyro_vae.estimators import make_estimator
+from pyro_vae.evaluation.compare import BATCH_ONLY, VAE_GROUPS, compare, markdown, write_comparison
+from pyro_vae.evaluation.compare_measures import parameter_groups
+from pyro_vae.inference.estimators import make_estimator
 
 from .conftest import unregister_all
 from .test_estimators import X0, XS, Tiny, TwoLatents

@@ -7,11 +7,17 @@ import pyro
 import pytest
 
 from pyro_vae.cli import main
-from pyro_vae.compare_discrete import DEFAULT_TEMPERATURE, GROUPS, bound_draw, estimating, fit_baseline
-from pyro_vae.compare_measures import SURROGATE_LABEL, estimates_figure
-from pyro_vae.discrete import make_discrete_estimator
-from pyro_vae.run_dir import load_model
-from pyro_vae.train import prepare_data
+from pyro_vae.evaluation.compare_discrete import (
+    DEFAULT_TEMPERATURE,
+    GROUPS,
+    bound_draw,
+    estimating,
+    fit_baseline,
+)
+from pyro_vae.evaluation.compare_measures import SURROGATE_LABEL, estimates_figure
+from pyro_vae.inference.discrete import make_discrete_estimator
+from pyro_vae.training.run_dir import load_model
+from pyro_vae.training.train import prepare_data
 
 NO_LATENT = ["--labels", "50", "--epochs", "1", "--train-size", "400", "--test-size", "120", "--hidden", "32",
              "--quiet"]

@@ -1,4 +1,5 @@
-"""The importance-sampled conditional log-likelihood log p(x | c) (pyro_vae/conditional.py): exact on a
+"""The importance-sampled conditional log-likelihood log p(x | c) (pyro_vae/evaluation/conditional.py): exact
+on a
 linear-Gaussian conditional pair where p(x | c) is known in closed form, above the ELBO and rising with k
 on a CVAE, and the CVAE beating its deterministic baseline on digits' quadrant completion."""
 
@@ -9,8 +10,13 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae.conditional import ConditionalScores, conditional_log_likelihood, fit_svi, score_conditional
 from pyro_vae.data import binarize, load_dataset
+from pyro_vae.evaluation.conditional import (
+    ConditionalScores,
+    conditional_log_likelihood,
+    fit_svi,
+    score_conditional,
+)
 from pyro_vae.models.cvae import build_cvae
 from pyro_vae.models.nn_baseline import build_baseline
 

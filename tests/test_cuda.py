@@ -12,9 +12,9 @@ import torch
 from pyro import poutine
 
 from pyro_vae.cli import main
-from pyro_vae.estimators import make_estimator
-from pyro_vae.model import build_vae
-from pyro_vae.step import CUDAGraphStep, SVIStep
+from pyro_vae.inference.estimators import make_estimator
+from pyro_vae.inference.step import CUDAGraphStep, SVIStep
+from pyro_vae.models.vae import build_vae
 
 from .conftest import QUICK, assert_log_px_at_least_elbo
 

@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from pyro_vae.plots import TimedRun, run_curves_figure, seconds_curves_figure
+from pyro_vae.figures.plots import TimedRun, run_curves_figure, seconds_curves_figure
 
 
 def _rows(epochs: int, warmup: int = 10, best: int | None = None, final: float = -230.0) -> list[dict]:

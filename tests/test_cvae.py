@@ -10,13 +10,13 @@ import torch
 from pyro import poutine
 from torch.nn import functional as F
 
-from pyro_vae.conditional import fit_svi
 from pyro_vae.data import binarize, load_dataset
-from pyro_vae.elbo import mean_field_terms
 from pyro_vae.errors import InputError
-from pyro_vae.estimators import analytic_kl_sites
-from pyro_vae.evaluate import elbo_terms
-from pyro_vae.iwae import weights
+from pyro_vae.evaluation.conditional import fit_svi
+from pyro_vae.evaluation.evaluate import elbo_terms
+from pyro_vae.inference.elbo import mean_field_terms
+from pyro_vae.inference.estimators import analytic_kl_sites
+from pyro_vae.inference.iwae import weights
 from pyro_vae.models.conditions import MISSING, ClassLabel, Quadrants, given_pixels, parse_condition
 from pyro_vae.models.cvae import build_cvae
 from pyro_vae.models.nn_baseline import build_baseline

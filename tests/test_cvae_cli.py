@@ -16,8 +16,8 @@ from pyro_vae.config import Config
 from pyro_vae.data import CLASS_NAMES
 from pyro_vae.models.conditions import ClassLabel
 from pyro_vae.models.cvae import CVAE_KIND, build_cvae, class_names_of
-from pyro_vae.run_dir import load_model
-from pyro_vae.train import train
+from pyro_vae.training.run_dir import load_model
+from pyro_vae.training.train import train
 
 from .conftest import N_SE
 

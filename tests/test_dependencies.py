@@ -18,7 +18,7 @@ import pytest
 import tomllib
 
 import pyro_vae
-from pyro_vae.diagnostics import report as diagnose_report
+from pyro_vae.evaluation.diagnostics import report as diagnose_report
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pyro_vae"
@@ -87,7 +87,7 @@ def _third_party(found: dict[str, set[str]]) -> dict[str, set[str]]:
 
 def test_every_module_of_the_package_imports():
     names = [info.name for info in pkgutil.walk_packages(pyro_vae.__path__, "pyro_vae.")]
-    assert "pyro_vae.cli" in names and "pyro_vae.diagnostics.report" in names
+    assert "pyro_vae.cli" in names and "pyro_vae.evaluation.diagnostics.report" in names
     for name in names:
         importlib.import_module(name)
 

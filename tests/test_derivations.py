@@ -23,11 +23,11 @@ from torch.distributions import (
     kl_divergence,
 )
 
-from pyro_vae.estimators import log_weights
-from pyro_vae.evaluate import elbo_terms, iwae_log_px
-from pyro_vae.likelihoods import Gaussian
-from pyro_vae.model import VAE
-from pyro_vae.priors import StandardNormal
+from pyro_vae.evaluation.evaluate import elbo_terms, iwae_log_px
+from pyro_vae.inference.estimators import log_weights
+from pyro_vae.models.likelihoods import Gaussian
+from pyro_vae.models.priors import StandardNormal
+from pyro_vae.models.vae import VAE
 
 DTYPE = torch.float64
 N_SE = 4.0  # tolerance in standard errors: a true statement fails with probability ~6e-5

@@ -21,10 +21,10 @@ from PIL import Image
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from pyro_vae.cli import main
-from pyro_vae.diagnostics import diagnose
-from pyro_vae.diagnostics.importance import KHAT_GOOD, KHAT_THRESHOLD
-from pyro_vae.diagnostics.optimal_guide import SVI_PARTICLES, fit_optimal_guide
-from pyro_vae.diagnostics.report import markdown
+from pyro_vae.evaluation.diagnostics import diagnose
+from pyro_vae.evaluation.diagnostics.importance import KHAT_GOOD, KHAT_THRESHOLD
+from pyro_vae.evaluation.diagnostics.optimal_guide import SVI_PARTICLES, fit_optimal_guide
+from pyro_vae.evaluation.diagnostics.report import markdown
 
 from .test_derivations import LinearGaussian
 
@@ -276,7 +276,7 @@ def test_importing_the_package_does_not_import_arviz():
 
 
 def test_khat_is_inf_below_the_draws_a_tail_fit_needs_and_finite_from_there():
-    from pyro_vae.diagnostics.importance import pareto_khat
+    from pyro_vae.evaluation.diagnostics.importance import pareto_khat
 
     log_w = torch.randn(25, 4, generator=torch.Generator().manual_seed(0))
     assert torch.isinf(pareto_khat(log_w[:24])).all()  # a tail of 24 // 5 = 4 draws: no fit

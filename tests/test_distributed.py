@@ -18,7 +18,7 @@ import torch
 import torch.distributions.normal
 
 from pyro_vae.cli import main
-from pyro_vae.distributed import Ranks
+from pyro_vae.training.distributed import Ranks
 
 # 249 examples in global batches of 64: 64, 64, 64, 57; the last splits 29 + 28 over two processes
 RUN = ["--device", "cpu", "--train-size", "249", "--test-size", "64", "--batch-size", "64",
@@ -45,7 +45,7 @@ RUNNER = textwrap.dedent("""
         return write
 
     # where the trainer writes
-    for module in ("pyro_vae.checkpoints", "pyro_vae.epoch_report"):
+    for module in ("pyro_vae.training.checkpoints", "pyro_vae.training.epoch_report"):
         module = importlib.import_module(module)
         for name in ("save_checkpoint", "write_json", "write_jsonl"):
             if hasattr(module, name):
@@ -184,4 +184,4 @@ def test_alone_the_helpers_change_nothing():
     ranks, value = Ranks(), torch.tensor(3.0)
     assert ranks.sum(value) is value and ranks.max(value) is value
     assert ranks.agree(7, 2, 0) == [2, 0] and ranks.gather("x") == ["x"]
-    assert importlib.import_module("pyro_vae.distributed").start(torch.device("cpu"))[0] == Ranks()
+    assert importlib.import_module("pyro_vae.training.distributed").start(torch.device("cpu"))[0] == Ranks()

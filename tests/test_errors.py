@@ -215,7 +215,7 @@ def test_any_random_bytes_as_a_checkpoint_are_refused_as_input(tmp_path):
     """Bytes that are not a zip fall to the legacy unpickler, which fails in many ways (IndexError,
     KeyError, struct.error, ...): every one must become the one-line InputError."""
     from pyro_vae.errors import InputError
-    from pyro_vae.run_dir import load_checkpoint
+    from pyro_vae.training.run_dir import load_checkpoint
 
     path = tmp_path / "checkpoint.pt"
     rng = np.random.default_rng(0)

@@ -17,13 +17,14 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from pyro_vae import build_vae, iwae
-from pyro_vae.compare_measures import gradient_stats
+from pyro_vae import build_vae
 from pyro_vae.config import Config
 from pyro_vae.errors import InputError
-from pyro_vae.estimators import ESTIMATORS, make_estimator
-from pyro_vae.run_dir import load_model
-from pyro_vae.train import prepare_data, train
+from pyro_vae.evaluation.compare_measures import gradient_stats
+from pyro_vae.inference import iwae
+from pyro_vae.inference.estimators import ESTIMATORS, make_estimator
+from pyro_vae.training.run_dir import load_model
+from pyro_vae.training.train import prepare_data, train
 
 from .conftest import N_SE
 

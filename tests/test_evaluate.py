@@ -7,10 +7,10 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae.estimators import log_weights
-from pyro_vae.evaluate import active_units, elbo_terms, iwae_log_px
-from pyro_vae.run_dir import load_model
-from pyro_vae.train import prepare_data
+from pyro_vae.evaluation.evaluate import active_units, elbo_terms, iwae_log_px
+from pyro_vae.inference.estimators import log_weights
+from pyro_vae.training.run_dir import load_model
+from pyro_vae.training.train import prepare_data
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_active_units_counts_latents_whose_posterior_mean_varies(trained):
 def test_importance_chunks_cover_every_example_and_draw_once_within_the_budget(n, k, budget):
     """The plan that iwae_log_px and the diagnostics share: every (draw, example) cell exactly once,
     and no chunk over the budget unless one draw of one example is already over it."""
-    from pyro_vae.evaluate import importance_chunks
+    from pyro_vae.evaluation.evaluate import importance_chunks
 
     x = torch.zeros(n, 1, 8, 8)
     seen = torch.zeros(k, n, dtype=torch.int64)

@@ -13,13 +13,13 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from pyro_vae import exemplar
 from pyro_vae.cli import main
-from pyro_vae.exemplar import ExemplarPrior, leave_out, use_training_set
-from pyro_vae.model import VAE, build_vae
+from pyro_vae.models import exemplar
+from pyro_vae.models.exemplar import ExemplarPrior, leave_out, use_training_set
+from pyro_vae.models.vae import VAE, build_vae
 from pyro_vae.presets import PRESETS
-from pyro_vae.run_dir import load_model
-from pyro_vae.train_data import prepare_data
+from pyro_vae.training.run_dir import load_model
+from pyro_vae.training.train_data import prepare_data
 
 from .conftest import QUICK, assert_log_px_at_least_elbo, run_values
 from .test_interruptions import FAST, _assert_same_run

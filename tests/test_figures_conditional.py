@@ -1,4 +1,4 @@
-"""Figures of a conditional VAE (pyro_vae/figures_conditional.py): quadrant completions beside the
+"""Figures of a conditional VAE (pyro_vae/figures/conditional.py): quadrant completions beside the
 baseline's prediction, and samples per class."""
 
 import pyro
@@ -8,7 +8,7 @@ from PIL import Image
 
 from pyro_vae.data import CLASS_NAMES
 from pyro_vae.errors import InputError
-from pyro_vae.figures_conditional import (
+from pyro_vae.figures.conditional import (
     class_sample_images,
     completion_images,
     plot_class_samples,

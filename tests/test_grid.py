@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from pyro_vae.cli import main
-from pyro_vae.grid import read_grid, run_name
+from pyro_vae.sweeps.grid import read_grid, run_name
 
 BASE = {"train_size": 200, "test_size": 40, "hidden": [32], "z_dim": 4, "eval_k": 5, "epochs": 2}
 

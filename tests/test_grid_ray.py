@@ -15,7 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pyro_vae.cli import main
-from pyro_vae.run_lock import holder
+from pyro_vae.training.run_lock import holder
 
 from .servers import QUIET, ray_cluster
 

@@ -17,11 +17,11 @@ from torch import nn
 
 from pyro_vae import Config, build_vae, register_guide, train
 from pyro_vae.cli import main
-from pyro_vae.estimators import check_analytic_kl, make_estimator
-from pyro_vae.evaluate import active_units
-from pyro_vae.guides import GUIDES, GuideFamily, make_guide
-from pyro_vae.program import Program
-from pyro_vae.run_dir import load_model
+from pyro_vae.evaluation.evaluate import active_units
+from pyro_vae.inference.estimators import check_analytic_kl, make_estimator
+from pyro_vae.inference.program import Program
+from pyro_vae.models.guides import GUIDES, GuideFamily, make_guide
+from pyro_vae.training.run_dir import load_model
 from tests.test_estimators import Z, _assert_unbiased, _gradient_draws
 
 OPTIONS = {"diagonal": {}, "fullrank": {}, "lowrank": {"guide_rank": 2}, "iaf": {"flows": 2}}

@@ -12,19 +12,19 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_vae.cli import main
-from pyro_vae.compare import compare
 from pyro_vae.config import Config
 from pyro_vae.errors import InputError
-from pyro_vae.estimators import analytic_kl_sites, make_estimator
-from pyro_vae.evaluate import elbo_terms
+from pyro_vae.evaluation.compare import compare
+from pyro_vae.evaluation.evaluate import elbo_terms
+from pyro_vae.inference.estimators import analytic_kl_sites, make_estimator
+from pyro_vae.inference.program import Program
 from pyro_vae.models.hvae import HVAE, build_hvae
 from pyro_vae.models.hvae_nets import JointDecoder, JointEncoder, TopEncoder, clamped_scale
 from pyro_vae.presets import PRESETS
-from pyro_vae.program import Program
-from pyro_vae.run_dir import load_model
 from pyro_vae.sites import sample_sites
-from pyro_vae.train import train
-from pyro_vae.train_data import prepare_data
+from pyro_vae.training.run_dir import load_model
+from pyro_vae.training.train import train
+from pyro_vae.training.train_data import prepare_data
 
 from .conftest import N_SE, QUICK, assert_log_px_at_least_elbo, run_values
 from .test_estimators import XS, TwoLatents

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_vae import run_dir
 from pyro_vae.cli import main
+from pyro_vae.training import run_dir
 
-train_module = importlib.import_module("pyro_vae.train")  # the module (pyro_vae.train is the function)
-training_model = importlib.import_module("pyro_vae.training_model")  # where the trainer builds its model
+# the module (pyro_vae.train is the function)
+train_module = importlib.import_module("pyro_vae.training.train")
+# where the trainer builds its model
+training_model = importlib.import_module("pyro_vae.training.training_model")
 
 # 200 examples in batches of 32: 7 steps an epoch
 FAST = ["--train-size", "200", "--test-size", "50", "--batch-size", "32", "--hidden", "32",

@@ -9,9 +9,9 @@ from pyro import poutine
 
 from pyro_vae import build_vae
 from pyro_vae.config import Config
-from pyro_vae.estimators import make_estimator
-from pyro_vae.kl_weight import kl_weight, scale_latents
-from pyro_vae.train import train
+from pyro_vae.inference.estimators import make_estimator
+from pyro_vae.inference.kl_weight import kl_weight, scale_latents
+from pyro_vae.training.train import train
 
 
 @pytest.fixture

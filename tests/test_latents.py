@@ -1,4 +1,5 @@
-"""Latents for users (pyro_vae/latents.py): `pyro-vae encode` (posterior means and scales per example,
+"""Latents for users (pyro_vae/evaluation/latents.py): `pyro-vae encode` (posterior means and scales per
+example,
 labels), `pyro-vae interpolate` (pictures decoded between two examples' posterior means), the same in
 Python, and `pyro-vae --version`."""
 
@@ -11,10 +12,10 @@ import torch
 import pyro_vae
 from pyro_vae.cli import main
 from pyro_vae.errors import InputError
-from pyro_vae.latents import encode, interpolate
-from pyro_vae.program import Program
-from pyro_vae.run_dir import load_model
-from pyro_vae.train_data import prepare_data
+from pyro_vae.evaluation.latents import encode, interpolate
+from pyro_vae.inference.program import Program
+from pyro_vae.training.run_dir import load_model
+from pyro_vae.training.train_data import prepare_data
 
 from .conftest import QUICK
 

@@ -1,6 +1,15 @@
-"""The package's layers point one way: no module of pyro_vae imports, directly or through others, a
-module that imports it back. Imports inside functions count (an import moved into a function to dodge a
-cycle still makes the two modules depend on each other)."""
+"""The package's layers point one way. Two checks on the import graph of pyro_vae, built from the AST
+(imports inside functions count: an import moved into a function to dodge a cycle still makes the two
+modules depend on each other):
+
+* no cycle: no module imports, directly or through others, a module that imports it back;
+* layer order: a module imports only its own layer and those below it (docs/layout.md),
+
+      base < data < config < inference < models < figures < training < evaluation < sweeps < cli
+
+  where base is the top-level utilities every layer may use. The few edges that point up are listed in
+  UPWARD with their reason; an edge that no longer exists must leave the list too.
+"""
 
 import ast
 from pathlib import Path
@@ -123,6 +132,64 @@ def cycles_of(graph: dict[str, set[str]], component: set[str]) -> list[list[str]
     return found
 
 
+# bottom to top; a module's layer is that of its longest listed prefix (a subpackage holds one layer)
+LAYERS: list[tuple[str, set[str]]] = [
+    ("base", {"pyro_vae.errors", "pyro_vae.registry", "pyro_vae.stats", "pyro_vae.rng", "pyro_vae.sites",
+              "pyro_vae.staging", "pyro_vae.device", "pyro_vae.param_store", "pyro_vae.optim",
+              "pyro_vae.renames", "pyro_vae._moved"}),
+    ("data", {"pyro_vae.data"}),
+    ("config", {"pyro_vae.config", "pyro_vae.presets"}),
+    ("inference", {"pyro_vae.inference"}),
+    ("models", {"pyro_vae.models"}),
+    ("figures", {"pyro_vae.figures"}),
+    ("training", {"pyro_vae.training"}),
+    ("evaluation", {"pyro_vae.evaluation"}),
+    ("sweeps", {"pyro_vae.sweeps"}),
+    ("cli", {"pyro_vae.cli", "pyro_vae.__main__", "pyro_vae"}),
+]
+# (importer, imported): why it may point up
+UPWARD: dict[tuple[str, str], str] = {
+    ("pyro_vae.config", "pyro_vae.models.kind"):
+        "Config.validate asks the kind that `model` names to check the rest (model_kind(...).check) and "
+        "__post_init__ picks the binarization from the likelihood (discrete_likelihood); it goes when "
+        "that check moves to the edge where a Config is made (issue 23: Config imports no model)",
+}
+
+
+def layer_of(module: str, layers: list[tuple[str, set[str]]] = LAYERS) -> int | None:
+    """The index of the module's layer in `layers` (None: not listed), by its longest listed prefix; the
+    package itself only as itself."""
+    best, best_length = None, -1
+    for index, (_, prefixes) in enumerate(layers):
+        for prefix in prefixes:
+            exact = prefix == module
+            inside = prefix != "pyro_vae" and module.startswith(prefix + ".")
+            if (exact or inside) and len(prefix) > best_length:
+                best, best_length = index, len(prefix)
+    return best
+
+
+def is_shim(path: Path) -> bool:
+    """An old import path kept for users (pyro_vae/_moved.py): it imports nothing but the helper."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("_moved"):
+            return True
+    return False
+
+
+def upward_edges(graph: dict[str, set[str]], layers: list[tuple[str, set[str]]] = LAYERS,
+                 shims: set[str] = frozenset()) -> set[tuple[str, str]]:
+    """The imports from a module to one of a higher layer (shims are outside the layers)."""
+    placed = {name: layer_of(name, layers) for name in graph}
+    return {(source, target) for source, targets in graph.items() if source not in shims
+            for target in targets if target not in shims and None not in (placed[source], placed[target])
+            and placed[target] > placed[source]}
+
+
+def shim_modules(root: Path = PACKAGE) -> set[str]:
+    return {name for name, path in package_modules(root).items() if is_shim(path)}
+
+
 def test_the_package_has_no_import_cycle():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
@@ -161,3 +228,33 @@ def test_imports_that_point_one_way_are_no_cycle(tmp_path):
     graph = import_graph(root)
     assert graph["pyro_vae.b"] == {"pyro_vae.a"} and graph["pyro_vae.sub.x"] == {"pyro_vae.b"}
     assert find_cycles(graph) == []
+
+
+def test_every_module_has_a_layer():
+    shims = shim_modules()
+    unplaced = sorted(name for name in package_modules() if name not in shims and layer_of(name) is None)
+    assert not unplaced, f"modules in no layer (add them to LAYERS, or move them into a layer): {unplaced}"
+
+
+def test_no_module_imports_a_higher_layer():
+    edges = upward_edges(import_graph(), shims=shim_modules())
+    names = [name for name, _ in LAYERS]
+    unexpected = sorted(edges - set(UPWARD))
+    assert not unexpected, "imports that point up a layer:\n" + "\n".join(
+        f"{a} ({names[layer_of(a)]}) -> {b} ({names[layer_of(b)]})" for a, b in unexpected)
+    assert set(UPWARD) <= edges, f"listed in UPWARD but gone (remove them): {sorted(set(UPWARD) - edges)}"
+
+
+def test_an_import_up_a_layer_is_found(tmp_path):
+    """The layer check is not blind: an import inside a function from a lower layer to a higher one is
+    found, one from the package's top (cli) down is not, and a shim is outside the layers."""
+    root = write(tmp_path, {"pyro_vae/__init__.py": "from .training import t\n",
+                            "pyro_vae/data.py": "def f():\n    from .training.t import g\n",
+                            "pyro_vae/training/__init__.py": "",
+                            "pyro_vae/training/t.py": "from ..data import f\n",
+                            "pyro_vae/_moved.py": "",
+                            "pyro_vae/old.py": "from ._moved import forward\n"})
+    graph = import_graph(root)
+    assert upward_edges(graph, shims=shim_modules(root)) == {("pyro_vae.data", "pyro_vae.training.t")}
+    assert shim_modules(root) == {"pyro_vae.old"}
+    assert layer_of("pyro_vae.old") is None and layer_of("pyro_vae.training.t") == 6

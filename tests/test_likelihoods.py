@@ -15,7 +15,7 @@ from torch.distributions import ContinuousBernoulli as TorchContinuousBernoulli
 from pyro_vae.cli import build_parser, resolve_config
 from pyro_vae.config import Config
 from pyro_vae.errors import InputError
-from pyro_vae.likelihoods import (
+from pyro_vae.models.likelihoods import (
     CB_WINDOW,
     SCALE_FLOOR,
     ContinuousBernoulliLogits,
@@ -24,7 +24,7 @@ from pyro_vae.likelihoods import (
     cb_log_normalizer,
     make_likelihood,
 )
-from pyro_vae.model import build_vae
+from pyro_vae.models.vae import build_vae
 
 GRID = 20_001  # quadrature points per pixel (odd: the grid has the Laplace's kink at its centre)
 CB_LOGITS = [-30.0, -5.0, -1.0, -CB_WINDOW, -1e-4, 0.0, 1e-3, 0.15, CB_WINDOW, 0.3, 5.0, 30.0]

@@ -18,18 +18,24 @@ import torch
 from torch.nn import functional as F
 
 from pyro_vae.cli import main
-from pyro_vae.compare_discrete import bound_draw
 from pyro_vae.config import Config
 from pyro_vae.data import Dataset, load_dataset
-from pyro_vae.discrete import ScoreFunction_ELBO, choose_labelled, make_discrete_estimator, mask_labels
 from pyro_vae.errors import InputError
-from pyro_vae.m2 import UNLABELLED, build_m2
+from pyro_vae.evaluation.compare_discrete import bound_draw
+from pyro_vae.inference.discrete import (
+    ScoreFunction_ELBO,
+    choose_labelled,
+    make_discrete_estimator,
+    mask_labels,
+)
 from pyro_vae.models import model_kind
-from pyro_vae.nets import MIN_SCALE
-from pyro_vae.train import train
-from pyro_vae.train_data import prepare_data
+from pyro_vae.models.m2 import UNLABELLED, build_m2
+from pyro_vae.models.nets import MIN_SCALE
+from pyro_vae.training.train import train
+from pyro_vae.training.train_data import prepare_data
 
-train_module = importlib.import_module("pyro_vae.train")  # the module (pyro_vae.train is the function)
+# the module (pyro_vae.train is the function)
+train_module = importlib.import_module("pyro_vae.training.train")
 
 C, Z, X_SHAPE = 3, 2, (1, 4, 4)
 
@@ -463,8 +469,8 @@ def test_m2_figures_vary_z_with_the_class_fixed_and_map_z_alone(tmp_path):
     class_samples.png has one row per class."""
     import warnings
 
-    from pyro_vae.plots import save_figures
-    from pyro_vae.program import Program
+    from pyro_vae.figures.plots import save_figures
+    from pyro_vae.inference.program import Program
 
     m2 = build_m2((1, 8, 8), 10, hidden=[16], z_dim=3).eval()
     x = torch.rand(40, 1, 8, 8).bernoulli()
@@ -517,7 +523,7 @@ def test_m2_reads_its_labels_from_mnist_files_and_from_class_folders(source, tmp
 
 
 def test_curves_of_a_labelled_run_add_the_accuracy_per_epoch():
-    from pyro_vae.plots import run_curves_figure
+    from pyro_vae.figures.plots import run_curves_figure
 
     rows = [{"epoch": e, "train_loss": 30.0 - e, "test_elbo": -31.0 + e, "test_accuracy": 0.1 * e}
             for e in (1, 2, 3)]

@@ -11,10 +11,10 @@ from pyro import poutine
 from pyro.infer import ELBO, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.util import site_is_subsample
 
-from pyro_vae import estimators
 from pyro_vae.errors import InputError
-from pyro_vae.likelihoods import Bernoulli, Gaussian, make_likelihood
-from pyro_vae.model import VAE, build_vae
+from pyro_vae.inference import estimators
+from pyro_vae.models.likelihoods import Bernoulli, Gaussian, make_likelihood
+from pyro_vae.models.vae import VAE, build_vae
 
 N, Z_DIM, HIDDEN = 4, 3, (16,)
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 8, 8)]

@@ -18,15 +18,15 @@ from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 from torch.distributions import kl_divergence
 
-from pyro_vae.compare import compare, write_comparison
 from pyro_vae.data import Dataset, binarize, load_dataset
-from pyro_vae.diagnostics import diagnose, write_report
 from pyro_vae.errors import InputError
-from pyro_vae.estimators import make_estimator
-from pyro_vae.evaluate import active_units, evaluate, per_example
-from pyro_vae.kl_weight import scale_latents
-from pyro_vae.plots import plot_samples, save_figures
-from pyro_vae.program import Program
+from pyro_vae.evaluation.compare import compare, write_comparison
+from pyro_vae.evaluation.diagnostics import diagnose, write_report
+from pyro_vae.evaluation.evaluate import active_units, evaluate, per_example
+from pyro_vae.figures.plots import plot_samples, save_figures
+from pyro_vae.inference.estimators import make_estimator
+from pyro_vae.inference.kl_weight import scale_latents
+from pyro_vae.inference.program import Program
 
 from .pyro_example import VAE as PyroExampleVAE
 

@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from pyro_vae.data import binarize, load_dataset
-from pyro_vae.discrete import choose_labelled, make_discrete_estimator, mask_labels
-from pyro_vae.estimators import make_estimator
-from pyro_vae.m2 import build_m2
-from pyro_vae.model import build_vae
+from pyro_vae.inference.discrete import choose_labelled, make_discrete_estimator, mask_labels
+from pyro_vae.inference.estimators import make_estimator
+from pyro_vae.models.m2 import build_m2
+from pyro_vae.models.vae import build_vae
 from pyro_vae.param_store import param_sites
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,10 +20,10 @@ import pyro_vae
 from pyro_vae.cli import main
 from pyro_vae.config import Config
 from pyro_vae.errors import InputError
-from pyro_vae.estimators import make_estimator
-from pyro_vae.likelihoods import Bernoulli, make_likelihood
-from pyro_vae.priors import PRIORS, make_prior
-from pyro_vae.run_dir import load_model
+from pyro_vae.inference.estimators import make_estimator
+from pyro_vae.models.likelihoods import Bernoulli, make_likelihood
+from pyro_vae.models.priors import PRIORS, make_prior
+from pyro_vae.training.run_dir import load_model
 
 from .conftest import unregister_all
 
@@ -39,7 +39,7 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 
 import pyro_vae
-from pyro_vae.likelihoods import Bernoulli
+from pyro_vae.models.likelihoods import Bernoulli
 
 BUILT = {"prior": 0, "likelihood": 0, "estimator": 0}
 NOT_CALLABLE = 3

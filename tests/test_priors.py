@@ -15,11 +15,11 @@ from torch.nn import functional as F
 from pyro_vae.config import Config
 from pyro_vae.data import load_dataset
 from pyro_vae.errors import InputError
-from pyro_vae.estimators import make_estimator
-from pyro_vae.exemplar import ExemplarPrior, use_training_set
-from pyro_vae.likelihoods import LIKELIHOODS
-from pyro_vae.model import VAE, build_vae
-from pyro_vae.priors import MIN_SCALE, PRIORS, VampPrior, make_prior
+from pyro_vae.inference.estimators import make_estimator
+from pyro_vae.models.exemplar import ExemplarPrior, use_training_set
+from pyro_vae.models.likelihoods import LIKELIHOODS
+from pyro_vae.models.priors import MIN_SCALE, PRIORS, VampPrior, make_prior
+from pyro_vae.models.vae import VAE, build_vae
 
 Z_DIM, SHAPE, HIDDEN, K = 3, (1, 8, 8), (16,), 4
 
@@ -336,7 +336,7 @@ def test_the_standard_normal_prior_computes_what_normal_computes_bit_for_bit():
     assert type(unit.base_dist).__name__ == "UnitNormal"
     from torch.distributions.kl import _dispatch_kl  # the short formula is the one torch picks
 
-    from pyro_vae.priors import _kl_normal_unit_normal
+    from pyro_vae.models.priors import _kl_normal_unit_normal
     assert _dispatch_kl(pyro.distributions.Normal, type(unit.base_dist)) is _kl_normal_unit_normal
     for a, b in zip(values_and_grads(unit), values_and_grads(plain), strict=True):
         assert torch.equal(a, b)

@@ -8,15 +8,15 @@ import json
 import pytest
 import torch
 
-from pyro_vae import run_dir
 from pyro_vae.cli import main
 from pyro_vae.config import Config
 from pyro_vae.data import Dataset
-from pyro_vae.model import build_vae
-from pyro_vae.nets import GatedDense
-from pyro_vae.train_data import prepare_data, split_validation
+from pyro_vae.models.nets import GatedDense
+from pyro_vae.models.vae import build_vae
+from pyro_vae.training import run_dir
+from pyro_vae.training.train_data import prepare_data, split_validation
 
-train_module = importlib.import_module("pyro_vae.train")
+train_module = importlib.import_module("pyro_vae.training.train")
 
 SMALL = {"dataset": "digits", "train_size": 300, "test_size": 60, "hidden": [16], "z_dim": 2,
          "batch_size": 50, "eval_k": 5}

@@ -15,8 +15,8 @@ from pyro import poutine
 from torch import nn
 
 from pyro_vae.data import load_dataset
-from pyro_vae.estimators import ESTIMATORS, make_estimator
-from pyro_vae.model import build_vae
+from pyro_vae.inference.estimators import ESTIMATORS, make_estimator
+from pyro_vae.models.vae import build_vae
 from pyro_vae.param_store import param_sites
 
 STEPS, WINDOW, BATCH = 80, 10, 64

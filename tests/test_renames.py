@@ -12,16 +12,16 @@ import pytest
 import yaml
 
 from pyro_vae.cli import build_parser, main
-from pyro_vae.compare import compare
-from pyro_vae.conditional import score_conditional
-from pyro_vae.diagnostics import diagnose
-from pyro_vae.evaluate import evaluate, evaluate_run, per_example
-from pyro_vae.grid import overrides, read_grid, run_grid
-from pyro_vae.grid_ray import run_grid_ray
+from pyro_vae.evaluation.compare import compare
+from pyro_vae.evaluation.conditional import score_conditional
+from pyro_vae.evaluation.diagnostics import diagnose
+from pyro_vae.evaluation.evaluate import evaluate, evaluate_run, per_example
+from pyro_vae.inference.scores import iwae_log_px
 from pyro_vae.renames import renamed_keywords
-from pyro_vae.run_dir import load_model
-from pyro_vae.scores import iwae_log_px
-from pyro_vae.train_data import prepare_data
+from pyro_vae.sweeps.grid import overrides, read_grid, run_grid
+from pyro_vae.sweeps.grid_ray import run_grid_ray
+from pyro_vae.training.run_dir import load_model
+from pyro_vae.training.train_data import prepare_data
 
 # command, old flag, new flag, the values given, what the new flag's destination then holds
 RENAMED_FLAGS = [

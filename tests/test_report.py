@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pyro_vae.cli import main
-from pyro_vae.report import CURVES, paired_difference
+from pyro_vae.evaluation.report import CURVES, paired_difference
 
 NO_LATENT = ["--train-size", "200", "--test-size", "40", "--hidden", "32", "--quiet"]
 TINY = [*NO_LATENT, "--eval-k", "5", "--z-dim", "4"]
@@ -78,7 +78,7 @@ def test_paired_standard_error_is_that_of_the_per_example_difference(two_runs, t
 def test_a_run_not_finished_reports_the_evaluated_best_epoch_and_the_epochs_wall_time(tmp_path):
     """A run stopped before early stopping (no summary.json yet): the best epoch is that of the best.pt
     its evaluation scored, the wall time the sum of its epochs' seconds; no early stopping, none."""
-    from pyro_vae.report import EvaluatedRun, best_epoch, train_seconds
+    from pyro_vae.evaluation.report import EvaluatedRun, best_epoch, train_seconds
 
     metrics = [{"epoch": e, "seconds": 2.5 * e} for e in (1, 2, 3)]
     scored = {"checkpoint": "best.pt", "epoch": 2, "step": 20}
@@ -211,16 +211,19 @@ def seeded_runs(tmp_path):
 
 
 def _captured(monkeypatch, name: str) -> list:
-    """Record the arguments of pyro_vae.report's figure function `name` (the figure is still written)."""
-    import pyro_vae.report
+    """Record the arguments of pyro_vae.evaluation.report's figure function `name` (the figure is still
+    written)."""
+    import pyro_vae.evaluation.report
 
-    calls, real = [], getattr(pyro_vae.report, name)
-    monkeypatch.setattr(pyro_vae.report, name, lambda data, path: (calls.append(data), real(data, path))[1])
+    calls, real = [], getattr(pyro_vae.evaluation.report, name)
+    monkeypatch.setattr(
+        pyro_vae.evaluation.report, name, lambda data, path: (calls.append(data), real(data, path))[1]
+    )
     return calls
 
 
 def test_report_groups_runs_that_differ_only_in_their_seed_and_pairs_groups_by_seed(seeded_runs, tmp_path):
-    from pyro_vae.report import report
+    from pyro_vae.evaluation.report import report
 
     result = report(seeded_runs, tmp_path / "rep")
     mc, analytic = result.groups
@@ -242,7 +245,7 @@ def test_report_groups_runs_that_differ_only_in_their_seed_and_pairs_groups_by_s
 
 
 def test_group_labels_name_what_differs_and_fall_back_to_the_run_names(seeded_runs, tmp_path):
-    from pyro_vae.report import read_run, seed_groups
+    from pyro_vae.evaluation.report import read_run, seed_groups
 
     runs = [read_run(r) for r in seeded_runs]
     configs = [json.loads((r / "config.json").read_text()) for r in seeded_runs]
@@ -261,7 +264,7 @@ def test_group_labels_name_what_differs_and_fall_back_to_the_run_names(seeded_ru
 
 def test_report_x_seconds_draws_each_group_against_its_runs_cumulative_seconds(seeded_runs, tmp_path,
                                                                               monkeypatch, capsys):
-    from pyro_vae.plots import seconds_curves_figure
+    from pyro_vae.figures.plots import seconds_curves_figure
 
     calls = _captured(monkeypatch, "plot_seconds_curves")
     assert main(["report", *map(str, seeded_runs), "--x", "seconds", "--out", str(tmp_path / "rep")]) == 0

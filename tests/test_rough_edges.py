@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pyro_vae.cli import main
-from pyro_vae.compare import VAMP_NOTE, markdown, plot_snr
 from pyro_vae.data import load_dataset
-from pyro_vae.plots import latent_2d
+from pyro_vae.evaluation.compare import VAMP_NOTE, markdown, plot_snr
+from pyro_vae.figures.plots import latent_2d
 
 TINY = ["--hidden", "16", "--z-dim", "2", "--eval-k", "5", "--epochs", "1", "--quiet"]
 
@@ -105,7 +105,7 @@ def test_threads_are_recorded_applied_and_may_change_on_resume(tmp_path, monkeyp
 
 
 def test_sample_n_draws_and_shows_exactly_n_images(tmp_path, monkeypatch):
-    import pyro_vae.plots as plots
+    import pyro_vae.figures.plots as plots
 
     out = tmp_path / "run"
     assert main(["train", "--train-size", "100", "--test-size", "20", "--out", str(out), *TINY]) == 0
@@ -130,7 +130,7 @@ def _record(prior="normal"):
 
 
 def test_snr_figure_ticks_are_the_particles_used_and_coinciding_lines_stay_apart(tmp_path, monkeypatch):
-    import pyro_vae.compare as compare
+    import pyro_vae.evaluation.compare as compare
 
     saved = {}
     monkeypatch.setattr(compare, "save_figure", lambda fig, path: saved.setdefault("fig", fig) and path)
@@ -148,10 +148,10 @@ def test_compare_explains_the_vampprior_encoder_gradient():
 
 
 def test_the_latent_map_names_fashion_mnist_classes(tmp_path, monkeypatch):
-    import pyro_vae.plots as plots
+    import pyro_vae.figures.plots as plots
     from pyro_vae.data import CLASS_NAMES
-    from pyro_vae.model import build_vae
-    from pyro_vae.plots import plot_latent_map
+    from pyro_vae.figures.plots import plot_latent_map
+    from pyro_vae.models.vae import build_vae
 
     vae = build_vae((1, 4, 4), hidden=[8], z_dim=3)
     x = torch.rand(30, 1, 4, 4).bernoulli()

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from pyro_vae import plots
 from pyro_vae.cli import main
 from pyro_vae.errors import InputError
-from pyro_vae.run_lock import holder, run_lock
+from pyro_vae.figures import plots
+from pyro_vae.training.run_lock import holder, run_lock
 
-train_module = importlib.import_module("pyro_vae.train")  # the module (pyro_vae.train is the function)
-step_loss = importlib.import_module("pyro_vae.step_loss")
-grid_module = importlib.import_module("pyro_vae.grid")
+# the module (pyro_vae.train is the function)
+train_module = importlib.import_module("pyro_vae.training.train")
+step_loss = importlib.import_module("pyro_vae.training.step_loss")
+grid_module = importlib.import_module("pyro_vae.sweeps.grid")
 HAS_PROC_LOCKS = Path("/proc/locks").is_file()
 SMALL = ["--train-size", "100", "--test-size", "20", "--hidden", "16", "--z-dim", "2", "--eval-k", "2",
          "--quiet"]
@@ -30,7 +31,7 @@ SMALL = ["--train-size", "100", "--test-size", "20", "--hidden", "16", "--z-dim"
 def hold_lock(run: Path) -> subprocess.Popen:
     """A process that holds the write lock on `run` (as a training run would) until it is killed."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pyro_vae.run_lock import run_lock\n"
+        [sys.executable, "-c", "import sys, time\nfrom pyro_vae.training.run_lock import run_lock\n"
          "with run_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(3600)\n", str(run)],
         stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "locked\n"
@@ -195,7 +196,7 @@ if mode == "import":
 from pyro_vae.cli import main
 if mode == "sigterm":
     import importlib
-    train = importlib.import_module("pyro_vae.train")
+    train = importlib.import_module("pyro_vae.training.train")
     load = train.prepare_data
     train.prepare_data = lambda *args: (os.kill(os.getpid(), signal.SIGTERM), load(*args))[1]
 sys.exit(main())

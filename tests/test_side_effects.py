@@ -18,10 +18,10 @@ import torch
 
 from pyro_vae import Config, train
 from pyro_vae.cli import main
-from pyro_vae.compare import CompareOptions, compare, compare_estimators
-from pyro_vae.diagnostics import diagnose
-from pyro_vae.run_dir import load_model, read_config
-from pyro_vae.train import prepare_data
+from pyro_vae.evaluation.compare import CompareOptions, compare, compare_estimators
+from pyro_vae.evaluation.diagnostics import diagnose
+from pyro_vae.training.run_dir import load_model, read_config
+from pyro_vae.training.train import prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +45,8 @@ def test_importing_every_module_keeps_the_backend_and_the_warning_format(tmp_pat
     run_python("""
         import pyro_vae
         names = [m.name for m in pkgutil.walk_packages(pyro_vae.__path__, "pyro_vae.")]
-        wanted = {"pyro_vae.cli", "pyro_vae.plots", "pyro_vae.compare",
-                  "pyro_vae.diagnostics.report"}
+        wanted = {"pyro_vae.cli", "pyro_vae.figures.plots", "pyro_vae.evaluation.compare",
+                  "pyro_vae.evaluation.diagnostics.report"}
         assert wanted <= set(names)
         for name in names:
             importlib.import_module(name)
@@ -58,7 +58,7 @@ def test_importing_every_module_keeps_the_backend_and_the_warning_format(tmp_pat
 def test_drawing_a_figure_writes_a_png_and_keeps_the_backend(tmp_path):
     run_python("""
         from pathlib import Path
-        from pyro_vae.plots import plot_curves
+        from pyro_vae.figures.plots import plot_curves
         rows = [{"epoch": e, "train_loss": 50.0 - e, "test_elbo": -51.0 + e} for e in (1, 2, 3)]
         path = plot_curves(rows, Path("curves.png"))
         assert path.read_bytes()[:8] == b"\\x89PNG\\r\\n\\x1a\\n"

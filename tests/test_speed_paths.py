@@ -12,9 +12,9 @@ from pyro.infer import trace_elbo, trace_mean_field_elbo
 from torch.overrides import TorchFunctionMode
 
 from pyro_vae.cli import main
-from pyro_vae.estimators import ESTIMATORS, make_estimator
-from pyro_vae.model import build_vae
-from pyro_vae.step import CUDAGraphStep, SVIStep
+from pyro_vae.inference.estimators import ESTIMATORS, make_estimator
+from pyro_vae.inference.step import CUDAGraphStep, SVIStep
+from pyro_vae.models.vae import build_vae
 
 X_SHAPE = (1, 8, 8)
 # what makes the host wait for a CUDA device: a Python value read from a tensor, or a result whose size

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from pyro_vae import compare_measures, plots
 from pyro_vae.cli import main
-from pyro_vae.diagnostics import report as diagnose_report
+from pyro_vae.evaluation import compare_measures
+from pyro_vae.evaluation.diagnostics import report as diagnose_report
+from pyro_vae.figures import plots
 from pyro_vae.staging import write_all_or_none
 
-evaluate_module = importlib.import_module("pyro_vae.evaluate")  # pyro_vae.evaluate is the function
+evaluate_module = importlib.import_module("pyro_vae.evaluation.evaluate")  # pyro_vae.evaluate is the function
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import torch
 
-from pyro_vae.compare import compare
-from pyro_vae.evaluate import test_accuracy as accuracy_of
-from pyro_vae.report import paired_difference
+from pyro_vae.evaluation.compare import compare
+from pyro_vae.evaluation.evaluate import test_accuracy as accuracy_of
+from pyro_vae.evaluation.report import paired_difference
 from pyro_vae.stats import mean_se
 
 from .test_estimators import X0, Tiny

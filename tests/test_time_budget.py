@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from pyro_vae.cli import main
-from pyro_vae.train import Trainer
+from pyro_vae.training.train import Trainer
 
 TINY = ["--train-size", "200", "--test-size", "40", "--hidden", "16", "--z-dim", "3", "--eval-k", "5",
         "--batch-size", "50", "--quiet"]

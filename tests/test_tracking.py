@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 
 from pyro_vae.cli import main
 from pyro_vae.config import Config
-from pyro_vae.epoch_report import Reporter
-from pyro_vae.tracking import RECORD, MLflowTracker
-from pyro_vae.train import train
+from pyro_vae.training.epoch_report import Reporter
+from pyro_vae.training.tracking import RECORD, MLflowTracker
+from pyro_vae.training.train import train
 
 from .servers import QUIET, mlflow_server, stop_group
 

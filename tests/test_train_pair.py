@@ -20,9 +20,9 @@ from pyro_vae.cli import main
 from pyro_vae.config import MODEL_SETTINGS, Config
 from pyro_vae.data import binarize
 from pyro_vae.errors import InputError
-from pyro_vae.evaluate import per_example
-from pyro_vae.run_dir import load_pair
-from pyro_vae.train import prepare_data, train
+from pyro_vae.evaluation.evaluate import per_example
+from pyro_vae.training.run_dir import load_pair
+from pyro_vae.training.train import prepare_data, train
 
 from .conftest import assert_log_px_at_least_elbo
 

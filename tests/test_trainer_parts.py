@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from pyro_vae import Config
-from pyro_vae.early_stopping import EarlyStopping
-from pyro_vae.epoch_report import Reporter
 from pyro_vae.errors import InputError
 from pyro_vae.rng import RunRandomState
-from pyro_vae.run_lock import holder
-from pyro_vae.train import Trainer, train
+from pyro_vae.training.early_stopping import EarlyStopping
+from pyro_vae.training.epoch_report import Reporter
+from pyro_vae.training.run_lock import holder
+from pyro_vae.training.train import Trainer, train
 
 SMALL = {"train_size": 100, "test_size": 30, "hidden": [8], "z_dim": 2, "epochs": 2, "eval_k": 3}
 
@@ -93,7 +93,9 @@ def test_the_trainer_holds_its_run_directory_from_init_and_a_failed_start_releas
     def unbuildable(config, x_shape):
         raise InputError("no model today")
 
-    monkeypatch.setattr(importlib.import_module("pyro_vae.training_model"), "build_from_config", unbuildable)
+    monkeypatch.setattr(
+        importlib.import_module("pyro_vae.training.training_model"), "build_from_config", unbuildable
+    )
     with pytest.raises(InputError, match="no model today"):
         Trainer(Config(**SMALL), tmp_path / "other", progress=False)
     assert not (tmp_path / "other").exists()

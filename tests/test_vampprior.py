@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from pyro_vae.priors import DiagonalNormalMixture
+from pyro_vae.models.priors import DiagonalNormalMixture
 
 K, D = 50, 20
 

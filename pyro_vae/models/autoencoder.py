@@ -8,8 +8,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..errors import InputError
-from ..program import Program
-from ..scores import active_units, elbo_terms, reconstruction_error
+from ..inference.program import Program
+from ..inference.scores import active_units, elbo_terms, reconstruction_error
 from ..stats import mean_se
 from .kind import MODEL_KINDS, refuse_at_defaults
 from .vae import VAEKind

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..data import Dataset
 from ..errors import InputError
-from ..program import Program
+from ..inference.program import Program
 from ..stats import mean_se
 from .kind import (
     LATENT_SETTINGS,

@@ -37,15 +37,15 @@ from torch import Tensor
 
 from ..data import CLASS_NAMES, Dataset
 from ..errors import InputError
-from ..estimators import ESTIMATORS
-from ..nets import _gaussian_params, _mlp, he_init
+from ..inference.estimators import ESTIMATORS
+from ..inference.program import Program
+from ..inference.scores import elbo_terms, iwae_log_px
 from ..param_store import RegisteringModule
-from ..program import Program
 from ..rng import seeded
-from ..scores import elbo_terms, iwae_log_px
 from ..stats import mean_se
 from .conditions import ClassLabel, Condition, Quadrants, parse_condition
 from .kind import MODEL_KINDS, ModelKind, Picture, check_kl_weight
+from .nets import _gaussian_params, _mlp, he_init
 from .nn_baseline import (
     COMPLETION_EXAMPLES,
     LOG_PX_OF,

@@ -26,12 +26,12 @@ import pyro.distributions as dist
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..likelihoods import Likelihood, make_likelihood
-from ..nets import NETWORKS
 from ..param_store import RegisteringModule
-from ..priors import make_prior
 from .hvae_nets import ConditionalPrior, JointDecoder, JointEncoder, TopEncoder
 from .kind import MODEL_KINDS, check_encoder_scale
+from .likelihoods import Likelihood, make_likelihood
+from .nets import NETWORKS
+from .priors import make_prior
 from .vae import VAEKind
 
 HVAE_ENCODERS = ("mlp", "gated-mlp", "conv")  # conv: the authors' ConvHVAE (gated convolutions)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..nets import GatedDense
+from .nets import GatedDense
 
 LOGVAR_RANGE = (-6.0, 2.0)  # the authors' Hardtanh on every predicted log-variance
 CONV_CHANNELS = 64  # the gated convolutions of the conv decoder

@@ -33,17 +33,17 @@ from pyro.infer import ELBO
 from torch import Tensor, nn
 
 from ..data import Dataset
-from ..discrete import DISCRETE, UNLABELLED, choose_labelled, mask_labels
 from ..errors import InputError
-from ..estimators import ESTIMATORS, make_estimator
-from ..guides import GUIDES
-from ..likelihoods import LIKELIHOODS, SIGMA_MODES, make_likelihood
-from ..nets import ENCODER_SCALES, NETWORKS, WEIGHT_INITS, he_init
-from ..priors import PRIORS, PSEUDO_INPUTS
-from ..program import Program
+from ..inference.discrete import DISCRETE, UNLABELLED, choose_labelled, mask_labels
+from ..inference.estimators import ESTIMATORS, make_estimator
+from ..inference.program import Program
+from ..inference.scores import active_units, elbo_terms, iwae_log_px, labelled_correct
 from ..registry import Registry, load_factory
-from ..scores import active_units, elbo_terms, iwae_log_px, labelled_correct
 from ..stats import mean_se
+from .guides import GUIDES
+from .likelihoods import LIKELIHOODS, SIGMA_MODES, make_likelihood
+from .nets import ENCODER_SCALES, NETWORKS, WEIGHT_INITS, he_init
+from .priors import PRIORS, PSEUDO_INPUTS
 
 # the settings that build pyro-vae's own models; a user's own model/guide pair brings its own networks
 MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init",

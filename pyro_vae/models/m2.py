@@ -38,12 +38,9 @@ from pyro import poutine
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..discrete import DISCRETE, UNLABELLED, make_discrete_estimator, temperature
 from ..errors import InputError
-from ..likelihoods import Likelihood, make_likelihood
-from ..nets import _gaussian_params, _mlp
+from ..inference.discrete import DISCRETE, UNLABELLED, make_discrete_estimator, temperature
 from ..param_store import RegisteringModule
-from ..priors import make_prior
 from .kind import (
     FIGURES,
     MODEL_KINDS,
@@ -54,6 +51,9 @@ from .kind import (
     check_labels,
     check_parts,
 )
+from .likelihoods import Likelihood, make_likelihood
+from .nets import _gaussian_params, _mlp
+from .priors import make_prior
 
 M2_ENCODERS = ("mlp", "gated-mlp")
 

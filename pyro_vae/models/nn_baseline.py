@@ -26,9 +26,8 @@ from torch import Tensor
 
 from ..data import Dataset, batch_indices, binarize
 from ..errors import InputError
-from ..nets import _mlp
+from ..inference.program import Program
 from ..param_store import RegisteringModule
-from ..program import Program
 from ..stats import mean_se
 from .conditions import MISSING, Quadrants, check_condition_name, parse_condition
 from .kind import (
@@ -41,6 +40,7 @@ from .kind import (
     flags,
     refuse_at_defaults,
 )
+from .nets import _mlp
 
 IMAGE_DIMS = 3  # (C, H, W): one event per example
 MISSING_COLOUR = (0.25, 0.45, 0.85)  # the pixels to predict, in a completions figure's "given" column

@@ -19,11 +19,8 @@ from torch import Tensor, nn
 
 from ..data import Dataset
 from ..errors import InputError
-from ..guides import DEFAULT_GUIDE, Diagonal, GuideFamily, make_guide
-from ..likelihoods import Likelihood, make_likelihood
-from ..nets import make_networks
 from ..param_store import RegisteringModule
-from ..priors import make_prior
+from .guides import DEFAULT_GUIDE, Diagonal, GuideFamily, make_guide
 from .kind import (
     MODEL_KINDS,
     ModelKind,
@@ -34,6 +31,9 @@ from .kind import (
     check_no_condition,
     check_parts,
 )
+from .likelihoods import Likelihood, make_likelihood
+from .nets import make_networks
+from .priors import make_prior
 
 
 class VAE(RegisteringModule):

@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 
 from pyro_vae.errors import InputError
-from pyro_vae.likelihoods import make_likelihood
 from pyro_vae.models import register_model
+from pyro_vae.models.likelihoods import make_likelihood
+from pyro_vae.models.nets import make_networks
 from pyro_vae.models.vae import VAEKind
-from pyro_vae.nets import make_networks
 from pyro_vae.param_store import RegisteringModule
 
 

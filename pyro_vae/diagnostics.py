@@ -1,0 +1,4 @@
+"""Moved to pyro_vae.evaluation.diagnostics: this old path warns (DeprecationWarning) and forwards."""
+from ._moved import forward
+
+__getattr__, __dir__ = forward(__name__, "pyro_vae.evaluation.diagnostics")

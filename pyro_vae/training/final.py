@@ -1,0 +1,46 @@
+"""The end of a training run: the model it describes (with early stopping, the parameters in best.pt),
+evaluated on the test set as its kind says (ELBO, log p(x), accuracy ...), and its figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data import Dataset
+from ..figures import plots
+from ..inference.program import Program
+from ..models.kind import ModelKind
+from .checkpoints import TrainingDirectory
+from .run_dir import BEST
+from .training_model import TrainingModel
+
+
+def restore_best(directory: TrainingDirectory, model: TrainingModel, device: torch.device,
+                 stopped_early: bool) -> dict:
+    """Load best.pt's parameters into `model` and say what they are, for summary.json (best_epoch and
+    step, its validation ELBO, whether training stopped early); {} where there is no best.pt."""
+    state = directory.best(device)
+    if state is None:
+        return {}
+    model.load(state, directory.out / BEST)
+    return {"best_epoch": int(state["epoch"]), "best_step": int(state["step"]),
+            "best_validation_elbo": float(state["validation_elbo"]), "stopped_early": stopped_early}
+
+
+def evaluate_trained(kind: ModelKind, model: TrainingModel, data: Dataset, k: int, progress: bool) -> dict:
+    """What `kind` measures of the trained model on the test set (k importance samples where it
+    estimates log p(x)), then what it records of its training data (e.g. the labelled subset)."""
+    model.train_mode(False)
+    program = Program.of(model.pair)  # traced afresh, as evaluate_run does
+    if kind.latent:
+        program.sites(data.test_x, *model.test_conditions(kind, data))
+    final, _ = kind.evaluate(program, data, k, progress)
+    return {**final, **kind.training_record(data)}
+
+
+def save_figures(kind: ModelKind, model: TrainingModel, data: Dataset, out: Path, metrics: list[dict],
+                 seed: int) -> None:
+    """The kind's figures of the model (plots.save_figures) into the run directory, if it has any."""
+    if kind.figures:
+        plots.save_figures(model.pair, data, out, metrics, seed=seed, kind=kind)
