@@ -36,7 +36,7 @@ RESUMABLE = {"epochs", "time_budget", "device", "lr", "clip_grad", "checkpoint_e
 # config.json without one reads as that value (a missing setting not listed here is refused)
 ADDED_SETTINGS = {"time_budget": None, "exemplar_subset": None, "exemplar_k": None, "weight_init": "default",
                   "optimizer": "adam", "heldout": "seeded", "early_stop_rule": "plain",
-                  "encoder_scale": "softplus", "pseudo_inputs": "free"}
+                  "encoder_scale": "softplus", "pseudo_inputs": "free", "condition": None}
 
 
 @dataclass
