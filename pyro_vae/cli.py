@@ -28,7 +28,7 @@ from .evaluation.evaluate import evaluate_run
 from .evaluation.latents import SPLITS, encode_run, interpolate_run
 from .evaluation.report import MARKDOWN, report
 from .figures import plots
-from .models.kind import model_kind
+from .models.kind import check_config, model_kind
 from .presets import describe_presets, preset_settings
 from .registry import load_plugins
 from .renames import add_renamed_flag
@@ -258,7 +258,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     records."""
     preset = preset_settings(args.preset) if getattr(args, "preset", None) else {}
     values = _settings_file(args.config) if args.config else {}
-    return Config.from_dict({**preset, **values, **_flags_given(args)})
+    return check_config(Config.from_dict({**preset, **values, **_flags_given(args)}))
 
 
 def _settings_file(path: str) -> dict:
@@ -293,7 +293,8 @@ def _resume_config(args: argparse.Namespace) -> Config:
     if changed:
         raise InputError(f"cannot resume {args.resume} with changed setting(s) {', '.join(changed)}; "
                          f"only {', '.join(sorted(RESUMABLE))} may change on resume")
-    return Config.from_dict({**recorded.to_dict(), **{k: given[k] for k in RESUMABLE & set(given)}})
+    resumed = {**recorded.to_dict(), **{k: given[k] for k in RESUMABLE & set(given)}}
+    return check_config(Config.from_dict(resumed))
 
 
 def _positive(name: str, value: int | None) -> None:

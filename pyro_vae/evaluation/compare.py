@@ -41,7 +41,7 @@ from ..errors import InputError
 from ..figures.plots import save_figure, subplots
 from ..inference.estimators import ESTIMATORS, check_analytic_kl, make_estimator
 from ..inference.program import Program
-from ..models.kind import kind_of, model_kind
+from ..models.kind import check_config, kind_of, model_kind
 from ..models.vae import VAE
 from ..renames import renamed_keywords
 from ..rng import forked_rng
@@ -150,7 +150,7 @@ def measure(program: object, x: Tensor, specs: Sequence[tuple[str, int]], repeat
 def _read_config(run: Path | None, config_file: Path | None, device: torch.device) -> Config:
     """The config of the run, or of the config file (on `device`)."""
     if config_file is not None:
-        return Config.from_dict({**load_config_file(config_file), "device": device.type})
+        return check_config(Config.from_dict({**load_config_file(config_file), "device": device.type}))
     return read_config(run)[0]
 
 
@@ -226,7 +226,8 @@ def _compare_estimators(run: str | Path | None, config_file: str | Path | None, 
     specs = parse_specs(options.estimators, options.particles)
     if options.train_epochs:  # refuse a bad pairing (an estimator the config cannot train with) up front
         for name, k in specs:
-            dataclasses.replace(config, estimator=name, particles=k, epochs=options.train_epochs).validate()
+            check_config(dataclasses.replace(config, estimator=name, particles=k,
+                                             epochs=options.train_epochs))
     vae, x, described = _model(run, config_file, config, out_dir, options, device)
     record = compare(vae, x, options.estimators, options.particles, options.repeats, options.eval_k,
                      options.seed, options.progress)
