@@ -428,12 +428,13 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     for name in ("n-examples", "eval-k", "svi-steps", "num-samples", "warmup", "chains"):
         _positive(name, getattr(args, name.replace("-", "_")))
     with run_lock(args.run):  # one writer at a time
-        config, vae, kind, data = _load_run(args.run, args.device)
+        config, model, kind, data = _load_run(args.run, args.device)
         kind.refuse("diagnose", args.run)
         with torch_threads(config.threads):  # the run's --threads (NUTS on a few z gains nothing from more)
-            result = diagnose(vae, data.test_x, n_examples=args.n_examples, mcmc_examples=args.mcmc_examples,
-                              eval_k=args.eval_k, svi_steps=args.svi_steps, num_samples=args.num_samples,
-                              warmup=args.warmup, chains=args.chains, seed=args.seed, progress=not args.quiet)
+            result = diagnose(model, data.test_x, n_examples=args.n_examples,
+                              mcmc_examples=args.mcmc_examples, eval_k=args.eval_k, svi_steps=args.svi_steps,
+                              num_samples=args.num_samples, warmup=args.warmup, chains=args.chains,
+                              seed=args.seed, progress=not args.quiet)
         result.summary["model_checkpoint"] = model_stamp(Path(args.run))
         paths = write_report(result, Path(args.run))
     print((Path(args.run) / "diagnose.md").read_text(), end="")
