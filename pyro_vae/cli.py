@@ -28,7 +28,7 @@ from .evaluation.evaluate import evaluate_run
 from .evaluation.latents import SPLITS, encode_run, interpolate_run
 from .evaluation.report import MARKDOWN, report
 from .figures import plots
-from .models.kind import model_kind
+from .models.kind import check_config, model_kind
 from .presets import describe_presets, preset_settings
 from .registry import load_plugins
 from .renames import add_renamed_flag
@@ -258,7 +258,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     records."""
     preset = preset_settings(args.preset) if getattr(args, "preset", None) else {}
     values = _settings_file(args.config) if args.config else {}
-    return Config.from_dict({**preset, **values, **_flags_given(args)})
+    return check_config(Config.from_dict({**preset, **values, **_flags_given(args)}))
 
 
 def _settings_file(path: str) -> dict:
@@ -293,7 +293,8 @@ def _resume_config(args: argparse.Namespace) -> Config:
     if changed:
         raise InputError(f"cannot resume {args.resume} with changed setting(s) {', '.join(changed)}; "
                          f"only {', '.join(sorted(RESUMABLE))} may change on resume")
-    return Config.from_dict({**recorded.to_dict(), **{k: given[k] for k in RESUMABLE & set(given)}})
+    resumed = {**recorded.to_dict(), **{k: given[k] for k in RESUMABLE & set(given)}}
+    return check_config(Config.from_dict(resumed))
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -427,12 +428,13 @@ def cmd_diagnose(args: argparse.Namespace) -> None:
     for name in ("n-examples", "eval-k", "svi-steps", "num-samples", "warmup", "chains"):
         _positive(name, getattr(args, name.replace("-", "_")))
     with run_lock(args.run):  # one writer at a time
-        config, vae, kind, data = _load_run(args.run, args.device)
+        config, model, kind, data = _load_run(args.run, args.device)
         kind.refuse("diagnose", args.run)
         with torch_threads(config.threads):  # the run's --threads (NUTS on a few z gains nothing from more)
-            result = diagnose(vae, data.test_x, n_examples=args.n_examples, mcmc_examples=args.mcmc_examples,
-                              eval_k=args.eval_k, svi_steps=args.svi_steps, num_samples=args.num_samples,
-                              warmup=args.warmup, chains=args.chains, seed=args.seed, progress=not args.quiet)
+            result = diagnose(model, data.test_x, n_examples=args.n_examples,
+                              mcmc_examples=args.mcmc_examples, eval_k=args.eval_k, svi_steps=args.svi_steps,
+                              num_samples=args.num_samples, warmup=args.warmup, chains=args.chains,
+                              seed=args.seed, progress=not args.quiet)
         result.summary["model_checkpoint"] = model_stamp(Path(args.run))
         paths = write_report(result, Path(args.run))
     print((Path(args.run) / "diagnose.md").read_text(), end="")

@@ -1,8 +1,11 @@
 """Every setting of a run as plain data: one dataclass, read from YAML/JSON and flags, checked once.
 
-The resolved config is what RUN/config.json records, and it is enough to rebuild the model. Config
-knows no model: `validate` checks the values that mean the same for every kind and asks the kind that
-`model` names (models/kind.py) to check the rest, so a new kind brings its own rules.
+The resolved config is what RUN/config.json records, and it is enough to rebuild the model. Config is
+plain data and knows no model (it imports nothing from models/): `validate` checks the values that mean
+the same for every kind. Where a Config becomes a run (train, evaluate, resume, grid, the command
+line), models/kind.py's `check_config` fills in what depends on the registered parts (the binarization
+a likelihood asks for) and asks the kind that `model` names to check the rest, so a new kind brings its
+own rules.
 """
 
 from __future__ import annotations
@@ -19,12 +22,10 @@ import yaml
 from .data import BINARIZE_MODES
 from .device import DEVICES
 from .errors import InputError
-from .models.kind import LATENT_SETTINGS, MIXTURE_PRIORS, MODEL_SETTINGS, discrete_likelihood, model_kind
 from .optim import OPTIMIZERS
 from .registry import load_plugins
 
-__all__ = ["ADDED_SETTINGS", "LATENT_SETTINGS", "MIXTURE_PRIORS", "MODEL_SETTINGS", "RESUMABLE", "Config",
-           "load_config_file"]
+__all__ = ["ADDED_SETTINGS", "RESUMABLE", "Config", "load_config_file"]
 PRIOR_INITS = ("noise", "data", "authors")
 HELDOUT_MODES = ("seeded", "authors")  # --heldout: how validation and test are held out and binarized
 EARLY_STOP_RULES = ("plain", "authors")  # --early-stop-rule: how the patience counts
@@ -51,7 +52,7 @@ class Config:
     train_size: int | None = None
     test_size: int | None = None
     validation_size: int | None = None  # held out of the training set (seeded split), scored each epoch
-    binarize: str | None = None  # None: 'dynamic' for a discrete likelihood, else 'none'
+    binarize: str | None = None  # None: the likelihood's, 'dynamic' if discrete, else 'none' (check_config)
     model: str = "vae"
     encoder: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [400])
@@ -100,13 +101,10 @@ class Config:
     pseudo_inputs: str = "free"  # hardtanh: the VampPrior's pseudo-inputs pass through Hardtanh(0, 1)
     condition: str | None = None  # --model cvae, nn-baseline: quadrants:N (N given) or class (conditions.py)
 
-    def __post_init__(self) -> None:
-        if self.binarize is None:
-            self.binarize = "dynamic" if discrete_likelihood(self) else "none"
-
     @classmethod
     def from_dict(cls, values: dict) -> Config:
-        """A checked Config from a mapping of setting names to values (unknown keys refused): the edge
+        """A Config from a mapping of setting names to values (unknown keys refused), checked by
+        `validate` (the kind's own rules are checked where it becomes a run: check_config): the edge
         where settings from outside Python (a config file, flags, a run's config.json) come in, so it
         first imports the plugin modules they name, which may register the names the settings use.
         Constructing a Config directly imports nothing: in Python, import your plugin yourself."""
@@ -124,13 +122,13 @@ class Config:
         return config
 
     def validate(self) -> None:
-        """Raise InputError for values outside their allowed set or range, then for what the model kind
-        (`model`: a registered name) does not take (ModelKind.check)."""
+        """Raise InputError for values outside their allowed set or range, whatever the model kind (what
+        the kind `model` names does not take is refused by models/kind.py's check_config, at the run)."""
         choices = {"binarize": BINARIZE_MODES, "device": DEVICES, "prior_init": PRIOR_INITS,
                    "cuda_graph": CUDA_GRAPH_MODES, "optimizer": OPTIMIZERS, "heldout": HELDOUT_MODES,
                    "early_stop_rule": EARLY_STOP_RULES}
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+            if getattr(self, name) not in allowed and not (name == "binarize" and self.binarize is None):
                 raise InputError(
                     f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}"
                 )
@@ -161,7 +159,6 @@ class Config:
             raise InputError("--cuda-graph on captures the step for a CUDA GPU; use it with --device cuda "
                              "(or auto on a machine with a GPU), or leave it off")
         self._validate_protocol()
-        model_kind(self.model).check(self)
 
     def _validate_protocol(self) -> None:
         """Raise InputError for a validation split or early stopping that cannot work."""

@@ -17,6 +17,7 @@ from pyro_vae.cli import main
 from pyro_vae.config import ADDED_SETTINGS, Config
 from pyro_vae.data import AUTHORS_SEED, binarize_like_authors
 from pyro_vae.errors import InputError
+from pyro_vae.models.kind import check_config
 from pyro_vae.models.nets import LOG_VARIANCE_RANGE, he_init
 from pyro_vae.models.priors import AUTHORS_INIT
 from pyro_vae.models.vae import build_vae
@@ -303,7 +304,7 @@ def test_clamped_logvar_reaches_the_vamp_prior_components():
 def test_clamped_logvar_is_refused_where_the_encoder_is_not_the_vaes(model):
     """M2 and the HVAE build their own encoders, which the option would silently not reach."""
     with pytest.raises(InputError, match="applies to the VAE's encoder"):
-        Config.from_dict({**model, "encoder_scale": "clamped-logvar"})
+        check_config(Config.from_dict({**model, "encoder_scale": "clamped-logvar"}))
 
 
 # -- 6. Pseudo-inputs through Hardtanh(0, 1), started at N(0.05, 0.01^2) --------------------------

@@ -9,9 +9,10 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae.config import MIXTURE_PRIORS, Config
+from pyro_vae.config import Config
 from pyro_vae.data import load_dataset
 from pyro_vae.evaluation.evaluate import elbo_terms
+from pyro_vae.models.kind import MIXTURE_PRIORS, binarization, check_config
 from pyro_vae.models.likelihoods import LIKELIHOODS
 from pyro_vae.models.priors import PRIORS
 from pyro_vae.training.run_dir import build_from_config, load_model
@@ -65,8 +66,11 @@ def test_every_prior_and_likelihood_trains_an_epoch_with_finite_numbers(prior, l
 @pytest.mark.parametrize("likelihood, expected", [("bernoulli", "dynamic"), ("gaussian", "none"),
                                                   ("continuous-bernoulli", "none")])
 def test_binarization_defaults_to_what_the_likelihood_models(likelihood, expected):
-    assert Config(likelihood=likelihood).binarize == expected
-    assert Config.from_dict({"likelihood": likelihood}).binarize == expected
+    config = Config(likelihood=likelihood)
+    assert config.binarize is None  # plain data: settled where the config becomes a run
+    assert binarization(config) == expected
+    assert check_config(config).binarize == expected and config.binarize is None  # a copy
+    assert check_config(Config.from_dict({"likelihood": likelihood})).binarize == expected
 
 
 def test_analytic_estimator_warns_and_records_the_monte_carlo_sites(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from pyro_vae.cli import main
-from pyro_vae.config import MODEL_SETTINGS
+from pyro_vae.models.kind import MODEL_SETTINGS
 
 from .test_run_lock import hold_lock
 

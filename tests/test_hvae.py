@@ -20,6 +20,7 @@ from pyro_vae.inference.estimators import analytic_kl_sites, make_estimator
 from pyro_vae.inference.program import Program
 from pyro_vae.models.hvae import HVAE, build_hvae
 from pyro_vae.models.hvae_nets import JointDecoder, JointEncoder, TopEncoder, clamped_scale
+from pyro_vae.models.kind import check_config
 from pyro_vae.presets import PRESETS
 from pyro_vae.sites import sample_sites
 from pyro_vae.training.run_dir import load_model
@@ -120,7 +121,7 @@ def test_an_encoder_the_hvae_has_no_network_for_is_refused():
 
 def test_a_guide_family_is_refused_for_the_hvae():
     with pytest.raises(InputError, match="--model hvae has its own guide"):
-        Config(model="hvae", guide="iaf").validate()
+        check_config(Config(model="hvae", guide="iaf"))
 
 
 def _untrained_elbo(config: Config) -> float:
@@ -263,7 +264,7 @@ def test_the_hvae_presets_target_the_published_rows(capsys):
         assert (settings["z_dim"], settings["hidden"]) == (40, [300, 300])
         assert settings["dataset"] == "fashion-mnist"
         assert preset.published == published
-        Config(**settings).validate()
+        check_config(Config(**settings))
     assert main(["train", "--list-presets"]) == 0
     out = capsys.readouterr().out
     for name, (_, _, published) in expected.items():

@@ -148,12 +148,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("cli", {"pyro_vae.cli", "pyro_vae.__main__", "pyro_vae"}),
 ]
 # (importer, imported): why it may point up
-UPWARD: dict[tuple[str, str], str] = {
-    ("pyro_vae.config", "pyro_vae.models.kind"):
-        "Config.validate asks the kind that `model` names to check the rest (model_kind(...).check) and "
-        "__post_init__ picks the binarization from the likelihood (discrete_likelihood); it goes when "
-        "that check moves to the edge where a Config is made (issue 23: Config imports no model)",
-}
+UPWARD: dict[tuple[str, str], str] = {}
 
 
 def layer_of(module: str, layers: list[tuple[str, set[str]]] = LAYERS) -> int | None:

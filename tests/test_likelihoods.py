@@ -15,6 +15,7 @@ from torch.distributions import ContinuousBernoulli as TorchContinuousBernoulli
 from pyro_vae.cli import build_parser, resolve_config
 from pyro_vae.config import Config
 from pyro_vae.errors import InputError
+from pyro_vae.models.kind import check_config
 from pyro_vae.models.likelihoods import (
     CB_WINDOW,
     SCALE_FLOOR,
@@ -275,7 +276,7 @@ def test_unknown_sigma_mode_is_an_input_error():
     with pytest.raises(InputError, match="unknown --sigma-mode 'per-image'.*shared, pixel"):
         make_likelihood("gaussian-learned", sigma_mode="per-image")
     with pytest.raises(InputError, match="unknown sigma_mode 'per-image'"):
-        Config.from_dict({"likelihood": "gaussian-learned", "sigma_mode": "per-image"})
+        check_config(Config.from_dict({"likelihood": "gaussian-learned", "sigma_mode": "per-image"}))
 
 
 def test_new_options_reach_the_config_from_flags():

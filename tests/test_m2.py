@@ -29,6 +29,7 @@ from pyro_vae.inference.discrete import (
     mask_labels,
 )
 from pyro_vae.models import model_kind
+from pyro_vae.models.kind import check_config
 from pyro_vae.models.m2 import UNLABELLED, build_m2
 from pyro_vae.models.nets import MIN_SCALE
 from pyro_vae.training.train import train
@@ -369,7 +370,7 @@ def test_the_input_errors_are_input_errors_from_python():
     with pytest.raises(InputError, match="asks for more labelled examples"):
         prepare_data(Config.from_dict({"model": "m2", "labels": 100000}))
     with pytest.raises(InputError, match="has no discrete latent"):
-        Config.from_dict({"discrete": "relaxed"})
+        check_config(Config.from_dict({"discrete": "relaxed"}))
     with pytest.raises(InputError, match="builds MLP networks"):
         build_m2(X_SHAPE, C, encoder="conv")
     with pytest.raises(InputError, match="--prior vamp"):

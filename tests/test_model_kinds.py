@@ -15,7 +15,7 @@ import torch
 from pyro_vae import Config, InputError, train
 from pyro_vae.cli import main
 from pyro_vae.models import MODEL_KINDS, ModelKind, kind_of, model_kind, register_model
-from pyro_vae.models.kind import PAIR
+from pyro_vae.models.kind import PAIR, check_config
 from pyro_vae.models.vae import VAEKind, build_vae
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
@@ -90,7 +90,7 @@ def tiny():
 def test_a_kind_registered_from_python_checks_its_settings_and_trains(tiny, tmp_path):
     assert model_kind("tiny") is tiny and model_kind(tiny) is tiny
     with pytest.raises(InputError, match="--model tiny takes no --beta"):
-        Config(model="tiny", beta=2.0).validate()
+        check_config(Config(model="tiny", beta=2.0))
     config = Config(model="tiny", train_size=100, test_size=30, hidden=[8], z_dim=2, epochs=1, eval_k=3)
     result = train(config, tmp_path / "run", progress=False)
     assert result.kind is tiny

@@ -17,6 +17,7 @@ from pyro_vae.data import load_dataset
 from pyro_vae.errors import InputError
 from pyro_vae.inference.estimators import make_estimator
 from pyro_vae.models.exemplar import ExemplarPrior, use_training_set
+from pyro_vae.models.kind import check_config
 from pyro_vae.models.likelihoods import LIKELIHOODS
 from pyro_vae.models.priors import MIN_SCALE, PRIORS, VampPrior, make_prior
 from pyro_vae.models.vae import VAE, build_vae
@@ -278,7 +279,7 @@ def test_config_records_the_prior_options():
     assert config.prior_components == 3 and config.to_dict()["prior_components"] == 3
     assert Config().prior_components is None  # each prior's own default
     with pytest.raises(InputError, match="unknown prior 'vampire'"):
-        Config.from_dict({"prior": "vampire"})
+        check_config(Config.from_dict({"prior": "vampire"}))
 
 
 # ----------------------------------------------------------------------------- all pairs

@@ -17,10 +17,11 @@ from torch.distributions import kl_divergence
 
 import pyro_vae
 from pyro_vae.cli import main
-from pyro_vae.config import MODEL_SETTINGS, Config
+from pyro_vae.config import Config
 from pyro_vae.data import binarize
 from pyro_vae.errors import InputError
 from pyro_vae.evaluation.evaluate import per_example
+from pyro_vae.models.kind import MODEL_SETTINGS
 from pyro_vae.training.run_dir import load_pair
 from pyro_vae.training.train import prepare_data, train
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import pyro
 import torch
 from matplotlib.ticker import NullLocator
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..config import Config, load_config_file
@@ -41,8 +41,7 @@ from ..errors import InputError
 from ..figures.plots import save_figure, subplots
 from ..inference.estimators import ESTIMATORS, check_analytic_kl, make_estimator
 from ..inference.program import Program
-from ..models.kind import kind_of, model_kind
-from ..models.vae import VAE
+from ..models.kind import check_config, kind_of, model_kind
 from ..renames import renamed_keywords
 from ..rng import forked_rng
 from ..stats import mean_se
@@ -150,26 +149,26 @@ def measure(program: object, x: Tensor, specs: Sequence[tuple[str, int]], repeat
 def _read_config(run: Path | None, config_file: Path | None, device: torch.device) -> Config:
     """The config of the run, or of the config file (on `device`)."""
     if config_file is not None:
-        return Config.from_dict({**load_config_file(config_file), "device": device.type})
+        return check_config(Config.from_dict({**load_config_file(config_file), "device": device.type}))
     return read_config(run)[0]
 
 
 def _model(run: Path | None, config_file: Path | None, config: Config, out: Path, options: CompareOptions,
-           device: torch.device) -> tuple[VAE, Tensor, str]:
+           device: torch.device) -> tuple[nn.Module, Tensor, str]:
     """The model to measure, the test batch, and a description of the model."""
     if config_file is not None and not options.pretrain_epochs:
         pyro.set_rng_seed(config.seed)  # the initialization `pyro-vae train` starts from
         data = prepare_data(config).to(device)
-        vae = build_from_config(config, data.shape).to(device).eval()
-        return vae, data.test_x[: options.batch_size], f"{config_file}, untrained"
+        model = build_from_config(config, data.shape).to(device).eval()
+        return model, data.test_x[: options.batch_size], f"{config_file}, untrained"
     if config_file is not None:
         run = out / PRETRAINED_DIR
         train(dataclasses.replace(config, epochs=options.pretrain_epochs), out=run,
               progress=options.progress, overwrite=True)
-    config, vae = load_model(run, device)
+    config, model = load_model(run, device)
     data = prepare_data(config).to(device)
     described = f"{run}" + (f", trained {options.pretrain_epochs} epochs" if config_file else "")
-    return vae, data.test_x[: options.batch_size], described
+    return model, data.test_x[: options.batch_size], described
 
 
 def train_each(config: Config, specs: Sequence[tuple[str, int]], epochs: int, out: Path, eval_k: int,
@@ -181,15 +180,15 @@ def train_each(config: Config, specs: Sequence[tuple[str, int]], epochs: int, ou
         run = out / TRAIN_DIR / f"{name}-K{k}"
         cfg = dataclasses.replace(config, estimator=name, particles=k, epochs=epochs, device=x.device.type)
         summary = train(cfg, out=run, progress=progress, overwrite=True).summary
-        _, vae = load_model(run, x.device)
+        _, model = load_model(run, x.device)
         pyro.set_rng_seed(cfg.seed)
-        log_px = iwae_log_px(vae.model, vae.guide, x, eval_k)
+        log_px = iwae_log_px(model.model, model.guide, x, eval_k)
         results[f"{name} {k}"] = {
             "epochs": epochs, "run": str(run), "log_px": float(log_px.mean()),
             "log_px_se": mean_se(log_px)[1],
             "test_elbo": summary.get("test_elbo"), "train_seconds": summary.get("train_seconds"),
         }
-        del vae  # done with: the next estimator's model takes its names in the param store
+        del model  # done with: the next estimator's model takes its names in the param store
     return results
 
 
@@ -226,15 +225,16 @@ def _compare_estimators(run: str | Path | None, config_file: str | Path | None, 
     specs = parse_specs(options.estimators, options.particles)
     if options.train_epochs:  # refuse a bad pairing (an estimator the config cannot train with) up front
         for name, k in specs:
-            dataclasses.replace(config, estimator=name, particles=k, epochs=options.train_epochs).validate()
-    vae, x, described = _model(run, config_file, config, out_dir, options, device)
-    record = compare(vae, x, options.estimators, options.particles, options.repeats, options.eval_k,
+            check_config(dataclasses.replace(config, estimator=name, particles=k,
+                                             epochs=options.train_epochs))
+    model, x, described = _model(run, config_file, config, out_dir, options, device)
+    record = compare(model, x, options.estimators, options.particles, options.repeats, options.eval_k,
                      options.seed, options.progress)
     record.update(model=described, dataset=config.dataset, prior=getattr(config, "prior", None))
     if run is not None and config_file is None:
         record["model_checkpoint"] = model_stamp(run)
     if options.train_epochs:
-        del vae  # measured: the models trained next take its names in Pyro's param store, not its tensors
+        del model  # measured: the models trained next take its names in Pyro's param store, not its tensors
         final = train_each(config, specs, options.train_epochs, out_dir, options.eval_k, x, options.progress)
         for row in record["estimators"]:
             row["final"] = final[f"{row['estimator']} {row['particles']}"]

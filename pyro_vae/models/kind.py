@@ -26,12 +26,13 @@ subclass overriding what differs, and one `register_model` call.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 from typing import Any, NamedTuple
 
 from pyro.infer import ELBO
 from torch import Tensor, nn
 
+from ..config import Config
 from ..data import Dataset
 from ..errors import InputError
 from ..inference.discrete import DISCRETE, UNLABELLED, choose_labelled, mask_labels
@@ -296,6 +297,25 @@ def model_kind(name: str | ModelKind) -> ModelKind:
     return MODEL_KINDS.lookup(name)
 
 
+def binarization(config: Config) -> str:
+    """How the data are binarized: config.binarize, or where that is None (the default) as the
+    likelihood asks: 'dynamic' for a probability mass function, else 'none'."""
+    if config.binarize is not None:
+        return config.binarize
+    return "dynamic" if discrete_likelihood(config) else "none"
+
+
+def check_config(config: Config) -> Config:
+    """The config a run uses, checked where a Config becomes a run (train, evaluate, resume, grid, the
+    command line): its binarization settled (`binarization`), then its own checks (Config.validate),
+    then those of the kind `config.model` names (ModelKind.check); InputError (one line) for what is
+    refused. A copy: the caller's Config is left as it was."""
+    config = replace(config, binarize=binarization(config))
+    config.validate()
+    model_kind(config.model).check(config)
+    return config
+
+
 def kind_of(model: object) -> ModelKind:
     """The kind of a built model: its `model_kind` attribute (a kind or a registered name), else that of
     an object offering is_autoencoder=True (the autoencoder's), else the pair's."""
@@ -321,7 +341,7 @@ def check_parts(config: Any) -> None:
                           ("pseudo_inputs", PSEUDO_INPUTS)):
         if getattr(config, name) not in allowed:
             raise InputError(f"unknown {name} {getattr(config, name)!r}: choose one of {', '.join(allowed)}")
-    if config.binarize != "none" and not discrete_likelihood(config):
+    if binarization(config) != "none" and not discrete_likelihood(config):
         raise InputError(
             f"--binarize {config.binarize} makes binary data, but likelihood {config.likelihood!r} is a "
             "density for continuous values (on 0/1 data it grows without bound); use --binarize none "

@@ -35,6 +35,7 @@ from .kind import (
     MODEL_KINDS,
     ModelKind,
     Picture,
+    binarization,
     changed,
     check_discrete,
     flags,
@@ -120,7 +121,7 @@ def train_baseline(baseline: BaselineNet, data: Dataset, config) -> None:
     optimizer = torch.optim.Adam(baseline.parameters(), lr=config.lr)
     order = torch.Generator(device=x_all.device).manual_seed(config.seed)
     for _ in range(config.epochs):
-        epoch_x = binarize(x_all, order) if config.binarize == "dynamic" else x_all
+        epoch_x = binarize(x_all, order) if binarization(config) == "dynamic" else x_all
         for rows in batch_indices(x_all.shape[0], config.batch_size, order, x_all.device):
             x = epoch_x[rows]
             loss = -baseline.log_likelihood(x, baseline.condition.condition(x)).mean()

@@ -30,6 +30,7 @@ from ..config import RESUMABLE, Config, load_config_file
 from ..errors import InputError, TrainingError
 from ..evaluation.evaluate import evaluate_run
 from ..evaluation.report import MARKDOWN, report
+from ..models.kind import check_config
 from ..renames import renamed_keywords
 from ..training.run_dir import CHECKPOINT, CONFIG, EVAL, SUMMARY, load_checkpoint, read_config, read_json
 from ..training.run_lock import run_lock
@@ -82,7 +83,7 @@ def read_grid(path: str | Path, override: dict | None = None) -> list[GridRun]:
         varied = dict(zip(sweep, combination, strict=True))
         name = run_name(varied)
         try:
-            config = Config.from_dict({**base, **varied, **(override or {})})
+            config = check_config(Config.from_dict({**base, **varied, **(override or {})}))
         except InputError as err:
             raise InputError(f"grid file {path}: combination {name} is refused: {err}") from None
         runs.append(GridRun(name, varied, config.to_dict()))

@@ -22,10 +22,10 @@ import pyro
 import torch
 from torch import Tensor, nn
 
-from ..config import ADDED_SETTINGS, MODEL_SETTINGS, Config
+from ..config import ADDED_SETTINGS, Config
 from ..errors import InputError
 from ..inference.program import Program, Sites
-from ..models.kind import model_kind
+from ..models.kind import MODEL_SETTINGS, check_config, model_kind
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -274,7 +274,7 @@ def read_config(run: Path, pair: bool = False) -> tuple[Config, tuple[int, int, 
         raise InputError(f"{Path(run) / CONFIG} was not written by this version of pyro-vae ({what}); use "
                          "the version that wrote it, or train the run again")
     try:
-        return Config.from_dict(values), x_shape
+        return check_config(Config.from_dict(values)), x_shape
     except InputError as err:
         raise InputError(f"{Path(run) / CONFIG}: {err}") from None
 

@@ -7,24 +7,27 @@ from typing import Any
 
 import torch
 
+from ..config import Config
 from ..device import resolve_device
 from ..errors import InputError
 from ..models.exemplar import EAGER_PRIORS
-from ..models.kind import ModelKind
+from ..models.kind import ModelKind, check_config
 from . import distributed
 from .distributed import Ranks
 from .tensorboard import check_available as check_tensorboard
 
 
-def check_settings(config: Any, kind: ModelKind, pair: bool, tensorboard: bool) -> None:
-    """Refuse settings the run cannot take: the config's own checks (which ask the kind config.model
-    names), with a user's `pair` its kind's too (a pair brings its own networks), and with `tensorboard`
-    a missing TensorBoard."""
-    config.validate()
+def check_settings(config: Config, kind: ModelKind, pair: bool, tensorboard: bool) -> Config:
+    """The config the run uses (check_config: the binarization settled, a copy), after refusing the
+    settings the run cannot take: the config's own checks and those of the kind config.model names,
+    with a user's `pair` its kind's too (a pair brings its own networks), and with `tensorboard` a
+    missing TensorBoard."""
+    config = check_config(config)
     if pair:
         kind.check(config)
     if tensorboard:
         check_tensorboard()
+    return config
 
 
 def start_processes(config: Any) -> tuple[Ranks, torch.device]:

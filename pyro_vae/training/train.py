@@ -138,7 +138,7 @@ class Trainer:
                  tensorboard: bool = False, reporters: Sequence[Reporter] = ()):
         # what differs between kinds of model: pyro-vae's own kind that config.model names, or a pair's
         self.kind: ModelKind = model_kind(config.model) if program is None else PAIR
-        check_settings(config, self.kind, program is not None, tensorboard)
+        config = check_settings(config, self.kind, program is not None, tensorboard)
         self.ranks, self.device = start_processes(config)
         self.progress = progress and self.ranks.is_main
         self.cuda_graph = use_cuda_graph(config, self.kind, self.ranks, self.device)

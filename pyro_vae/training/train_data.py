@@ -26,7 +26,7 @@ from ..data import (
     read_images,
 )
 from ..errors import InputError
-from ..models.kind import ModelKind, model_kind
+from ..models.kind import ModelKind, binarization, model_kind
 from ..models.likelihoods import make_likelihood
 from . import distributed
 
@@ -46,14 +46,15 @@ def prepare_data(config: Config, kind: ModelKind | None = None) -> Dataset:
         data = (split_last(data, config.validation_size) if authors
                 else split_validation(data, config.validation_size, config.seed))
     data = (kind or model_kind(config.model)).training_data(config, data)
-    if config.binarize != "none":
+    mode = binarization(config)
+    if mode != "none":
         if authors:
             val_x, test_x = binarize_like_authors(data.val_x, data.test_x)
         else:
             test_x = binarize_held_out(data.test_x)
             val_x = None if data.val_x is None else binarize_held_out(data.val_x, 1)
         train_x = (binarize(data.train_x, torch.Generator().manual_seed(config.seed))
-                   if config.binarize == "static" else data.train_x)
+                   if mode == "static" else data.train_x)
         data = Dataset(data.name, train_x, test_x, data.train_y, data.test_y, val_x)
     likelihood = make_likelihood(config.likelihood, sigma=config.sigma, sigma_mode=config.sigma_mode)
     for x in (data.train_x, data.test_x, data.val_x):
@@ -111,8 +112,9 @@ def prepare_stream(config: Config) -> tuple[ImageStream, Dataset]:
     if config.validation_size is not None:
         raise InputError(f"--validation-size {config.validation_size} holds out training images in memory; "
                          "with --workers they are streamed: leave --workers at 0 for a validation set")
-    if config.binarize == "static" or config.prior_init == "data":
-        what = "--binarize static" if config.binarize == "static" else "--prior-init data"
+    mode = binarization(config)
+    if mode == "static" or config.prior_init == "data":
+        what = "--binarize static" if mode == "static" else "--prior-init data"
         raise InputError(f"{what} needs the training images in memory; with --workers use --binarize "
                          "dynamic or none and --prior-init noise, or leave --workers at 0")
     train, test = image_folder_parts(root, config.image_size or 28, config.channels)
@@ -120,7 +122,7 @@ def prepare_stream(config: Config) -> tuple[ImageStream, Dataset]:
     check_subset_size("test", config.test_size, len(test), root.name)
     train = Subset(train, range(config.train_size or len(train)))
     test_x, test_y = read_images(Subset(test, range(config.test_size or len(test))), root)
-    if config.binarize != "none":
+    if mode != "none":
         test_x = binarize_held_out(test_x)
     make_likelihood(config.likelihood, sigma=config.sigma, sigma_mode=config.sigma_mode).check(test_x)
     return ImageStream(train, config.workers), Dataset(root.name, test_x[:0], test_x, None, test_y)
@@ -157,7 +159,7 @@ class TrainingBatches:
                  device: torch.device):
         self.data, self.stream, self.ranks, self.device = data, stream, ranks, device
         self.batch_size, self.seed = config.batch_size, config.seed
-        self.dynamic = config.binarize == "dynamic"
+        self.dynamic = binarization(config) == "dynamic"
         n = self.n_train = len(stream) if stream else data.train_x.shape[0]
         self.n_batches = math.ceil(n / self.batch_size) - ranks.drops_last(n, self.batch_size)
 
