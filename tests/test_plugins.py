@@ -21,6 +21,7 @@ from pyro_vae.cli import main
 from pyro_vae.config import Config
 from pyro_vae.errors import InputError
 from pyro_vae.inference.estimators import make_estimator
+from pyro_vae.models.kind import check_config
 from pyro_vae.models.likelihoods import Bernoulli, make_likelihood
 from pyro_vae.models.priors import PRIORS, make_prior
 from pyro_vae.training.run_dir import load_model
@@ -137,9 +138,10 @@ def test_registered_entries_train_a_run_by_name_from_python(tmp_path):
     pyro_vae.register_estimator("wide-mc", WideELBO)
     config = Config(prior="wide", likelihood="wide-bernoulli", estimator="wide-mc", epochs=1, hidden=[32],
                     z_dim=4, train_size=200, test_size=50, eval_k=5)
-    assert config.binarize == "dynamic"  # the registered likelihood is discrete
+    assert check_config(config).binarize == "dynamic"  # the registered likelihood is discrete
     result = pyro_vae.train(config, out=tmp_path / "run", progress=False)
     assert result.summary["test_elbo"] < 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["binarize"] == "dynamic"
     _, vae = load_model(result.out)
     assert isinstance(vae.prior, WideNormal) and isinstance(vae.likelihood, WideBernoulli)
     assert isinstance(make_estimator("wide-mc", 3), WideELBO)
