@@ -129,7 +129,7 @@ def evaluate_run(run: str | Path, eval_k: int = 5000, test_size: int | None = No
         check_data_shape(run, data.shape)
         pair = Program.of(model)
         if kind.latent:
-            pair.sites(data.test_x, *kind.conditions(model, data.test_x, data.test_y))
+            pair.sites(data.test_x, *kind.test_conditions(model, data))
         result, values = kind.evaluate(pair, data, eval_k, progress)
         write_evaluation(run, result, values, data.test_x, model_stamp(run))
     return result, config, model

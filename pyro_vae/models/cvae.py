@@ -231,7 +231,7 @@ class CVAEKind(ModelKind):
 
     def test_metrics(self, program: Program, data: Dataset) -> dict[str, float | None]:
         """The conditional ELBO per test example (one draw of z) and its reconstruction term."""
-        c = self.conditions(program.owner, data.test_x, data.test_y)
+        c = self.test_conditions(program.owner, data)
         test = elbo_terms(program.model, program.guide, data.test_x, conditions=c)
         return {"test_elbo": float(test["elbo"].mean()), "test_recon": float(test["recon"].mean())}
 

@@ -148,6 +148,10 @@ class ModelKind:
         sites, checks, evaluation, figures)."""
         return ()
 
+    def test_conditions(self, model: object, data: Dataset) -> tuple[Tensor, ...]:
+        """`conditions` of data's test images (with their labels): what tracing and checks pass after them."""
+        return self.conditions(model, data.test_x, data.test_y)
+
     # -- training ------------------------------------------------------------------------------------
 
     def objective(self, config: Any) -> ELBO:

@@ -34,7 +34,7 @@ def evaluate_trained(kind: ModelKind, model: TrainingModel, data: Dataset, k: in
     model.train_mode(False)
     program = Program.of(model.pair)  # traced afresh, as evaluate_run does
     if kind.latent:
-        program.sites(data.test_x, *model.test_conditions(kind, data))
+        program.sites(data.test_x, *kind.test_conditions(model.pair, data))
     final, _ = kind.evaluate(program, data, k, progress)
     return {**final, **kind.training_record(data)}
 

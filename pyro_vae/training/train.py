@@ -160,7 +160,7 @@ class Trainer:
                                  streamed=stream is not None)
             self.kl_record = check_analytic_kl(config.estimator, self.model.program.model,
                                                self.model.program.guide, self.data.test_x,
-                                               *self.model.test_conditions(self.kind, self.data))
+                                               *self.kind.test_conditions(self.model.pair, self.data))
             self.optimizer = self.model.optimizer(config, self.cuda_graph)
             self.generator = torch.Generator(self.device).manual_seed(config.seed)
             self.epoch, self.batch, self.steps, self.metrics, self.epoch_total = \

@@ -55,8 +55,7 @@ class TrainingModel:
         if isinstance(module, nn.Module):
             module.train(False)
         with forked_rng(device):
-            sites = program.sites(data.test_x, *kind.conditions(pair, data.test_x, data.test_y)) \
-                if kind.latent else None
+            sites = program.sites(data.test_x, *kind.test_conditions(pair, data)) if kind.latent else None
             params = dict(pair.named_parameters()) if own else pair_parameters(program, data.test_x)
         return cls(pair, program, sites, {name: p for name, p in params.items() if p.requires_grad}, own)
 
@@ -70,11 +69,6 @@ class TrainingModel:
         """Dropout and the like on (training) or off, where the model is an nn.Module."""
         if isinstance(self.module, nn.Module):
             self.module.train(training)
-
-    def test_conditions(self, kind: ModelKind, data: Dataset) -> tuple[Tensor, ...]:
-        """What model and guide take after the test images (the kind's condition, ModelKind.conditions;
-        none for an unconditional kind), for tracing and checks."""
-        return kind.conditions(self.pair, data.test_x, data.test_y)
 
     def record(self) -> dict | None:
         """A user's pair as config.json records it (run_dir.describe_pair); None for pyro-vae's own."""
