@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "p(x) (default 5000)")
     add_renamed_flag(evaluate, "--k", "--eval-k", type=int)
     evaluate.add_argument("--test-size", type=int, default=None, help="evaluate on the first N test examples")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the importance samples (default 0; "
+                          "recorded in eval.json)")
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -360,7 +362,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _positive("eval-k", args.eval_k)
     _positive("test-size", args.test_size)
     result, config, _ = evaluate_run(args.run, args.eval_k, args.test_size, args.device,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, seed=args.seed)
     kind = model_kind(config.model)
     print(f"{'metric':<22}{'per example':>18}{'std. error':>12}")
     for name, label in kind.evaluation_rows(args.eval_k):

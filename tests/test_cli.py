@@ -70,6 +70,23 @@ def test_evaluate_writes_eval_json_with_the_requested_k(digits_run, capsys):
     assert "log p(x), k=50" in out and "eval.json" in out
 
 
+def test_evaluate_is_seeded(digits_run):
+    """The same evaluation twice gives the same numbers; another --seed draws other importance samples."""
+    argv = ["evaluate", str(digits_run), "--eval-k", "20", "--test-size", "30", "--device", "cpu", "--quiet"]
+
+    def log_px(*more: str) -> float:
+        assert main(argv + list(more)) == 0
+        result = json.loads((digits_run / "eval.json").read_text())
+        assert result["seed"] == (int(more[-1]) if more else 0)
+        return result["log_px"]
+
+    torch.manual_seed(123)  # whatever the caller's state, the evaluation draws from its seed
+    first = log_px()
+    torch.manual_seed(456)
+    assert log_px() == first
+    assert log_px("--seed", "1") != first
+
+
 @pytest.mark.parametrize("quiet", [False, True])
 def test_evaluate_shows_its_progress_unless_quiet(digits_run, capsys, quiet):
     argv = ["evaluate", str(digits_run), "--eval-k", "30", "--test-size", "20", "--device", "cpu"]

@@ -28,6 +28,7 @@ from ..inference.scores import (
 )
 from ..models.kind import PAIR, kind_of, model_kind
 from ..renames import renamed_keywords
+from ..rng import seeded
 from ..staging import write_all_or_none
 from ..training.run_dir import (
     EVAL,
@@ -111,9 +112,11 @@ def write_evaluation(run: str | Path, result: dict, values: dict[str, Tensor], x
 
 @renamed_keywords(k="eval_k")
 def evaluate_run(run: str | Path, eval_k: int = 5000, test_size: int | None = None, device: str = "auto",
-                 progress: bool = False, program: object | None = None) -> tuple[dict, object, object]:
+                 progress: bool = False, program: object | None = None, seed: int = 0) -> tuple[dict, object, object]:
     """Evaluate the model of a run directory on its test set (the first `test_size` examples, if given)
     and write RUN/eval.json and RUN/eval_examples.pt (write_evaluation); returns (result, config, model).
+    The importance samples are drawn from `seed` (recorded in eval.json), on forked generators: the same
+    call gives the same numbers, and the caller's random state is as it was.
     A run of your own model/guide pair (trained with train(..., program=pair)) needs `program`: the
     same pair, built the same way, into which the run's parameters are loaded (run_dir.load_pair)."""
     run, torch_device = Path(run), resolve_device(device)
@@ -128,8 +131,10 @@ def evaluate_run(run: str | Path, eval_k: int = 5000, test_size: int | None = No
         data = prepare_data(config, kind).to(torch_device)
         check_data_shape(run, data.shape)
         pair = Program.of(model)
-        if kind.latent:
-            pair.sites(data.test_x, *kind.test_conditions(model, data))
-        result, values = kind.evaluate(pair, data, eval_k, progress)
+        with seeded(seed, torch_device):
+            if kind.latent:
+                pair.sites(data.test_x, *kind.test_conditions(model, data))
+            result, values = kind.evaluate(pair, data, eval_k, progress)
+        result = {**result, "seed": seed}
         write_evaluation(run, result, values, data.test_x, model_stamp(run))
     return result, config, model
