@@ -142,6 +142,30 @@ def paired(runs: dict[int, object], base: dict[int, object], key: str) -> dict |
             "per_seed": {str(s): {"mean": d, "se": se} for s, (d, se) in per_seed.items()}}
 
 
+def _validation(metrics: list[dict], after: int) -> dict[int, float]:
+    """metrics.jsonl's validation ELBO by epoch, for the epochs past `after`."""
+    return {int(m["epoch"]): float(m["validation_elbo"]) for m in metrics
+            if m.get("validation_elbo") is not None and int(m["epoch"]) > after}
+
+
+def equal_epochs(runs: dict[int, object], base: dict[int, object], after: int) -> dict | None:
+    """The spec minus the baseline in validation ELBO at equal epochs, per seed s: d_s = mean over the
+    epochs e > `after` (past the warm-up) both runs reached of v_se - b_se (metrics.jsonl); overall the
+    mean of d_s over the seeds and its s.e. over seeds. Unlike the test columns it does not depend on
+    where early stopping ended each run. None where no seed has such an epoch."""
+    per_seed = {}
+    for s in sorted(set(runs) & set(base)):
+        spec, baseline = _validation(runs[s].metrics, after), _validation(base[s].metrics, after)
+        common = sorted(set(spec) & set(baseline))
+        if common:
+            per_seed[s] = (statistics.fmean(spec[e] - baseline[e] for e in common), len(common))
+    if not per_seed:
+        return None
+    mean, se_seeds = _mean_se([d for d, _ in per_seed.values()])
+    return {"mean": mean, "se_seeds": se_seeds, "after_epoch": after, "seeds": sorted(per_seed),
+            "per_seed": {str(s): {"mean": d, "epochs": n} for s, (d, n) in per_seed.items()}}
+
+
 def finished(run: Path, k: int) -> bool:
     """Whether the run has finished training (summary.json) and been evaluated with k samples."""
     return (run / SUMMARY).is_file() and evaluated(run, k)
@@ -179,6 +203,9 @@ def summarize(out: Path, specs: list[str], seeds: list[int], k: int) -> dict:
             cell["vs"] = baseline
             cell["diff_log_px"] = paired(runs, found[baseline], "log_px")
             cell["diff_elbo"] = paired(runs, found[baseline], "elbo")
+            both = [*runs.values(), *found[baseline].values()]
+            warm = max(read_json(r.path / CONFIG)["kl_anneal"] for r in both)
+            cell["diff_validation"] = equal_epochs(runs, found[baseline], warm)
         table[spec] = cell
     return table
 
@@ -194,6 +221,12 @@ def _diff(d: dict | None) -> str:
     return f"{d['mean']:+.3f}{seeds} (images ± {d['se_images']:.3f})"
 
 
+def _diff_validation(d: dict | None) -> str:
+    if d is None:
+        return "—"
+    return f"{d['mean']:+.3f}" + ("" if d["se_seeds"] is None else f" ± {d['se_seeds']:.3f}")
+
+
 def _counts(values: list) -> str:
     return ", ".join(dict.fromkeys(f"{v} ×{values.count(v)}" if values.count(v) > 1 else str(v)
                                    for v in values))
@@ -205,15 +238,17 @@ def markdown(table: dict, mode: str, minutes: float | None) -> str:
         return "No run has finished and been evaluated yet.\n"
     base = next((c["vs"] for c in table.values() if "vs" in c), BASELINE)
     lines = [f"| estimator | seeds | test log p(x) | Δ log p(x) vs {base} | test ELBO | Δ ELBO vs {base} | "
-             "KL | active units | epochs (best) | steps | s / step | stop reason |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Δ validation ELBO vs {base}, equal epochs | KL | active units | epochs (best) | steps | "
+             "s / step | stop reason |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for spec, c in table.items():
         epochs = ", ".join(f"{e} ({b})" if b is not None else str(e)
                            for e, b in zip(c["epochs"], c["best_epoch"], strict=True))
         lines.append(
             f"| {spec} | {len(c['seeds'])} | {_pm(c['log_px'], c['log_px_se'])} | "
             f"{_diff(c.get('diff_log_px'))} | {_pm(c['test_elbo'], c['test_elbo_se'])} | "
-            f"{_diff(c.get('diff_elbo'))} | {_pm(c['kl'], c['kl_se'])} | "
+            f"{_diff(c.get('diff_elbo'))} | {_diff_validation(c.get('diff_validation'))} | "
+            f"{_pm(c['kl'], c['kl_se'])} | "
             f"{_pm(c['active_units'], c['active_units_se'], 1)} | {epochs} | "
             f"{', '.join(map(str, c['steps']))} | {c['seconds_per_step'] * 1000:.1f} ms | "
             f"{_counts(c['stop_reason'])} |")
@@ -223,7 +258,9 @@ def markdown(table: dict, mode: str, minutes: float | None) -> str:
     lines += ["", f"{how}; {first['n_examples']} test images, the same in every run; log p(x) by "
               f"importance sampling with S = {first['k']}; values in nats, mean ± s.e. over seeds; Δ: the "
               f"estimator minus {base} on the same seed and the same test images, mean over seeds ± its s.e. "
-              "over seeds (images: the paired s.e. over test images alone, sqrt(Σ se_s²)/seeds); epochs "
+              "over seeds (images: the paired s.e. over test images alone, sqrt(Σ se_s²)/seeds); equal "
+              "epochs: the validation ELBO's difference averaged over the epochs past the warm-up that both "
+              "runs reached, mean ± s.e. over seeds; epochs "
               "reached (best epoch kept by early stopping); s / step: train_seconds / steps. "
               + warm_up(table)]
     return "\n".join(lines) + "\n"

@@ -7,6 +7,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -117,3 +118,22 @@ def test_the_modes_defaults_and_bad_settings():
         with pytest.raises(SystemExit) as stop:
             script.parse_args(bad)
         assert stop.value.code == 2
+
+
+def test_the_equal_epochs_column_averages_the_validation_difference_past_the_warm_up():
+    """Per seed, the mean of (spec - mc) validation ELBO over the epochs past the warm-up both reached
+    (an early-stopped run's later epochs and the warm-up's are left out); then mean and s.e. over seeds."""
+    def run(values: dict[int, float]) -> SimpleNamespace:
+        return SimpleNamespace(metrics=[{"epoch": e, "validation_elbo": v} for e, v in values.items()]
+                               + [{"epoch": 99, "validation_elbo": None}])
+
+    base = {0: run({1: -300.0, 2: -250.0, 3: -240.0, 4: -239.0}), 1: run({1: -301.0, 2: -251.0, 3: -241.0})}
+    spec = {0: run({1: -200.0, 2: -249.0, 3: -239.5}),  # stopped early: epoch 4 is mc's alone
+            1: run({1: -200.0, 2: -250.0, 3: -239.0, 4: -238.0}), 2: run({2: -1.0})}  # seed 2: mc has none
+    cell = script.equal_epochs(spec, base, after=1)
+    per_seed = [statistics.fmean([1.0, 0.5]), statistics.fmean([1.0, 2.0])]
+    assert cell["seeds"] == [0, 1] and cell["after_epoch"] == 1
+    assert [cell["per_seed"][s]["epochs"] for s in ("0", "1")] == [2, 2]
+    assert cell["mean"] == pytest.approx(statistics.fmean(per_seed))
+    assert cell["se_seeds"] == pytest.approx(statistics.stdev(per_seed) / 2 ** 0.5)
+    assert script.equal_epochs(spec, base, after=3) is None  # no epoch past 3 that both reached
