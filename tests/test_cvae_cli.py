@@ -5,6 +5,7 @@ figures."""
 
 import json
 import math
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from pyro_vae.cli import main
 from pyro_vae.config import Config
 from pyro_vae.data import CLASS_NAMES
+from pyro_vae.models import cvae as cvae_module
 from pyro_vae.models.conditions import ClassLabel
 from pyro_vae.models.cvae import CVAE_KIND, build_cvae, class_names_of
 from pyro_vae.training.run_dir import load_model
@@ -143,6 +145,24 @@ def test_a_resumed_cvae_run_keeps_its_baseline(tmp_path):
     after = load_model(tmp_path / "run")[1].baseline.state_dict()
     for name, value in before.items():
         torch.testing.assert_close(after[name], value)
+
+
+def test_train_seconds_counts_the_baseline_trained_before_the_first_step(tmp_path, monkeypatch):
+    """A quadrant run's baseline, trained before the CVAE's first step (here slowed by PAUSE seconds), is
+    part of its training time: train_seconds >= the epochs' seconds + PAUSE, and so after a resume too."""
+    pause, real = 2.0, cvae_module.train_baseline
+
+    def slow(*args, **kwargs):
+        time.sleep(pause)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cvae_module, "train_baseline", slow)
+    config = Config(model="cvae", condition="quadrants:1", dataset="digits", train_size=100, test_size=20,
+                    hidden=[8], z_dim=2, epochs=1, eval_k=2, device="cpu")
+    first = train(config, out=tmp_path / "run", progress=False)
+    assert first.summary["train_seconds"] >= first.metrics[0]["seconds"] + pause
+    resumed = train(replace(config, epochs=2), out=tmp_path / "run", resume=True, progress=False)
+    assert resumed.summary["train_seconds"] >= sum(m["seconds"] for m in resumed.metrics) + pause
 
 
 def test_a_cvae_run_logs_its_scalars_to_tensorboard(tmp_path):

@@ -122,6 +122,9 @@ def fixtures(tmp_path_factory, digits_run):
                      "200", "--test-size", "40", "--hidden", "16", "--z-dim", "2", "--eval-k", "2", "--quiet",
                      "--out", str(run)]) == 0
         assert main(["evaluate", str(run), "--k", "2", "--quiet"]) == 0
+    assert main(["train", "--model", "nn-baseline", "--condition", "quadrants:1", "--epochs", "1",
+                 "--train-size", "200", "--test-size", "40", "--hidden", "16", "--quiet",
+                 "--out", str(f / "run_nn_baseline")]) == 0
     assert main(["train", "--model", "ae", "--epochs", "1", "--train-size", "200", "--test-size", "40",
                  "--hidden", "16", "--quiet", "--out", str(f / "run_ae")]) == 0  # codes without scales
     shutil.copytree(digits_run, f / "run_pair")  # config.json as a run of a user's pair records it

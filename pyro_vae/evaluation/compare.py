@@ -17,6 +17,10 @@ without that method is measured through its own loss (the batch mean, no per-exa
 differentiable_loss or loss_and_grads; one that refuses the pair (a ValueError or
 NotImplementedError while it computes, `Refused`) is skipped, and compare.md says why in one line.
 
+A conditional pair, model(x, c) / guide(x, c) (a CVAE, or your own), is measured by the same code:
+its condition c (`compare(..., c=c)`; for a run, the kind's test_conditions) follows x into model and
+guide in every measurement, and the reference is log p(x | c) (the record's "log_px_of" names it).
+
 Every measurement of an estimator starts from the same seed, so a result does not depend on which
 other estimators were compared with it. `compare` measures a pair in Python; `compare_estimators`
 (the CLI's) measures a run or a config's model; `write_comparison` writes compare.json, compare.md
@@ -28,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import pyro
 import torch
@@ -58,12 +63,14 @@ from .compare_measures import (
     measured_cells,
     measured_columns,
     measured_rows,
+    reference_name,
     refusals,
     table_head,
     write_files,
 )
 from .evaluate import iwae_log_px
 
+CONDITIONAL = "log p(x | c)"  # what the reference of a conditional pair is, unless its owner says (log_px_of)
 VAE_GROUPS = ("encoder", "decoder")  # the guide's parameters (q) and the model's (p), parameter_groups
 TRAIN_DIR = "compare-train"  # where --train-epochs writes one run per estimator
 PRETRAINED_DIR = "model"  # where --pretrain-epochs writes the model it measures
@@ -101,44 +108,53 @@ def parse_specs(estimators: Sequence[str] | None, particles: Sequence[int]) -> l
 
 
 @torch.no_grad()
-def estimate_stats(elbo: pyro.infer.ELBO, program: object, x: Tensor, repeats: int, log_px: Tensor) -> dict:
+def estimate_stats(elbo: pyro.infer.ELBO, program: object, x: Tensor, repeats: int, log_px: Tensor,
+                   conditions: tuple[Tensor, ...] = ()) -> dict:
     """R draws b_rn of every example's bound, by the estimator's per_example_bound, summarized by
     compare_measures.estimate_summary: mean over r and n (and its standard error over draws),
     per-example std sqrt(mean_n var_r b_rn), bias mean - mean_n log p(x_n), and the R batch means. An
     ELBO without per_example_bound gives R batch means -loss/N only: value_std is None and the row has
-    a note saying so. The estimator's refusal of the pair is Refused."""
+    a note saying so. `conditions` (a conditional pair's c) follow x into model and guide. The
+    estimator's refusal of the pair is Refused."""
     program = Program.of(program)
     per_example = getattr(elbo, "per_example_bound", None)
+    args = (program.model, program.guide, x, *conditions)
     with refusals():
         if per_example is not None:  # draws b_rn, (R, N)
-            draws = torch.stack([per_example(program.model, program.guide, x) for _ in range(repeats)])
+            draws = torch.stack([per_example(*args) for _ in range(repeats)])
         else:  # batch means -loss/N, (R,)
-            losses = [float(elbo.loss(program.model, program.guide, x)) for _ in range(repeats)]
+            losses = [float(elbo.loss(*args)) for _ in range(repeats)]
             draws = -torch.tensor(losses, dtype=torch.float64) / x.shape[0]
     stats = estimate_summary(draws, log_px)
     return stats if per_example is not None else {**stats, "note": BATCH_ONLY}
 
 
 def measure(program: object, x: Tensor, specs: Sequence[tuple[str, int]], repeats: int, eval_k: int,
-            seed: int = 0, progress: bool = False) -> dict:
+            seed: int = 0, progress: bool = False, conditions: tuple[Tensor, ...] = ()) -> dict:
     """The comparison on one model/guide pair and batch: the reference log p(x) and one row per
-    (name, K)."""
+    (name, K). `conditions`: a conditional pair's c (one row per example of x), passed after x to model
+    and guide in every measurement; the reference is then log p(x | c), which "log_px_of" names (the
+    pair's owner's `log_px_of` where it has one, else CONDITIONAL)."""
     program = Program.of(program)
     pyro.set_rng_seed(seed)
-    log_px = iwae_log_px(program.model, program.guide, x, eval_k)
+    log_px = iwae_log_px(program.model, program.guide, x, eval_k, conditions=conditions)
     record: dict = {"n_examples": int(x.shape[0]), "repeats": repeats, "k_ref": eval_k, "seed": seed,
                     "device": str(x.device), "log_px_ref": float(log_px.mean()),
                     "log_px_ref_se": mean_se(log_px)[1]}
+    if conditions:
+        record["log_px_of"] = getattr(program.owner, "log_px_of", CONDITIONAL)
     if any(name == "analytic" for name, _ in specs):
-        record["analytic_kl"] = check_analytic_kl("analytic", program.model, program.guide, x)
+        record["analytic_kl"] = check_analytic_kl("analytic", program.model, program.guide, x, *conditions)
     rows = []
     for name, k in tqdm(specs, desc="estimators", disable=not progress):
         elbo = make_estimator(name, k)
         try:
             pyro.set_rng_seed(seed)
-            row = {"estimator": name, "particles": k, **estimate_stats(elbo, program, x, repeats, log_px)}
+            row = {"estimator": name, "particles": k,
+                   **estimate_stats(elbo, program, x, repeats, log_px, conditions)}
             pyro.set_rng_seed(seed)
-            row.update(gradient_stats(elbo, program, x, repeats, progress, f"{name} K={k}"))
+            row.update(gradient_stats(elbo, program, x, repeats, progress, f"{name} K={k}",
+                                      conditions=conditions))
         except Refused as err:  # the estimator refuses this pair: say why
             row = {"estimator": name, "particles": k, "skipped": str(err)}
         rows.append(row)
@@ -153,28 +169,44 @@ def _read_config(run: Path | None, config_file: Path | None, device: torch.devic
     return read_config(run)[0]
 
 
+class Measured(NamedTuple):
+    """What compare measures from a run or a config: the model, the test batch x and its conditions (a
+    conditional kind's c, one row per example of x; () for a model of x alone), and a description."""
+
+    model: nn.Module
+    x: Tensor
+    conditions: tuple[Tensor, ...]
+    described: str
+
+
 def _model(run: Path | None, config_file: Path | None, config: Config, out: Path, options: CompareOptions,
-           device: torch.device) -> tuple[nn.Module, Tensor, str]:
-    """The model to measure, the test batch, and a description of the model."""
+           device: torch.device) -> Measured:
+    """The model to measure, the first batch_size test examples and their conditions (the kind's
+    test_conditions), and a description of the model."""
+    kind, rows = model_kind(config.model), slice(options.batch_size)
     if config_file is not None and not options.pretrain_epochs:
         pyro.set_rng_seed(config.seed)  # the initialization `pyro-vae train` starts from
-        data = prepare_data(config).to(device)
+        data = prepare_data(config, kind).to(device)
+        config = dataclasses.replace(config, **kind.derive(config, data))  # as train records it
         model = build_from_config(config, data.shape).to(device).eval()
-        return model, data.test_x[: options.batch_size], f"{config_file}, untrained"
+        conditions = tuple(c[rows] for c in kind.test_conditions(model, data))
+        return Measured(model, data.test_x[rows], conditions, f"{config_file}, untrained")
     if config_file is not None:
         run = out / PRETRAINED_DIR
         train(dataclasses.replace(config, epochs=options.pretrain_epochs), out=run,
               progress=options.progress, overwrite=True)
     config, model = load_model(run, device)
-    data = prepare_data(config).to(device)
+    data = prepare_data(config, kind).to(device)
     described = f"{run}" + (f", trained {options.pretrain_epochs} epochs" if config_file else "")
-    return model, data.test_x[: options.batch_size], described
+    conditions = tuple(c[rows] for c in kind.test_conditions(model, data))
+    return Measured(model, data.test_x[rows], conditions, described)
 
 
 def train_each(config: Config, specs: Sequence[tuple[str, int]], epochs: int, out: Path, eval_k: int,
-               x: Tensor, progress: bool = True) -> dict[str, dict]:
+               x: Tensor, progress: bool = True, conditions: tuple[Tensor, ...] = ()) -> dict[str, dict]:
     """Train the config's network from its initialization (same seed) with each estimator for `epochs`
-    epochs; per 'name K' label, the final log p(x) (IWAE, eval_k) on the batch x and the run's summary."""
+    epochs; per 'name K' label, the final log p(x) (IWAE, eval_k) on the batch x (log p(x | c) given a
+    conditional kind's `conditions` of x) and the run's summary."""
     results = {}
     for name, k in specs:
         run = out / TRAIN_DIR / f"{name}-K{k}"
@@ -182,7 +214,7 @@ def train_each(config: Config, specs: Sequence[tuple[str, int]], epochs: int, ou
         summary = train(cfg, out=run, progress=progress, overwrite=True).summary
         _, model = load_model(run, x.device)
         pyro.set_rng_seed(cfg.seed)
-        log_px = iwae_log_px(model.model, model.guide, x, eval_k)
+        log_px = iwae_log_px(model.model, model.guide, x, eval_k, conditions=conditions)
         results[f"{name} {k}"] = {
             "epochs": epochs, "run": str(run), "log_px": float(log_px.mean()),
             "log_px_se": mean_se(log_px)[1],
@@ -227,15 +259,17 @@ def _compare_estimators(run: str | Path | None, config_file: str | Path | None, 
         for name, k in specs:
             check_config(dataclasses.replace(config, estimator=name, particles=k,
                                              epochs=options.train_epochs))
-    model, x, described = _model(run, config_file, config, out_dir, options, device)
-    record = compare(model, x, options.estimators, options.particles, options.repeats, options.eval_k,
-                     options.seed, options.progress)
+    model, x, conditions, described = _model(run, config_file, config, out_dir, options, device)
+    record = compare_pair(model, x, options, conditions)
     record.update(model=described, dataset=config.dataset, prior=getattr(config, "prior", None))
+    if kind.conditional:
+        record["condition"] = config.condition
     if run is not None and config_file is None:
         record["model_checkpoint"] = model_stamp(run)
     if options.train_epochs:
         del model  # measured: the models trained next take its names in Pyro's param store, not its tensors
-        final = train_each(config, specs, options.train_epochs, out_dir, options.eval_k, x, options.progress)
+        final = train_each(config, specs, options.train_epochs, out_dir, options.eval_k, x, options.progress,
+                           conditions)
         for row in record["estimators"]:
             row["final"] = final[f"{row['estimator']} {row['particles']}"]
     return CompareResult(out_dir, record, write_comparison(record, out_dir))
@@ -251,23 +285,40 @@ def _describe(program: Program) -> str:
 @renamed_keywords(k_ref="eval_k")
 def compare(program: object, x: Tensor, estimators: Sequence[str] | None = None,
             particles: Sequence[int] = (1, 5, 50), repeats: int = 100, eval_k: int = 1000, seed: int = 0,
-            progress: bool = False) -> dict:
+            progress: bool = False, c: Tensor | None = None) -> dict:
     """Compare ELBO estimators on the model/guide pair `program` (our VAE, an object with .model and
     .guide, a (model, guide) tuple or a Program) and the batch x: the record compare.json holds (a
     reference log p(x) by IWAE with eval_k draws, and per estimator NAME or NAME:K (default: every
     registered one), K from `particles` for a bare NAME: value spread and bias over `repeats` draws,
     gradient variance and SNR of the guide's ("encoder") and the model's ("decoder") parameters, time;
     or a note, see the module's docstring). write_comparison writes it. Seeded with `seed`, on forked
-    generators: the caller's random state is as it was afterwards."""
+    generators: the caller's random state is as it was afterwards.
+    `c`: the condition of a conditional pair model(x, c) / guide(x, c) (a CVAE, or your own), one row
+    per example of x; it follows x into model and guide in every measurement, and the reference is then
+    log p(x | c) (the record's "log_px_of" says so)."""
     options = CompareOptions(estimators=list(estimators or ESTIMATORS), particles=list(particles),
                              repeats=repeats, eval_k=eval_k, seed=seed, progress=progress)
+    return compare_pair(program, x, options, () if c is None else (c,))
+
+
+def compare_pair(program: object, x: Tensor, options: CompareOptions,
+                 conditions: tuple[Tensor, ...] = ()) -> dict:
+    """`compare` with its settings in `options` (estimators, particles, repeats, eval_k, seed,
+    progress) and `conditions`, tensors with one row per example of x passed after x to model and guide
+    (a conditional pair's c; () for a pair of x alone)."""
     options.validate()
+    for c in conditions:
+        if not torch.is_tensor(c) or c.dim() == 0 or c.shape[0] != x.shape[0]:
+            shape = tuple(c.shape) if torch.is_tensor(c) else type(c).__name__
+            raise InputError(f"the condition c must be a tensor with one row per example of x ({x.shape[0]} "
+                             f"rows), got {shape}: pass c[:n] for x[:n]")
     program = Program.of(program)
     with forked_rng(x.device):  # tracing the pair draws too
-        program.sites(x)
+        program.sites(x, *conditions)
         kind_of(program).refuse("compare", _describe(program))
         specs = parse_specs(options.estimators, options.particles)
-        record = measure(program, x, specs, repeats, eval_k, seed, progress)
+        record = measure(program, x, specs, options.repeats, options.eval_k, options.seed, options.progress,
+                         conditions)
     return {"model": _describe(program), "dataset": None, **record}
 
 
@@ -296,10 +347,11 @@ def markdown(record: dict) -> str:
     for each estimator skipped or measured in part."""
     rows = measured_rows(record)
     final = any("final" in row for row in rows)
-    header = ["estimator", "K", *measured_columns("bound (nats)", VAE_GROUPS)]
+    reference = reference_name(record)
+    header = ["estimator", "K", *measured_columns("bound (nats)", VAE_GROUPS, reference)]
     if final:
         epochs = next(row["final"]["epochs"] for row in rows if "final" in row)
-        header.append(f"log p(x) after {epochs} epochs (nats)")
+        header.append(f"{reference} after {epochs} epochs (nats)")
     lines = table_head(record, header, "test examples")
     for row in rows:
         cells = [row["estimator"], str(row["particles"]), *measured_cells(row, VAE_GROUPS)]

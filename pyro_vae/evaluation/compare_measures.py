@@ -76,11 +76,11 @@ class CompareOptions:
             raise InputError(f"--particles needs positive integers, got {self.particles}")
 
 
-def parameter_groups(program: object, x: Tensor) -> dict[str, list[Tensor]]:
+def parameter_groups(program: object, x: Tensor, *conditions: Tensor) -> dict[str, list[Tensor]]:
     """'encoder': the guide's parameters (variational: the param sites of a guide trace); 'decoder':
     the model's other parameters (generative: decoder network, and a learned prior or likelihood
-    scale where the model has one). See Program.parameter_groups."""
-    groups = Program.of(program).parameter_groups(x)
+    scale where the model has one). See Program.parameter_groups (`conditions`: a conditional pair's c)."""
+    groups = Program.of(program).parameter_groups(x, *conditions)
     return {"encoder": list(groups["guide"].values()), "decoder": list(groups["model"].values())}
 
 
@@ -101,18 +101,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _backward(elbo: pyro.infer.ELBO, program: Program, x: Tensor, groups: dict[str, list[Tensor]]) -> None:
+def _backward(elbo: pyro.infer.ELBO, program: Program, x: Tensor, groups: dict[str, list[Tensor]],
+              conditions: tuple[Tensor, ...] = ()) -> None:
     """Backpropagate the gradient of loss = -bound/N into the parameters' .grad: through the
     estimator's differentiable_loss, or where it has none (Pyro's RenyiELBO, TraceGraph_ELBO) through
     its loss_and_grads, which backpropagates -bound itself: the groups' gradients are then divided by N.
-    The estimator's refusal of the pair is Refused."""
+    `conditions` follow x into model and guide. The estimator's refusal of the pair is Refused."""
     if hasattr(elbo, "differentiable_loss"):
         with refusals():
-            loss = elbo.differentiable_loss(program.model, program.guide, x)
+            loss = elbo.differentiable_loss(program.model, program.guide, x, *conditions)
         (loss / x.shape[0]).backward()
         return
     with refusals():
-        elbo.loss_and_grads(program.model, program.guide, x)
+        elbo.loss_and_grads(program.model, program.guide, x, *conditions)
     for params in groups.values():
         for p in params:
             if p.grad is not None:
@@ -120,13 +121,15 @@ def _backward(elbo: pyro.infer.ELBO, program: Program, x: Tensor, groups: dict[s
 
 
 def gradient_stats(elbo: pyro.infer.ELBO, program: object, x: Tensor, repeats: int, progress: bool = False,
-                   desc: str = "gradients", groups: dict[str, list[Tensor]] | None = None) -> dict:
+                   desc: str = "gradients", groups: dict[str, list[Tensor]] | None = None,
+                   conditions: tuple[Tensor, ...] = ()) -> dict:
     """R draws g_r of the gradient of loss = -bound/N (as in a training step; _backward): per group of
     parameters (`groups`, by default parameter_groups'), the per-parameter variance var_r(g) and SNR
     |mean_r g| / std_r g, each averaged over the group's parameters (those with std > 0); and the
-    median wall time of one loss + backward, in ms. The parameters' .grad are cleared before and after."""
+    median wall time of one loss + backward, in ms. The parameters' .grad are cleared before and after.
+    `conditions`: a conditional pair's c (one row per example of x), passed after x to model and guide."""
     program = Program.of(program)
-    groups = parameter_groups(program, x) if groups is None else groups
+    groups = parameter_groups(program, x, *conditions) if groups is None else groups
     sums = {g: torch.zeros(sum(p.numel() for p in ps), dtype=torch.float64, device=x.device)
             for g, ps in groups.items()}
     squares = {g: s.clone() for g, s in sums.items()}
@@ -135,7 +138,7 @@ def gradient_stats(elbo: pyro.infer.ELBO, program: object, x: Tensor, repeats: i
         _clear_grads(groups)
         _sync(x.device)
         start = time.perf_counter()
-        _backward(elbo, program, x, groups)
+        _backward(elbo, program, x, groups, conditions)
         _sync(x.device)
         if r == 0:
             continue  # a warm-up step: first-call costs are not part of the time or the statistics
@@ -178,24 +181,31 @@ class CompareResult:
     paths: list[Path]
 
 
+def reference_name(record: dict) -> str:
+    """What the reference log_px_ref estimates: record["log_px_of"] (a conditional pair's "log p(x | c)"),
+    else "log p(x)"."""
+    return record.get("log_px_of", "log p(x)")
+
+
 def table_head(record: dict, header: list[str], examples: str, reference: str = "") -> list[str]:
     """The lines above a comparison's rows: what was measured (model, `examples`, draws, seed, device,
-    the reference log p(x), with `reference` added to how it was computed) and the table's header."""
+    the reference log p(x) (reference_name), with `reference` added to how it was computed) and the
+    table's header."""
     return [
         f"Model: {record['model']}" + (f" ({record['dataset']})" if record.get("dataset") else "")
         + f"; {record['n_examples']} {examples}, {record['repeats']} draws per estimator, "
-        f"seed {record['seed']}, device {record['device']}. Reference log p(x) = {record['log_px_ref']:.2f} "
-        f"nats (IWAE, k={record['k_ref']}{reference}).",
+        f"seed {record['seed']}, device {record['device']}. Reference {reference_name(record)} = "
+        f"{record['log_px_ref']:.2f} nats (IWAE, k={record['k_ref']}{reference}).",
         "",
-        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(cell.replace("|", "\\|") for cell in header) + " |",  # log p(x | c): not a column
         "|" + "---|" * len(header),
     ]
 
 
-def measured_columns(estimate: str, groups: Sequence[str]) -> list[str]:
-    """The header of the columns every comparison has: the estimate, its spread and bias, gradient
-    variance and SNR per parameter group, ms per step."""
-    return [estimate, "std of one draw (nats)", "bias vs log p(x) (nats)",
+def measured_columns(estimate: str, groups: Sequence[str], reference: str = "log p(x)") -> list[str]:
+    """The header of the columns every comparison has: the estimate, its spread and bias against
+    `reference` (reference_name), gradient variance and SNR per parameter group, ms per step."""
+    return [estimate, "std of one draw (nats)", f"bias vs {reference} (nats)",
             *(f"{g} {m}" for g in groups for m in ("grad var", "SNR")), "ms/step"]
 
 
@@ -223,10 +233,10 @@ SURROGATE_LABEL = "surrogate, not a bound"
 
 def estimates_figure(record: dict) -> Figure:
     """The distribution of each estimator's batch-mean estimate over draws, against the reference
-    log p(x): the bounds first (grey boxes), then, apart beyond a dotted line, the rows whose value is a
-    surrogate (row["surrogate"], e.g. M2's 'relaxed'; orange boxes, labelled "surrogate, not a bound"),
-    which may lie on either side of log p(x). Rows without a measurement (skipped estimators) are not
-    drawn."""
+    log p(x) (or log p(x | c): reference_name): the bounds first (grey boxes), then, apart beyond a
+    dotted line, the rows whose value is a surrogate (row["surrogate"], e.g. M2's 'relaxed'; orange boxes,
+    labelled "surrogate, not a bound"), which may lie on either side of log p(x). Rows without a
+    measurement (skipped estimators) are not drawn."""
     rows = measured_rows(record)
     bounds = [r for r in rows if not r.get("surrogate")]
     surrogates = [r for r in rows if r.get("surrogate")]
@@ -241,7 +251,7 @@ def estimates_figure(record: dict) -> Figure:
     if bounds and surrogates:
         ax.axvline(len(bounds) + 0.5, color="grey", linestyle=":", linewidth=1)
     ax.axhline(record["log_px_ref"], color="k", linestyle="--", linewidth=1,
-               label=f"log p(x), IWAE k={record['k_ref']}")
+               label=f"{reference_name(record)}, IWAE k={record['k_ref']}")
     ax.set_ylabel("estimate (nats per example, batch mean)")
     ax.set_title(f"{record['repeats']} draws on {record['n_examples']} test examples")
     ax.legend()

@@ -112,7 +112,8 @@ def write_evaluation(run: str | Path, result: dict, values: dict[str, Tensor], x
 
 @renamed_keywords(k="eval_k")
 def evaluate_run(run: str | Path, eval_k: int = 5000, test_size: int | None = None, device: str = "auto",
-                 progress: bool = False, program: object | None = None, seed: int = 0) -> tuple[dict, object, object]:
+                 progress: bool = False, program: object | None = None,
+                 seed: int = 0) -> tuple[dict, object, object]:
     """Evaluate the model of a run directory on its test set (the first `test_size` examples, if given)
     and write RUN/eval.json and RUN/eval_examples.pt (write_evaluation); returns (result, config, model).
     The importance samples are drawn from `seed` (recorded in eval.json), on forked generators: the same

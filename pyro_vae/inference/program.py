@@ -109,17 +109,20 @@ class Program:
         plate = next(f.name for f in model_trace.nodes[observed[0]]["cond_indep_stack"] if f.dim == -1)
         return Sites(latent, observed[0], plate)
 
-    def parameters(self, x: Tensor) -> dict[str, Tensor]:
-        """The pair's trainable tensors by name (the tensors an optimizer steps)."""
-        return {name: p for group in self.parameter_groups(x).values() for name, p in group.items()}
+    def parameters(self, x: Tensor, *conditions: Tensor) -> dict[str, Tensor]:
+        """The pair's trainable tensors by name (the tensors an optimizer steps); `conditions` as in
+        parameter_groups."""
+        groups = self.parameter_groups(x, *conditions)
+        return {name: p for group in groups.values() for name, p in group.items()}
 
-    def parameter_groups(self, x: Tensor) -> dict[str, dict[str, Tensor]]:
+    def parameter_groups(self, x: Tensor, *conditions: Tensor) -> dict[str, dict[str, Tensor]]:
         """The trainable tensors split by what they parameterize: "guide" (variational, phi) holds the
         param sites of a guide trace on x[:2], "model" (generative, theta) those of the model trace
         that the guide does not use; both unconstrained, by param-store name. The parameters of an
         nn.Module owner that reach no param site (a plain nn.Module inside it) join "guide" if the
-        guide's draws or log-density depend on them, else "model"."""
-        model_trace, guide_trace = self.traces(x[:2])
+        guide's draws or log-density depend on them, else "model". `conditions`: a conditional pair's c
+        (its first two rows go with x[:2])."""
+        model_trace, guide_trace = self.traces(x[:2], *(c[:2] for c in conditions))
         groups: dict[str, dict[str, Tensor]] = {"guide": {}, "model": {}}
         seen: set[int] = set()
         for group, trace in (("guide", guide_trace), ("model", model_trace)):

@@ -83,6 +83,12 @@ class CVAE(RegisteringModule):
         self.baseline = None if baseline is None else baseline.requires_grad_(False)
         self.register_buffer("missing", condition.missing(self.x_shape))
 
+    @property
+    def log_px_of(self) -> str:
+        """What its log p(x | c) is: log p(x_missing | x_given) for quadrants, log p(x | class) for a
+        class (evaluate and compare label their results with it)."""
+        return LOG_PX_OF if isinstance(self.condition, Quadrants) else "log p(x | class)"
+
     def features(self, c: Tensor) -> Tensor:
         """h(c), (N, F): the condition as the networks read it (the baseline's filled image, if any)."""
         if self.baseline is not None:
@@ -254,8 +260,7 @@ class CVAEKind(ModelKind):
                 values["baseline_log_px"] = torch.cat([cvae.baseline.log_likelihood(xs, cs)
                                                        for xs, cs in zip(x.split(2000), c[0].split(2000),
                                                                          strict=True)])
-        result: dict = {"condition": cvae.condition.name,
-                        "log_px_of": LOG_PX_OF if cvae.baseline is not None else "log p(x | class)"}
+        result: dict = {"condition": cvae.condition.name, "log_px_of": cvae.log_px_of}
         for name, key in (("test_elbo", "elbo"), ("log_px", "log_px"), ("kl", "kl"), ("recon", "recon"),
                           ("baseline_log_px", "baseline_log_px")):
             if key in values:
@@ -325,7 +330,7 @@ class CVAEKind(ModelKind):
                        f"class {label} ({name}): z ~ p(z | class), mean of p(x | z, class)")
 
     def refusal(self, command: str, what: str) -> str | None:
-        if command in ("compare", "compare-config", "diagnose", "encode", "interpolate"):
+        if command in ("diagnose", "encode", "interpolate"):
             return (f"{what} trained a conditional VAE (--model cvae), whose model and guide take a "
                     f"condition besides x; {command} handles models of x alone: use a vae run")
         return None

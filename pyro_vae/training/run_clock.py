@@ -1,8 +1,10 @@
 """A training run's wall time, summed over its sessions (a checkpoint carries the sum up to it): each
 session from the end of its preparation to its last checkpoint (the last session: to summary.json), so
-epochs, their test ELBO, checkpoints and the final evaluation count; preparation, figures, a session's
-time after its last checkpoint and the time between sessions do not. Also the clock of the epoch in
-progress (a resumed epoch's seconds before its checkpoint count in it) and of --checkpoint-every."""
+epochs, their test ELBO, checkpoints and the final evaluation count, and in a new run what its kind's
+start spent before the first step (the CVAE's baseline, trained first); the rest of preparation,
+figures, a session's time after its last checkpoint and the time between sessions do not. Also the clock
+of the epoch in progress (a resumed epoch's seconds before its checkpoint count in it) and of
+--checkpoint-every."""
 
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ class RunClock:
         self.epoch_started = self.started
 
     @classmethod
-    def resumed(cls, state: dict | None) -> RunClock:
-        """The clock of a session that continues checkpoint `state` (None: a new run). A checkpoint from
-        before pyro-vae recorded the seconds: the sum of its whole epochs' seconds."""
+    def resumed(cls, state: dict | None, start_seconds: float = 0.0) -> RunClock:
+        """The clock of a session that continues checkpoint `state` (None: a new run, whose first
+        `start_seconds` were its kind's start: they count). A checkpoint from before pyro-vae recorded the
+        seconds: the sum of its whole epochs' seconds."""
         if state is None:
-            return cls()
+            return cls(start_seconds)
         before = state.get("seconds", sum(m.get("seconds") or 0.0 for m in state["metrics"]))
         return cls(float(before), float(state.get("epoch_seconds", 0.0)))
 

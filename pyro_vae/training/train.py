@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -167,7 +168,7 @@ class Trainer:
                 start_position(state, self.device, self.ranks.is_main)  # the loop's position
             self.early = EarlyStopping.of_run(config, state)
             self.resumed_rng = None if state is None else self.ranks.rng_state(state)  # set at epoch start
-            self._continue_or_start(state)
+            start_seconds = self._continue_or_start(state)
             self.report = EpochReport.of_run(self.out, tensorboard, self.progress, reporters) \
                 if self.ranks.is_main else EpochReport()  # where each epoch's row goes
             if self.ranks.active:  # each process draws its own z; model and data order are the same in all
@@ -176,7 +177,7 @@ class Trainer:
                                       self.cuda_graph)
             # the epoch in progress: its random state at the start, its images and its order of batches
             self.epoch_state, self.x_epoch, self.order = self.generator.get_state(), self.data.train_x, []
-            self.clock = RunClock.resumed(state)  # this session's clocks start here
+            self.clock = RunClock.resumed(state, start_seconds)  # this session's clocks start here
             self.report.start(RunView(self.out, config, self.device, state is not None, list(self.metrics)))
 
     @property
@@ -214,20 +215,25 @@ class Trainer:
             check_data_shape(self.out, data.shape)
         return stream, data
 
-    def _continue_or_start(self, state: dict | None) -> None:
+    def _continue_or_start(self, state: dict | None) -> float:
         """A resumed run: the checkpoint's parameters, optimizer and epoch's random state, and its
         metrics.jsonl. A new run: what the kind sets from the training data (the VampPrior's
-        pseudo-inputs with --prior-init data), the run directory and config.json."""
+        pseudo-inputs with --prior-init data, the CVAE's baseline trained first), the run directory and
+        config.json. Returns the seconds the kind's start took (0 for a resumed run): they count in the
+        run's train_seconds (run_clock.py)."""
         if state is not None:
             self.model.load(state, self.out / CHECKPOINT)
             restore_optimizer(self.optimizer, state, self.config.lr, self.cuda_graph)
             self.generator.set_state(state["epoch_generator"].cpu())
             self.dir.continue_run(self.metrics, self.steps)
-            return
+            return 0.0
+        started = time.perf_counter()
         if self.model.own:
             self.kind.start(self.model.pair, self.config, self.data)
+        seconds = time.perf_counter() - started
         self.ranks.barrier()  # every process has checked the run directory before rank 0 fills it
         self.dir.start(config_record(self.config, self.data.shape, self.model.record()))
+        return seconds
 
     # -- one epoch, one step -------------------------------------------------------------------------
 
