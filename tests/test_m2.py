@@ -625,9 +625,9 @@ def test_the_auxiliary_weight_is_alpha_or_alpha_times_n_over_the_labels_in_every
                                                                                         tmp_path):
     """--aux-loss-scale data: each labelled log q(y|x) weighs alpha * N / N_labelled (N the training
     examples after the validation split), also in a resumed session; config.json keeps alpha itself."""
-    config = _fair_config(aux_loss=0.1, aux_loss_scale=scale, validation_size=100)
+    config = _fair_config(aux_loss=0.1, aux_loss_scale=scale, train_size=400, validation_size=100)
     trainer = Trainer(config, tmp_path / "run", progress=False)
-    n = load_dataset("digits").train_x.shape[0] - 100
+    n = 400 - 100
     assert trainer.model.pair.aux_loss == pytest.approx(weight(0.1, n, 20))
     trainer.run()
     del trainer  # one live M2 at a time in Pyro's param store
@@ -644,7 +644,7 @@ def test_early_stopping_of_a_labelled_kind_watches_the_validation_accuracy(model
     the first epoch of the highest validation accuracy, training stops `patience` epochs after it, and the
     summary reports that accuracy."""
     settings = {"model": model, "labels": 20, "hidden": [16], "batch_size": 64, "epochs": 30, "lr": 3e-3,
-                "validation_size": 300, "early_stop": 2, **extra}
+                "train_size": 800, "validation_size": 300, "early_stop": 2, **extra}
     if model == "m2":
         settings.update(z_dim=2, eval_k=2)
     result = train(Config.from_dict(settings), tmp_path / "run", progress=False)
