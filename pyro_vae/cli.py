@@ -87,8 +87,9 @@ HELP = {
     "kl_anneal": "raise the KL weight linearly from 0 to --beta over the first EPOCHS epochs "
                  "(default 0: off)",
     "epochs": "passes over the training set (default 30)",
-    "early_stop": "stop after PATIENCE epochs without a better validation ELBO (needs --validation-size); "
-                  "the best model is kept in RUN/best.pt and evaluated",
+    "early_stop": "stop after PATIENCE epochs without a better validation ELBO (--model m2 and classifier: "
+                  "validation accuracy of q(y|x)) (needs --validation-size); the best model is kept in "
+                  "RUN/best.pt and evaluated",
     "time_budget": "stop at the first epoch end past MINUTES of wall time (summed over the run's sessions; "
                    "with --early-stop the best model is still the one evaluated); summary.json says why "
                    "training stopped (default: no budget)",
@@ -111,6 +112,14 @@ HELP = {
                 "(Gumbel-softmax, reparameterized) (default enum)",
     "aux_loss": "--model m2: alpha, the weight of the classifier's log-likelihood of the labels added to the "
                 "ELBO (Kingma et al.'s J^alpha; default 0)",
+    "aux_loss_scale": "--model m2 with --aux-loss: fixed (default: each labelled example's log q(y|x) weighs "
+                      "alpha) | data (it weighs alpha * N / N_labelled, N the training examples: Kingma et "
+                      "al.'s code, with alpha = 0.1)",
+    "labelled_per_batch": "--model m2: M labelled examples in every batch, drawn from the labelled subset "
+                          "(reshuffled each time it runs out), and --batch-size minus M unlabelled ones (an "
+                          "epoch is one pass over the unlabelled); the loss weighs them so that it stays an "
+                          "unbiased estimate of the full-data objective (default: batches drawn from the "
+                          "whole training set)",
     "temperature": "--discrete relaxed: the Gumbel-softmax temperature at the first step (default 1)",
     "temperature_final": "--discrete relaxed: anneal the temperature geometrically to this value at the last "
                          "step (default: constant)",

@@ -30,6 +30,7 @@ PRIOR_INITS = ("noise", "data", "authors")
 HELDOUT_MODES = ("seeded", "authors")  # --heldout: how validation and test are held out and binarized
 EARLY_STOP_RULES = ("plain", "authors")  # --early-stop-rule: how the patience counts
 CUDA_GRAPH_MODES = ("auto", "off", "on")
+AUX_LOSS_SCALES = ("fixed", "data")  # --aux-loss-scale: M2's alpha as given, or alpha * N / N_labelled
 # settings that may change when a run is resumed: they do not change the model or the data
 RESUMABLE = {"epochs", "time_budget", "device", "lr", "clip_grad", "checkpoint_every", "eval_k", "data_dir",
              "workers", "cuda_graph", "plugins", "threads"}
@@ -37,7 +38,8 @@ RESUMABLE = {"epochs", "time_budget", "device", "lr", "clip_grad", "checkpoint_e
 # config.json without one reads as that value (a missing setting not listed here is refused)
 ADDED_SETTINGS = {"time_budget": None, "exemplar_subset": None, "exemplar_k": None, "weight_init": "default",
                   "optimizer": "adam", "heldout": "seeded", "early_stop_rule": "plain",
-                  "encoder_scale": "softplus", "pseudo_inputs": "free", "condition": None}
+                  "encoder_scale": "softplus", "pseudo_inputs": "free", "condition": None,
+                  "aux_loss_scale": "fixed", "labelled_per_batch": None}
 
 
 @dataclass
@@ -90,6 +92,8 @@ class Config:
     classes: int | None = None  # --model m2/classifier: the number of classes (None: those of the data)
     discrete: str = "enum"  # --model m2: how the sum over the class y is estimated (discrete.py)
     aux_loss: float = 0.0  # --model m2: alpha, weight of the classifier's log-likelihood of the labels
+    aux_loss_scale: str = "fixed"  # --model m2: data: the weight is alpha * N / N_labelled (Kingma et al.)
+    labelled_per_batch: int | None = None  # --model m2: M labelled examples in every batch (None: uniform)
     temperature: float = 1.0  # --discrete relaxed: the Gumbel-softmax temperature at the first step
     temperature_final: float | None = None  # --discrete relaxed: annealed geometrically to this by the end
     # the VampPrior authors' protocol, each difference an option (presets.py: the -authors presets)
@@ -126,7 +130,7 @@ class Config:
         the kind `model` names does not take is refused by models/kind.py's check_config, at the run)."""
         choices = {"binarize": BINARIZE_MODES, "device": DEVICES, "prior_init": PRIOR_INITS,
                    "cuda_graph": CUDA_GRAPH_MODES, "optimizer": OPTIMIZERS, "heldout": HELDOUT_MODES,
-                   "early_stop_rule": EARLY_STOP_RULES}
+                   "early_stop_rule": EARLY_STOP_RULES, "aux_loss_scale": AUX_LOSS_SCALES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed and not (name == "binarize" and self.binarize is None):
                 raise InputError(
@@ -135,7 +139,7 @@ class Config:
         for name in ("z_dim", "particles", "epochs", "batch_size", "eval_k", "channels", "threads",
                      "image_size", "train_size", "test_size", "prior_components", "validation_size",
                      "early_stop", "guide_rank", "flows", "labels", "classes", "exemplar_subset",
-                     "exemplar_k"):
+                     "exemplar_k", "labelled_per_batch"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -168,8 +172,9 @@ class Config:
                              f"--train-size {self.train_size} training examples and leaves none to train on; "
                              "make it smaller than the training set")
         if self.early_stop is not None and self.validation_size is None:
-            raise InputError(f"--early-stop {self.early_stop} stops on the validation ELBO; hold out a "
-                             "validation set with --validation-size N too")
+            raise InputError(f"--early-stop {self.early_stop} stops on a validation measure (the ELBO; the "
+                             "accuracy for --model m2 and classifier); hold out a validation set with "
+                             "--validation-size N too")
         if self.heldout == "authors" and self.validation_size is None:
             raise InputError("--heldout authors binarizes the validation set, then the test set, as the "
                              "authors' code does; hold out a validation set with --validation-size N too")

@@ -54,6 +54,7 @@ class Dataset:
     train_y: Tensor | None = None
     test_y: Tensor | None = None
     val_x: Tensor | None = None
+    val_y: Tensor | None = None  # the labels of the validation images, where the data have labels
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -65,7 +66,7 @@ class Dataset:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Dataset(
             self.name, move(self.train_x), move(self.test_x), move(self.train_y), move(self.test_y),
-            move(self.val_x),
+            move(self.val_x), move(self.val_y),
         )
 
 

@@ -2,7 +2,20 @@
 (the rest unlabelled), each way of handling the class y, against the classifier alone trained on the
 same N labels with the same network. Rows: enum + aux (y summed out, plus alpha * log q(y|x) on the
 labels), enum, score (y sampled, score function with a baseline), relaxed (Gumbel-softmax), classifier.
-Cells: test accuracy of q(y|x), mean +- standard error over seeds, and the test ELBO.
+Cells: test accuracy of q(y|x), mean +- standard error over seeds, the accuracy minus the classifier's
+of the same seed on the same test images (paired; its standard error over the seeds), and the test ELBO.
+
+Two protocols (--protocol; each flag below overrides its setting):
+* quick (default; the first table of docs/results.md): M2 for --epochs 5 over batches drawn from the
+  whole training set (at 100 labels in 60,000 most batches hold no label), alpha = 50 fixed, no
+  validation set; the classifier 200 epochs over its N labels; N = 100, 1000, 3000.
+* fair: the budget Kingma et al. and Pyro's example give M2. Every M2 batch holds --labelled-per-batch
+  10 labelled examples (the loss weighted to stay unbiased: pyro_vae/training/labelled_batches.py);
+  --validation-size 10000 labelled images held out; up to --epochs 100, stopped early on the validation
+  accuracy of q(y|x) (--patience 20; best.pt is what is evaluated); enum + aux with Kingma's alpha,
+  --aux-loss 0.1 --aux-loss-scale data (each label's log q(y|x) weighs 0.1 * N / N_labelled); the
+  classifier on the same validation set up to --classifier-epochs 2000, stopped at its own early stop
+  (--classifier-patience 100); N = 100 and 1000.
 
 Each run is `pyro-vae train` in its own process with one torch thread, JOBS at a time; a run already
 finished (summary.json) is kept, one interrupted (checkpoint.pt) is resumed, so the script can be
@@ -10,6 +23,8 @@ stopped and started again. Prints the Markdown table and writes it (table.md, ta
 
     nice -n 19 python scripts/m2_fashion_mnist.py --data-dir /usr/share/datasets/fashion-mnist \
         --epochs 5 --jobs 2
+    nice -n 19 python scripts/m2_fashion_mnist.py --data-dir /usr/share/datasets/fashion-mnist \
+        --protocol fair --jobs 2
 """
 
 from __future__ import annotations
@@ -26,7 +41,8 @@ from pathlib import Path
 from pyro_vae.renames import add_renamed_flag
 
 ROWS = {  # label -> the settings of the row
-    "enum + aux": ["--model", "m2", "--discrete", "enum", "--aux-loss", "{aux}"],
+    "enum + aux": ["--model", "m2", "--discrete", "enum", "--aux-loss", "{aux}",
+                   "--aux-loss-scale", "{scale}"],
     "enum": ["--model", "m2", "--discrete", "enum"],
     "score": ["--model", "m2", "--discrete", "score"],
     "relaxed": ["--model", "m2", "--discrete", "relaxed", "--temperature", "1", "--temperature-final", "0.3"],
@@ -34,6 +50,15 @@ ROWS = {  # label -> the settings of the row
 }
 SLUG = {"enum + aux": "enum-aux", "enum": "enum", "score": "score", "relaxed": "relaxed",
         "classifier": "classifier"}
+PROTOCOLS = {  # the settings each protocol gives a flag left out
+    "quick": {"out": Path("runs/m2-fashion-mnist"), "labels": [100, 1000, 3000], "epochs": 5,
+              "classifier_epochs": 200, "aux_loss": 50.0, "aux_loss_scale": "fixed",
+              "labelled_per_batch": None, "validation_size": None, "patience": None,
+              "classifier_patience": None},
+    "fair": {"out": Path("runs/m2-fashion-mnist-fair"), "labels": [100, 1000], "epochs": 100,
+             "classifier_epochs": 2000, "aux_loss": 0.1, "aux_loss_scale": "data", "labelled_per_batch": 10,
+             "validation_size": 10000, "patience": 20, "classifier_patience": 100},
+}
 
 
 def run_dir(out: Path, row: str, labels: int, seed: int) -> Path:
@@ -46,16 +71,21 @@ def command(args: argparse.Namespace, row: str, labels: int, seed: int) -> list[
     out = run_dir(args.out, row, labels, seed)
     if (out / "checkpoint.pt").is_file():
         return [sys.executable, "-m", "pyro_vae", "train", "--resume", str(out), "--quiet"]
-    epochs = args.classifier_epochs if row == "classifier" else args.epochs
-    settings = [s.format(aux=args.aux_loss) for s in ROWS[row]]
-    latent = [] if row == "classifier" else ["--z-dim", str(args.z_dim), "--eval-k", str(args.eval_k)]  # M2 z
+    classifier = row == "classifier"
+    epochs = args.classifier_epochs if classifier else args.epochs
+    settings = [s.format(aux=args.aux_loss, scale=args.aux_loss_scale) for s in ROWS[row]]
+    latent = [] if classifier else ["--z-dim", str(args.z_dim), "--eval-k", str(args.eval_k)]  # M2's z
     cmd = [sys.executable, "-m", "pyro_vae", "train", "--dataset", args.dataset, "--data-dir", args.data_dir,
            *settings, "--labels", str(labels), "--seed", str(seed), "--epochs", str(epochs),
            "--hidden", *map(str, args.hidden), *latent, "--batch-size", str(args.batch_size),
            "--lr", str(args.lr), "--checkpoint-every", "5", "--out", str(out), "--quiet"]
-    for flag in ("train_size", "test_size"):
-        if getattr(args, flag) is not None:
-            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    options = {"train_size": args.train_size, "test_size": args.test_size,
+               "validation_size": args.validation_size,
+               "early_stop": args.classifier_patience if classifier else args.patience,
+               "labelled_per_batch": None if classifier else args.labelled_per_batch}
+    for flag, value in options.items():
+        if value is not None:
+            cmd += [f"--{flag.replace('_', '-')}", str(value)]
     return cmd
 
 
@@ -74,7 +104,8 @@ def train_one(args: argparse.Namespace, row: str, labels: int, seed: int) -> Non
 
 def summarize(out: Path, rows: list[str], labels: list[int], seeds: list[int]) -> dict:
     """Per (labels, row): accuracy mean and standard error over the seeds that finished, the test ELBO
-    mean, epochs, seconds per run, device."""
+    mean, the epochs trained and (with early stopping) the best epochs, as a range over the seeds,
+    seconds per run, device."""
     table = {}
     for n in labels:
         for row in rows:
@@ -89,10 +120,20 @@ def summarize(out: Path, rows: list[str], labels: list[int], seeds: list[int]) -
                 "accuracy": statistics.fmean(acc),
                 "accuracy_se": statistics.stdev(acc) / len(acc) ** 0.5 if len(acc) > 1 else None,
                 "test_elbo": statistics.fmean(elbo) if elbo else None,
-                "epochs": runs[0]["epochs"], "seconds": statistics.fmean(r["train_seconds"] for r in runs),
+                "epochs": span([r["epochs"] for r in runs]),
+                "best_epochs": span([r["best_epoch"] for r in runs if "best_epoch" in r]),
+                "seconds": statistics.fmean(r["train_seconds"] for r in runs),
                 "device": runs[0]["device"],
             }
     return table
+
+
+def span(values: list[int]) -> str | int | None:
+    """One value if the seeds agree, else "lowest-highest"; None for none."""
+    if not values:
+        return None
+    low, high = min(values), max(values)
+    return low if low == high else f"{low}-{high}"
 
 
 def correct(run: Path):
@@ -140,7 +181,9 @@ def markdown(table: dict, labels: list[int], rows: list[str]) -> str:
             se = f" ± {cell['accuracy_se']:.3f}" if cell["accuracy_se"] is not None else ""
             paired = (f"; {cell['vs_classifier']:+.3f} ± {cell['vs_classifier_se']:.3f} vs classifier"
                       if "vs_classifier" in cell else "")
-            cells.append(f"{cell['accuracy']:.3f}{se} ({cell['seeds']} seeds, {cell['epochs']} ep{paired})")
+            best = f", best {cell['best_epochs']}" if cell.get("best_epochs") is not None else ""
+            budget = f"{cell['seeds']} seeds, {cell['epochs']} ep{best}"
+            cells.append(f"{cell['accuracy']:.3f}{se} ({budget}{paired})")
             cells.append("" if cell["test_elbo"] is None else f"{cell['test_elbo']:.1f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -148,16 +191,30 @@ def markdown(table: dict, labels: list[int], rows: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocol", choices=list(PROTOCOLS), default="quick",
+                        help="quick (default: today's short table) | fair (labelled examples in every batch, "
+                        "early stopping on validation accuracy, Kingma's alpha); the flags below override it")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--out", type=Path, default=Path("runs/m2-fashion-mnist"))
-    parser.add_argument("--labels", type=int, nargs="+", default=[100, 1000, 3000])
+    parser.add_argument("--out", type=Path, help="default: runs/m2-fashion-mnist(-fair)")
+    parser.add_argument("--labels", type=int, nargs="+", help="quick: 100 1000 3000; fair: 100 1000")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
-    parser.add_argument("--epochs", type=int, default=5, help="epochs of each M2 run")
-    parser.add_argument("--classifier-epochs", type=int, default=200,
-                        help="epochs of the classifier over its N labelled examples")
-    parser.add_argument("--aux-loss", type=float, default=50.0, help="alpha of the enum + aux row")
+    parser.add_argument("--epochs", type=int, help="epochs of each M2 run (quick: 5; fair: at most 100)")
+    parser.add_argument("--classifier-epochs", type=int,
+                        help="epochs of the classifier over its N labelled examples (quick: 200; fair: at "
+                        "most 2000)")
+    parser.add_argument("--aux-loss", type=float, help="alpha of the enum + aux row (quick: 50; fair: 0.1)")
+    parser.add_argument("--aux-loss-scale", choices=("fixed", "data"),
+                        help="quick: fixed; fair: data (alpha * N / N_labelled, Kingma's)")
+    parser.add_argument("--labelled-per-batch", type=int,
+                        help="labelled examples in every M2 batch (quick: none; fair: 10)")
+    parser.add_argument("--validation-size", type=int,
+                        help="labelled training images held out for early stopping (quick: none; "
+                        "fair: 10000)")
+    parser.add_argument("--patience", type=int, help="M2's early stopping on validation accuracy, in "
+                        "epochs (quick: off; fair: 20)")
+    parser.add_argument("--classifier-patience", type=int, help="the classifier's (quick: off; fair: 100)")
     parser.add_argument("--hidden", type=int, nargs="+", default=[500])
     parser.add_argument("--z-dim", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=100)
@@ -169,6 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--test-size", type=int, default=None)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each")
     args = parser.parse_args(argv)
+    for name, value in PROTOCOLS[args.protocol].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     rows = [r for r in ROWS if r in args.rows]
     jobs = [(row, n, s) for s in args.seeds for n in args.labels for row in rows]
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -254,7 +254,8 @@ def _authors_stop_epoch(values, patience, warmup, epochs):
     [-5.0, -6, -7, -8, -9, -10, -4, -11, -12, -13],  # a new best after the count has run
 ])
 def test_early_stop_rule_authors_stops_where_the_authors_loop_stops(tmp_path, monkeypatch, values):
-    monkeypatch.setattr(train_module.Trainer, "validation_elbo", lambda self: values[self.epoch - 1])
+    monkeypatch.setattr(train_module.Trainer, "validation_metrics",
+                        lambda self: {"validation_elbo": values[self.epoch - 1]})
     settings = {"early_stop": 2, "kl_anneal": 4, "epochs": 10}
     run = train_module.train(Config.from_dict({**SMALL, "validation_size": 50, "early_stop_rule": "authors",
                                                **settings}), tmp_path / "authors", progress=False)

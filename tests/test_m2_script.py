@@ -38,10 +38,16 @@ def test_cells_are_mean_and_standard_error_over_seeds(tmp_path):
     assert f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) / 3 ** 0.5:.3f}" in text
 
 
+def _args(out: Path, protocol: str = "quick", **settings) -> script.argparse.Namespace:
+    """The script's arguments with `protocol`'s settings, a tiny network, and `settings` over them."""
+    return script.argparse.Namespace(**{
+        **script.PROTOCOLS[protocol], "out": out, "dataset": "digits", "data_dir": "data", "hidden": [8],
+        "z_dim": 2, "batch_size": 64, "lr": 1e-3, "eval_k": 2, "train_size": None, "test_size": None,
+        **settings})
+
+
 def test_finished_runs_are_kept_and_interrupted_ones_resumed(tmp_path, monkeypatch):
-    args = script.argparse.Namespace(
-        out=tmp_path, dataset="digits", data_dir="data", epochs=1, classifier_epochs=2, aux_loss=5.0,
-        hidden=[8], z_dim=2, batch_size=64, lr=1e-3, eval_k=2, train_size=None, test_size=None)
+    args = _args(tmp_path, epochs=1, classifier_epochs=2, aux_loss=5.0)
     _write_summary(tmp_path, "enum", 20, 0, 0.5, -40.0)
     calls = []
     monkeypatch.setattr(script.subprocess, "run", lambda cmd, **_: calls.append(cmd) or
@@ -83,11 +89,59 @@ def test_every_rows_command_is_one_the_config_accepts(tmp_path):
     """The classifier has no latent: its command carries no --z-dim or --eval-k (pyro-vae refuses them)."""
     from pyro_vae.cli import build_parser, resolve_config
 
-    args = script.argparse.Namespace(
-        out=tmp_path, dataset="digits", data_dir="data", epochs=1, classifier_epochs=2, aux_loss=5.0,
-        hidden=[8], z_dim=2, batch_size=64, lr=1e-3, eval_k=2, train_size=None, test_size=None)
+    args = _args(tmp_path, epochs=1, classifier_epochs=2, aux_loss=5.0)
     for row in script.ROWS:
         config = resolve_config(build_parser().parse_args(script.command(args, row, 20, 0)[3:]))
         assert config.model == ("classifier" if row == "classifier" else "m2")
         assert (config.z_dim, config.eval_k) == ((20, 100) if row == "classifier" else (2, 2))
 
+
+
+def test_the_fair_protocol_puts_labels_in_every_m2_batch_and_stops_each_run_on_validation_accuracy(tmp_path):
+    """--protocol fair: every M2 row trains with labelled examples in every batch and early stopping on the
+    held-out labelled images, enum + aux with Kingma's alpha (0.1, scaled by N / N_labelled); the
+    classifier on the same validation set, to its own early stop; pyro-vae accepts every command."""
+    from pyro_vae.cli import build_parser, resolve_config
+
+    args = _args(tmp_path, "fair")
+    for row in script.ROWS:
+        config = resolve_config(build_parser().parse_args(script.command(args, row, 100, 0)[3:]))
+        classifier = row == "classifier"
+        assert (config.validation_size, config.early_stop) == (10000, 100 if classifier else 20)
+        assert config.epochs == (2000 if classifier else 100)
+        assert config.labelled_per_batch == (None if classifier else 10)
+    def config_of(args):
+        return resolve_config(build_parser().parse_args(script.command(args, "enum + aux", 100, 0)[3:]))
+
+    aux, quick = config_of(args), config_of(_args(tmp_path))
+    assert (aux.aux_loss, aux.aux_loss_scale) == (0.1, "data")
+    assert (quick.aux_loss, quick.aux_loss_scale, quick.labelled_per_batch, quick.early_stop) == (
+        50.0, "fixed", None, None)
+
+
+def test_the_fair_protocol_runs_n_100_and_1000_three_seeds_each_row_and_a_flag_overrides_it(tmp_path,
+                                                                                           monkeypatch):
+    """main(--protocol fair) starts 2 label counts x 5 rows x 3 seeds runs into runs/...-fair (here OUT),
+    with --patience given on the command line in place of the protocol's."""
+    calls = []
+    monkeypatch.setattr(script.subprocess, "run", lambda cmd, **_: calls.append(cmd) or
+                        script.subprocess.CompletedProcess(cmd, 1))
+    script.main(["--protocol", "fair", "--dataset", "digits", "--out", str(tmp_path), "--patience", "7",
+                 "--jobs", "1"])
+    assert len(calls) == 2 * 5 * 3
+    labels = sorted({int(cmd[cmd.index("--labels") + 1]) for cmd in calls})
+    assert labels == [100, 1000]
+    m2 = [cmd for cmd in calls if "m2" in cmd]
+    assert all(cmd[cmd.index("--early-stop") + 1] == "7" for cmd in m2) and len(m2) == 24
+
+
+def test_cells_give_the_range_of_epochs_and_best_epochs_over_the_seeds(tmp_path):
+    for seed, (epochs, best) in enumerate([(41, 21), (100, 88), (41, 21)]):
+        run = script.run_dir(tmp_path, "enum", 100, seed)
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({
+            "test_accuracy": 0.7, "test_elbo": -250.0, "epochs": epochs, "best_epoch": best,
+            "train_seconds": 10.0, "device": "cpu"}))
+    cell = script.summarize(tmp_path, ["enum"], [100], [0, 1, 2])["100/enum"]
+    assert (cell["epochs"], cell["best_epochs"]) == ("41-100", "21-88")
+    assert "3 seeds, 41-100 ep, best 21-88" in script.markdown({"100/enum": cell}, [100], ["enum"])

@@ -73,7 +73,8 @@ def test_validation_and_test_are_binarized_once_and_training_images_are_not():
 
 def _trainer_run(tmp_path, monkeypatch, values, **settings):
     """Train with the validation ELBO of epoch e replaced by values[e - 1] (the rest is real)."""
-    monkeypatch.setattr(train_module.Trainer, "validation_elbo", lambda self: values[self.epoch - 1])
+    monkeypatch.setattr(train_module.Trainer, "validation_metrics",
+                        lambda self: {"validation_elbo": values[self.epoch - 1]})
     config = Config.from_dict({**SMALL, "validation_size": 50, **settings})
     return train_module.train(config, tmp_path, progress=False, resume=(tmp_path / "config.json").exists())
 

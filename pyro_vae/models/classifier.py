@@ -1,6 +1,7 @@
 """The classifier baseline's model kind ("classifier"): M2's q(y|x) alone (LabelClassifier, models/m2.py),
 trained by maximum likelihood on the labelled examples only. It has no latent, no likelihood of x and
-no ELBO: its metric is the test accuracy; it draws no pictures and compare and sample refuse it."""
+no ELBO: its metric is the test accuracy (--early-stop watches the validation accuracy); it draws no
+pictures and compare and sample refuse it."""
 
 from __future__ import annotations
 
@@ -42,9 +43,6 @@ class ClassifierKind(LabelledKind):
         check_labels(config, self)
         check_discrete(config, self)
         self.check_labelled(config)
-        if config.early_stop is not None:
-            raise InputError("--early-stop watches the validation ELBO, and --model classifier has none; "
-                             "drop --early-stop")
 
     def build(self, config, x_shape: tuple[int, ...]) -> LabelClassifier:
         return build_m2(x_shape, config.classes, encoder=config.encoder, hidden=config.hidden,
@@ -53,7 +51,7 @@ class ClassifierKind(LabelledKind):
     def label_rest(self, data: Dataset, labelled: Tensor) -> Dataset:
         """Only the labelled examples are kept: the baseline learns from nothing else."""
         return Dataset(data.name, data.train_x[labelled], data.test_x, data.train_y[labelled], data.test_y,
-                       data.val_x)
+                       data.val_x, data.val_y)
 
     def test_metrics(self, program: Program, data: Dataset) -> dict[str, float | None]:
         return {"test_accuracy": mean_se(self.accuracy(program, data)["correct"])[0]}

@@ -5,12 +5,13 @@ asks the run's kind. A kind says
 
 * which settings it takes (`check`: any other is refused in one line), what it derives from the data
   (`derive`, e.g. the number of classes) and how it shapes the training set (`training_data`);
-* how its model is built from the settings (`build`, then `start` on the training data);
+* how its model is built from the settings (`build`, then `start` on the training data; `prepare` in
+  every session of a run);
 * its training objective (`objective`) and what changes along training (`schedule`, e.g. M2's
   Gumbel-softmax temperature: values the trainer asks for at each step and passes to model and guide
   as keyword arguments);
-* what each epoch's metrics row holds (`test_metrics`, `validation_elbo`) and the progress line
-  (`epoch_line`);
+* what each epoch's metrics row holds (`test_metrics`, `validation_metrics`), which of its validation
+  measures early stopping watches (`early_stop_metric`) and the progress line (`epoch_line`);
 * its evaluation (`per_example`, `summarize`, `evaluate`) and how it is printed (`evaluation_rows`,
   `evaluation_notes`, `result_line`);
 * its figures (`figures`, `sample_title`) and what compare, diagnose and sample can do with it
@@ -50,14 +51,15 @@ from .priors import PRIORS, PSEUDO_INPUTS
 MODEL_SETTINGS = ("model", "encoder", "hidden", "z_dim", "prior", "prior_components", "prior_init",
                   "guide", "guide_rank", "flows", "labels", "classes", "discrete", "aux_loss", "temperature",
                   "temperature_final", "exemplar_subset", "exemplar_k", "weight_init", "encoder_scale",
-                  "pseudo_inputs", "condition")
+                  "pseudo_inputs", "condition", "aux_loss_scale", "labelled_per_batch")
 # the settings of the latent z and the model of x: without them (the classifier) they mean nothing
 LATENT_SETTINGS = ("z_dim", "prior", "prior_components", "prior_init", "likelihood", "sigma", "sigma_mode",
                    "beta", "kl_anneal", "eval_k", "exemplar_subset", "exemplar_k")
 MIXTURE_PRIORS = ("mog", "vamp")  # the priors that take --prior-components
 EXEMPLAR_SETTINGS = ("exemplar_subset", "exemplar_k")  # which exemplars the exemplar prior uses per step
-# the settings of a discrete latent (M2's class y), with their defaults
-DISCRETE_SETTINGS = {"discrete": "enum", "aux_loss": 0.0, "temperature": 1.0, "temperature_final": None}
+# the settings of a discrete latent (M2's class y) and of its training, with their defaults
+DISCRETE_SETTINGS = {"discrete": "enum", "aux_loss": 0.0, "temperature": 1.0, "temperature_final": None,
+                     "aux_loss_scale": "fixed", "labelled_per_batch": None}
 FIGURES = ("samples.png", "reconstructions.png", "traversal.png", "latent_map.png")  # plots.save_figures
 
 
@@ -109,6 +111,7 @@ class ModelKind:
     comparison: str | None = "continuous"  # compare.py's measure of its estimators (None: refused)
     figures: tuple[str, ...] = FIGURES  # train and sample draw these (plots.save_figures)
     sample_title = "samples from the prior"
+    early_stop_metric = "validation_elbo"  # the validation measure --early-stop watches (higher is better)
 
     # -- settings ------------------------------------------------------------------------------------
 
@@ -140,6 +143,10 @@ class ModelKind:
         drawn He-normal (nets.he_init; a pair refuses the setting)."""
         if config.weight_init == "he":
             he_init(model)
+
+    def prepare(self, model: object, config: Any, data: Dataset) -> None:
+        """What a run sets on its model from the training data in every session, new or resumed (nothing
+        a checkpoint holds): nothing."""
 
     def conditions(self, model: object, x: Tensor, labels: Tensor | None) -> tuple[Tensor, ...]:
         """What model and guide take after the images x besides a labelled kind's training labels: a
@@ -173,6 +180,11 @@ class ModelKind:
         """The ELBO per example on the validation set data.val_x (one draw of z; unweighted KL), as a
         0-dim tensor: what early stopping watches."""
         return elbo_terms(program.model, program.guide, data.val_x)["elbo"].mean()
+
+    def validation_metrics(self, program: Program, data: Dataset) -> dict[str, Tensor]:
+        """The validation measures of the metrics row, as 0-dim tensors: the validation ELBO where the
+        kind has a latent (validation_elbo); early stopping watches early_stop_metric among them."""
+        return {"validation_elbo": self.validation_elbo(program, data)} if self.latent else {}
 
     def epoch_line(self, row: dict) -> str:
         """What the progress shows after an epoch."""
@@ -408,8 +420,8 @@ def check_discrete(config: Any, kind: ModelKind, discrete_latent: bool = False) 
         raise InputError(f"--aux-loss must be a weight >= 0, got {config.aux_loss}")
     wrong = changed(config, DISCRETE_SETTINGS)
     if wrong and not discrete_latent:
-        raise InputError(f"{flags(wrong)} set(s) how M2's discrete latent y is handled, and --model "
-                         f"{kind.name} has no discrete latent: use --model m2")
+        raise InputError(f"{flags(wrong)} set(s) how M2's discrete latent y is handled or trained, and "
+                         f"--model {kind.name} has no discrete latent: use --model m2")
     relaxed_only = changed(config, {k: DISCRETE_SETTINGS[k] for k in ("temperature", "temperature_final")})
     if relaxed_only and config.discrete != "relaxed":
         raise InputError(f"--{relaxed_only[0].replace('_', '-')} is the Gumbel-softmax temperature of "
@@ -464,10 +476,12 @@ def refuse_at_defaults(config: Any, defaults: Mapping[str, Any], message: Callab
 
 class LabelledKind(ModelKind):
     """A kind trained on a labelled subset: --labels N examples balanced over the classes; model and
-    guide take (x, y); accuracy on the test labels is part of its metrics and evaluation."""
+    guide take (x, y); accuracy on the test labels is part of its metrics and evaluation, and accuracy on
+    the validation labels is what early stopping watches (as Kingma et al.'s and Pyro's M2 select)."""
 
     labelled = True
     eager = True
+    early_stop_metric = "validation_accuracy"
     # settings that do not apply to a labelled kind, at their defaults
     refused = {"estimator": "mc", "particles": 1, "guide": "diagonal", "workers": 0}
 
@@ -500,7 +514,7 @@ class LabelledKind(ModelKind):
     def label_rest(self, data: Dataset, labelled: Tensor) -> Dataset:
         """Every other label replaced by UNLABELLED (M2 learns from the unlabelled examples too)."""
         return Dataset(data.name, data.train_x, data.test_x, mask_labels(data.train_y, labelled),
-                       data.test_y, data.val_x)
+                       data.test_y, data.val_x, data.val_y)
 
     def training_record(self, data: Dataset) -> dict:
         """The number of labelled training examples."""
@@ -515,6 +529,14 @@ class LabelledKind(ModelKind):
     def test_metrics(self, program: Program, data: Dataset) -> dict[str, float | None]:
         return {**super().test_metrics(program, data),
                 "test_accuracy": mean_se(self.accuracy(program, data)["correct"])[0]}
+
+    def validation_metrics(self, program: Program, data: Dataset) -> dict[str, Tensor]:
+        """Besides the validation ELBO (where there is a latent), the accuracy of the most likely class on
+        the validation images' labels, where they have them (validation_accuracy, a fraction)."""
+        measures = super().validation_metrics(program, data)
+        if data.val_y is not None:
+            measures["validation_accuracy"] = labelled_correct(program.owner, data.val_x, data.val_y).mean()
+        return measures
 
     def evaluate(self, program: Program, data: Dataset, k: int, progress: bool = False,
                  elbo_samples: int = 10) -> tuple[dict, dict[str, Tensor]]:

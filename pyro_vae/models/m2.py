@@ -23,7 +23,10 @@ trains on a surrogate, not a bound: discrete.py). The relaxation is a training d
 categorical whatever `discrete` is, so every M2 is evaluated as the same discrete model.
 
 With aux_loss = alpha > 0 the model also scores the labels under the classifier, alpha * log q(y|x) on
-labelled examples (Kingma et al.'s J^alpha), as the masked, scaled observed site "y_aux".
+labelled examples (Kingma et al.'s J^alpha), as the masked, scaled observed site "y_aux". With
+--aux-loss-scale data the run sets that weight to alpha * N / N_labelled (N training examples, aux_weight):
+Kingma et al.'s code, whose J^alpha adds alpha * N * E_labelled[log q(y|x)] with alpha = 0.1, i.e. a
+weight of 0.1 * N / N_labelled on each labelled example's log q(y|x).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pyro import poutine
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..data import Dataset
 from ..errors import InputError
 from ..inference.discrete import DISCRETE, UNLABELLED, make_discrete_estimator, temperature
 from ..param_store import RegisteringModule
@@ -286,6 +290,25 @@ class LabelClassifier(RegisteringModule):
         return self.classifier(x).argmax(-1)
 
 
+def aux_weight(alpha: float, scale: str, n: int, n_labelled: int) -> float:
+    """The weight of each labelled example's log q(y|x) in the training objective: alpha ('fixed'), or
+    alpha * n / n_labelled ('data': Kingma et al.'s alpha * N * E_labelled[log q(y|x)])."""
+    return alpha * n / n_labelled if scale == "data" else alpha
+
+
+def check_labelled_per_batch(config) -> None:
+    """--labelled-per-batch M must leave room for unlabelled examples in a batch (M < --batch-size), and
+    --aux-loss-scale data must have an alpha to scale."""
+    m = config.labelled_per_batch
+    if m is not None and m >= config.batch_size:
+        raise InputError(f"--labelled-per-batch {m} leaves no room for unlabelled examples in a batch of "
+                         f"--batch-size {config.batch_size}; make it smaller than the batch size")
+    if config.aux_loss_scale != "fixed" and config.aux_loss == 0:
+        raise InputError(f"--aux-loss-scale {config.aux_loss_scale} scales alpha, and --aux-loss is 0 (no "
+                         "auxiliary loss); give --aux-loss ALPHA (Kingma et al.: 0.1 with data), or drop "
+                         "--aux-loss-scale")
+
+
 def build_m2(
     x_shape: Sequence[int], n_classes: int, encoder: str = "mlp", hidden: Sequence[int] = (500,),
     z_dim: int = 50, prior: str = "normal", likelihood: str = "bernoulli", discrete: str = "enum",
@@ -324,6 +347,7 @@ class M2Kind(LabelledKind):
         check_exemplar(config, self)
         check_labels(config, self)
         check_discrete(config, self, discrete_latent=True)
+        check_labelled_per_batch(config)
         self.check_labelled(config)
         check_kl_weight(config)
 
@@ -334,6 +358,12 @@ class M2Kind(LabelledKind):
             aux_loss=config.aux_loss, temperature=config.temperature, model="m2",
             sigma=config.sigma, sigma_mode=config.sigma_mode, prior_components=config.prior_components,
         )
+
+    def prepare(self, model: M2, config, data: Dataset) -> None:
+        """The weight of the auxiliary loss from the training set: aux_weight(alpha, --aux-loss-scale, N,
+        N_labelled)."""
+        labelled = int((data.train_y != UNLABELLED).sum())
+        model.aux_loss = aux_weight(config.aux_loss, config.aux_loss_scale, len(data.train_y), labelled)
 
     def objective(self, config):
         """The estimator of the sum over y that --discrete names (discrete.py)."""

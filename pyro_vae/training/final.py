@@ -12,20 +12,22 @@ from ..figures import plots
 from ..inference.program import Program
 from ..models.kind import ModelKind
 from .checkpoints import TrainingDirectory
-from .run_dir import BEST
+from .run_dir import BEST, VALIDATION_KEYS
 from .training_model import TrainingModel
 
 
 def restore_best(directory: TrainingDirectory, model: TrainingModel, device: torch.device,
                  stopped_early: bool) -> dict:
     """Load best.pt's parameters into `model` and say what they are, for summary.json (best_epoch and
-    step, its validation ELBO, whether training stopped early); {} where there is no best.pt."""
+    step, its validation measures: best_validation_elbo, best_validation_accuracy where measured, whether
+    training stopped early); {} where there is no best.pt."""
     state = directory.best(device)
     if state is None:
         return {}
     model.load(state, directory.out / BEST)
-    return {"best_epoch": int(state["epoch"]), "best_step": int(state["step"]),
-            "best_validation_elbo": float(state["validation_elbo"]), "stopped_early": stopped_early}
+    measures = {f"best_{key}": float(state[key]) for key in VALIDATION_KEYS if key in state}
+    return {"best_epoch": int(state["epoch"]), "best_step": int(state["step"]), **measures,
+            "stopped_early": stopped_early}
 
 
 def evaluate_trained(kind: ModelKind, model: TrainingModel, data: Dataset, k: int, progress: bool) -> dict:

@@ -135,12 +135,13 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 CHECKPOINT_KEYS = {"model", "optimizer", "epoch", "batch", "step", "epoch_generator", "epoch_total",
                    "metrics", "rng"}
-BEST_KEYS = {"model", "epoch", "step", "validation_elbo"}
+BEST_KEYS = {"model", "epoch", "step"}
+VALIDATION_KEYS = ("validation_elbo", "validation_accuracy")  # best.pt's validation measures, where measured
 # what each entry of a checkpoint holds (checked on load: a file of another version or an edited one is
 # refused, not half-used)
 CHECKPOINT_TYPES = {"model": dict, "optimizer": dict, "epoch": int, "batch": int, "step": int,
                     "epoch_generator": Tensor, "epoch_total": Tensor, "metrics": list, "rng": dict,
-                    "validation_elbo": (int, float)}
+                    "validation_elbo": (int, float), "validation_accuracy": (int, float)}
 
 
 def model_file(run: Path) -> Path:
@@ -176,8 +177,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     if not isinstance(state, dict) or not keys <= set(state):
         missing = sorted(keys - set(state)) if isinstance(state, dict) else sorted(keys)
         raise InputError(f"{path} is not a pyro-vae checkpoint (missing {', '.join(missing)}); train again")
-    wrong = sorted(k for k in keys if not isinstance(state[k], CHECKPOINT_TYPES[k])
-                   or isinstance(state[k], bool))
+    wrong = sorted(k for k in keys.union(VALIDATION_KEYS).intersection(state)
+                   if not isinstance(state[k], CHECKPOINT_TYPES[k]) or isinstance(state[k], bool))
     if wrong:
         raise InputError(f"{path} is not a pyro-vae checkpoint ({', '.join(wrong)} of the wrong type); "
                          "train again")

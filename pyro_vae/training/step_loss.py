@@ -4,7 +4,9 @@ loss(x) = -ELBO_w(x) / per: the kind's objective (--estimator; M2's --discrete) 
 latent site (kl_weight.py: --beta, --kl-anneal), summed over the examples of x and divided by `per`, the
 examples in x (with W processes, those in the step's global batch divided by W): nats per example. The
 labels of the batch (M2, the classifier) go to model and guide after x, and the kind's schedule of the
-step (M2's temperature: the kind owns it, nothing is written into the model) as keyword arguments."""
+step (M2's temperature: the kind owns it, nothing is written into the model) as keyword arguments. With
+--labelled-per-batch the batch's labelled and unlabelled examples are weighted apart, so that the loss
+stays an unbiased estimate of the full-data objective per example (labelled_batches.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ..inference.kl_weight import kl_weight, scale_latents
 from ..inference.step import CUDAGraphStep, SVIStep
 from ..models.kind import ModelKind
 from .distributed import Ranks
+from .labelled_batches import LabelledBatches
 from .training_model import TrainingModel
 
 
@@ -37,22 +40,28 @@ class StepLoss:
     """The loss of `model`'s training steps (call it: what SVIStep differentiates), and what step s (from 0
     over the whole run, `n_batches` steps an epoch) passes besides x (`arguments`): the labels are those
     of `data`'s training images where the kind is labelled, and the kind's condition made from the batch
-    (ModelKind.conditions; with `data`'s labels unless the images are streamed)."""
+    (ModelKind.conditions; with `data`'s labels unless the images are streamed). With `labelled` (the
+    batches of --labelled-per-batch) the loss is LabelledBatches.loss, already per example."""
 
     def __init__(self, kind: ModelKind, config: Any, model: TrainingModel, data: Dataset, ranks: Ranks,
-                 n_batches: int, streamed: bool = False):
-        self.kind, self.config, self.model, self.ranks = kind, config, model, ranks
+                 n_batches: int, streamed: bool = False, labelled: LabelledBatches | None = None):
+        self.kind, self.config, self.model, self.ranks, self.labelled = kind, config, model, ranks, labelled
         self.labels = data.train_y if kind.labelled else None  # UNLABELLED where none (M2)
         self.condition_labels = None if streamed else data.train_y  # what a condition may be made from
         self.n_batches, self.total_steps = n_batches, config.epochs * n_batches  # the schedule's steps
         self.elbo = kind.objective(config)
 
     def __call__(self, x: Tensor, weight: float, per: float, *inputs: Tensor, **schedule: float) -> Tensor:
-        """-ELBO with KL weight `weight` on every latent site, summed over x, divided by `per`."""
+        """-ELBO with KL weight `weight` on every latent site, summed over x, divided by `per` (with
+        --labelled-per-batch: its labelled and unlabelled parts weighted apart, labelled_batches.py)."""
         model, guide = self.model.program.model, self.model.program.guide
         if self.model.sites is not None:  # else nothing latent to weight
             model, guide = (scale_latents(fn, weight, self.model.sites.latent) for fn in (model, guide))
-        return self.elbo.differentiable_loss(model, guide, x, *inputs, **schedule) / per
+
+        def summed(x: Tensor, *inputs: Tensor) -> Tensor:
+            return self.elbo.differentiable_loss(model, guide, x, *inputs, **schedule)
+
+        return summed(x, *inputs) / per if self.labelled is None else self.labelled.loss(summed, x, inputs)
 
     def kl_weight(self, step: int) -> float:
         """The KL weight of step `step`."""

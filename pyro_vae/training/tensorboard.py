@@ -52,12 +52,13 @@ class Board:
 
     @torch.no_grad()
     def epoch(self, row: dict, program, x: Tensor, seed: int, pictures: bool = True) -> None:
-        """The epoch's row of metrics.jsonl (test ELBO, its terms, KL weight, validation ELBO, test
-        accuracy where present), and with `pictures` (a model with a latent: its kind's `latent`) the
-        active units on x and sample and reconstruction grids, at the row's step."""
+        """The epoch's row of metrics.jsonl (test ELBO, its terms, KL weight, validation ELBO, test and
+        validation accuracy where present), and with `pictures` (a model with a latent: its kind's
+        `latent`) the active units on x and sample and reconstruction grids, at the row's step."""
         step = row["step"]
         for key, tag in (("test_elbo", "test/elbo"), ("test_recon", "test/recon"),
                          ("validation_elbo", "validation/elbo"), ("test_accuracy", "test/accuracy"),
+                         ("validation_accuracy", "validation/accuracy"),
                          ("temperature", "train/temperature")):
             if row.get(key) is not None:
                 self.writer.add_scalar(tag, row[key], step)

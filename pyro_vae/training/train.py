@@ -20,8 +20,10 @@ inside the epoch, metrics) is written atomically at the end of every epoch, ever
 minutes, and when SIGINT/SIGTERM arrives (after the current step). Resuming from any of them gives,
 on CPU, bit-identical parameters and metrics to an uninterrupted run.
 
-With a validation set (--validation-size) each epoch's row also holds the validation ELBO; with
---early-stop PATIENCE the parameters of the epoch with the best validation ELBO are kept in best.pt
+With a validation set (--validation-size) each epoch's row also holds the validation ELBO (and, for M2 and
+the classifier, the validation accuracy); with --early-stop PATIENCE the parameters of the epoch with the
+best value of the measure the kind watches (ModelKind.early_stop_metric: the validation ELBO; the accuracy
+for M2 and the classifier) are kept in best.pt
 (written like checkpoint.pt), training stops once PATIENCE epochs in a row have not beaten it (the
 count and the best epoch live in the checkpoint, so a resumed run continues them), and the final
 evaluation and figures describe the model in best.pt.
@@ -158,7 +160,7 @@ class Trainer:
                                              program)
             self.batches = TrainingBatches(self.data, stream, config, self.ranks, self.device)
             self.loss = StepLoss(self.kind, config, self.model, self.data, self.ranks, self.batches.n_batches,
-                                 streamed=stream is not None)
+                                 streamed=stream is not None, labelled=self.batches.labelled)
             self.kl_record = check_analytic_kl(config.estimator, self.model.program.model,
                                                self.model.program.guide, self.data.test_x,
                                                *self.kind.test_conditions(self.model.pair, self.data))
@@ -166,7 +168,7 @@ class Trainer:
             self.generator = torch.Generator(self.device).manual_seed(config.seed)
             self.epoch, self.batch, self.steps, self.metrics, self.epoch_total = \
                 start_position(state, self.device, self.ranks.is_main)  # the loop's position
-            self.early = EarlyStopping.of_run(config, state)
+            self.early = EarlyStopping.of_run(config, state, self.kind.early_stop_metric)
             self.resumed_rng = None if state is None else self.ranks.rng_state(state)  # set at epoch start
             start_seconds = self._continue_or_start(state)
             self.report = EpochReport.of_run(self.out, tensorboard, self.progress, reporters) \
@@ -296,29 +298,32 @@ class Trainer:
 
     def _row(self) -> dict:
         """The epoch's row: train loss, what the kind measures on the test set, the schedule and KL weight
-        (where not 1 throughout) of its last step, its seconds; with a validation set, the validation
-        ELBO, which early stopping counts (best.pt keeps the best epoch's parameters)."""
+        (where not 1 throughout) of its last step, its seconds; with a validation set, the kind's
+        validation measures (the ELBO; M2 and the classifier add the accuracy), of which early stopping
+        counts the one it watches (best.pt keeps the best epoch's parameters and validation measures)."""
         last, config = self.steps - 1, self.config
         row = {"epoch": self.epoch, "step": self.steps,
-               "train_loss": float(self.ranks.sum(self.epoch_total)) / self.batches.n_train,
+               "train_loss": float(self.ranks.sum(self.epoch_total)) / self.batches.examples_per_epoch,
                **self.kind.test_metrics(self.model.program, self.data), **self.loss.schedule(last),
                "seconds": self.clock.epoch_seconds()}
         if config.beta != 1.0 or config.kl_anneal:
             row["kl_weight"] = self.loss.kl_weight(last)
-        if self.data.val_x is not None and self.kind.latent:
-            row["validation_elbo"] = self.validation_elbo()
-            if config.early_stop is not None:
-                if self.early.update(self.epoch, row["validation_elbo"]):
+        if self.data.val_x is not None:
+            validation = self.validation_metrics()
+            row.update(validation)
+            if config.early_stop is not None and validation:
+                if self.early.update(self.epoch, row[self.early.metric]):
                     self.dir.save_best({"model": self.model.state(), "epoch": self.epoch, "step": self.steps,
-                                        "validation_elbo": row["validation_elbo"]})
+                                        **validation})
                 row["best_epoch"] = self.early.best_epoch
         return row
 
-    def validation_elbo(self) -> float:
-        """The ELBO per example on the validation set (one draw of z per example; unweighted KL); with
-        several processes, their mean, so that all of them stop at the same epoch."""
-        value = self.kind.validation_elbo(self.model.program, self.data)
-        return float(self.ranks.sum(value)) / self.ranks.world_size
+    def validation_metrics(self) -> dict[str, float]:
+        """The kind's measures of the validation set (the ELBO per example, one draw of z per example,
+        unweighted KL; the accuracy of a labelled kind); with several processes, their means, so that all
+        of them stop at the same epoch."""
+        values = self.kind.validation_metrics(self.model.program, self.data)
+        return {name: float(self.ranks.sum(v)) / self.ranks.world_size for name, v in values.items()}
 
     def stop_reason(self) -> str | None:
         """Why training ends before the next epoch: "epochs" (--epochs done), "early_stop" (--early-stop's

@@ -29,6 +29,7 @@ from ..errors import InputError
 from ..models.kind import ModelKind, binarization, model_kind
 from ..models.likelihoods import make_likelihood
 from . import distributed
+from .labelled_batches import LabelledBatches
 
 
 def prepare_data(config: Config, kind: ModelKind | None = None) -> Dataset:
@@ -55,7 +56,7 @@ def prepare_data(config: Config, kind: ModelKind | None = None) -> Dataset:
             val_x = None if data.val_x is None else binarize_held_out(data.val_x, 1)
         train_x = (binarize(data.train_x, torch.Generator().manual_seed(config.seed))
                    if mode == "static" else data.train_x)
-        data = Dataset(data.name, train_x, test_x, data.train_y, data.test_y, val_x)
+        data = Dataset(data.name, train_x, test_x, data.train_y, data.test_y, val_x, data.val_y)
     likelihood = make_likelihood(config.likelihood, sigma=config.sigma, sigma_mode=config.sigma_mode)
     for x in (data.train_x, data.test_x, data.val_x):
         if x is not None:
@@ -81,7 +82,7 @@ def split_validation(data: Dataset, size: int, seed: int) -> Dataset:
     held, kept = order[:size], order[size:].sort().values
     pick = lambda t: None if t is None else t[kept]  # noqa: E731
     return Dataset(data.name, data.train_x[kept], data.test_x, pick(data.train_y), data.test_y,
-                   data.train_x[held])
+                   data.train_x[held], None if data.train_y is None else data.train_y[held])
 
 
 def split_last(data: Dataset, size: int) -> Dataset:
@@ -91,7 +92,7 @@ def split_last(data: Dataset, size: int) -> Dataset:
     check_validation_size(size, n)
     cut = lambda t: None if t is None else t[:n - size]  # noqa: E731
     return Dataset(data.name, data.train_x[:n - size], data.test_x, cut(data.train_y), data.test_y,
-                   data.train_x[n - size:])
+                   data.train_x[n - size:], None if data.train_y is None else data.train_y[n - size:])
 
 
 def check_validation_size(size: int, n: int) -> None:
@@ -153,7 +154,9 @@ class TrainingBatches:
     """The training images a run steps through, epoch by epoch: `data`'s, on the device, or with --workers
     read by `stream`'s workers. `n_train` examples, `n_batches` global batches of --batch-size an epoch
     (with several processes, a last batch too small to share among them is left out); each process steps
-    through its share of each."""
+    through its share of each. With --labelled-per-batch M (`labelled`: labelled_batches.py) every batch
+    holds M labelled examples first and an epoch is one pass over the unlabelled ones (one process only);
+    `examples_per_epoch` counts the examples of an epoch's batches."""
 
     def __init__(self, data: Dataset, stream: ImageStream | None, config: Config, ranks: distributed.Ranks,
                  device: torch.device):
@@ -162,11 +165,23 @@ class TrainingBatches:
         self.dynamic = binarization(config) == "dynamic"
         n = self.n_train = len(stream) if stream else data.train_x.shape[0]
         self.n_batches = math.ceil(n / self.batch_size) - ranks.drops_last(n, self.batch_size)
+        self.examples_per_epoch = n
+        self.labelled = None
+        if config.labelled_per_batch is not None:
+            if ranks.active:
+                raise InputError(f"--labelled-per-batch {config.labelled_per_batch} puts the labelled "
+                                 "examples first in each batch, which several processes would not share; "
+                                 "train in one process, or drop --labelled-per-batch")
+            self.labelled = LabelledBatches(data.train_y, self.batch_size, config.labelled_per_batch)
+            self.n_batches = self.labelled.n_batches
+            self.examples_per_epoch = self.labelled.examples_per_epoch
 
     def epoch(self, generator: torch.Generator) -> tuple[Tensor, list[Tensor]]:
         """An epoch's images (with --binarize dynamic, a fresh draw) and its order of global batches (index
         tensors), both drawn from `generator`."""
         x = binarize(self.data.train_x, generator) if self.dynamic else self.data.train_x
+        if self.labelled is not None:
+            return x, self.labelled.epoch(generator)
         order = list(batch_indices(self.n_train, self.batch_size, generator, self.device))
         return x, order[:self.n_batches]
 

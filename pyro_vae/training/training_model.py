@@ -39,12 +39,15 @@ class TrainingModel:
               pair: object | None = None) -> TrainingModel:
         """The model `kind` builds from `config` (pair None), or the user's `pair` moved to the device (an
         nn.Module's; several processes need one). An exemplar prior gets the training images as its
-        exemplars (exemplar.py; a resumed run's checkpoint then loads over them). Sites and parameters
+        exemplars (exemplar.py; a resumed run's checkpoint then loads over them), and the kind prepares its
+        own model from the training data (ModelKind.prepare, e.g. M2's auxiliary weight). Sites and parameters
         are found by tracing once, in eval mode (no batch statistics change), without drawing from the
         run's random stream (a run replays exactly)."""
         own = pair is None
         pair = build_from_config(config, data.shape).to(device) if own else pair
         use_training_set(pair, data.train_x)
+        if own:
+            kind.prepare(pair, config, data)
         program = Program.of(pair)
         if not own and processes > 1 and not isinstance(program.owner, nn.Module):
             raise InputError("several processes (torchrun) average the gradients of an nn.Module's "
