@@ -111,6 +111,21 @@ def test_class_condition_train_evaluate_sample_a_class(tmp_path, capsys):
     assert (run / "samples_class_7.png").is_file()
 
 
+def test_a_class_condition_stops_early_on_its_labelled_validation_images(tmp_path, monkeypatch):
+    """The held-out validation images keep their labels, so a class-conditional run can stop early; its
+    validation ELBO is the conditional one, given each image's own class."""
+    seen = []
+    original = CVAE_KIND.validation_elbo
+    monkeypatch.setattr(type(CVAE_KIND), "validation_elbo",
+                        lambda self, program, data: seen.append(data.val_y) or original(program, data))
+    run = _train(tmp_path / "class", "--model", "cvae", "--condition", "class", "--epochs", "3",
+                 "--z-dim", "4", "--eval-k", "5", "--validation-size", "60", "--early-stop", "2")
+    assert len(seen) == 3 and all(y is not None and y.shape == (60,) for y in seen)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["validation_elbo"]) for r in rows)
+    assert json.loads((run / "summary.json").read_text())["best_epoch"] in (1, 2, 3)
+
+
 def test_sample_class_draws_n_samples_of_that_class_named_as_the_dataset_names_it():
     cvae = build_cvae((1, 8, 8), "class", hidden=(8,), z_dim=2, n_classes=10)
     names = class_names_of("fashion-mnist", cvae.condition)

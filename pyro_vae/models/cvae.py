@@ -197,10 +197,6 @@ class CVAEKind(ModelKind):
         check_quadrant_settings(config, self)
         ESTIMATORS.lookup(config.estimator)
         check_kl_weight(config)
-        if config.condition == "class" and config.validation_size is not None:
-            raise InputError("--validation-size holds out images without their labels, and --condition "
-                             "class needs the label of every example: drop --validation-size (and "
-                             "--early-stop), or use --condition quadrants:N")
 
     def derive(self, config, data: Dataset) -> dict:
         """With --condition class, the number of classes (one more than the largest label, unless given);
@@ -242,7 +238,7 @@ class CVAEKind(ModelKind):
         return {"test_elbo": float(test["elbo"].mean()), "test_recon": float(test["recon"].mean())}
 
     def validation_elbo(self, program: Program, data: Dataset) -> Tensor:
-        c = self.conditions(program.owner, data.val_x, None)
+        c = self.conditions(program.owner, data.val_x, data.val_y)  # held-out images keep their labels
         return elbo_terms(program.model, program.guide, data.val_x, conditions=c)["elbo"].mean()
 
     def evaluate(self, program: Program, data: Dataset, k: int, progress: bool = False,
