@@ -262,6 +262,24 @@ def test_group_labels_name_what_differs_and_fall_back_to_the_run_names(seeded_ru
         "hidden 32-32", "hidden 300-300"]
 
 
+def test_runs_differing_only_in_where_they_ran_or_in_a_setting_added_later_are_one_group(seeded_runs):
+    """A run resumed on another machine (data_dir, threads, checkpoint interval, closing eval_k) or written
+    before a setting existed (the key missing: ADDED_SETTINGS' value) is the same training as its peers."""
+    from pyro_vae.config import ADDED_SETTINGS
+    from pyro_vae.evaluation.report import read_run, seed_groups
+
+    runs = [read_run(r) for r in seeded_runs[:3]]
+    base = json.loads((seeded_runs[0] / "config.json").read_text())
+    moved = {**base, "data_dir": "/elsewhere", "threads": 4, "checkpoint_every": 5.0, "eval_k": 1000,
+             "device": "cuda"}
+    older = {k: v for k, v in base.items() if k not in ADDED_SETTINGS}
+    groups = seed_groups(runs, [base, moved, {**older, "seed": 7}])
+    assert len(groups) == 1 and groups[0].seeds == [base["seed"], base["seed"], 7]
+    changed = {**older, "weight_init": "he"}  # an added setting away from its old value: another group
+    labels = [g.label for g in seed_groups(runs[:2], [base, changed])]
+    assert labels == ["weight_init default", "weight_init he"]
+
+
 def test_report_x_seconds_draws_each_group_against_its_runs_cumulative_seconds(seeded_runs, tmp_path,
                                                                               monkeypatch, capsys):
     from pyro_vae.figures.plots import seconds_curves_figure

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..config import ADDED_SETTINGS
 from ..errors import InputError
 from ..figures.plots import TimedRun, plot_run_curves, plot_seconds_curves
 from ..stats import mean_se
@@ -282,17 +283,26 @@ def _setting(value: object) -> str:
     return "-".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+# settings that do not change what a run trains: runs differing only in these (and the seed) are one group
+NOT_GROUPED = frozenset({"seed", "data_dir", "device", "checkpoint_every", "eval_k", "threads", "workers",
+                         "cuda_graph"})
+
+
 def seed_groups(runs: list[EvaluatedRun], configs: list[dict]) -> list[SeedGroup]:
-    """Group runs whose configs (config.json, one per run) are equal once `seed` is removed, in the order
-    of each group's first run. Each group is labelled by the settings that differ between the groups
+    """Group runs whose configs (config.json, one per run) are equal once `seed` and the settings that do
+    not change what is trained (NOT_GROUPED: where the data live, the device, checkpoint interval, the
+    closing evaluation's samples ...) are removed, a setting an older config.json lacks counting as the
+    value it ran under (ADDED_SETTINGS), in the order of each group's first run. Each group is labelled
+    by the settings that differ between the groups
     ("estimator iwae, particles 5"; up to MAX_LABEL_SETTINGS of them), else (one group, or more settings
     differing) by its runs' names."""
     members: dict[str, list[tuple[EvaluatedRun, dict]]] = {}
     for run, config in zip(runs, configs, strict=True):
-        rest = json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
+        rest = json.dumps({k: v for k, v in {**ADDED_SETTINGS, **config}.items() if k not in NOT_GROUPED},
+                          sort_keys=True)
         members.setdefault(rest, []).append((run, config))
     settings = [json.loads(rest) for rest in members]
-    keys = list(dict.fromkeys(k for config in configs for k in config if k != "seed"))
+    keys = list(dict.fromkeys(k for config in settings for k in config))
     differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in settings}) > 1]
     by_setting = 0 < len(differ) <= MAX_LABEL_SETTINGS
     return [SeedGroup(", ".join(f"{k} {_setting(setting.get(k))}" for k in differ) if by_setting
