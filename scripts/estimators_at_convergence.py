@@ -183,6 +183,8 @@ def summarize(out: Path, specs: list[str], seeds: list[int], k: int) -> dict:
     if everything:
         check_same_test_set(everything)
     baseline = BASELINE if BASELINE in specs else specs[0]
+    warm_up_epochs = {spec: [read_json(r.path / CONFIG)["kl_anneal"] for r in runs.values()]
+                      for spec, runs in found.items()}  # each run's --kl-anneal
     table = {}
     for spec, runs in found.items():
         if not runs:
@@ -198,13 +200,12 @@ def summarize(out: Path, specs: list[str], seeds: list[int], k: int) -> dict:
         cell["seconds_per_step"] = statistics.fmean(s["train_seconds"] / max(s["steps"], 1) for s in sums)
         cell["stop_reason"] = [s.get("stop_reason") for s in sums]
         cell["time_budget_minutes"] = sums[0].get("time_budget_minutes")
-        cell["kl_anneal"] = [read_json(r.path / CONFIG)["kl_anneal"] for r in runs.values()]
+        cell["kl_anneal"] = warm_up_epochs[spec]
         if spec != baseline:
             cell["vs"] = baseline
             cell["diff_log_px"] = paired(runs, found[baseline], "log_px")
             cell["diff_elbo"] = paired(runs, found[baseline], "elbo")
-            both = [*runs.values(), *found[baseline].values()]
-            warm = max(read_json(r.path / CONFIG)["kl_anneal"] for r in both)
+            warm = max(warm_up_epochs[spec] + warm_up_epochs[baseline])
             cell["diff_validation"] = equal_epochs(runs, found[baseline], warm)
         table[spec] = cell
     return table
@@ -215,16 +216,12 @@ def _pm(value: float, se: float | None, digits: int = 2) -> str:
 
 
 def _diff(d: dict | None) -> str:
+    """A difference from the baseline: mean ± s.e. over seeds, and the images' part where it has one."""
     if d is None:
         return "—"
     seeds = "" if d["se_seeds"] is None else f" ± {d['se_seeds']:.3f}"
-    return f"{d['mean']:+.3f}{seeds} (images ± {d['se_images']:.3f})"
-
-
-def _diff_validation(d: dict | None) -> str:
-    if d is None:
-        return "—"
-    return f"{d['mean']:+.3f}" + ("" if d["se_seeds"] is None else f" ± {d['se_seeds']:.3f}")
+    images = f" (images ± {d['se_images']:.3f})" if "se_images" in d else ""
+    return f"{d['mean']:+.3f}{seeds}{images}"
 
 
 def _counts(values: list) -> str:
@@ -247,7 +244,7 @@ def markdown(table: dict, mode: str, minutes: float | None) -> str:
         lines.append(
             f"| {spec} | {len(c['seeds'])} | {_pm(c['log_px'], c['log_px_se'])} | "
             f"{_diff(c.get('diff_log_px'))} | {_pm(c['test_elbo'], c['test_elbo_se'])} | "
-            f"{_diff(c.get('diff_elbo'))} | {_diff_validation(c.get('diff_validation'))} | "
+            f"{_diff(c.get('diff_elbo'))} | {_diff(c.get('diff_validation'))} | "
             f"{_pm(c['kl'], c['kl_se'])} | "
             f"{_pm(c['active_units'], c['active_units_se'], 1)} | {epochs} | "
             f"{', '.join(map(str, c['steps']))} | {c['seconds_per_step'] * 1000:.1f} ms | "

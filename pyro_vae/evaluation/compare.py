@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..config import Config, load_config_file
+from ..data import Dataset
 from ..device import resolve_device
 from ..errors import InputError
 from ..figures.plots import save_figure, subplots
@@ -184,22 +185,24 @@ def _model(run: Path | None, config_file: Path | None, config: Config, out: Path
     """The model to measure, the first batch_size test examples and their conditions (the kind's
     test_conditions), and a description of the model."""
     kind, rows = model_kind(config.model), slice(options.batch_size)
+
+    def measured(model: nn.Module, data: Dataset, described: str) -> Measured:
+        conditions = tuple(c[rows] for c in kind.test_conditions(model, data))
+        return Measured(model, data.test_x[rows], conditions, described)
+
     if config_file is not None and not options.pretrain_epochs:
         pyro.set_rng_seed(config.seed)  # the initialization `pyro-vae train` starts from
         data = prepare_data(config, kind).to(device)
         config = dataclasses.replace(config, **kind.derive(config, data))  # as train records it
-        model = build_from_config(config, data.shape).to(device).eval()
-        conditions = tuple(c[rows] for c in kind.test_conditions(model, data))
-        return Measured(model, data.test_x[rows], conditions, f"{config_file}, untrained")
+        return measured(build_from_config(config, data.shape).to(device).eval(), data,
+                        f"{config_file}, untrained")
     if config_file is not None:
         run = out / PRETRAINED_DIR
         train(dataclasses.replace(config, epochs=options.pretrain_epochs), out=run,
               progress=options.progress, overwrite=True)
     config, model = load_model(run, device)
-    data = prepare_data(config, kind).to(device)
     described = f"{run}" + (f", trained {options.pretrain_epochs} epochs" if config_file else "")
-    conditions = tuple(c[rows] for c in kind.test_conditions(model, data))
-    return Measured(model, data.test_x[rows], conditions, described)
+    return measured(model, prepare_data(config, kind).to(device), described)
 
 
 def train_each(config: Config, specs: Sequence[tuple[str, int]], epochs: int, out: Path, eval_k: int,
