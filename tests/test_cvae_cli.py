@@ -9,17 +9,21 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from pyro_vae.cli import main
 from pyro_vae.config import Config
 from pyro_vae.data import CLASS_NAMES
+from pyro_vae.errors import InputError
+from pyro_vae.evaluation.latents import encode
 from pyro_vae.models import cvae as cvae_module
 from pyro_vae.models.conditions import ClassLabel
 from pyro_vae.models.cvae import CVAE_KIND, build_cvae, class_names_of
 from pyro_vae.training.run_dir import load_model
 from pyro_vae.training.train import train
+from pyro_vae.training.train_data import prepare_data
 
 from .conftest import N_SE
 
@@ -210,3 +214,32 @@ def test_a_nan_in_the_cvae_decoder_stops_training_naming_the_step_and_site(tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "at step 10 (epoch 2)" in err and "model's sample site 'x'" in err
+
+
+def test_encode_writes_the_moments_of_q_given_x_and_each_examples_condition(quadrant_runs, tmp_path):
+    """`pyro-vae encode` on a cvae run: q(z | x, c) with the run's own condition of every test image; in
+    Python the condition is passed as c, and a CVAE without one is refused in one line."""
+    run, _ = quadrant_runs
+    config, cvae = load_model(run)
+    x = prepare_data(config).test_x
+    c = cvae.condition.condition(x)
+    out = tmp_path / "z.npz"
+    assert main(["encode", str(run), "--out", str(out)]) == 0
+    saved = np.load(out)
+    q = cvae.posterior(x, c)
+    np.testing.assert_allclose(saved["mean"], q.mean.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(saved["scale"], q.stddev.detach().numpy(), rtol=1e-5, atol=1e-6)
+    other = encode(cvae, x, c=torch.full_like(c, -1.0))  # nothing given: another posterior
+    assert not np.allclose(other["mean"], saved["mean"], atol=1e-3)
+    with pytest.raises(InputError, match="q\\(z \\| x, c\\)"):
+        encode(cvae, x)
+    with pytest.raises(InputError, match="one row per example"):
+        encode(cvae, x, c=c[:3])
+
+
+def test_interpolate_and_diagnose_refuse_a_cvae_run_in_one_line(quadrant_runs, capsys):
+    run, _ = quadrant_runs
+    for command in (["interpolate", str(run), "--from", "0", "--to", "1"], ["diagnose", str(run)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "condition besides x" in err and err.count("\n") == 1

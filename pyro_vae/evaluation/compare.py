@@ -46,7 +46,7 @@ from ..device import resolve_device
 from ..errors import InputError
 from ..figures.plots import save_figure, subplots
 from ..inference.estimators import ESTIMATORS, check_analytic_kl, make_estimator
-from ..inference.program import Program
+from ..inference.program import Program, check_conditions
 from ..models.kind import check_config, kind_of, model_kind
 from ..renames import renamed_keywords
 from ..rng import forked_rng
@@ -310,11 +310,7 @@ def compare_pair(program: object, x: Tensor, options: CompareOptions,
     progress) and `conditions`, tensors with one row per example of x passed after x to model and guide
     (a conditional pair's c; () for a pair of x alone)."""
     options.validate()
-    for c in conditions:
-        if not torch.is_tensor(c) or c.dim() == 0 or c.shape[0] != x.shape[0]:
-            shape = tuple(c.shape) if torch.is_tensor(c) else type(c).__name__
-            raise InputError(f"the condition c must be a tensor with one row per example of x ({x.shape[0]} "
-                             f"rows), got {shape}: pass c[:n] for x[:n]")
+    check_conditions(x, conditions)
     program = Program.of(program)
     with forked_rng(x.device):  # tracing the pair draws too
         program.sites(x, *conditions)

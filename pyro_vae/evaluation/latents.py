@@ -19,7 +19,7 @@ from torch import Tensor
 from ..device import resolve_device
 from ..errors import InputError
 from ..figures.plots import save_tiles
-from ..inference.program import Program
+from ..inference.program import Program, check_conditions
 from ..models.kind import kind_of
 from ..staging import write_all_or_none
 from ..training.run_dir import check_data_shape, load_model, model_stamp
@@ -43,22 +43,29 @@ def _latent_program(program: object, what: str) -> Program:
 
 @torch.no_grad()
 def encode(program: object, x: Tensor, labels: Tensor | None = None, scales: bool = True,
-           batch_size: int = ENCODE_BATCH) -> dict[str, np.ndarray]:
+           batch_size: int = ENCODE_BATCH, c: Tensor | None = None) -> dict[str, np.ndarray]:
     """Per example: "mean", E_q[z|x] (N, D), and with scales=True "scale", the standard deviation of
     q(z|x) (N, D), over the continuous latent sites flattened and concatenated in the guide's order
     (a class site has no mean); "labels" (N,) where given. An autoencoder's guide is a point mass, so
-    it has codes but no scales: scales=True is an InputError there."""
+    it has codes but no scales: scales=True is an InputError there. `c`: the condition of a
+    conditional pair model(x, c) / guide(x, c) (a CVAE, or your own), one row per example of x; the
+    moments are then those of q(z|x, c)."""
     pair = _latent_program(program, "encode")
     if scales and not kind_of(pair).scales:
         raise InputError("an autoencoder's guide is a point mass: its codes have no scales; ask for the "
                          "means only (--no-scales, or scales=False)")
     if x.shape[0] == 0:
         raise InputError("there are no examples to encode")
-    continuous = pair.continuous_sites(x)
+    if c is None and kind_of(pair).conditional:
+        raise InputError("this model's guide is q(z | x, c): pass the condition of each example, "
+                         "encode(model, x, c=c) (a CVAE's: model.condition.condition(x, labels))")
+    conditions = () if c is None else (c,)
+    check_conditions(x, conditions)
+    continuous = pair.continuous_sites(x, *conditions)
     means, sds = [], []
     for start in range(0, x.shape[0], batch_size):
         rows = x[start:start + batch_size]
-        moments = pair.posterior_moments(rows)
+        moments = pair.posterior_moments(rows, *(c[start:start + batch_size] for c in conditions))
         means.append(torch.cat([moments[n][0].reshape(len(rows), -1) for n in continuous], dim=-1).cpu())
         sds.append(torch.cat([moments[n][1].reshape(len(rows), -1) for n in continuous], dim=-1).cpu())
     out = {"mean": torch.cat(means).numpy()}
@@ -95,8 +102,9 @@ def interpolate(program: object, x_from: Tensor, x_to: Tensor, steps: int = 9) -
 
 
 def _run_examples(run: Path, split: str, device: str) -> tuple[Program, Tensor, Tensor | None]:
-    """The trained model of a run and its examples of `split` (as the run prepared them: held-out
-    images binarized once, as evaluate reads them), with their labels where there are any."""
+    """The trained model of a run (as a Program of its model and guide) and its examples of `split`
+    (as the run prepared them: held-out images binarized once, as evaluate reads them), with their
+    labels where there are any."""
     if split not in SPLITS:
         raise InputError(f"unknown --data {split!r}: choose one of {', '.join(SPLITS)}")
     device = resolve_device(device)
@@ -118,7 +126,8 @@ def encode_run(run: str | Path, out: str | Path, split: str = "test", scales: bo
     if not out.parent.is_dir():
         raise InputError(f"--out {out}: folder {out.parent} does not exist; create it first")
     pair, x, y = _run_examples(Path(run), split, device)
-    arrays = encode(pair, x, y, scales)
+    conditions = kind_of(pair).conditions(pair.owner, x, y)  # a CVAE's c: the moments of q(z|x, c)
+    arrays = encode(pair, x, y, scales, c=conditions[0] if conditions else None)
     stamp = model_stamp(Path(run))
     arrays.update(epoch=np.array(stamp["epoch"]), step=np.array(stamp["step"]))
     handle, temp = tempfile.mkstemp(prefix=".encode-", suffix=".npz", dir=out.parent)

@@ -138,17 +138,19 @@ class Program:
                     groups["guide" if id(p) in used else "model"][name] = p
         return groups
 
-    def posterior_moments(self, x: Tensor, draws: int = MOMENT_DRAWS) -> dict[str, tuple[Tensor, Tensor]]:
-        """Per latent site, the mean and standard deviation of q(z|x), each shaped like the site's
+    def posterior_moments(self, x: Tensor, *conditions: Tensor,
+                          draws: int = MOMENT_DRAWS) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per latent site, the mean and standard deviation of q(z|x) (q(z|x, c) for a conditional pair's
+        `conditions`, passed after x as in traces()), each shaped like the site's
         value (N, *event) (for a discrete site, its most likely value and 0): in closed form where the guide's
         distribution has them, else estimated from `draws` joint draws of the guide: so for a site whose q
         is drawn given an earlier continuous latent site (z1 of q(z2|x) q(z1|x, z2)), whose distribution in
         one trace is q(z1|x, z2) at one draw of z2, not the marginal q(z1|x))."""
-        drawn_given = self.drawn_given_continuous(x)
+        drawn_given = self.drawn_given_continuous(x, *conditions)
         with torch.no_grad():
-            guide_trace = poutine.trace(self.guide).get_trace(x)
+            guide_trace = poutine.trace(self.guide).get_trace(x, *conditions)
             moments, sampled = {}, None
-            for name in self.sites(x).latent:
+            for name in self.sites(x, *conditions).latent:
                 site = guide_trace.nodes[name]
                 shape = site["value"].shape
                 if site["fn"].support.is_discrete:  # a class has no mean: its most likely value, no spread
@@ -161,23 +163,24 @@ class Program:
                     continue
                 if sampled is None:
                     with pyro.plate("draws", draws, dim=PARTICLE_DIM):
-                        sampled = poutine.trace(self.guide).get_trace(x)
+                        sampled = poutine.trace(self.guide).get_trace(x, *conditions)
                 value = sampled.nodes[name]["value"]
                 moments[name] = (value.mean(0), value.std(0))
         return moments
 
-    def drawn_given_continuous(self, x: Tensor) -> tuple[str, ...]:
+    def drawn_given_continuous(self, x: Tensor, *conditions: Tensor) -> tuple[str, ...]:
         """The latent sites whose guide distribution is computed from the value of another continuous
         latent site (z1 in q(z2|x) q(z1|x, z2)), found once by Pyro's provenance tracking
         (pyro.infer.inspect.get_dependencies: one run of the guide on x[:2], without gradients, the RNG
         forked); () for a single latent site."""
         if self._drawn_given is None:
-            latent = self.sites(x).latent
+            latent = self.sites(x, *conditions).latent
             if len(latent) < 2:
                 self._drawn_given = ()
             else:
-                upstream = get_dependencies(self.guide, (x[:2],))["prior_dependencies"]
-                continuous = set(self.continuous_sites(x))
+                args = (x[:2], *(c[:2] for c in conditions))
+                upstream = get_dependencies(self.guide, args)["prior_dependencies"]
+                continuous = set(self.continuous_sites(x, *conditions))
                 self._drawn_given = tuple(n for n in latent
                                           if any(u != n and u in continuous for u in upstream.get(n, ())))
         return self._drawn_given
@@ -190,11 +193,13 @@ class Program:
                  if name in continuous]
         return torch.cat(means, dim=-1)
 
-    def continuous_sites(self, x: Tensor) -> tuple[str, ...]:
-        """The latent sites whose values are not discrete (all but, e.g., a class y), by one guide trace."""
+    def continuous_sites(self, x: Tensor, *conditions: Tensor) -> tuple[str, ...]:
+        """The latent sites whose values are not discrete (all but, e.g., a class y), by one guide trace
+        (of x[:2] and a conditional pair's `conditions`' first two rows)."""
         with torch.no_grad():
-            guide_trace = poutine.trace(self.guide).get_trace(x[:2])
-        return tuple(n for n in self.sites(x).latent if not guide_trace.nodes[n]["fn"].support.is_discrete)
+            guide_trace = poutine.trace(self.guide).get_trace(x[:2], *(c[:2] for c in conditions))
+        return tuple(n for n in self.sites(x, *conditions).latent
+                     if not guide_trace.nodes[n]["fn"].support.is_discrete)
 
     @torch.no_grad()
     def decode(self, x_like: Tensor, latents: dict[str, Tensor] | None = None) -> Tensor:
@@ -237,6 +242,15 @@ class Program:
         except NotImplementedError:
             raise InputError("the model's prior cannot be sampled (e.g. an improper density): there are "
                              "no samples to show; offer sample_latents(n) on the object") from None
+
+
+def check_conditions(x: Tensor, conditions: tuple[Tensor, ...]) -> None:
+    """A conditional pair's conditions must be tensors with one row per example of x (an InputError)."""
+    for c in conditions:
+        if not torch.is_tensor(c) or c.dim() == 0 or c.shape[0] != x.shape[0]:
+            shape = tuple(c.shape) if torch.is_tensor(c) else type(c).__name__
+            raise InputError(f"the condition c must be a tensor with one row per example of x ({x.shape[0]} "
+                             f"rows), got {shape}: pass c[:n] for x[:n]")
 
 
 def _closed_form_moments(fn: object, shape: torch.Size) -> tuple[Tensor, Tensor] | None:

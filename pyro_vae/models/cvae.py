@@ -326,9 +326,10 @@ class CVAEKind(ModelKind):
                        f"class {label} ({name}): z ~ p(z | class), mean of p(x | z, class)")
 
     def refusal(self, command: str, what: str) -> str | None:
-        if command in ("diagnose", "encode", "interpolate"):
+        if command in ("diagnose", "interpolate"):  # encode reads q(z | x, c) with each example's c
             return (f"{what} trained a conditional VAE (--model cvae), whose model and guide take a "
-                    f"condition besides x; {command} handles models of x alone: use a vae run")
+                    f"condition besides x; {command} handles models of x alone: use a vae run "
+                    "(`pyro-vae encode` takes cvae runs)")
         return None
 
 
