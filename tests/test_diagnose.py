@@ -275,9 +275,12 @@ def test_importing_the_package_does_not_import_arviz():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_khat_is_inf_below_the_draws_a_tail_fit_needs_and_finite_from_there():
+def test_khat_is_inf_below_the_draws_a_tail_fit_needs_never_nan_and_finite_above():
     from pyro_vae.evaluation.diagnostics.importance import pareto_khat
 
     log_w = torch.randn(25, 4, generator=torch.Generator().manual_seed(0))
     assert torch.isinf(pareto_khat(log_w[:24])).all()  # a tail of 24 // 5 = 4 draws: no fit
-    assert torch.isfinite(pareto_khat(log_w)).all()
+    # 25 draws, a tail of 5: arviz-stats 0.x fits it, 1.x (Python >= 3.12) rejects it; never nan
+    assert not torch.isnan(pareto_khat(log_w)).any()
+    log_w = torch.randn(30, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(pareto_khat(log_w)).all()  # a tail of 6: fitted by both lines

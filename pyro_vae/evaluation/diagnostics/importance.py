@@ -61,7 +61,8 @@ def pareto_khat(log_w: Tensor) -> Tensor:
     """Per example, the PSIS shape estimate k-hat of the weights' upper tail (arviz-stats' `psislw`, draws
     independent so r_eff = 1), fitted to the largest M of the k weights (floor(k / 5) up to k = 225,
     floor(3 sqrt(k)) above); with M < 5 (k < 25) no fit is possible and k-hat is inf (unreliable), as
-    ArviZ 0.x reported it.
+    ArviZ 0.x reported it. A tail the fit rejects (arviz-stats 1.x returns nan, e.g. for every M = 5
+    tail, whose first quartile is its minimum) is inf too: never nan.
     Shape (N,)."""
     from arviz_stats.base import array_stats  # ArviZ is heavy: imported on use, not by `import pyro_vae`
 
@@ -72,4 +73,5 @@ def pareto_khat(log_w: Tensor) -> Tensor:
         warnings.simplefilter("ignore")  # psislw warns on k > 0.7, which the caller reports itself
         # psislw takes LOO's log-likelihoods, whose importance weights are 1/p: pass -log w
         _, khat = array_stats.psislw(-log_w.T.double().cpu().numpy(), r_eff=1.0, axis=-1)
-    return torch.as_tensor(khat, dtype=torch.float64)
+    khat = torch.as_tensor(khat, dtype=torch.float64)
+    return torch.where(torch.isnan(khat), math.inf, khat)
