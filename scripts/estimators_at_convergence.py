@@ -12,7 +12,9 @@ preset's KL warm-up (`--kl-anneal 0`; pyro-vae refuses it for them); the others 
 
 Each run is `pyro-vae train` in its own process with one torch thread (OMP_NUM_THREADS=1, --threads 1),
 JOBS at a time; a finished run (summary.json) is kept, an unfinished one (checkpoint.pt) is continued with
---resume, so the script can be stopped and called again, across sessions, until the study is done. Each
+--resume, so the script can be stopped and called again, across sessions, until the study is done. A
+finished run's record without checkpoints (config, metrics, summary, eval.json and eval_examples.pt, as
+kept under docs/runs/) copied into OUT counts as done, so a study can go on on a new machine. Each
 finished run is then evaluated (`pyro-vae evaluate RUN --eval-k K`) unless its eval.json already describes its
 final model with K samples. Writes OUT/estimators.md (printed) and OUT/estimators.json, and `pyro-vae
 report` of every run into OUT/report.
@@ -38,7 +40,7 @@ from pathlib import Path
 from pyro_vae.errors import InputError
 from pyro_vae.evaluation.compare import parse_specs
 from pyro_vae.evaluation.report import check_same_test_set, paired_difference, read_run
-from pyro_vae.training.run_dir import CHECKPOINT, CONFIG, EVAL, SUMMARY, model_stamp, read_json
+from pyro_vae.training.run_dir import CHECKPOINT, CONFIG, EVAL, SUMMARY, model_file, model_stamp, read_json
 
 PRESET = "fashion-mnist-vae"
 SPECS = {"budget": ["mc", "analytic", "iwae:5", "iwae:50", "stl", "iwae-dreg:5", "iwae-dreg:50"],
@@ -115,11 +117,17 @@ def train_one(args: argparse.Namespace, name: str, k: int, seed: int) -> None:
 
 
 def evaluated(run: Path, k: int) -> bool:
-    """Whether RUN/eval.json describes the run's final model (same checkpoint, step) with k samples."""
+    """Whether RUN/eval.json describes the run's final model (same checkpoint, step) with k samples. A
+    finished run's record without checkpoints (one restored from docs/runs/ onto a new machine) has no
+    model to compare with: its eval.json with k samples is the result, so the run counts as evaluated."""
     if not (run / EVAL).is_file():
         return False
     record = read_json(run / EVAL)
-    return record.get("k") == k and record.get("model_checkpoint") == model_stamp(run)
+    if record.get("k") != k:
+        return False
+    if not model_file(run).is_file():
+        return (run / SUMMARY).is_file()
+    return record.get("model_checkpoint") == model_stamp(run)
 
 
 def _mean_se(values: list[float]) -> tuple[float, float | None]:

@@ -1,7 +1,8 @@
 """scripts/estimators_at_convergence.py: every (estimator, seed) run of the protocol VAE is trained under
 the mode's stopping rule and evaluated; the table's paired column against mc is the mean over seeds of the
 per-example differences in the runs' eval_examples.pt; a second call trains and evaluates nothing again,
-an unfinished run is resumed, and an evaluation with another k is redone."""
+an unfinished run is resumed, a finished run's record without checkpoints counts as done, and an
+evaluation with another k is redone."""
 
 import json
 import statistics
@@ -62,6 +63,11 @@ def test_the_study_trains_evaluates_tabulates_and_continues(tmp_path, monkeypatc
     report = json.loads((out / "report" / "report.json").read_text())
     assert [Path(p).name for p in report["paths"]] == [runs[key].name for key in runs]  # mc's first
 
+    for name in ("best.pt", "checkpoint.pt"):  # mc-s0 as its record under docs/runs/ keeps it: no checkpoints
+        (runs["mc", 0] / name).unlink(missing_ok=True)
+    assert [p.name for p in runs["mc", 0].glob("*.pt")] == ["eval_examples.pt"]
+    assert script.finished(runs["mc", 0], 5)
+    assert not script.finished(runs["mc", 0], 6)
     metrics = {key: (run / "metrics.jsonl").read_bytes() for key, run in runs.items()}
     calls = []
     monkeypatch.setattr(script.subprocess, "run", lambda cmd, **_: calls.append(cmd) or
