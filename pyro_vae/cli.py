@@ -462,7 +462,8 @@ def _add_report_parser(sub) -> None:
     rep.add_argument("--x", choices=("epochs", "seconds"), default="epochs",
                      help="report_curves.png's x axis: epochs (default), or seconds: training wall time "
                      "summed over epochs, one curve per group of runs that differ only in their seed (their "
-                     "mean, with a band over seeds), and each group's final test log p(x)")
+                     "mean, with a band over seeds), and each group's final test log p(x); a second panel "
+                     "zooms on the last half of the time")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -157,3 +157,20 @@ def test_seconds_figure_zooms_past_warmup_and_keeps_the_markers_in_view():
     assert low > rows[0]["validation_elbo"]  # epoch 1, 200 nats down, runs off the axis
     assert low <= -210.0 and high >= -200.0
     assert _line(ax, "a: validation ELBO").get_xdata()[-1] == 160.0
+
+
+def test_seconds_figure_has_a_panel_zoomed_on_the_final_log_px_where_a_far_lower_curve_runs_off():
+    # two close runs ending near -100 after 40 s, and a slow one 60 nats below them the whole time
+    close_a, close_b = _timed([1.0] * 40, -104.0, 0.1, -99.5), _timed([1.0] * 40, -104.2, 0.1, -99.7)
+    slow = _timed([4.0] * 9, -170.0, 0.2, -150.0)
+    fig = seconds_curves_figure({"a": [close_a], "b": [close_b], "slow": [slow]})
+    whole, zoom = fig.axes[:2]
+    assert zoom.get_xlim()[0] == pytest.approx(0.5 * 40.0)  # the last half of the latest run's 40 s
+    assert zoom.get_xlim()[1] >= 40.0
+    low, high = zoom.get_ylim()
+    assert low <= -150.0 and high >= -99.5  # every final log p(x) in view, the slow one's included
+    # the late curve values in view: a and b from 20 s on, slow's line (-170 + 0.2 t, below -160) is not
+    assert high >= -104.0 + 0.1 * 40.0 and low > -170.0 + 0.2 * 36.0
+    assert [line.get_label() for line in zoom.lines] == [line.get_label() for line in whole.lines]
+    without = seconds_curves_figure({"a": [_timed([1.0] * 40, -104.0, 0.1)]})
+    assert len(without.axes) == 1  # no final log p(x): no zoom panel

@@ -374,10 +374,40 @@ def seconds_curves_figure(groups: dict[str, list[TimedRun]]) -> Figure:
     seconds. A group of one run is a plain curve and marker; a group of several is the mean over seeds on a
     common grid of seconds (seed_band) with a band of ± one s.e. over seeds (with 2 seeds: their min–max),
     and one marker at the seeds' mean total seconds, their mean log p(x) ± s.e. (a bar). Nats per
-    example; the y axis zoomed past the KL warm-up (_clip_warmup). Runs without a bound have no curve."""
-    fig, ax = subplots(figsize=(9, 6))
+    example; the y axis zoomed past the KL warm-up (_clip_warmup). Runs without a bound have no curve.
+    Where runs have a final log p(x), a second panel (axes[1]) draws the same over the last half of the
+    wall time, zoomed on the finals (_zoom_on_finals): there tenths of a nat between runs are visible."""
+    finals = any(run.log_px is not None and run.metrics for runs in groups.values() for run in runs)
+    fig, axes = subplots(1, 2 if finals else 1, figsize=(15 if finals else 9, 6), squeeze=False,
+                         gridspec_kw={"width_ratios": [3, 2]} if finals else None)
+    ax = axes[0][0]
+    drawn, markers, curves, t_max = _draw_seconds_groups(ax, groups)
+    ax.set_title("the bound against training wall time; \u25c6 final test log p(x) at the run's total time\n"
+                 "several seeds: their mean, band and bar \u00b1 s.e. over seeds (2 seeds: min\u2013max)",
+                 fontsize="medium")
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.13))
+        _clip_warmup(ax, drawn, lambda m: (m["drawn"],), markers)
+    if finals:
+        zoom = axes[0][1]
+        _draw_seconds_groups(zoom, groups)
+        _zoom_on_finals(zoom, curves, markers, t_max)
+        zoom.set_title("the last half of the wall time, zoomed on the final test log p(x)", fontsize="medium")
+    return fig
+
+
+Curve = tuple[np.ndarray, np.ndarray]  # (seconds, values)
+
+
+def _draw_seconds_groups(ax: Axes, groups: dict[str, list[TimedRun]]
+                         ) -> tuple[dict[str, list[dict]], list[float], list[Curve], float]:
+    """seconds_curves_figure's curves, bands and markers drawn into `ax`; returns what the zooms span: the
+    value drawn per epoch of each run (for _clip_warmup), the markers' extent (log p(x), ± s.e. for a bar),
+    each drawn curve as (seconds, values) and the latest time drawn."""
     drawn: dict[str, list[dict]] = {}
     markers: list[float] = []
+    plotted: list[Curve] = []
+    t_max = 0.0
     for i, (label, runs) in enumerate(groups.items()):
         colour = f"C{i % 10}"
         curves = [curve for run in runs if run.metrics and (curve := bound_curve(run.metrics)) is not None]
@@ -392,10 +422,12 @@ def seconds_curves_figure(groups: dict[str, list[TimedRun]]) -> Figure:
                             linewidth=0, label=f"_band {label}")  # "_": not in the legend
             ax.plot(band.grid, band.mean, "-", color=colour,
                     label=f"{label}: {curves[0][0]}, mean of {n} seeds ({_spread(n)})")
+            plotted.append((band.grid, band.mean))
         for j, (quantity, x, y) in enumerate(curves if band is None else []):
             apart = " (each seed: no seconds in common)" if len(curves) > 1 else ""
             _plot_points(ax, list(zip(x.tolist(), y.tolist(), strict=True)), "-", colour,
                          f"{label}: {quantity}{apart}" if j == 0 else "_nolegend_")
+            plotted.append((x, y))
         finals = [(cumulative_seconds(run.metrics)[-1], run.log_px) for run in runs
                   if run.log_px is not None and run.metrics]
         if len(finals) == 1:
@@ -408,16 +440,24 @@ def seconds_curves_figure(groups: dict[str, list[TimedRun]]) -> Figure:
             ax.errorbar([seconds.mean()], [mean], yerr=[se], fmt="D", color=colour, markeredgecolor="black",
                         capsize=4, label=f"_log p(x) {label}")
             markers += [mean - se, mean + se]
+        t_max = max([t_max, *(float(x[-1]) for _, x, _ in curves), *(float(t) for t, _ in finals)])
     ax.set_xlabel("training wall time (seconds, summed over epochs)")
     ax.set_ylabel("nats per example")
-    ax.set_title("the bound against training wall time; \u25c6 final test log p(x) at the run's total time\n"
-                 "several seeds: their mean, band and bar \u00b1 s.e. over seeds (2 seeds: min\u2013max)",
-                 fontsize="medium")
     ax.set_xlim(left=0)
-    if ax.get_legend_handles_labels()[1]:
-        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.13))
-        _clip_warmup(ax, drawn, lambda m: (m["drawn"],), markers)
-    return fig
+    return drawn, markers, plotted, t_max
+
+
+def _zoom_on_finals(ax: Axes, curves: list[Curve], markers: list[float],
+                    t_max: float) -> None:
+    """Zoom `ax` on the end of training: x from half the latest time t_max to t_max; y from the lowest final
+    marker (`markers`: log p(x), with its bars) to the highest of the markers and of the curves' values
+    (`curves`: seconds, values) in that half, with a margin; curves far below the finals run off the axis."""
+    start = 0.5 * t_max
+    late = [float(v) for x, y in curves for v in y[x >= start]]
+    low, high = min(markers), max([*markers, *late])
+    margin = 0.1 * (high - low) + 0.05
+    ax.set_xlim(start, t_max + 0.02 * t_max)
+    ax.set_ylim(low - margin, high + margin)
 
 
 def save_figures(
