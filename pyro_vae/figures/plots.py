@@ -377,11 +377,11 @@ def seconds_curves_figure(groups: dict[str, list[TimedRun]]) -> Figure:
     example; the y axis zoomed past the KL warm-up (_clip_warmup). Runs without a bound have no curve.
     Where runs have a final log p(x), a second panel (axes[1]) draws the same over the last half of the
     wall time, zoomed on the finals (_zoom_on_finals): there tenths of a nat between runs are visible."""
-    finals = any(run.log_px is not None and run.metrics for runs in groups.values() for run in runs)
+    finals = any(_has_log_px(run) for runs in groups.values() for run in runs)
     fig, axes = subplots(1, 2 if finals else 1, figsize=(15 if finals else 9, 6), squeeze=False,
                          gridspec_kw={"width_ratios": [3, 2]} if finals else None)
     ax = axes[0][0]
-    drawn, markers, curves, t_max = _draw_seconds_groups(ax, groups)
+    drawn, markers, curves, t_max = _draw_seconds_groups(axes[0], groups)
     ax.set_title("the bound against training wall time; \u25c6 final test log p(x) at the run's total time\n"
                  "several seeds: their mean, band and bar \u00b1 s.e. over seeds (2 seeds: min\u2013max)",
                  fontsize="medium")
@@ -390,7 +390,6 @@ def seconds_curves_figure(groups: dict[str, list[TimedRun]]) -> Figure:
         _clip_warmup(ax, drawn, lambda m: (m["drawn"],), markers)
     if finals:
         zoom = axes[0][1]
-        _draw_seconds_groups(zoom, groups)
         _zoom_on_finals(zoom, curves, markers, t_max)
         zoom.set_title("the last half of the wall time, zoomed on the final test log p(x)", fontsize="medium")
     return fig
@@ -399,11 +398,16 @@ def seconds_curves_figure(groups: dict[str, list[TimedRun]]) -> Figure:
 Curve = tuple[np.ndarray, np.ndarray]  # (seconds, values)
 
 
-def _draw_seconds_groups(ax: Axes, groups: dict[str, list[TimedRun]]
+def _has_log_px(run: TimedRun) -> bool:
+    """Whether the run has epochs and a final test log p(x) to mark at its total seconds."""
+    return run.log_px is not None and bool(run.metrics)
+
+
+def _draw_seconds_groups(axes: Sequence[Axes], groups: dict[str, list[TimedRun]]
                          ) -> tuple[dict[str, list[dict]], list[float], list[Curve], float]:
-    """seconds_curves_figure's curves, bands and markers drawn into `ax`; returns what the zooms span: the
-    value drawn per epoch of each run (for _clip_warmup), the markers' extent (log p(x), ± s.e. for a bar),
-    each drawn curve as (seconds, values) and the latest time drawn."""
+    """seconds_curves_figure's curves, bands and markers, computed once and drawn into each of `axes`;
+    returns what the zooms span: the value drawn per epoch of each run (for _clip_warmup), the markers'
+    extent (log p(x), ± s.e. for a bar), each drawn curve as (seconds, values) and the latest time drawn."""
     drawn: dict[str, list[dict]] = {}
     markers: list[float] = []
     plotted: list[Curve] = []
@@ -418,32 +422,36 @@ def _draw_seconds_groups(ax: Axes, groups: dict[str, list[TimedRun]]
         band = seed_band([(x, y) for _, x, y in curves]) if len(curves) > 1 else None
         if band is not None:
             n = len(curves)
-            ax.fill_between(band.grid, band.mean - band.se, band.mean + band.se, color=colour, alpha=0.2,
-                            linewidth=0, label=f"_band {label}")  # "_": not in the legend
-            ax.plot(band.grid, band.mean, "-", color=colour,
-                    label=f"{label}: {curves[0][0]}, mean of {n} seeds ({_spread(n)})")
+            for ax in axes:
+                ax.fill_between(band.grid, band.mean - band.se, band.mean + band.se, color=colour, alpha=0.2,
+                                linewidth=0, label=f"_band {label}")  # "_": not in the legend
+                ax.plot(band.grid, band.mean, "-", color=colour,
+                        label=f"{label}: {curves[0][0]}, mean of {n} seeds ({_spread(n)})")
             plotted.append((band.grid, band.mean))
         for j, (quantity, x, y) in enumerate(curves if band is None else []):
             apart = " (each seed: no seconds in common)" if len(curves) > 1 else ""
-            _plot_points(ax, list(zip(x.tolist(), y.tolist(), strict=True)), "-", colour,
-                         f"{label}: {quantity}{apart}" if j == 0 else "_nolegend_")
+            for ax in axes:
+                _plot_points(ax, list(zip(x.tolist(), y.tolist(), strict=True)), "-", colour,
+                             f"{label}: {quantity}{apart}" if j == 0 else "_nolegend_")
             plotted.append((x, y))
-        finals = [(cumulative_seconds(run.metrics)[-1], run.log_px) for run in runs
-                  if run.log_px is not None and run.metrics]
+        finals = [(cumulative_seconds(run.metrics)[-1], run.log_px) for run in runs if _has_log_px(run)]
         if len(finals) == 1:
-            ax.plot([finals[0][0]], [finals[0][1]], "D", color=colour, markeredgecolor="black",
-                    label=f"_log p(x) {label}")  # the legend names the group once, by its curve
+            for ax in axes:
+                ax.plot([finals[0][0]], [finals[0][1]], "D", color=colour, markeredgecolor="black",
+                        label=f"_log p(x) {label}")  # the legend names the group once, by its curve
             markers.append(finals[0][1])
         elif finals:
             seconds, log_px = np.array(finals).T
             mean, se = mean_se(log_px)
-            ax.errorbar([seconds.mean()], [mean], yerr=[se], fmt="D", color=colour, markeredgecolor="black",
-                        capsize=4, label=f"_log p(x) {label}")
+            for ax in axes:
+                ax.errorbar([seconds.mean()], [mean], yerr=[se], fmt="D", color=colour,
+                            markeredgecolor="black", capsize=4, label=f"_log p(x) {label}")
             markers += [mean - se, mean + se]
         t_max = max([t_max, *(float(x[-1]) for _, x, _ in curves), *(float(t) for t, _ in finals)])
-    ax.set_xlabel("training wall time (seconds, summed over epochs)")
-    ax.set_ylabel("nats per example")
-    ax.set_xlim(left=0)
+    for ax in axes:
+        ax.set_xlabel("training wall time (seconds, summed over epochs)")
+        ax.set_ylabel("nats per example")
+        ax.set_xlim(left=0)
     return drawn, markers, plotted, t_max
 
 
