@@ -55,7 +55,9 @@ def _kill_after_first_checkpoint(run, process) -> int:
     worker); returns the number of epochs it had finished."""
     deadline = time.monotonic() + RUN_SECONDS
     while time.monotonic() < deadline and process.poll() is None:
-        pid = holder(run) if (run / "checkpoint.pt").is_file() else None
+        # the checkpoint is written before the epoch's metrics.jsonl: wait for both
+        written = (run / "checkpoint.pt").is_file() and (run / "metrics.jsonl").is_file()
+        pid = holder(run) if written else None
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
             return len((run / "metrics.jsonl").read_text().splitlines())
