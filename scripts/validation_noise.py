@@ -13,22 +13,22 @@ themselves, which averaging the criterion over more draws cannot remove.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from pathlib import Path
 
 import torch
 
-from pyro_vae.inference.scores import elbo_terms
-from pyro_vae.training.run_dir import load_model
+from pyro_vae.inference.program import Program
+from pyro_vae.models.kind import model_kind
+from pyro_vae.training.run_dir import load_model, read_metrics
 from pyro_vae.training.train_data import prepare_data
 
 
 def epoch_changes(run: Path, first_epoch: int) -> list[float]:
     """validation_elbo(e) - validation_elbo(e - 1) for the epochs e > first_epoch in metrics.jsonl."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    values = {r["epoch"]: r["validation_elbo"] for r in rows if r.get("validation_elbo") is not None}
+    values = {r["epoch"]: r["validation_elbo"] for r in read_metrics(run / "metrics.jsonl")
+              if r.get("validation_elbo") is not None}
     return [values[e] - values[e - 1] for e in sorted(values) if e > first_epoch and e - 1 in values]
 
 
@@ -41,14 +41,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="epoch changes counted after this epoch (default: the KL warm-up's end)")
     args = parser.parse_args(argv)
     config, vae = load_model(args.run, torch.device("cpu"))
-    val_x = prepare_data(config).val_x
-    if val_x is None:
+    kind, data = model_kind(config.model), prepare_data(config)
+    if data.val_x is None:
         raise SystemExit(f"{args.run} has no validation set (--validation-size)")
+    program = Program.of(vae)
     torch.manual_seed(0)
-    with torch.no_grad():
-        draws = [float(elbo_terms(vae.model, vae.guide, val_x)["elbo"].mean()) for _ in range(args.repeats)]
+    with torch.no_grad():  # the kind's criterion, as training computes it each epoch
+        draws = [float(kind.validation_elbo(program, data)) for _ in range(args.repeats)]
     s_draw = statistics.stdev(draws)
-    first = args.from_epoch if args.from_epoch is not None else int(config.kl_anneal or 0)
+    first = args.from_epoch if args.from_epoch is not None else config.kl_anneal
     changes = epoch_changes(args.run, first)
     s_change = statistics.stdev(changes)
     parameters = max(s_change ** 2 - 2 * s_draw ** 2, 0.0)

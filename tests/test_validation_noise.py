@@ -28,9 +28,8 @@ def run(tmp_path_factory):
 
 
 def test_epoch_changes_are_the_differences_of_consecutive_epochs_past_the_first(tmp_path):
-    rows = [{"epoch": 1, "validation_elbo": -10.0}, {"epoch": 2, "validation_elbo": -9.5},
-            {"epoch": 3, "validation_elbo": -9.75}, {"epoch": 5, "validation_elbo": -9.0},
-            {"epoch": 6, "validation_elbo": -8.0}]
+    values = {1: -10.0, 2: -9.5, 3: -9.75, 5: -9.0, 6: -8.0}
+    rows = [{"epoch": e, "step": 10 * e, "train_loss": 1.0, "validation_elbo": v} for e, v in values.items()]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert script.epoch_changes(tmp_path, 0) == [0.5, -0.25, 1.0]  # epoch 5 has no epoch 4 before it
     assert script.epoch_changes(tmp_path, 2) == [-0.25, 1.0]
