@@ -15,9 +15,10 @@ JOBS at a time; a finished run (summary.json) is kept, an unfinished one (checkp
 --resume, so the script can be stopped and called again, across sessions, until the study is done. A
 finished run's record without checkpoints (config, metrics, summary, eval.json and eval_examples.pt, as
 kept under docs/runs/) copied into OUT counts as done, so a study can go on on a new machine. Each
-finished run is then evaluated (`pyro-vae evaluate RUN --eval-k K`) unless its eval.json already describes its
-final model with K samples. Writes OUT/estimators.md (printed) and OUT/estimators.json, and `pyro-vae
-report` of every run into OUT/report.
+run's training ends with its evaluation with K samples (eval.json and eval_examples.pt); a finished run is
+evaluated again (`pyro-vae evaluate RUN --eval-k K`) only where its eval.json does not describe its final
+model with K samples (another K, or a run trained before training wrote eval.json). Writes
+OUT/estimators.md (printed) and OUT/estimators.json, and `pyro-vae report` of every run into OUT/report.
 
     nice -n 19 python scripts/estimators_at_convergence.py --mode budget --minutes 60 \
         --data-dir /usr/share/datasets/fashion-mnist --jobs 2
@@ -47,7 +48,6 @@ SPECS = {"budget": ["mc", "analytic", "iwae:5", "iwae:50", "stl", "iwae-dreg:5",
          "converge": ["mc", "analytic"]}
 SEEDS = {"budget": [0, 1], "converge": [0, 1, 2]}
 BASELINE = "mc"  # the spec every other one is paired against (the first spec where mc is not studied)
-TRAIN_EVAL_K = 100  # samples of train's own closing log p(x) (summary.json); the table's come from evaluate
 PASS_THROUGH = ("train_size", "test_size", "validation_size", "epochs", "hidden", "z_dim")
 CPU = {**os.environ, "OMP_NUM_THREADS": "1"}  # the environment of every pyro-vae process: one torch thread
 
@@ -82,7 +82,7 @@ def command(args: argparse.Namespace, name: str, k: int, seed: int) -> list[str]
         return pyro_vae("train", "--resume", str(out), *budget, "--threads", "1", "--quiet")
     cmd = pyro_vae("train", "--preset", args.preset, "--dataset", args.dataset, "--data-dir", args.data_dir,
                    "--estimator", name, "--particles", str(k), "--seed", str(seed), *budget,
-                   "--eval-k", str(min(TRAIN_EVAL_K, args.eval_k)), "--threads", "1", "--out", str(out),
+                   "--eval-k", str(args.eval_k), "--threads", "1", "--out", str(out),
                    "--quiet")
     for flag in PASS_THROUGH:
         value = getattr(args, flag)

@@ -135,12 +135,33 @@ def test_resume_moves_the_older_models_results_aside_and_report_refuses_a_stale_
     shutil.copy(run / "eval_examples.pt", tmp_path / "kept_examples.pt")
     with pytest.warns(UserWarning, match="stale"):
         assert main(["train", "--resume", str(run), "--epochs", "2", "--quiet"]) == 0
-    assert not (run / "eval.json").exists()
+    stamps = [json.loads(path.read_text())["model_checkpoint"] for path in (kept, run / "eval.json")]
+    assert [stamp["epoch"] for stamp in stamps] == [1, 2]  # the end of training evaluated the new model
     assert (run / "stale" / "eval.json").is_file() and (run / "stale" / "eval_examples.pt").is_file()
     shutil.copy(kept, run / "eval.json")  # an evaluation of epoch 1 put back beside the epoch-2 model
     shutil.copy(tmp_path / "kept_examples.pt", run / "eval_examples.pt")
     assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 2
     assert "evaluate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--epochs", "2"],
+                                   ["--epochs", "30", "--early-stop", "1", "--validation-size", "50"]])
+def test_the_end_of_training_writes_the_evaluation_that_evaluate_would_write(tmp_path, flags):
+    """Training ends with what `pyro-vae evaluate RUN --eval-k K` writes (same seed, same model file:
+    best.pt with early stopping), so report pairs a finished run without a second evaluation: the
+    per-example values are equal, and summary.json's means are eval.json's."""
+    run = _train(tmp_path / "run", *flags)
+    trained = json.loads((run / "eval.json").read_text())
+    examples = torch.load(run / "eval_examples.pt", weights_only=True)
+    summary = json.loads((run / "summary.json").read_text())
+    assert {key: summary[key] for key in ("log_px", "test_elbo", "kl")} == \
+        {key: trained[key] for key in ("log_px", "test_elbo", "kl")}
+    assert trained["k"] == 5 and trained["model_checkpoint"]["checkpoint"] == \
+        ("best.pt" if "--early-stop" in flags else "checkpoint.pt")
+    assert main(["evaluate", str(run), "--eval-k", "5", "--quiet"]) == 0
+    again = torch.load(run / "eval_examples.pt", weights_only=True)
+    assert examples.keys() == again.keys() and all(torch.equal(examples[k], again[k]) for k in examples)
+    assert json.loads((run / "eval.json").read_text()) == trained
 
 
 def test_resume_with_fewer_epochs_is_refused_and_leaves_the_run_as_it_was(tmp_path, capsys):

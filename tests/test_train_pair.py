@@ -199,10 +199,14 @@ def test_the_command_line_refuses_a_pair_run_in_one_line(trained, capsys):
 
 def test_report_on_a_pair_run_names_the_python_call_that_evaluates_it_and_that_call_works(
         trained, tmp_path, capsys, digits_run):
-    """`pyro-vae evaluate` refuses a pair's run, so report's hint is the Python call; made as the hint
-    says (with a fresh pair built the same way), it writes what report reads, and report then runs."""
+    """`pyro-vae evaluate` refuses a pair's run, so for a run without its evaluation (training writes it
+    at its end; here removed, as from a run stopped before its end) report's hint is the Python call;
+    made as the hint says (with a fresh pair built the same way), it writes what report reads, and
+    report then runs."""
     pair, _, trained_out = trained
     out = shutil.copytree(trained_out, tmp_path / "run")
+    for name in ("eval.json", "eval_examples.pt"):
+        (out / name).unlink()
     assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pyro-vae evaluate" not in err, err

@@ -1,12 +1,12 @@
 """Evaluation of a trained model, or of any model/guide pair that meets the Program contract, per
 example, in nats (sum over pixels, mean over examples): what the model's kind measures (models/kind.py;
 for a VAE: test ELBO and its two terms, importance-sampled log p(x), and active units), written to
-RUN/eval.json. The scores themselves are in scores.py (imported here too, where they used to live)."""
+RUN/eval.json (by training/eval_record.py, re-exported here). The scores themselves are in scores.py
+(imported here too, where they used to live)."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import torch
@@ -28,18 +28,12 @@ from ..inference.scores import (
 )
 from ..models.kind import PAIR, kind_of, model_kind
 from ..renames import renamed_keywords
-from ..rng import seeded
-from ..staging import write_all_or_none
+from ..training.eval_record import evaluate_and_write, test_fingerprint, write_evaluation
 from ..training.run_dir import (
-    EVAL,
-    EVAL_EXAMPLES,
     check_data_shape,
     load_model,
     load_pair,
-    model_stamp,
     read_config,
-    save_checkpoint,
-    write_json,
 )
 from ..training.run_lock import run_lock
 from ..training.train_data import prepare_data
@@ -83,33 +77,6 @@ def summarize(program: object, x: Tensor, values: dict[str, Tensor], k: int) -> 
     return kind_of(program).summarize(Program.of(program), x, values, k)
 
 
-def test_fingerprint(x: Tensor) -> str:
-    """A short hash of the test examples' values, dtype and shape: two evaluations on the same test set
-    (same examples, same order, same binarization) have the same fingerprint."""
-    data = x.detach().cpu().contiguous()
-    digest = hashlib.sha256(f"{data.dtype} {tuple(data.shape)}".encode())
-    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()[:16]
-
-
-def write_evaluation(run: str | Path, result: dict, values: dict[str, Tensor], x: Tensor,
-                     model: dict | None = None) -> tuple[Path, Path]:
-    """Write RUN/eval.json (`result`, the test set's fingerprint and size, and `model`: which checkpoint
-    it describes, see run_dir.model_stamp) and the per-example values behind it, RUN/eval_examples.pt
-    (a dict of float64 tensors of shape (N,), loadable with torch.load(weights_only=True)): both or none."""
-    record = {**result, "test_fingerprint": test_fingerprint(x), "examples_file": EVAL_EXAMPLES,
-              **({"model_checkpoint": model} if model is not None else {})}
-
-    def write(folder: Path) -> list[Path]:
-        save_checkpoint(folder / EVAL_EXAMPLES,
-                        {name: v.detach().double().cpu() for name, v in values.items()})
-        write_json(folder / EVAL, record)
-        return [folder / EVAL, folder / EVAL_EXAMPLES]
-
-    eval_json, examples = write_all_or_none(run, write)
-    return eval_json, examples
-
-
 @renamed_keywords(k="eval_k")
 def evaluate_run(run: str | Path, eval_k: int = 5000, test_size: int | None = None, device: str = "auto",
                  progress: bool = False, program: object | None = None,
@@ -131,11 +98,5 @@ def evaluate_run(run: str | Path, eval_k: int = 5000, test_size: int | None = No
         config = dataclasses.replace(config, test_size=test_size or config.test_size)
         data = prepare_data(config, kind).to(torch_device)
         check_data_shape(run, data.shape)
-        pair = Program.of(model)
-        with seeded(seed, torch_device):
-            if kind.latent:
-                pair.sites(data.test_x, *kind.test_conditions(model, data))
-            result, values = kind.evaluate(pair, data, eval_k, progress)
-        result = {**result, "seed": seed}
-        write_evaluation(run, result, values, data.test_x, model_stamp(run))
+        result = evaluate_and_write(run, kind, model, data, eval_k, progress, seed)
     return result, config, model

@@ -6,7 +6,7 @@ d_i = log p_b(x_i) - log p_a(x_i): its mean is b's log p(x) minus a's, and its s
 sd(d) / sqrt(N) is smaller than the two runs' own standard errors combined whenever the runs agree on
 which examples are hard (which they do: the spread of log p(x) over examples is mostly the examples').
 The per-example values come from RUN/eval_examples.pt, written by `pyro-vae evaluate`; eval.json records
-the test set's size and fingerprint (evaluate.test_fingerprint), and runs evaluated on different test
+the test set's size and fingerprint (eval_record.test_fingerprint), and runs evaluated on different test
 sets are refused, as are runs not evaluated, or evaluated on an older checkpoint than they hold now.
 Conditional runs (--model cvae, nn-baseline) pair the same way on their "log_px", which is
 log p(x_missing | x_given) (or log p(x | class)); runs under different conditions are refused.

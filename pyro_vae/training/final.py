@@ -9,9 +9,9 @@ import torch
 
 from ..data import Dataset
 from ..figures import plots
-from ..inference.program import Program
 from ..models.kind import ModelKind
 from .checkpoints import TrainingDirectory
+from .eval_record import evaluate_and_write
 from .run_dir import BEST, VALIDATION_KEYS
 from .training_model import TrainingModel
 
@@ -30,15 +30,16 @@ def restore_best(directory: TrainingDirectory, model: TrainingModel, device: tor
             "stopped_early": stopped_early}
 
 
-def evaluate_trained(kind: ModelKind, model: TrainingModel, data: Dataset, k: int, progress: bool) -> dict:
+def evaluate_trained(kind: ModelKind, model: TrainingModel, data: Dataset, k: int, progress: bool,
+                     out: Path) -> dict:
     """What `kind` measures of the trained model on the test set (k importance samples where it
-    estimates log p(x)), then what it records of its training data (e.g. the labelled subset)."""
+    estimates log p(x), drawn from seed 0 as `pyro-vae evaluate` draws them), written to OUT/eval.json
+    and OUT/eval_examples.pt as evaluate writes them (no second evaluation needed for a paired report),
+    then what it records of its training data (e.g. the labelled subset)."""
     model.train_mode(False)
-    program = Program.of(model.pair)  # traced afresh, as evaluate_run does
-    if kind.latent:
-        program.sites(data.test_x, *kind.test_conditions(model.pair, data))
-    final, _ = kind.evaluate(program, data, k, progress)
-    return {**final, **kind.training_record(data)}
+    result = evaluate_and_write(out, kind, model.pair, data, k, progress)
+    result.pop("seed")  # summary.json's seed is the training seed (config.json); eval.json records this one
+    return {**result, **kind.training_record(data)}
 
 
 def save_figures(kind: ModelKind, model: TrainingModel, data: Dataset, out: Path, metrics: list[dict],

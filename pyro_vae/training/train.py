@@ -403,7 +403,8 @@ class Trainer:
             return RunResult(self.out, self.metrics, {}, self.kind)
         best = {} if self.config.early_stop is None else \
             restore_best(self.dir, self.model, self.device, self.early.stopped())
-        final = evaluate_trained(self.kind, self.model, self.data, self.config.eval_k, self.progress)
+        final = evaluate_trained(self.kind, self.model, self.data, self.config.eval_k, self.progress,
+                                 self.out)
         summary = {**final, **self._record(), **best}
         self.report.close()
         save_figures(self.kind, self.model, self.data, self.out, self.metrics, self.config.seed)
