@@ -174,3 +174,15 @@ def test_seconds_figure_has_a_panel_zoomed_on_the_final_log_px_where_a_far_lower
     assert [line.get_label() for line in zoom.lines] == [line.get_label() for line in whole.lines]
     without = seconds_curves_figure({"a": [_timed([1.0] * 40, -104.0, 0.1)]})
     assert len(without.axes) == 1  # no final log p(x): no zoom panel
+
+
+def test_the_zoom_panel_starts_early_enough_for_a_group_mean_marker_left_of_half_the_latest_time():
+    # one seed of "slow" ran 100 s, so half the latest time is 50 s; group "fast"'s two seeds took 20 and
+    # 40 s: their marker sits at the mean, 30 s, which the zoom must still show
+    fast = [_timed([1.0] * 20, -104.0, 0.1, -99.0), _timed([1.0] * 40, -104.0, 0.1, -98.0)]
+    slow = [_timed([1.0] * 100, -110.0, 0.1, -100.0), _timed([1.0] * 60, -110.0, 0.1, -100.4)]
+    zoom = seconds_curves_figure({"fast": fast, "slow": slow}).axes[1]
+    start, end = zoom.get_xlim()
+    (bar,) = [c for c in zoom.containers if c.get_label() == "_log p(x) fast"]  # an errorbar: mean ± s.e.
+    assert bar.lines[0].get_xdata()[0] == pytest.approx(30.0)
+    assert start < 30.0 < end and end >= 100.0

@@ -376,12 +376,13 @@ def seconds_curves_figure(groups: dict[str, list[TimedRun]]) -> Figure:
     and one marker at the seeds' mean total seconds, their mean log p(x) ± s.e. (a bar). Nats per
     example; the y axis zoomed past the KL warm-up (_clip_warmup). Runs without a bound have no curve.
     Where runs have a final log p(x), a second panel (axes[1]) draws the same over the last half of the
-    wall time, zoomed on the finals (_zoom_on_finals): there tenths of a nat between runs are visible."""
+    wall time (from earlier where a marker sits earlier), zoomed on the finals (_zoom_on_finals): there
+    tenths of a nat between runs are visible."""
     finals = any(_has_log_px(run) for runs in groups.values() for run in runs)
     fig, axes = subplots(1, 2 if finals else 1, figsize=(15 if finals else 9, 6), squeeze=False,
                          gridspec_kw={"width_ratios": [3, 2]} if finals else None)
     ax = axes[0][0]
-    drawn, markers, curves, t_max = _draw_seconds_groups(axes[0], groups)
+    drawn, markers, marker_seconds, curves, t_max = _draw_seconds_groups(axes[0], groups)
     ax.set_title("the bound against training wall time; \u25c6 final test log p(x) at the run's total time\n"
                  "several seeds: their mean, band and bar \u00b1 s.e. over seeds (2 seeds: min\u2013max)",
                  fontsize="medium")
@@ -390,8 +391,9 @@ def seconds_curves_figure(groups: dict[str, list[TimedRun]]) -> Figure:
         _clip_warmup(ax, drawn, lambda m: (m["drawn"],), markers)
     if finals:
         zoom = axes[0][1]
-        _zoom_on_finals(zoom, curves, markers, t_max)
-        zoom.set_title("the last half of the wall time, zoomed on the final test log p(x)", fontsize="medium")
+        _zoom_on_finals(zoom, curves, markers, marker_seconds, t_max)
+        zoom.set_title("the end of training (from half the latest time), zoomed on the final test log p(x)",
+                       fontsize="medium")
     return fig
 
 
@@ -404,12 +406,14 @@ def _has_log_px(run: TimedRun) -> bool:
 
 
 def _draw_seconds_groups(axes: Sequence[Axes], groups: dict[str, list[TimedRun]]
-                         ) -> tuple[dict[str, list[dict]], list[float], list[Curve], float]:
+                         ) -> tuple[dict[str, list[dict]], list[float], list[float], list[Curve], float]:
     """seconds_curves_figure's curves, bands and markers, computed once and drawn into each of `axes`;
     returns what the zooms span: the value drawn per epoch of each run (for _clip_warmup), the markers'
-    extent (log p(x), ± s.e. for a bar), each drawn curve as (seconds, values) and the latest time drawn."""
+    extent (log p(x), ± s.e. for a bar), their seconds, each drawn curve as (seconds, values) and the latest
+    time drawn."""
     drawn: dict[str, list[dict]] = {}
     markers: list[float] = []
+    marker_seconds: list[float] = []
     plotted: list[Curve] = []
     t_max = 0.0
     for i, (label, runs) in enumerate(groups.items()):
@@ -440,6 +444,7 @@ def _draw_seconds_groups(axes: Sequence[Axes], groups: dict[str, list[TimedRun]]
                 ax.plot([finals[0][0]], [finals[0][1]], "D", color=colour, markeredgecolor="black",
                         label=f"_log p(x) {label}")  # the legend names the group once, by its curve
             markers.append(finals[0][1])
+            marker_seconds.append(float(finals[0][0]))
         elif finals:
             seconds, log_px = np.array(finals).T
             mean, se = mean_se(log_px)
@@ -447,20 +452,23 @@ def _draw_seconds_groups(axes: Sequence[Axes], groups: dict[str, list[TimedRun]]
                 ax.errorbar([seconds.mean()], [mean], yerr=[se], fmt="D", color=colour,
                             markeredgecolor="black", capsize=4, label=f"_log p(x) {label}")
             markers += [mean - se, mean + se]
+            marker_seconds.append(float(seconds.mean()))
         t_max = max([t_max, *(float(x[-1]) for _, x, _ in curves), *(float(t) for t, _ in finals)])
     for ax in axes:
         ax.set_xlabel("training wall time (seconds, summed over epochs)")
         ax.set_ylabel("nats per example")
         ax.set_xlim(left=0)
-    return drawn, markers, plotted, t_max
+    return drawn, markers, marker_seconds, plotted, t_max
 
 
-def _zoom_on_finals(ax: Axes, curves: list[Curve], markers: list[float],
+def _zoom_on_finals(ax: Axes, curves: list[Curve], markers: list[float], marker_seconds: list[float],
                     t_max: float) -> None:
-    """Zoom `ax` on the end of training: x from half the latest time t_max to t_max; y from the lowest final
-    marker (`markers`: log p(x), with its bars) to the highest of the markers and of the curves' values
-    (`curves`: seconds, values) in that half, with a margin; curves far below the finals run off the axis."""
-    start = 0.5 * t_max
+    """Zoom `ax` on the end of training: x from half the latest time t_max (or just before the earliest
+    marker, `marker_seconds`, where one sits earlier: a group's mean total time can) to t_max; y from the
+    lowest final marker (`markers`: log p(x), with its bars) to the highest of the markers and of the curves'
+    values (`curves`: seconds, values) from that start, with a margin; curves far below the finals run off
+    the axis."""
+    start = min([0.5 * t_max, *(0.95 * t for t in marker_seconds)])
     late = [float(v) for x, y in curves for v in y[x >= start]]
     low, high = min(markers), max([*markers, *late])
     margin = 0.1 * (high - low) + 0.05
