@@ -457,17 +457,21 @@ def _add_report_parser(sub) -> None:
     rep = sub.add_parser("report", help="evaluated runs side by side, paired differences from the first "
                          "-> report.md, .csv, .json, report_curves.png", allow_abbrev=False)
     rep.add_argument("runs", nargs="+", metavar="RUN", help="run directories, each evaluated "
-                     "(`pyro-vae evaluate`) on the same test set; the first is the reference")
+                     "(`pyro-vae evaluate`) on the same test set (see --unevaluated); the first is the "
+                     "reference")
     rep.add_argument("--out", default="report", help="where to write (default: report)")
     rep.add_argument("--x", choices=("epochs", "seconds"), default="epochs",
                      help="report_curves.png's x axis: epochs (default), or seconds: training wall time "
                      "summed over epochs, one curve per group of runs that differ only in their seed (their "
                      "mean, with a band over seeds), and each group's final test log p(x); a second panel "
                      "zooms on the last half of the time")
+    rep.add_argument("--unevaluated", action="store_true",
+                     help="report runs not yet evaluated too (a long run still training): their curves, "
+                     "epochs and best epoch so far, without log p(x); the first run must be evaluated")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    result = report(args.runs, args.out, args.x)
+    result = report(args.runs, args.out, args.x, args.unevaluated)
     print((Path(args.out) / MARKDOWN).read_text(), end="")
     for path in result.paths:
         print(f"wrote {path}")

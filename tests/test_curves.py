@@ -186,3 +186,21 @@ def test_the_zoom_panel_starts_early_enough_for_a_group_mean_marker_left_of_half
     (bar,) = [c for c in zoom.containers if c.get_label() == "_log p(x) fast"]  # an errorbar: mean ± s.e.
     assert bar.lines[0].get_xdata()[0] == pytest.approx(30.0)
     assert start < 30.0 < end and end >= 100.0
+
+
+def test_many_runs_put_the_legend_below_the_axes_so_long_run_names_do_not_narrow_them():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    def laid_out(prefix: str):
+        fig = run_curves_figure({f"{prefix}{i}": _rows(30) for i in range(3)})
+        FigureCanvasAgg(fig)
+        fig.tight_layout()
+        return fig, fig.axes[0].get_position().width * fig.get_size_inches()[0]
+
+    _, short = laid_out("r")
+    fig, long = laid_out("fashion-mnist-hvae-vampprior-a-long-run-name-s")
+    assert long == pytest.approx(short, rel=0.05)  # beside the axes, the legend took most of the width
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    assert ax.get_legend().get_window_extent(renderer).y1 < ax.get_window_extent(renderer).y0
+    assert fig.get_size_inches()[1] > 4.5  # taller by the legend's rows

@@ -109,7 +109,45 @@ def test_report_refuses_a_run_that_was_not_evaluated(two_runs, tmp_path, capsys)
     assert main(["report", str(two_runs[0]), str(bare), "--out", str(tmp_path / "rep")]) == 2
     err = capsys.readouterr().err
     assert "bare" in err and "not been evaluated" in err and len(err.strip().splitlines()) == 1
+    assert "--unevaluated" in err
     assert not (tmp_path / "rep").exists()
+
+
+def test_report_unevaluated_lists_a_run_still_training_with_its_curves_and_best_bound_so_far(
+        two_runs, tmp_path, capsys):
+    """--unevaluated: a run without eval.json and summary.json (a long run stopped mid-training) is a row
+    with its epochs and best epoch so far, no log p(x) and no paired difference, a note with the
+    validation ELBO at that epoch, and its curves in the figure; the evaluated runs pair as without it."""
+    bare = tmp_path / "bare"
+    shutil.copytree(two_runs[1], bare)
+    for name in ("eval.json", "eval_examples.pt", "summary.json"):
+        (bare / name).unlink(missing_ok=True)
+    rows = [{"epoch": e, "step": 10 * e, "train_loss": 300.0 - e, "seconds": 1.0,
+             "validation_elbo": v, "test_elbo": v - 2, "best_epoch": b}
+            for e, v, b in ((1, -290.0, 1), (2, -280.5, 2), (3, -281.0, 2))]
+    (bare / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rep"
+    assert main(["report", str(two_runs[0]), str(two_runs[1]), str(bare), "--out", str(out),
+                 "--unevaluated"]) == 0
+    capsys.readouterr()
+    table = json.loads((out / "report.json").read_text())["runs"]
+    assert table[2]["run"] == "bare" and table[2]["epochs"] == 3 and table[2]["best_epoch"] == 2
+    assert all(table[2][k] is None for k in ("log_px", "test_elbo", "diff_log_px", "diff_elbo"))
+    assert table[1]["diff_log_px"] is not None
+    note = (out / "report.md").read_text().split("Runs not evaluated")[1]
+    assert "bare: not evaluated, 3 epochs" in note and "validation ELBO -280.50 at its best epoch 2" in note
+    assert main(["report", str(two_runs[0]), str(bare), "--out", str(tmp_path / "rep2"), "--x", "seconds",
+                 "--unevaluated"]) == 0
+    assert (tmp_path / "rep2" / CURVES).is_file()
+
+
+def test_report_unevaluated_still_needs_an_evaluated_first_run(two_runs, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    shutil.copytree(two_runs[1], bare)
+    (bare / "eval.json").unlink()
+    assert main(["report", str(bare), str(two_runs[0]), "--out", str(tmp_path / "rep"), "--unevaluated"]) == 2
+    err = capsys.readouterr().err
+    assert "bare" in err and "reference" in err and len(err.strip().splitlines()) == 1
 
 
 def test_report_refuses_runs_evaluated_on_different_test_sets(two_runs, tmp_path, capsys):

@@ -7,7 +7,9 @@ sd(d) / sqrt(N) is smaller than the two runs' own standard errors combined whene
 which examples are hard (which they do: the spread of log p(x) over examples is mostly the examples').
 The per-example values come from RUN/eval_examples.pt, written by `pyro-vae evaluate`; eval.json records
 the test set's size and fingerprint (eval_record.test_fingerprint), and runs evaluated on different test
-sets are refused, as are runs not evaluated, or evaluated on an older checkpoint than they hold now.
+sets are refused, as are runs not evaluated (unless unevaluated=True: then their curves and epochs are
+reported, without log p(x), e.g. long runs still training), or evaluated on an older checkpoint than they
+hold now.
 Conditional runs (--model cvae, nn-baseline) pair the same way on their "log_px", which is
 log p(x_missing | x_given) (or log p(x | class)); runs under different conditions are refused.
 
@@ -34,7 +36,7 @@ from torch import Tensor
 
 from ..config import ADDED_SETTINGS
 from ..errors import InputError
-from ..figures.plots import TimedRun, plot_run_curves, plot_seconds_curves
+from ..figures.plots import TimedRun, bound_key, plot_run_curves, plot_seconds_curves
 from ..stats import mean_se
 from ..training.run_dir import (
     BEST,
@@ -97,16 +99,21 @@ class Report:
     groups: list[dict] = field(default_factory=list)
 
 
-def read_run(run: str | Path, name: str | None = None) -> EvaluatedRun:
+def read_run(run: str | Path, name: str | None = None, unevaluated: bool = False) -> EvaluatedRun:
     """A run's evaluation (eval.json and its per-example values), summary and metrics; an InputError
-    naming the run if it has not been evaluated, its evaluation predates the per-example file or the
-    model it holds now, or it is an autoencoder (no log p(x) to compare)."""
+    naming the run if it has not been evaluated (with unevaluated=True: the run without an evaluation,
+    its `evaluation` and `values` empty), its evaluation predates the per-example file or the model it
+    holds now, or it is an autoencoder (no log p(x) to compare)."""
     path = Path(run)
     name = name or path.name
     if not (path / CONFIG).is_file():
         raise InputError(f"run {name} ({path}) is not a pyro-vae run directory (no {CONFIG})")
+    summary = read_json(path / SUMMARY) if (path / SUMMARY).is_file() else {}
     if not (path / EVAL).is_file():
-        raise InputError(f"run {name} ({path}) has not been evaluated: run {_evaluate_hint(path)} first")
+        if unevaluated:
+            return EvaluatedRun(name, path, {}, {}, summary, read_metrics(path / METRICS))
+        raise InputError(f"run {name} ({path}) has not been evaluated: run {_evaluate_hint(path)} first "
+                         "(or report it with --unevaluated: its curves and epochs, without log p(x))")
     evaluation = check_fields(path / EVAL, read_json(path / EVAL), EVAL_FIELDS, required=("n_examples",))
     if evaluation.get("log_px") is None and evaluation.get("test_accuracy") is None:
         raise InputError(f"run {name} ({path}) is an autoencoder: it has no log p(x) to compare")
@@ -124,7 +131,6 @@ def read_run(run: str | Path, name: str | None = None) -> EvaluatedRun:
                              f"{_evaluate_hint(path)} again")
     needed = ("log_px", "elbo") if evaluation.get("log_px") is not None else ("correct",)
     values = load_checkpoint_values(path / EVAL_EXAMPLES, needed)
-    summary = read_json(path / SUMMARY) if (path / SUMMARY).is_file() else {}
     return EvaluatedRun(name, path, evaluation, values, summary, read_metrics(path / METRICS))
 
 
@@ -149,9 +155,13 @@ def load_checkpoint_values(path: Path, needed: tuple[str, ...] = ("log_px", "elb
 
 
 def check_same_test_set(runs: list[EvaluatedRun]) -> None:
-    """Every run evaluated on the first run's test examples (same count and fingerprint), else an
-    InputError naming the run that differs."""
+    """Every evaluated run evaluated on the first run's test examples (same count and fingerprint), else an
+    InputError naming the run that differs; the first run, the reference, must be evaluated."""
     first = runs[0]
+    if not first.evaluation:
+        raise InputError(f"run {first.name} ({first.path}) is the reference of the paired differences but "
+                         "has not been evaluated: put an evaluated run first")
+    runs = [run for run in runs if run.evaluation]
     for run in runs[1:]:
         for key, what in (("n_examples", "test examples"), ("test_fingerprint", "test set (fingerprint)")):
             if run.evaluation.get(key) != first.evaluation.get(key):
@@ -181,9 +191,12 @@ def paired_difference(a: Tensor, b: Tensor) -> tuple[float, float]:
 
 def best_epoch(run: EvaluatedRun) -> int | None:
     """The epoch the run's early stopping kept: summary.json's "best_epoch"; for a run not finished (no
-    summary yet), the epoch of the best.pt its evaluation scored; None without early stopping."""
+    summary yet), the epoch of the best.pt its evaluation scored; for a run not evaluated, the best epoch
+    so far (metrics.jsonl); None without early stopping."""
     if "best_epoch" in run.summary:
         return run.summary["best_epoch"]
+    if not run.evaluation:
+        return run.metrics[-1].get("best_epoch") if run.metrics else None
     scored = run.evaluation.get("model_checkpoint") or {}
     return scored.get("epoch") if scored.get("checkpoint") == BEST else None
 
@@ -219,7 +232,7 @@ def rows(runs: list[EvaluatedRun]) -> list[dict]:
                "accuracy_se": e.get("test_accuracy_se"),
                "epochs": epochs_trained(run), "best_epoch": best_epoch(run),
                "train_seconds": train_seconds(run), "device": run.summary.get("device"),
-               "n_examples": e["n_examples"], "k": e.get("k")}
+               "n_examples": e.get("n_examples"), "k": e.get("k")}
         for key in PAIRED:
             both = run is not runs[0] and key in runs[0].values and key in run.values
             diff = paired_difference(runs[0].values[key], run.values[key]) if both else (None, None)
@@ -267,6 +280,26 @@ def markdown(table: list[dict]) -> str:
                  "paired standard error sd(Δ)/sqrt(N)"
                  + (" (for accuracy, of the per-example difference of correctness)." if accuracy else "."))
     return "\n".join(lines) + "\n"
+
+
+def unevaluated_note(runs: list[EvaluatedRun]) -> str:
+    """A line per run not evaluated (report's unevaluated=True): where its training stands, the bound at
+    its best epoch so far (bound_key: the validation ELBO, else the test ELBO); "" when every run is
+    evaluated."""
+    lines = []
+    for run in runs:
+        if run.evaluation:
+            continue
+        best, found = best_epoch(run), bound_key(run.metrics)
+        row = next((m for m in run.metrics if m["epoch"] == best), None)
+        at = (f", {found[1]} {row[found[0]]:.2f} at its best epoch {best}"
+              if found and row and row.get(found[0]) is not None else "")
+        state = "finished" if run.summary else "no summary.json: still training or stopped"
+        lines.append(f"- {run.name}: not evaluated, {epochs_trained(run)} epochs ({state}){at}")
+    if not lines:
+        return ""
+    return ("\nRuns not evaluated (no log p(x) and no paired differences; their curves are drawn):\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def to_csv(table: list[dict]) -> str:
@@ -371,10 +404,12 @@ def _check_seconds(run: EvaluatedRun) -> None:
                          "draws each epoch at its wall time; use --x epochs")
 
 
-def report(runs: list[str | Path], out: str | Path, x: str = "epochs") -> Report:
+def report(runs: list[str | Path], out: str | Path, x: str = "epochs", unevaluated: bool = False) -> Report:
     """Read the evaluated runs, check they share a test set, group them by their settings without the
     seed, and write report.md, report.csv, report.json and report_curves.png into `out`; x ("epochs" or
-    "seconds", X_AXES) is the figure's x axis: with "seconds", seconds_curves_figure over the groups."""
+    "seconds", X_AXES) is the figure's x axis: with "seconds", seconds_curves_figure over the groups.
+    With unevaluated=True, runs not evaluated (all but the first may be) are reported too: their curves,
+    epochs and best epoch so far, without log p(x) (unevaluated_note)."""
     if x not in X_AXES:
         raise InputError(f"unknown x axis {x!r}: choose among {', '.join(X_AXES)}")
     if not runs:
@@ -382,7 +417,7 @@ def report(runs: list[str | Path], out: str | Path, x: str = "epochs") -> Report
     paths = [Path(r) for r in runs]
     names = [p.name for p in paths]
     names = names if len(set(names)) == len(names) else [str(p) for p in paths]
-    evaluated = [read_run(p, name) for p, name in zip(paths, names, strict=True)]
+    evaluated = [read_run(p, name, unevaluated) for p, name in zip(paths, names, strict=True)]
     check_same_test_set(evaluated)
     if x == "seconds":
         for run in evaluated:
@@ -394,7 +429,8 @@ def report(runs: list[str | Path], out: str | Path, x: str = "epochs") -> Report
     pooled = any(len(g.runs) > 1 for g in groups)
     conditional = evaluated[0].evaluation.get("condition") is not None  # the same in every run
     note = f"\nlog p(x) and ELBO here are of {_quantity(evaluated[0])}, in nats.\n" if conditional else ""
-    (out / MARKDOWN).write_text(markdown(table) + note + (group_markdown(grouped) if pooled else ""))
+    (out / MARKDOWN).write_text(markdown(table) + note + unevaluated_note(evaluated)
+                                + (group_markdown(grouped) if pooled else ""))
     (out / CSV).write_text(to_csv(table))
     write_json(out / JSON, {"runs": table, "groups": grouped, "paths": [str(p) for p in paths]})
     written = [out / MARKDOWN, out / CSV, out / JSON]

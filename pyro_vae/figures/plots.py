@@ -32,6 +32,7 @@ from ..stats import mean_se
 TIMED_BOUNDS = (("validation_elbo", "validation ELBO"), ("test_elbo", "test ELBO"))
 TRAVERSAL_RANGE = 3.0  # z_u from -3 to 3: three prior standard deviations
 MAX_LEGEND_CLASSES = 20  # the latent map names its classes in a legend up to this many
+LEGEND_INCHES_PER_CHAR = 0.065  # a legend label's width per character at fontsize "small" (about)
 
 
 def image_grid(images: Tensor, rows: int, cols: int, pad: int = 1) -> Tensor:
@@ -278,12 +279,22 @@ def run_curves_figure(runs: dict[str, list[dict]]) -> Figure:
     ax.set_title("learning curves: -train loss solid, validation dotted, test dashed", fontsize="medium")
     ax.xaxis.get_major_locator().set_params(integer=True)
     if ax.lines:
-        outside = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if len(ax.lines) > 4 else {}
-        ax.legend(fontsize="small", **outside)
+        _legend_below(fig, ax) if len(ax.lines) > 4 else ax.legend(fontsize="small")
         _clip_warmup(ax, bounded, lambda m: (-m["train_loss"], m.get("validation_elbo"), m.get(test_key)))
     if accuracy:
         _accuracy_panel(axes[0][1], runs)
     return fig
+
+
+def _legend_below(fig: Figure, ax: Axes) -> None:
+    """ax's legend under the axes, in two columns past 8 entries where two of its longest label fit the
+    figure's width, the figure made taller by its rows: the axes keep their width however long the runs'
+    names are."""
+    labels = ax.get_legend_handles_labels()[1]
+    n, width = len(labels), fig.get_size_inches()[0]
+    columns = 2 if n > 8 and 2 * LEGEND_INCHES_PER_CHAR * max(map(len, labels)) + 1 <= width else 1
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=columns)
+    fig.set_size_inches(width, fig.get_size_inches()[1] + 0.17 * math.ceil(n / columns))
 
 
 def _clip_warmup(ax: Axes, runs: dict[str, list[dict]], plotted: Callable[[dict], Iterable[float | None]],
@@ -326,7 +337,7 @@ def cumulative_seconds(metrics: list[dict]) -> np.ndarray:
     return np.cumsum([float(m["seconds"]) for m in metrics])
 
 
-def _bound_key(metrics: list[dict]) -> tuple[str, str] | None:
+def bound_key(metrics: list[dict]) -> tuple[str, str] | None:
     """The metric drawn against seconds for a run and its name: the first of TIMED_BOUNDS it records."""
     return next(((key, name) for key, name in TIMED_BOUNDS if any(m.get(key) is not None for m in metrics)),
                 None)
@@ -336,7 +347,7 @@ def bound_curve(metrics: list[dict]) -> tuple[str, np.ndarray, np.ndarray] | Non
     """A run's bound against cumulative seconds: the validation ELBO where the run records one, else the
     test ELBO, as (its name, seconds, values) at the epochs that have it; None for a run with neither (the
     classifier)."""
-    found = _bound_key(metrics)
+    found = bound_key(metrics)
     if found is None:
         return None
     key, name = found
@@ -420,7 +431,7 @@ def _draw_seconds_groups(axes: Sequence[Axes], groups: dict[str, list[TimedRun]]
         colour = f"C{i % 10}"
         curves = [curve for run in runs if run.metrics and (curve := bound_curve(run.metrics)) is not None]
         for j, run in enumerate(runs):  # what the zoom spans: the value drawn, per epoch
-            if (found := _bound_key(run.metrics)) is not None:
+            if (found := bound_key(run.metrics)) is not None:
                 drawn[f"{label} {j}"] = [{"kl_weight": m.get("kl_weight", 1.0), "drawn": m.get(found[0])}
                                          for m in run.metrics]
         band = seed_band([(x, y) for _, x, y in curves]) if len(curves) > 1 else None
