@@ -294,7 +294,7 @@ def _legend_below(fig: Figure, ax: Axes) -> None:
     n, width = len(labels), fig.get_size_inches()[0]
     columns = 2 if n > 8 and 2 * LEGEND_INCHES_PER_CHAR * max(map(len, labels)) + 1 <= width else 1
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=columns)
-    fig.set_size_inches(width, fig.get_size_inches()[1] + 0.17 * math.ceil(n / columns))
+    fig.set_size_inches(width, fig.get_size_inches()[1] + 0.15 * math.ceil(n / columns))
 
 
 def _clip_warmup(ax: Axes, runs: dict[str, list[dict]], plotted: Callable[[dict], Iterable[float | None]],
