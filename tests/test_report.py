@@ -139,6 +139,16 @@ def test_report_unevaluated_lists_a_run_still_training_with_its_curves_and_best_
     assert main(["report", str(two_runs[0]), str(bare), "--out", str(tmp_path / "rep2"), "--x", "seconds",
                  "--unevaluated"]) == 0
     assert (tmp_path / "rep2" / CURVES).is_file()
+    seed = tmp_path / "seed1"  # bare's twin with another seed, evaluated: one group, one of 2 runs evaluated
+    shutil.copytree(two_runs[1], seed)
+    config = json.loads((seed / "config.json").read_text())
+    (seed / "config.json").write_text(json.dumps({**config, "seed": config["seed"] + 1}))
+    assert main(["report", str(two_runs[0]), str(seed), str(bare), "--out", str(tmp_path / "rep3"),
+                 "--unevaluated"]) == 0
+    group = json.loads((tmp_path / "rep3" / "report.json").read_text())["groups"][1]
+    assert group["runs"] == ["seed1", "bare"] and group["n_evaluated"] == 1
+    assert group["log_px"] == pytest.approx(table[1]["log_px"])  # the mean over the evaluated run alone
+    assert "(1 of 2 runs evaluated)" in (tmp_path / "rep3" / "report.md").read_text()
 
 
 def test_report_unevaluated_still_needs_an_evaluated_first_run(two_runs, tmp_path, capsys):

@@ -354,10 +354,10 @@ def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
 
 def group_rows(groups: list[SeedGroup]) -> list[dict]:
     """One row per group: its runs and seeds, log p(x) as mean ± s.e. over its seeds (s.e. = sd / sqrt(n),
-    for 2 seeds half their difference), the runs' mean wall time (train_seconds), and the
-    paired difference from the first group: d_s = log p(x) of this group's run with seed s minus the first
-    group's run with seed s, mean ± s.e. over the seeds both have (None for the first group and where no
-    seed matches)."""
+    for 2 seeds half their difference; over the runs evaluated, n_evaluated of n_runs), the runs' mean wall
+    time (train_seconds), and the paired difference from the first group: d_s = log p(x) of this group's run
+    with seed s minus the first group's run with seed s, mean ± s.e. over the seeds both have (None for the
+    first group and where no seed matches)."""
     first = {seed: run.evaluation.get("log_px") for run, seed in zip(groups[0].runs, groups[0].seeds,
                                                                       strict=True)}
     table = []
@@ -369,13 +369,20 @@ def group_rows(groups: list[SeedGroup]) -> list[dict]:
                   and run.evaluation.get("log_px") is not None]
         seconds = [train_seconds(run) for run in group.runs]
         row = {"group": group.label, "runs": [run.name for run in group.runs], "seeds": group.seeds,
-               "n_runs": len(group.runs)}
+               "n_runs": len(group.runs),
+               "n_evaluated": sum(bool(run.evaluation) for run in group.runs)}
         row["log_px"], row["log_px_se"] = _mean_se(log_px)
         row["diff_log_px"], row["diff_log_px_se"] = _mean_se(paired)
         row["n_paired"] = None if group is groups[0] else len(paired)
         row["train_seconds"] = None if None in seconds else float(np.mean(seconds))
         table.append(row)
     return table
+
+
+def _evaluated_of(group: dict) -> str:
+    """" (2 of 3 runs evaluated)" where runs of the group have no log p(x) (report --unevaluated), else ""."""
+    n, evaluated = group["n_runs"], group["n_evaluated"]
+    return f" ({evaluated} of {n} runs evaluated)" if evaluated < n else ""
 
 
 def group_markdown(groups: list[dict]) -> str:
@@ -387,7 +394,7 @@ def group_markdown(groups: list[dict]) -> str:
              "|" + " --- |" * 7]
     for g in groups:
         lines.append(f"| {g['group']} | {', '.join(g['runs'])} | {', '.join(map(str, g['seeds']))} | "
-                     f"{_pm(g['log_px'], g['log_px_se'])} | "
+                     f"{_pm(g['log_px'], g['log_px_se'])}{_evaluated_of(g)} | "
                      f"{_pm(g['diff_log_px'], g['diff_log_px_se'], 3)} | "
                      f"{_fmt(g['n_paired'])} | {_fmt(g['train_seconds'], 1)} |")
     lines += ["", "s.e. over seeds: sd / sqrt(n) (for 2 seeds, half their difference); Δ: for each seed both "
