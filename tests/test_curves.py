@@ -139,6 +139,26 @@ def test_seconds_figure_draws_each_group_as_the_mean_over_seeds_on_the_common_gr
     assert (low, high) == pytest.approx((-96.0 - se, -96.0 + se))
 
 
+def test_each_seed_of_a_group_is_drawn_faintly_to_its_own_end_with_its_own_log_px():
+    # the band ends with the shorter seed (4 s); the longer seed's curve and its log p(x) still show at 9 s
+    runs = [_timed([1.0] * 4, -110.0, 2.0, -100.0), _timed([1.5] * 6, -120.0, 4.0, -98.0)]
+    fig = seconds_curves_figure({"g": runs})
+    whole, zoom = fig.axes[:2]
+    seeds = [line for line in whole.lines if line.get_label().startswith("_seed") and "log p(x)" not in
+             line.get_label()]
+    longer = [1.5, 3.0, 4.5, 6.0, 7.5, 9.0]
+    assert [list(line.get_xdata()) for line in seeds] == [[1.0, 2.0, 3.0, 4.0], longer]
+    assert list(seeds[1].get_ydata()) == pytest.approx([-120.0 + 4.0 * t for t in longer])
+    finals = [line for line in whole.lines if line.get_label().startswith("_seed") and "log p(x)" in
+              line.get_label()]
+    assert [(line.get_xdata()[0], line.get_ydata()[0]) for line in finals] == [(4.0, -100.0), (9.0, -98.0)]
+    assert _line(whole, "g: validation").get_xdata()[-1] == 4.0  # the mean: only where both seeds are
+    low, high = zoom.get_ylim()
+    start, end = zoom.get_xlim()
+    assert low <= -100.0 and high >= -98.0 and start < 4.0 and end >= 9.0  # both seeds' finals in the zoom
+    assert not [t.get_text() for t in whole.get_legend().get_texts() if "seed 1" in t.get_text()]
+
+
 def test_a_group_of_one_run_is_a_plain_curve_with_its_log_px_at_its_total_seconds():
     run = _timed([3.0, 1.0, 2.0], -90.0, 1.0, -80.0, key="test_elbo")  # no validation: the test ELBO
     ax = seconds_curves_figure({"fm-vae-mc-s1": [run]}).axes[0]

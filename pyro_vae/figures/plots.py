@@ -384,7 +384,8 @@ def seconds_curves_figure(groups: dict[str, list[TimedRun]]) -> Figure:
     else test ELBO) against cumulative seconds, and the final test log p(x) as a marker at the run's total
     seconds. A group of one run is a plain curve and marker; a group of several is the mean over seeds on a
     common grid of seconds (seed_band) with a band of ± one s.e. over seeds (with 2 seeds: their min–max),
-    and one marker at the seeds' mean total seconds, their mean log p(x) ± s.e. (a bar). Nats per
+    and one marker at the seeds' mean total seconds, their mean log p(x) ± s.e. (a bar), with each seed's own
+    curve and log p(x) drawn faintly (_draw_seeds: the band ends with the shortest seed). Nats per
     example; the y axis zoomed past the KL warm-up (_clip_warmup). Runs without a bound have no curve.
     Where runs have a final log p(x), a second panel (axes[1]) draws the same over the last half of the
     wall time (from earlier where a marker sits earlier), zoomed on the finals (_zoom_on_finals): there
@@ -395,16 +396,15 @@ def seconds_curves_figure(groups: dict[str, list[TimedRun]]) -> Figure:
     ax = axes[0][0]
     drawn, markers, marker_seconds, curves, t_max = _draw_seconds_groups(axes[0], groups)
     ax.set_title("the bound against training wall time; \u25c6 final test log p(x) at the run's total time\n"
-                 "several seeds: their mean, band and bar \u00b1 s.e. over seeds (2 seeds: min\u2013max)",
-                 fontsize="medium")
+                 "several seeds: their mean, band and bar \u00b1 s.e. over seeds (2 seeds: min\u2013max);\n"
+                 "faint: each seed's own curve, \u25c7 its own log p(x)", fontsize="medium")
     if ax.get_legend_handles_labels()[1]:
         ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.13))
         _clip_warmup(ax, drawn, lambda m: (m["drawn"],), markers)
     if finals:
         zoom = axes[0][1]
         _zoom_on_finals(zoom, curves, markers, marker_seconds, t_max)
-        zoom.set_title("the end of training (from half the latest time), zoomed on the final test log p(x)",
-                       fontsize="medium")
+        zoom.set_title("the end of training, zoomed on the final test log p(x)", fontsize="medium")
     return fig
 
 
@@ -443,6 +443,8 @@ def _draw_seconds_groups(axes: Sequence[Axes], groups: dict[str, list[TimedRun]]
                 ax.plot(band.grid, band.mean, "-", color=colour,
                         label=f"{label}: {curves[0][0]}, mean of {n} seeds ({_spread(n)})")
             plotted.append((band.grid, band.mean))
+            _draw_seeds(axes, label, colour, runs, curves, markers, marker_seconds)
+            plotted += [(x, y) for _, x, y in curves]
         for j, (quantity, x, y) in enumerate(curves if band is None else []):
             apart = " (each seed: no seconds in common)" if len(curves) > 1 else ""
             for ax in axes:
@@ -470,6 +472,24 @@ def _draw_seconds_groups(axes: Sequence[Axes], groups: dict[str, list[TimedRun]]
         ax.set_ylabel("nats per example")
         ax.set_xlim(left=0)
     return drawn, markers, marker_seconds, plotted, t_max
+
+
+def _draw_seeds(axes: Sequence[Axes], label: str, colour: str, runs: list[TimedRun],
+                curves: list[tuple[str, np.ndarray, np.ndarray]], markers: list[float],
+                marker_seconds: list[float]) -> None:
+    """Each seed of a group drawn faintly beside the group's mean and band: its own curve to its own end,
+    and its final log p(x) as a hollow marker at its own total seconds (added to `markers` and
+    `marker_seconds`, what the zoom spans); labelled "_seed J: LABEL" (not in the legend)."""
+    for j, (_, x, y) in enumerate(curves):
+        for ax in axes:
+            ax.plot(x, y, "-", color=colour, linewidth=0.6, alpha=0.35, label=f"_seed {j}: {label}")
+    for j, run in enumerate(r for r in runs if _has_log_px(r)):
+        t = float(cumulative_seconds(run.metrics)[-1])
+        for ax in axes:
+            ax.plot([t], [run.log_px], "D", markersize=4, markerfacecolor="none", color=colour, alpha=0.7,
+                    label=f"_seed {j} log p(x): {label}")
+        markers.append(run.log_px)
+        marker_seconds.append(t)
 
 
 def _zoom_on_finals(ax: Axes, curves: list[Curve], markers: list[float], marker_seconds: list[float],
