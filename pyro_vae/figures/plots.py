@@ -279,7 +279,10 @@ def run_curves_figure(runs: dict[str, list[dict]]) -> Figure:
     ax.set_title("learning curves: -train loss solid, validation dotted, test dashed", fontsize="medium")
     ax.xaxis.get_major_locator().set_params(integer=True)
     if ax.lines:
-        _legend_below(fig, ax) if len(ax.lines) > 4 else ax.legend(fontsize="small")
+        if len(ax.lines) > 4:
+            _legend_below(fig, ax)
+        else:
+            ax.legend(fontsize="small")
         _clip_warmup(ax, bounded, lambda m: (-m["train_loss"], m.get("validation_elbo"), m.get(test_key)))
     if accuracy:
         _accuracy_panel(axes[0][1], runs)
