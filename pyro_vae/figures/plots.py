@@ -437,6 +437,8 @@ def _draw_seconds_groups(axes: Sequence[Axes], groups: dict[str, list[TimedRun]]
             if (found := bound_key(run.metrics)) is not None:
                 drawn[f"{label} {j}"] = [{"kl_weight": m.get("kl_weight", 1.0), "drawn": m.get(found[0])}
                                          for m in run.metrics]
+        finals = [(float(cumulative_seconds(run.metrics)[-1]), run.log_px)  # each run's total seconds
+                  for run in runs if _has_log_px(run)]
         band = seed_band([(x, y) for _, x, y in curves]) if len(curves) > 1 else None
         if band is not None:
             n = len(curves)
@@ -446,7 +448,7 @@ def _draw_seconds_groups(axes: Sequence[Axes], groups: dict[str, list[TimedRun]]
                 ax.plot(band.grid, band.mean, "-", color=colour,
                         label=f"{label}: {curves[0][0]}, mean of {n} seeds ({_spread(n)})")
             plotted.append((band.grid, band.mean))
-            _draw_seeds(axes, label, colour, runs, curves, markers, marker_seconds)
+            _draw_seeds(axes, label, colour, curves, finals, markers, marker_seconds)
             plotted += [(x, y) for _, x, y in curves]
         for j, (quantity, x, y) in enumerate(curves if band is None else []):
             apart = " (each seed: no seconds in common)" if len(curves) > 1 else ""
@@ -454,13 +456,12 @@ def _draw_seconds_groups(axes: Sequence[Axes], groups: dict[str, list[TimedRun]]
                 _plot_points(ax, list(zip(x.tolist(), y.tolist(), strict=True)), "-", colour,
                              f"{label}: {quantity}{apart}" if j == 0 else "_nolegend_")
             plotted.append((x, y))
-        finals = [(cumulative_seconds(run.metrics)[-1], run.log_px) for run in runs if _has_log_px(run)]
         if len(finals) == 1:
             for ax in axes:
                 ax.plot([finals[0][0]], [finals[0][1]], "D", color=colour, markeredgecolor="black",
                         label=f"_log p(x) {label}")  # the legend names the group once, by its curve
             markers.append(finals[0][1])
-            marker_seconds.append(float(finals[0][0]))
+            marker_seconds.append(finals[0][0])
         elif finals:
             seconds, log_px = np.array(finals).T
             mean, se = mean_se(log_px)
@@ -469,7 +470,7 @@ def _draw_seconds_groups(axes: Sequence[Axes], groups: dict[str, list[TimedRun]]
                             markeredgecolor="black", capsize=4, label=f"_log p(x) {label}")
             markers += [mean - se, mean + se]
             marker_seconds.append(float(seconds.mean()))
-        t_max = max([t_max, *(float(x[-1]) for _, x, _ in curves), *(float(t) for t, _ in finals)])
+        t_max = max([t_max, *(float(x[-1]) for _, x, _ in curves), *(t for t, _ in finals)])
     for ax in axes:
         ax.set_xlabel("training wall time (seconds, summed over epochs)")
         ax.set_ylabel("nats per example")
@@ -477,21 +478,21 @@ def _draw_seconds_groups(axes: Sequence[Axes], groups: dict[str, list[TimedRun]]
     return drawn, markers, marker_seconds, plotted, t_max
 
 
-def _draw_seeds(axes: Sequence[Axes], label: str, colour: str, runs: list[TimedRun],
-                curves: list[tuple[str, np.ndarray, np.ndarray]], markers: list[float],
-                marker_seconds: list[float]) -> None:
+def _draw_seeds(axes: Sequence[Axes], label: str, colour: str,
+                curves: list[tuple[str, np.ndarray, np.ndarray]], finals: list[tuple[float, float]],
+                markers: list[float], marker_seconds: list[float]) -> None:
     """Each seed of a group drawn faintly beside the group's mean and band: its own curve to its own end,
-    and its final log p(x) as a hollow marker at its own total seconds (added to `markers` and
-    `marker_seconds`, what the zoom spans); labelled "_seed J: LABEL" (not in the legend)."""
+    and its final log p(x) as a hollow marker at its own total seconds (`finals`: (seconds, log p(x)) per
+    seed; added to `markers` and `marker_seconds`, what the zoom spans); labelled "_seed J: LABEL" (not in
+    the legend)."""
     for j, (_, x, y) in enumerate(curves):
         for ax in axes:
             ax.plot(x, y, "-", color=colour, linewidth=0.6, alpha=0.35, label=f"_seed {j}: {label}")
-    for j, run in enumerate(r for r in runs if _has_log_px(r)):
-        t = float(cumulative_seconds(run.metrics)[-1])
+    for j, (t, log_px) in enumerate(finals):
         for ax in axes:
-            ax.plot([t], [run.log_px], "D", markersize=4, markerfacecolor="none", color=colour, alpha=0.7,
+            ax.plot([t], [log_px], "D", markersize=4, markerfacecolor="none", color=colour, alpha=0.7,
                     label=f"_seed {j} log p(x): {label}")
-        markers.append(run.log_px)
+        markers.append(log_px)
         marker_seconds.append(t)
 
 
