@@ -1,0 +1,84 @@
+"""The same trained models scored on two binarizations of the same test images: how much a published
+number measured on another draw of the test set (the authors' NumPy seed 777, `--heldout authors`) is
+the draw, not the model. Each pair A:B is one model's two evaluations (eval.json and eval_examples.pt),
+A on our test draw and B on the other: the same best.pt (eval.json's model_checkpoint), the same images
+in the same order, other fingerprints. Prints per pair log p(x) on each draw and the per-image
+difference B - A +- its paired s.e.; over the pairs, each draw's mean +- s.e. over the models, and the
+shift: per image the mean over models of B - A, mean +- s.e. over images (the models share the draws,
+so their shifts are not independent; the images are).
+
+    python scripts/draw_shift.py docs/runs/fashion-mnist-vae-s3:docs/runs/fashion-mnist-vae-s3-authors-test \
+        docs/runs/fashion-mnist-vae-s4:docs/runs/fashion-mnist-vae-s4-authors-test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from pyro_vae.errors import InputError
+from pyro_vae.evaluation.report import load_checkpoint_values, paired_difference
+from pyro_vae.stats import mean_se
+
+
+def read_evaluation(run: Path) -> tuple[dict, torch.Tensor]:
+    """eval.json and the per-image log p(x) of its eval_examples.pt."""
+    path = run / "eval.json"
+    if not path.is_file():
+        raise InputError(f"{run} has no eval.json: evaluate it first (pyro-vae evaluate {run})")
+    evaluation = json.loads(path.read_text())
+    values = load_checkpoint_values(run / evaluation.get("examples_file", "eval_examples.pt"), ("log_px",))
+    return evaluation, values["log_px"].double()
+
+
+def pair_shift(a: Path, b: Path) -> dict:
+    """One model on two draws: each draw's log p(x), and B - A per image (mean, paired s.e.)."""
+    (ea, xa), (eb, xb) = read_evaluation(a), read_evaluation(b)
+    if ea.get("n_examples") != eb.get("n_examples") or xa.shape != xb.shape:
+        raise InputError(f"{a} and {b} scored other numbers of test images "
+                         f"({ea.get('n_examples')} vs {eb.get('n_examples')}): evaluate both on all of them")
+    if ea.get("model_checkpoint") != eb.get("model_checkpoint"):
+        raise InputError(f"{a} and {b} scored other models ({ea.get('model_checkpoint')} vs "
+                         f"{eb.get('model_checkpoint')}): a pair is one best.pt on two test draws")
+    if ea.get("test_fingerprint") == eb.get("test_fingerprint"):
+        raise InputError(f"{a} and {b} scored the same test draw (fingerprint {ea.get('test_fingerprint')})")
+    shift, se = paired_difference(xa, xb)
+    return {"a": str(a), "b": str(b), "log_px_a": float(xa.mean()), "log_px_b": float(xb.mean()),
+            "shift": shift, "shift_se": se, "k": [ea.get("k"), eb.get("k")], "per_image": xb - xa}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pairs", nargs="+", metavar="A:B", help="one model's records on our draw : another")
+    parser.add_argument("--json", type=Path, help="write the numbers here")
+    args = parser.parse_args(argv)
+    pairs = []
+    for spec in args.pairs:
+        a, sep, b = spec.partition(":")
+        if not sep or not a or not b:
+            raise SystemExit(f"draw_shift: {spec!r} is not A:B (two run directories)")
+        pairs.append(pair_shift(Path(a), Path(b)))
+    print("| model (A) | log p(x), draw A | log p(x), draw B | B - A, paired over images |")
+    print("|---|---|---|---|")
+    for p in pairs:
+        print(f"| {p['a']} | {p['log_px_a']:.2f} | {p['log_px_b']:.2f} "
+              f"| {p['shift']:+.3f} +- {p['shift_se']:.3f} |")
+    per_image = torch.stack([p.pop("per_image") for p in pairs]).mean(0)
+    result = {"pairs": pairs}
+    for key in ("log_px_a", "log_px_b"):
+        result[key], result[key + "_se"] = mean_se(torch.tensor([p[key] for p in pairs], dtype=torch.float64))
+    result["shift"], result["shift_se_images"] = mean_se(per_image)
+    print(f"\nover {len(pairs)} models: draw A {result['log_px_a']:.2f} +- {result['log_px_a_se']:.2f}, "
+          f"draw B {result['log_px_b']:.2f} +- {result['log_px_b_se']:.2f} (+- over models); B - A "
+          f"{result['shift']:+.3f} +- {result['shift_se_images']:.3f} (the models' mean per image, +- over "
+          "images)")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
