@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
         a, sep, b = spec.partition(":")
         if not sep or not a or not b:
             raise SystemExit(f"draw_shift: {spec!r} is not A:B (two run directories)")
-        pairs.append(pair_shift(Path(a), Path(b)))
+        try:
+            pairs.append(pair_shift(Path(a), Path(b)))
+        except InputError as err:
+            raise SystemExit(f"draw_shift: {err}") from None
     print("| model (A) | log p(x), draw A | log p(x), draw B | B - A, paired over images |")
     print("|---|---|---|---|")
     for p in pairs:
@@ -71,10 +74,13 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("log_px_a", "log_px_b"):
         result[key], result[key + "_se"] = mean_se(torch.tensor([p[key] for p in pairs], dtype=torch.float64))
     result["shift"], result["shift_se_images"] = mean_se(per_image)
-    print(f"\nover {len(pairs)} models: draw A {result['log_px_a']:.2f} +- {result['log_px_a_se']:.2f}, "
-          f"draw B {result['log_px_b']:.2f} +- {result['log_px_b_se']:.2f} (+- over models); B - A "
-          f"{result['shift']:+.3f} +- {result['shift_se_images']:.3f} (the models' mean per image, +- over "
-          "images)")
+    several = len(pairs) > 1
+    levels = ", ".join(f"draw {d} {result[f'log_px_{d.lower()}']:.2f}"
+                       + (f" +- {result[f'log_px_{d.lower()}_se']:.2f}" if several else "") for d in "AB")
+    print(f"\nover {len(pairs)} model{'s' * several}: {levels} "
+          + ("(+- over models)" if several else "(one model: no spread over models)")
+          + f"; B - A {result['shift']:+.3f} +- {result['shift_se_images']:.3f} (the models' mean per image, "
+          "+- over images)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return result

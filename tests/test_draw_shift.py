@@ -72,3 +72,12 @@ def test_a_pair_of_two_models_or_one_draw_or_other_images_is_refused(tmp_path):
         script.pair_shift(a, record(tmp_path / "fewer", x[:10], "theirs"))
     with pytest.raises(InputError, match="no eval.json"):
         script.pair_shift(a, tmp_path)
+
+
+def test_the_command_line_names_the_refused_pair_without_a_traceback(tmp_path):
+    x = torch.zeros(N, dtype=torch.float64)
+    a, b = record(tmp_path / "a", x, "ours"), record(tmp_path / "b", x, "theirs", epoch=9)
+    with pytest.raises(SystemExit, match="draw_shift: .* scored other models"):
+        script.main([f"{a}:{b}"])
+    with pytest.raises(SystemExit, match="is not A:B"):
+        script.main([str(a)])
