@@ -1,14 +1,15 @@
 """The same trained models scored on two binarizations of the same test images: how much a published
 number measured on another draw of the test set (the authors' NumPy seed 777, `--heldout authors`) is
 the draw, not the model. Each pair A:B is one model's two evaluations (eval.json and eval_examples.pt),
-A on our test draw and B on the other: the same best.pt (eval.json's model_checkpoint), the same images
-in the same order, other fingerprints. Prints per pair log p(x) on each draw and the per-image
-difference B - A +- its paired s.e.; over the pairs, each draw's mean +- s.e. over the models, and the
-shift: per image the mean over models of B - A, mean +- s.e. over images (the models share the draws,
-so their shifts are not independent; the images are).
+A on our test draw and B on the other: the same best.pt (eval.json's model_checkpoint; config.json,
+where both have one, the same but for "heldout"), the same images in the same order, other
+fingerprints. Prints per pair log p(x) on each draw and the per-image difference B - A +- its paired
+s.e.; over the pairs, each draw's mean +- s.e. over the models, and the shift: per image the mean over
+models of B - A, mean +- s.e. over images (the models share the draws, so their shifts are not
+independent; the images are).
 
-    python scripts/draw_shift.py docs/runs/fashion-mnist-vae-s3:docs/runs/fashion-mnist-vae-s3-authors-test \
-        docs/runs/fashion-mnist-vae-s4:docs/runs/fashion-mnist-vae-s4-authors-test
+    R=docs/runs/fashion-mnist-vae
+    python scripts/draw_shift.py $R-s3:$R-s3-on-authors-test $R-s4:$R-s4-on-authors-test
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ def pair_shift(a: Path, b: Path) -> dict:
                          f"{eb.get('model_checkpoint')}): a pair is one best.pt on two test draws")
     if ea.get("test_fingerprint") == eb.get("test_fingerprint"):
         raise InputError(f"{a} and {b} scored the same test draw (fingerprint {ea.get('test_fingerprint')})")
+    configs = [json.loads((run / "config.json").read_text())
+               for run in (a, b) if (run / "config.json").is_file()]
+    if len(configs) == 2:
+        differ = sorted(k for k in configs[0].keys() | configs[1].keys()
+                        if k != "heldout" and configs[0].get(k) != configs[1].get(k))
+        if differ:
+            raise InputError(f"{a} and {b} were trained with other settings ({', '.join(differ)}): a pair is "
+                             "one run's model on two test draws")
     shift, se = paired_difference(xa, xb)
     return {"a": str(a), "b": str(b), "log_px_a": float(xa.mean()), "log_px_b": float(xb.mean()),
             "shift": shift, "shift_se": se, "k": [ea.get("k"), eb.get("k")], "per_image": xb - xa}

@@ -74,6 +74,17 @@ def test_a_pair_of_two_models_or_one_draw_or_other_images_is_refused(tmp_path):
         script.pair_shift(a, tmp_path)
 
 
+def test_two_runs_stopped_at_the_same_step_are_not_one_model(tmp_path):
+    x = torch.zeros(N, dtype=torch.float64)
+    a, b = record(tmp_path / "a", x, "ours"), record(tmp_path / "b", x, "theirs")
+    (a / "config.json").write_text(json.dumps({"seed": 3, "heldout": "seeded", "z_dim": 40}))
+    (b / "config.json").write_text(json.dumps({"seed": 4, "heldout": "authors", "z_dim": 40}))
+    with pytest.raises(InputError, match=r"other settings \(seed\)"):
+        script.pair_shift(a, b)
+    (b / "config.json").write_text(json.dumps({"seed": 3, "heldout": "authors", "z_dim": 40}))
+    assert script.pair_shift(a, b)["shift"] == 0.0  # the same run's config with the test set switched
+
+
 def test_the_command_line_names_the_refused_pair_without_a_traceback(tmp_path):
     x = torch.zeros(N, dtype=torch.float64)
     a, b = record(tmp_path / "a", x, "ours"), record(tmp_path / "b", x, "theirs", epoch=9)
