@@ -1,12 +1,11 @@
 """The same trained models scored on two binarizations of the same test images: how much a published
 number measured on another draw of the test set (the authors' NumPy seed 777, `--heldout authors`) is
 the draw, not the model. Each pair A:B is one model's two evaluations (eval.json and eval_examples.pt),
-A on our test draw and B on the other: the same best.pt (eval.json's model_checkpoint; config.json,
-where both have one, the same but for "heldout"), the same images in the same order, other
-fingerprints. Prints per pair log p(x) on each draw and the per-image difference B - A +- its paired
-s.e.; over the pairs, each draw's mean +- s.e. over the models, and the shift: per image the mean over
-models of B - A, mean +- s.e. over images (the models share the draws, so their shifts are not
-independent; the images are).
+A on our test draw and B on the other: the same best.pt (eval.json's model_checkpoint; config.json the
+same but for "heldout"), the same images in the same order, other fingerprints. Prints per pair log
+p(x) on each draw and the per-image difference B - A +- its paired s.e.; over the pairs, each draw's
+mean +- s.e. over the models, and the shift: per image the mean over models of B - A, mean +- s.e. over
+images (the models share the draws, so their shifts are not independent; the images are).
 
     R=docs/runs/fashion-mnist-vae
     python scripts/draw_shift.py $R-s3:$R-s3-on-authors-test $R-s4:$R-s4-on-authors-test
@@ -21,23 +20,15 @@ from pathlib import Path
 import torch
 
 from pyro_vae.errors import InputError
-from pyro_vae.evaluation.report import load_checkpoint_values, paired_difference
+from pyro_vae.evaluation.report import paired_difference, read_run
 from pyro_vae.stats import mean_se
-
-
-def read_evaluation(run: Path) -> tuple[dict, torch.Tensor]:
-    """eval.json and the per-image log p(x) of its eval_examples.pt."""
-    path = run / "eval.json"
-    if not path.is_file():
-        raise InputError(f"{run} has no eval.json: evaluate it first (pyro-vae evaluate {run})")
-    evaluation = json.loads(path.read_text())
-    values = load_checkpoint_values(run / evaluation.get("examples_file", "eval_examples.pt"), ("log_px",))
-    return evaluation, values["log_px"].double()
+from pyro_vae.training.run_dir import CONFIG, read_json
 
 
 def pair_shift(a: Path, b: Path) -> dict:
     """One model on two draws: each draw's log p(x), and B - A per image (mean, paired s.e.)."""
-    (ea, xa), (eb, xb) = read_evaluation(a), read_evaluation(b)
+    run_a, run_b = read_run(a), read_run(b)  # the report's checks: evaluated, per-image values, current model
+    (ea, xa), (eb, xb) = ((run.evaluation, run.values["log_px"].double()) for run in (run_a, run_b))
     if ea.get("n_examples") != eb.get("n_examples") or xa.shape != xb.shape:
         raise InputError(f"{a} and {b} scored other numbers of test images "
                          f"({ea.get('n_examples')} vs {eb.get('n_examples')}): evaluate both on all of them")
@@ -46,14 +37,11 @@ def pair_shift(a: Path, b: Path) -> dict:
                          f"{eb.get('model_checkpoint')}): a pair is one best.pt on two test draws")
     if ea.get("test_fingerprint") == eb.get("test_fingerprint"):
         raise InputError(f"{a} and {b} scored the same test draw (fingerprint {ea.get('test_fingerprint')})")
-    configs = [json.loads((run / "config.json").read_text())
-               for run in (a, b) if (run / "config.json").is_file()]
-    if len(configs) == 2:
-        differ = sorted(k for k in configs[0].keys() | configs[1].keys()
-                        if k != "heldout" and configs[0].get(k) != configs[1].get(k))
-        if differ:
-            raise InputError(f"{a} and {b} were trained with other settings ({', '.join(differ)}): a pair is "
-                             "one run's model on two test draws")
+    ca, cb = read_json(a / CONFIG), read_json(b / CONFIG)
+    differ = sorted(k for k in ca.keys() | cb.keys() if k != "heldout" and ca.get(k) != cb.get(k))
+    if differ:
+        raise InputError(f"{a} and {b} were trained with other settings ({', '.join(differ)}): a pair is "
+                         "one run's model on two test draws")
     shift, se = paired_difference(xa, xb)
     return {"a": str(a), "b": str(b), "log_px_a": float(xa.mean()), "log_px_b": float(xb.mean()),
             "shift": shift, "shift_se": se, "k": [ea.get("k"), eb.get("k")], "per_image": xb - xa}
@@ -81,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_image = torch.stack([p.pop("per_image") for p in pairs]).mean(0)
     result = {"pairs": pairs}
     for key in ("log_px_a", "log_px_b"):
-        result[key], result[key + "_se"] = mean_se(torch.tensor([p[key] for p in pairs], dtype=torch.float64))
+        result[key], result[key + "_se"] = mean_se([p[key] for p in pairs])
     result["shift"], result["shift_se_images"] = mean_se(per_image)
     several = len(pairs) > 1
     levels = ", ".join(f"draw {d} {result[f'log_px_{d.lower()}']:.2f}"

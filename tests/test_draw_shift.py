@@ -18,13 +18,19 @@ import draw_shift as script  # noqa: E402
 N = 400
 
 
-def record(path: Path, log_px: torch.Tensor, fingerprint: str, epoch: int = 7) -> Path:
-    """A run directory holding only what an evaluation writes: eval.json and eval_examples.pt."""
+def record(path: Path, log_px: torch.Tensor | None, fingerprint: str, epoch: int = 7, seed: int = 3) -> Path:
+    """A run directory holding config.json (the seed, and the test set named by the fingerprint) and what
+    an evaluation writes: eval.json and eval_examples.pt (none with log_px None: not evaluated)."""
     path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"seed": seed, "heldout": fingerprint, "z_dim": 40,
+                                                     "x_shape": [1, 28, 28]}))
+    if log_px is None:
+        return path
     torch.save({"log_px": log_px, "elbo": log_px - 2.0}, path / "eval_examples.pt")
     (path / "eval.json").write_text(json.dumps({
         "log_px": float(log_px.mean()), "n_examples": len(log_px), "k": 50, "test_fingerprint": fingerprint,
-        "examples_file": "eval_examples.pt", "model_checkpoint": {"checkpoint": "best.pt", "epoch": epoch}}))
+        "examples_file": "eval_examples.pt",
+        "model_checkpoint": {"checkpoint": "best.pt", "epoch": epoch, "step": 500 * epoch}}))
     return path
 
 
@@ -70,19 +76,17 @@ def test_a_pair_of_two_models_or_one_draw_or_other_images_is_refused(tmp_path):
         script.pair_shift(a, record(tmp_path / "same", x, "ours"))
     with pytest.raises(InputError, match="numbers of test images"):
         script.pair_shift(a, record(tmp_path / "fewer", x[:10], "theirs"))
-    with pytest.raises(InputError, match="no eval.json"):
-        script.pair_shift(a, tmp_path)
+    with pytest.raises(InputError, match="has not been evaluated"):
+        script.pair_shift(a, record(tmp_path / "unevaluated", None, "theirs"))
 
 
 def test_two_runs_stopped_at_the_same_step_are_not_one_model(tmp_path):
     x = torch.zeros(N, dtype=torch.float64)
-    a, b = record(tmp_path / "a", x, "ours"), record(tmp_path / "b", x, "theirs")
-    (a / "config.json").write_text(json.dumps({"seed": 3, "heldout": "seeded", "z_dim": 40}))
-    (b / "config.json").write_text(json.dumps({"seed": 4, "heldout": "authors", "z_dim": 40}))
+    a = record(tmp_path / "a", x, "ours")
     with pytest.raises(InputError, match=r"other settings \(seed\)"):
-        script.pair_shift(a, b)
-    (b / "config.json").write_text(json.dumps({"seed": 3, "heldout": "authors", "z_dim": 40}))
-    assert script.pair_shift(a, b)["shift"] == 0.0  # the same run's config with the test set switched
+        script.pair_shift(a, record(tmp_path / "b", x, "theirs", seed=4))
+    # the same run's config with the test set switched
+    assert script.pair_shift(a, record(tmp_path / "c", x, "theirs"))["shift"] == 0.0
 
 
 def test_the_command_line_names_the_refused_pair_without_a_traceback(tmp_path):
