@@ -18,7 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import __version__
-from .config import RESUMABLE, Config, load_config_file
+from .config import HELDOUT_MODES, RESUMABLE, Config, load_config_file
 from .data import CLASS_NAMES
 from .device import resolve_device
 from .errors import InputError, TrainingError
@@ -35,6 +35,7 @@ from .renames import add_renamed_flag
 from .staging import write_all_or_none
 from .sweeps.grid import grid_report, run_grid
 from .sweeps.grid_ray import SCHEDULERS, run_grid_ray
+from .training.run_copy import copy_run
 from .training.run_dir import EVAL, check_data_shape, load_model, model_stamp, read_config
 from .training.run_lock import run_lock
 from .training.tracking import MLflowTracker, log_results, resolve_uri
@@ -215,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "recorded in eval.json)")
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.add_argument("--heldout", choices=HELDOUT_MODES, help="score the model on another draw of the "
+                          "test set (authors: the authors' NumPy seed 777 draw; seeded: pyro-vae's); needs "
+                          "--out, so that RUN's own eval.json keeps describing its own test set")
+    evaluate.add_argument("--out", metavar="COPY", help="with --heldout: a new directory, a copy of RUN "
+                          "(its model file, metrics.jsonl, summary.json, and config.json with the new "
+                          "heldout), evaluated there; compare the two with scripts/draw_shift.py RUN:COPY")
 
     sample = sub.add_parser("sample", help="samples, reconstructions, traversal, latent map -> PNGs in RUN")
     sample.add_argument("run", help="a run directory written by `pyro-vae train`")
@@ -370,7 +377,13 @@ def _load_run(run: str, device_name: str, test_size: int | None = None):
 def cmd_evaluate(args: argparse.Namespace) -> None:
     _positive("eval-k", args.eval_k)
     _positive("test-size", args.test_size)
-    result, config, _ = evaluate_run(args.run, args.eval_k, args.test_size, args.device,
+    if (args.heldout is None) != (args.out is None):
+        raise InputError("--heldout and --out go together: --heldout MODE --out COPY scores a copy of the "
+                         "run on another draw of the test set and leaves RUN's own evaluation as it is")
+    run = args.run if args.out is None else copy_run(args.run, args.out, args.heldout)
+    if args.out is not None:
+        print(f"copied the model to {run} (heldout: {args.heldout})")
+    result, config, _ = evaluate_run(run, args.eval_k, args.test_size, args.device,
                                      progress=not args.quiet, seed=args.seed)
     kind = model_kind(config.model)
     print(f"{'metric':<22}{'per example':>18}{'std. error':>12}")
@@ -379,8 +392,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             print(f"{label:<22}{result[name]:>18.3f}{result[name + '_se']:>12.3f}")
     for line in kind.evaluation_notes(result, config):
         print(line)
-    print(f"wrote {Path(args.run) / EVAL}")
-    log_results(args.run, result, [Path(args.run) / EVAL])
+    print(f"wrote {Path(run) / EVAL}")
+    log_results(run, result, [Path(run) / EVAL])
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

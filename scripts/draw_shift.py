@@ -7,6 +7,7 @@ p(x) on each draw and the per-image difference B - A +- its paired s.e.; over th
 mean +- s.e. over the models, and the shift: per image the mean over models of B - A, mean +- s.e. over
 images (the models share the draws, so their shifts are not independent; the images are).
 
+    pyro-vae evaluate RUN --heldout authors --out COPY   # B: a copy of A's model, scored on the other draw
     R=docs/runs/fashion-mnist-vae
     python scripts/draw_shift.py $R-s3:$R-s3-on-authors-test $R-s4:$R-s4-on-authors-test
 """

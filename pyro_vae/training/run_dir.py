@@ -221,7 +221,7 @@ def check_run_dir(out: str | Path | None, overwrite: bool = False) -> Path:
     return path
 
 
-def _read_record(run: Path) -> dict:
+def read_record(run: Path) -> dict:
     """RUN/config.json as written (settings, x_shape, and for a user's pair, "pair")."""
     run = Path(run)
     if not (run / CONFIG).is_file():
@@ -239,7 +239,7 @@ def _read_record(run: Path) -> dict:
 
 def check_data_shape(run: Path, shape: tuple[int, ...]) -> None:
     """Refuse data whose examples do not have the shape RUN/config.json records (x_shape)."""
-    recorded = tuple(_read_record(run)["x_shape"])
+    recorded = tuple(read_record(run)["x_shape"])
     if recorded != tuple(shape):
         raise InputError(f"{Path(run) / CONFIG} records examples of shape {list(recorded)}, but the data "
                          f"read now are {list(shape)}: the dataset changed (or config.json was edited); "
@@ -248,14 +248,14 @@ def check_data_shape(run: Path, shape: tuple[int, ...]) -> None:
 
 def recorded_pair(run: Path) -> dict | None:
     """What RUN/config.json says about a user's own model/guide pair, or None for pyro-vae's VAE."""
-    return _read_record(run).get("pair")
+    return read_record(run).get("pair")
 
 
 def read_config(run: Path, pair: bool = False) -> tuple[Config, tuple[int, int, int]]:
     """The Config and the example shape (C, H, W) recorded in RUN/config.json (of a run of pyro-vae's
     own VAE: a user's pair cannot be rebuilt from the file, and is refused, unless pair=True: the
     caller brings the pair, and reads only the settings)."""
-    values = _read_record(run)
+    values = read_record(run)
     own_networks: set[str] = set()  # settings a run does not record: a pair brings its own networks
     if "pair" in values and pair:
         values.pop("pair")
@@ -328,7 +328,7 @@ def load_pair(run: Path, pair: object, device: torch.device | str = "cpu") -> Pr
     and .guide, or a Program: the pair the run trained, built the same way), in place; returns it as a
     Program. The pair's parameters are found by tracing it once on a batch of zeros."""
     run = Path(run)
-    record = _read_record(run)
+    record = read_record(run)
     if "pair" not in record:
         raise InputError(f"{run} trained pyro-vae's own VAE, not a pair of yours: load it with load_model")
     program = Program.of(pair)
