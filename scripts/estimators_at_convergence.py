@@ -78,6 +78,7 @@ def command(args: argparse.Namespace, name: str, k: int, seed: int) -> list[str]
     left without one (stopped before its first checkpoint) is started again (--overwrite)."""
     out = run_dir(args.out, label(name, k), seed)
     budget = ["--time-budget", str(args.minutes)] if args.mode == "budget" else []
+    budget += device_flag(args)
     if (out / CHECKPOINT).is_file():
         return pyro_vae("train", "--resume", str(out), *budget, "--threads", "1", "--quiet")
     cmd = pyro_vae("train", "--preset", args.preset, "--dataset", args.dataset, "--data-dir", args.data_dir,
@@ -91,6 +92,12 @@ def command(args: argparse.Namespace, name: str, k: int, seed: int) -> list[str]
     if not has_kl_term(name) or args.kl_anneal is not None:
         cmd += ["--kl-anneal", str(args.kl_anneal if has_kl_term(name) else 0)]
     return cmd + (["--overwrite"] if out.is_dir() and any(out.iterdir()) else [])
+
+
+def device_flag(args: argparse.Namespace) -> list[str]:
+    """--device for every train, resume and evaluate call, where one was asked for (a resumed run may move:
+    a run begun on the CPU goes on on the GPU)."""
+    return ["--device", args.device] if args.device else []
 
 
 def _call(cmd: list[str], log: Path, what: str) -> bool:
@@ -111,8 +118,8 @@ def train_one(args: argparse.Namespace, name: str, k: int, seed: int) -> None:
             return
         print(f"{out.name}: trained", flush=True)
     if not evaluated(out, args.eval_k):
-        if _call(pyro_vae("evaluate", str(out), "--eval-k", str(args.eval_k), "--quiet"), Path(f"{out}.log"),
-                 f"{out.name} (evaluate)"):
+        if _call(pyro_vae("evaluate", str(out), "--eval-k", str(args.eval_k), *device_flag(args), "--quiet"),
+                 Path(f"{out}.log"), f"{out.name} (evaluate)"):
             print(f"{out.name}: evaluated with k = {args.eval_k}", flush=True)
 
 
@@ -317,6 +324,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "iwae and iwae-dreg always 0)")
     parser.add_argument("--eval-k", type=int, default=5000, help="importance samples S of the test log p(x)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each")
+    parser.add_argument("--device", default=None,
+                        help="every run's --device (default: pyro-vae's, auto); on one GPU, the --jobs runs "
+                        "share it")
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--test-size", type=int, default=None)
     parser.add_argument("--validation-size", type=int, default=None)

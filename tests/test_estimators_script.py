@@ -111,6 +111,30 @@ def test_each_runs_command_is_the_preset_with_its_estimator_and_an_unfinished_ru
     assert "--time-budget" not in script.command(converge, "iwae-dreg", 50, 1)
 
 
+def test_a_device_reaches_every_train_resume_and_evaluate_call(tmp_path, monkeypatch):
+    """--device (the GPU rows) is each run's setting, also where an unfinished run resumes; without it the
+    commands carry none, so pyro-vae's default decides."""
+    from pyro_vae.cli import build_parser, resolve_config
+
+    gpu = script.parse_args(["--mode", "converge", "--specs", "iwae:50", "--out", str(tmp_path),
+                             "--device", "cuda"])
+    assert resolve_config(build_parser().parse_args(script.command(gpu, "iwae", 50, 0)[3:])).device == "cuda"
+    default = script.parse_args(["--mode", "converge", "--out", str(tmp_path)])
+    assert "--device" not in script.command(default, "iwae", 50, 0)
+    run = script.run_dir(tmp_path, "iwae:50", 0)
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"")
+    assert script.command(gpu, "iwae", 50, 0)[3:] == ["train", "--resume", str(run), "--device", "cuda",
+                                                       "--threads", "1", "--quiet"]
+    (run / "summary.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(script.subprocess, "run", lambda cmd, **_: calls.append(cmd) or
+                        script.subprocess.CompletedProcess(cmd, 0))
+    script.train_one(gpu, "iwae", 50, 0)  # finished, not evaluated: evaluated on the device asked for
+    assert [cmd[3:] for cmd in calls] == [
+        ["evaluate", str(run), "--eval-k", "5000", "--device", "cuda", "--quiet"]]
+
+
 def test_the_modes_defaults_and_bad_settings():
     budget = script.parse_args(["--mode", "budget", "--minutes", "60"])
     assert budget.specs == ["mc", "analytic", "iwae:5", "iwae:50", "stl", "iwae-dreg:5", "iwae-dreg:50"]
