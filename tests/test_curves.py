@@ -224,3 +224,27 @@ def test_many_runs_put_the_legend_below_the_axes_so_long_run_names_do_not_narrow
     ax = fig.axes[0]
     assert ax.get_legend().get_window_extent(renderer).y1 < ax.get_window_extent(renderer).y0
     assert fig.get_size_inches()[1] > 4.5  # taller by the legend's rows
+
+
+@pytest.mark.parametrize("runs", [2, 6])
+def test_the_legend_below_leaves_the_axis_label_free_and_the_axes_their_height(runs):
+    """The legend sits under the x axis's ticks and label (not over them), and the figure grows by what
+    the legend takes, so six runs' 24 entries leave the axes as tall as two runs' 8 do."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    def laid_out(n: int):
+        fig = run_curves_figure({f"fashion-mnist-hvae-vampprior-s{i}": _rows(30) for i in range(n)})
+        FigureCanvasAgg(fig)
+        fig.tight_layout()
+        fig.canvas.draw()  # places the axis label under the tick labels
+        return fig, fig.canvas.get_renderer()
+
+    fig, renderer = laid_out(runs)
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert legend.y1 < ax.xaxis.label.get_window_extent(renderer).y0
+    assert legend.y1 < min(t.get_window_extent(renderer).y0 for t in ax.get_xticklabels() if t.get_text())
+    assert legend.y0 >= 0  # inside the figure
+    one, _ = laid_out(1)  # four entries: the legend inside the axes, the figure its base size
+    height = ax.get_position().height * fig.get_size_inches()[1]
+    assert height == pytest.approx(one.axes[0].get_position().height * one.get_size_inches()[1], rel=0.1)

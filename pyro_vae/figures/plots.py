@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -33,6 +34,7 @@ TIMED_BOUNDS = (("validation_elbo", "validation ELBO"), ("test_elbo", "test ELBO
 TRAVERSAL_RANGE = 3.0  # z_u from -3 to 3: three prior standard deviations
 MAX_LEGEND_CLASSES = 20  # the latent map names its classes in a legend up to this many
 LEGEND_INCHES_PER_CHAR = 0.065  # a legend label's width per character at fontsize "small" (about)
+LEGEND_BELOW_AXIS_PAD = 4.2  # axes bottom to a legend below it, in its font sizes: x tick labels and x label
 
 
 def image_grid(images: Tensor, rows: int, cols: int, pad: int = 1) -> Tensor:
@@ -290,14 +292,16 @@ def run_curves_figure(runs: dict[str, list[dict]]) -> Figure:
 
 
 def _legend_below(fig: Figure, ax: Axes) -> None:
-    """ax's legend under the axes, in two columns past 8 entries where two of its longest label fit the
-    figure's width, the figure made taller by its rows: the axes keep their width however long the runs'
-    names are."""
+    """ax's legend under the axes, below the x axis's ticks and label, in two columns past 8 entries where
+    two of its longest label fit the figure's width; the figure is made taller by the legend's height, so
+    the axes keep their width and height however many runs and however long their names."""
     labels = ax.get_legend_handles_labels()[1]
-    n, width = len(labels), fig.get_size_inches()[0]
+    n, (width, height) = len(labels), fig.get_size_inches()
     columns = 2 if n > 8 and 2 * LEGEND_INCHES_PER_CHAR * max(map(len, labels)) + 1 <= width else 1
-    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=columns)
-    fig.set_size_inches(width, fig.get_size_inches()[1] + 0.15 * math.ceil(n / columns))
+    legend = ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, 0), ncol=columns,
+                       borderaxespad=LEGEND_BELOW_AXIS_PAD)
+    extent = legend.get_window_extent(FigureCanvasAgg(fig).get_renderer())  # measured, not guessed
+    fig.set_size_inches(width, height + extent.height / fig.dpi)
 
 
 def _clip_warmup(ax: Axes, runs: dict[str, list[dict]], plotted: Callable[[dict], Iterable[float | None]],
