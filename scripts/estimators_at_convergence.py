@@ -78,11 +78,11 @@ def command(args: argparse.Namespace, name: str, k: int, seed: int) -> list[str]
     left without one (stopped before its first checkpoint) is started again (--overwrite)."""
     out = run_dir(args.out, label(name, k), seed)
     budget = ["--time-budget", str(args.minutes)] if args.mode == "budget" else []
-    budget += device_flag(args)
+    resumable = budget + device_flag(args)  # settings a resumed run takes again
     if (out / CHECKPOINT).is_file():
-        return pyro_vae("train", "--resume", str(out), *budget, "--threads", "1", "--quiet")
+        return pyro_vae("train", "--resume", str(out), *resumable, "--threads", "1", "--quiet")
     cmd = pyro_vae("train", "--preset", args.preset, "--dataset", args.dataset, "--data-dir", args.data_dir,
-                   "--estimator", name, "--particles", str(k), "--seed", str(seed), *budget,
+                   "--estimator", name, "--particles", str(k), "--seed", str(seed), *resumable,
                    "--eval-k", str(args.eval_k), "--threads", "1", "--out", str(out),
                    "--quiet")
     for flag in PASS_THROUGH:
