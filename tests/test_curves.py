@@ -208,19 +208,29 @@ def test_the_zoom_panel_starts_early_enough_for_a_group_mean_marker_left_of_half
     assert start < 30.0 < end and end >= 100.0
 
 
-def test_many_runs_put_the_legend_below_the_axes_so_long_run_names_do_not_narrow_them():
+def _laid_out(names: list[str]):
+    """The curves figure of runs with these names, laid out and drawn as saving it would (the axis label
+    placed under the tick labels), and its renderer."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    def laid_out(prefix: str):
-        fig = run_curves_figure({f"{prefix}{i}": _rows(30) for i in range(3)})
-        FigureCanvasAgg(fig)
-        fig.tight_layout()
-        return fig, fig.axes[0].get_position().width * fig.get_size_inches()[0]
+    fig = run_curves_figure({name: _rows(30) for name in names})
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.canvas.draw()
+    return fig, fig.canvas.get_renderer()
 
-    _, short = laid_out("r")
-    fig, long = laid_out("fashion-mnist-hvae-vampprior-a-long-run-name-s")
-    assert long == pytest.approx(short, rel=0.05)  # beside the axes, the legend took most of the width
-    renderer = fig.canvas.get_renderer()
+
+def _axes_inches(fig) -> tuple[float, float]:
+    """The first axes' width and height in inches."""
+    position, (width, height) = fig.axes[0].get_position(), fig.get_size_inches()
+    return position.width * width, position.height * height
+
+
+def test_many_runs_put_the_legend_below_the_axes_so_long_run_names_do_not_narrow_them():
+    short, _ = _laid_out([f"r{i}" for i in range(3)])
+    fig, renderer = _laid_out([f"fashion-mnist-hvae-vampprior-a-long-run-name-s{i}" for i in range(3)])
+    # beside the axes, the legend took most of the width
+    assert _axes_inches(fig)[0] == pytest.approx(_axes_inches(short)[0], rel=0.05)
     ax = fig.axes[0]
     assert ax.get_legend().get_window_extent(renderer).y1 < ax.get_window_extent(renderer).y0
     assert fig.get_size_inches()[1] > 4.5  # taller by the legend's rows
@@ -230,21 +240,12 @@ def test_many_runs_put_the_legend_below_the_axes_so_long_run_names_do_not_narrow
 def test_the_legend_below_leaves_the_axis_label_free_and_the_axes_their_height(runs):
     """The legend sits under the x axis's ticks and label (not over them), and the figure grows by what
     the legend takes, so six runs' 24 entries leave the axes as tall as two runs' 8 do."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    def laid_out(n: int):
-        fig = run_curves_figure({f"fashion-mnist-hvae-vampprior-s{i}": _rows(30) for i in range(n)})
-        FigureCanvasAgg(fig)
-        fig.tight_layout()
-        fig.canvas.draw()  # places the axis label under the tick labels
-        return fig, fig.canvas.get_renderer()
-
-    fig, renderer = laid_out(runs)
+    names = [f"fashion-mnist-hvae-vampprior-s{i}" for i in range(runs)]
+    fig, renderer = _laid_out(names)
     ax = fig.axes[0]
     legend = ax.get_legend().get_window_extent(renderer)
     assert legend.y1 < ax.xaxis.label.get_window_extent(renderer).y0
     assert legend.y1 < min(t.get_window_extent(renderer).y0 for t in ax.get_xticklabels() if t.get_text())
     assert legend.y0 >= 0  # inside the figure
-    one, _ = laid_out(1)  # four entries: the legend inside the axes, the figure its base size
-    height = ax.get_position().height * fig.get_size_inches()[1]
-    assert height == pytest.approx(one.axes[0].get_position().height * one.get_size_inches()[1], rel=0.1)
+    one, _ = _laid_out(names[:1])  # four entries: the legend inside the axes, the figure its base size
+    assert _axes_inches(fig)[1] == pytest.approx(_axes_inches(one)[1], rel=0.1)
