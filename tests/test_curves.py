@@ -249,3 +249,15 @@ def test_the_legend_below_leaves_the_axis_label_free_and_the_axes_their_height(r
     assert legend.y0 >= 0  # inside the figure
     one, _ = _laid_out(names[:1])  # four entries: the legend inside the axes, the figure its base size
     assert _axes_inches(fig)[1] == pytest.approx(_axes_inches(one)[1], rel=0.1)
+
+
+@pytest.mark.parametrize("length", [5, 23, 29, 41])
+def test_the_legend_below_fits_the_figure_width_in_two_columns_where_they_fit(length):
+    """Twelve entries go in two columns when two columns of these names fit the figure's width, in one
+    otherwise; either way the legend lies within the figure, left and right."""
+    fig, renderer = _laid_out([("n" * length)[:length - 2] + f"s{i}" for i in range(3)])
+    legend = fig.axes[0].get_legend()
+    extent = legend.get_window_extent(renderer)
+    assert 0 <= extent.x0 and extent.x1 <= fig.bbox.width
+    columns = {round(t.get_window_extent(renderer).x0) for t in legend.get_texts()}
+    assert len(columns) == (2 if length <= 23 else 1)

@@ -19,6 +19,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.transforms import blended_transform_factory
 from torch import Tensor
 
 from ..data import CLASS_NAMES, IMAGE_CHANNELS, Dataset
@@ -33,7 +34,6 @@ from ..stats import mean_se
 TIMED_BOUNDS = (("validation_elbo", "validation ELBO"), ("test_elbo", "test ELBO"))
 TRAVERSAL_RANGE = 3.0  # z_u from -3 to 3: three prior standard deviations
 MAX_LEGEND_CLASSES = 20  # the latent map names its classes in a legend up to this many
-LEGEND_INCHES_PER_CHAR = 0.065  # a legend label's width per character at fontsize "small" (about)
 LEGEND_BELOW_AXIS_PAD = 4.2  # axes bottom to a legend below it, in its font sizes: x tick labels and x label
 
 
@@ -292,15 +292,19 @@ def run_curves_figure(runs: dict[str, list[dict]]) -> Figure:
 
 
 def _legend_below(fig: Figure, ax: Axes) -> None:
-    """ax's legend under the axes, below the x axis's ticks and label, in two columns past 8 entries where
-    two of its longest label fit the figure's width; the figure is made taller by the legend's height, so
-    the axes keep their width and height however many runs and however long their names."""
-    labels = ax.get_legend_handles_labels()[1]
-    n, (width, height) = len(labels), fig.get_size_inches()
-    columns = 2 if n > 8 and 2 * LEGEND_INCHES_PER_CHAR * max(map(len, labels)) + 1 <= width else 1
-    legend = ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, 0), ncol=columns,
-                       borderaxespad=LEGEND_BELOW_AXIS_PAD)
-    extent = legend.get_window_extent(FigureCanvasAgg(fig).get_renderer())  # measured, not guessed
+    """ax's legend under the axes, below the x axis's ticks and label and centred on the figure, in two
+    columns past 8 entries where two columns fit the figure's width (measured); the figure is made taller
+    by the legend's height, so the axes keep their width and height however many runs and however long
+    their names."""
+    n, (width, height) = len(ax.get_legend_handles_labels()[1]), fig.get_size_inches()
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    under_axes = blended_transform_factory(fig.transFigure, ax.transAxes)  # x across the figure, y the axes'
+    for columns in (2, 1) if n > 8 else (1,):
+        legend = ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, 0), ncol=columns,
+                           bbox_transform=under_axes, borderaxespad=LEGEND_BELOW_AXIS_PAD)
+        extent = legend.get_window_extent(renderer)  # measured, not guessed
+        if extent.width <= fig.bbox.width:
+            break
     fig.set_size_inches(width, height + extent.height / fig.dpi)
 
 
