@@ -255,7 +255,7 @@ def test_the_legend_below_leaves_the_axis_label_free_and_the_axes_their_height(r
 def test_the_legend_below_fits_the_figure_width_in_two_columns_where_they_fit(length):
     """Twelve entries go in two columns when two columns of these names fit the figure's width, in one
     otherwise; either way the legend lies within the figure, left and right."""
-    fig, renderer = _laid_out([("n" * length)[:length - 2] + f"s{i}" for i in range(3)])
+    fig, renderer = _laid_out(["n" * (length - 2) + f"s{i}" for i in range(3)])
     legend = fig.axes[0].get_legend()
     extent = legend.get_window_extent(renderer)
     assert 0 <= extent.x0 and extent.x1 <= fig.bbox.width
