@@ -313,6 +313,25 @@ def test_report_groups_runs_that_differ_only_in_their_seed_and_pairs_groups_by_s
             in md)
 
 
+def test_report_groups_give_accuracy_over_seeds_and_paired_by_seed(seeded_runs, tmp_path):
+    """Runs with a test accuracy (M2, the classifier): each group's accuracy as mean ± s.e. over its seeds,
+    and its difference from the first group paired by seed, in report.json and report.md."""
+    from pyro_vae.evaluation.report import report
+
+    accuracy = {"mc-s1": 0.70, "analytic-s1": 0.52, "mc-s2": 0.66, "analytic-s2": 0.51}
+    for run in seeded_runs:
+        record = json.loads((run / "eval.json").read_text())
+        (run / "eval.json").write_text(json.dumps({**record, "test_accuracy": accuracy[run.name]}))
+    mc, analytic = report(seeded_runs, tmp_path / "rep").groups
+    assert mc["accuracy"] == pytest.approx(0.68) and mc["accuracy_se"] == pytest.approx(0.02)
+    d = [0.52 - 0.70, 0.51 - 0.66]  # per seed, analytic minus mc
+    assert analytic["diff_accuracy"] == pytest.approx(statistics.mean(d))
+    assert analytic["diff_accuracy_se"] == pytest.approx(statistics.stdev(d) / math.sqrt(2))
+    assert mc["diff_accuracy"] is None and analytic["n_paired"] == 2
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| 0.5150 ± 0.0050 | -0.1650 ± 0.0150 | 2 |" in md
+
+
 def test_group_labels_name_what_differs_and_fall_back_to_the_run_names(seeded_runs, tmp_path):
     from pyro_vae.evaluation.report import read_run, seed_groups
 

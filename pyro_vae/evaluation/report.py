@@ -14,8 +14,8 @@ Conditional runs (--model cvae, nn-baseline) pair the same way on their "log_px"
 log p(x_missing | x_given) (or log p(x | class)); runs under different conditions are refused.
 
 Runs whose config.json agree on every setting but the seed are one group (seed_groups): report.md and
-report.json give each group's log p(x) as mean ± s.e. over its seeds, and its difference from the first
-group paired by seed.
+report.json give each group's log p(x) (and test accuracy, where its runs have one) as mean ± s.e. over
+its seeds, and its difference from the first group paired by seed.
 
 Writes report.md, report.csv, report.json and report_curves.png (the runs' learning curves overlaid,
 against epochs, or with x="seconds" against training wall time, a curve and band per group).
@@ -61,6 +61,7 @@ from ..training.run_dir import (
 MARKDOWN, CSV, JSON, CURVES = "report.md", "report.csv", "report.json", "report_curves.png"
 X_AXES = ("epochs", "seconds")  # report_curves.png's x axis
 MAX_LABEL_SETTINGS = 3  # a group is labelled by the settings that differ between groups, up to this many
+GROUPED = {"log_px": "log_px", "accuracy": "test_accuracy"}  # a group row's quantity -> its eval.json key
 PAIRED = ("log_px", "elbo", "correct")  # the per-example values whose paired difference the report gives
 COLUMNS = ("run", "log_px", "log_px_se", "test_elbo", "test_elbo_se", "kl", "active_units", "accuracy",
            "accuracy_se", "epochs", "best_epoch", "train_seconds", "device", "n_examples", "k",
@@ -352,28 +353,37 @@ def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
     return mean, None if math.isnan(se) else se
 
 
+def _over_seeds(group: SeedGroup, first: SeedGroup, key: str) -> tuple[list[float], list[float]]:
+    """eval.json's `key` of each of the group's runs that has it, and, for each of those whose seed the
+    first group has a run with `key` for, the run's value minus that run's (empty for the first group)."""
+    theirs = {seed: run.evaluation[key] for run, seed in zip(first.runs, first.seeds, strict=True)
+              if run.evaluation.get(key) is not None}
+    mine = [(run.evaluation[key], seed) for run, seed in zip(group.runs, group.seeds, strict=True)
+            if run.evaluation.get(key) is not None]
+    paired = [] if group is first else [value - theirs[seed] for value, seed in mine if seed in theirs]
+    return [value for value, _ in mine], paired
+
+
 def group_rows(groups: list[SeedGroup]) -> list[dict]:
-    """One row per group: its runs and seeds, log p(x) as mean ± s.e. over its seeds (s.e. = sd / sqrt(n),
-    for 2 seeds half their difference; over the runs evaluated, n_evaluated of n_runs), the runs' mean wall
-    time (train_seconds), and the paired difference from the first group: d_s = log p(x) of this group's run
-    with seed s minus the first group's run with seed s, mean ± s.e. over the seeds both have (None for the
-    first group and where no seed matches)."""
-    first = {seed: run.evaluation.get("log_px") for run, seed in zip(groups[0].runs, groups[0].seeds,
-                                                                      strict=True)}
+    """One row per group: its runs and seeds, log p(x) and (where runs have one) test accuracy as mean ±
+    s.e. over its seeds (s.e. = sd / sqrt(n), for 2 seeds half their difference; over the runs evaluated,
+    n_evaluated of n_runs), the runs' mean wall time (train_seconds), and each quantity's paired difference
+    from the first group: d_s = the value of this group's run with seed s minus the first group's run with
+    seed s, mean ± s.e. over the seeds both have (None for the first group and where no seed matches);
+    n_paired counts the seeds both groups have evaluated runs of."""
+    evaluated = {seed for run, seed in zip(groups[0].runs, groups[0].seeds, strict=True) if run.evaluation}
     table = []
     for group in groups:
-        log_px = [run.evaluation["log_px"] for run in group.runs if run.evaluation.get("log_px") is not None]
-        paired = [run.evaluation["log_px"] - first[seed]
-                  for run, seed in zip(group.runs, group.seeds, strict=True)
-                  if group is not groups[0] and first.get(seed) is not None
-                  and run.evaluation.get("log_px") is not None]
         seconds = [train_seconds(run) for run in group.runs]
         row = {"group": group.label, "runs": [run.name for run in group.runs], "seeds": group.seeds,
                "n_runs": len(group.runs),
                "n_evaluated": sum(bool(run.evaluation) for run in group.runs)}
-        row["log_px"], row["log_px_se"] = _mean_se(log_px)
-        row["diff_log_px"], row["diff_log_px_se"] = _mean_se(paired)
-        row["n_paired"] = None if group is groups[0] else len(paired)
+        for name, key in GROUPED.items():
+            values, paired = _over_seeds(group, groups[0], key)
+            row[name], row[f"{name}_se"] = _mean_se(values)
+            row[f"diff_{name}"], row[f"diff_{name}_se"] = _mean_se(paired)
+        row["n_paired"] = None if group is groups[0] else len(
+            {seed for run, seed in zip(group.runs, group.seeds, strict=True) if run.evaluation} & evaluated)
         row["train_seconds"] = None if None in seconds else float(np.mean(seconds))
         table.append(row)
     return table
@@ -386,17 +396,23 @@ def _evaluated_of(group: dict) -> str:
 
 
 def group_markdown(groups: list[dict]) -> str:
-    """The group rows (group_rows) as a markdown section."""
+    """The group rows (group_rows) as a markdown section; accuracy columns where a group has one."""
     first = groups[0]["group"]
-    lines = ["", "Runs grouped by their settings without the seed:", "",
-             "| group | runs | seeds | log p(x) (nats), mean ± s.e. over seeds | "
-             f"Δ log p(x) vs {first} (nats), paired by seed | seeds paired | wall time (s), mean |",
-             "|" + " --- |" * 7]
+    accuracy = any(g["accuracy"] is not None for g in groups)
+    head = ("| group | runs | seeds | log p(x) (nats), mean ± s.e. over seeds | "
+            f"Δ log p(x) vs {first} (nats), paired by seed | "
+            + (f"accuracy, mean ± s.e. over seeds | Δ accuracy vs {first}, paired by seed | " if accuracy
+               else "")
+            + "seeds paired | wall time (s), mean |")
+    lines = ["", "Runs grouped by their settings without the seed:", "", head,
+             "|" + " --- |" * (len(head.split("|")) - 2)]
     for g in groups:
         lines.append(f"| {g['group']} | {', '.join(g['runs'])} | {', '.join(map(str, g['seeds']))} | "
                      f"{_pm(g['log_px'], g['log_px_se'])}{_evaluated_of(g)} | "
                      f"{_pm(g['diff_log_px'], g['diff_log_px_se'], 3)} | "
-                     f"{_fmt(g['n_paired'])} | {_fmt(g['train_seconds'], 1)} |")
+                     + (f"{_pm(g['accuracy'], g['accuracy_se'], 4)} | "
+                        f"{_pm(g['diff_accuracy'], g['diff_accuracy_se'], 4)} | " if accuracy else "")
+                     + f"{_fmt(g['n_paired'])} | {_fmt(g['train_seconds'], 1)} |")
     lines += ["", "s.e. over seeds: sd / sqrt(n) (for 2 seeds, half their difference); Δ: for each seed both "
               "groups have, the group's run minus the first group's run, mean ± s.e. over those seeds."]
     return "\n".join(lines) + "\n"
