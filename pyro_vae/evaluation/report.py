@@ -364,6 +364,11 @@ def _over_seeds(group: SeedGroup, first: SeedGroup, key: str) -> tuple[list[floa
     return [value for value, _ in mine], paired
 
 
+def _evaluated_seeds(group: SeedGroup) -> set:
+    """The seeds of the group's runs that have an evaluation."""
+    return {seed for run, seed in zip(group.runs, group.seeds, strict=True) if run.evaluation}
+
+
 def group_rows(groups: list[SeedGroup]) -> list[dict]:
     """One row per group: its runs and seeds, log p(x) and (where runs have one) test accuracy as mean ±
     s.e. over its seeds (s.e. = sd / sqrt(n), for 2 seeds half their difference; over the runs evaluated,
@@ -371,7 +376,7 @@ def group_rows(groups: list[SeedGroup]) -> list[dict]:
     from the first group: d_s = the value of this group's run with seed s minus the first group's run with
     seed s, mean ± s.e. over the seeds both have (None for the first group and where no seed matches);
     n_paired counts the seeds both groups have evaluated runs of."""
-    evaluated = {seed for run, seed in zip(groups[0].runs, groups[0].seeds, strict=True) if run.evaluation}
+    evaluated = _evaluated_seeds(groups[0])
     table = []
     for group in groups:
         seconds = [train_seconds(run) for run in group.runs]
@@ -382,8 +387,7 @@ def group_rows(groups: list[SeedGroup]) -> list[dict]:
             values, paired = _over_seeds(group, groups[0], key)
             row[name], row[f"{name}_se"] = _mean_se(values)
             row[f"diff_{name}"], row[f"diff_{name}_se"] = _mean_se(paired)
-        row["n_paired"] = None if group is groups[0] else len(
-            {seed for run, seed in zip(group.runs, group.seeds, strict=True) if run.evaluation} & evaluated)
+        row["n_paired"] = None if group is groups[0] else len(_evaluated_seeds(group) & evaluated)
         row["train_seconds"] = None if None in seconds else float(np.mean(seconds))
         table.append(row)
     return table
