@@ -251,13 +251,47 @@ def test_the_legend_below_leaves_the_axis_label_free_and_the_axes_their_height(r
     assert _axes_inches(fig)[1] == pytest.approx(_axes_inches(one)[1], rel=0.1)
 
 
-@pytest.mark.parametrize("length", [5, 23, 29, 41])
-def test_the_legend_below_fits_the_figure_width_in_two_columns_where_they_fit(length):
-    """Twelve entries go in two columns when two columns of these names fit the figure's width, in one
-    otherwise; either way the legend lies within the figure, left and right."""
-    fig, renderer = _laid_out(["n" * (length - 2) + f"s{i}" for i in range(3)])
-    legend = fig.axes[0].get_legend()
-    extent = legend.get_window_extent(renderer)
-    assert 0 <= extent.x0 and extent.x1 <= fig.bbox.width
+@pytest.mark.parametrize("length", [5, 14, 17, 41])
+def test_the_legend_below_fits_the_axes_width_in_two_columns_where_they_fit(length):
+    """Six runs' legend (four line styles, then each run once) goes in two columns when two columns of these
+    names fit under the axes, in one otherwise; either way it lies under the axes, left and right."""
+    names = ["n" * (length - 2) + f"s{i}" for i in range(6)]
+    fig, renderer = _laid_out(names)
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    extent, axes = legend.get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert axes.x0 <= extent.x0 and extent.x1 <= axes.x1
     columns = {round(t.get_window_extent(renderer).x0) for t in legend.get_texts()}
-    assert len(columns) == (2 if length <= 23 else 1)
+    assert len(columns) == (2 if length <= 14 else 1)
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts == ["-train loss", "validation ELBO", "test ELBO", "best epoch (vertical)",
+                     *(f"{name}, best epoch 30" for name in names)]
+
+
+def test_several_labelled_runs_name_each_run_once_under_the_curves_and_leave_the_accuracy_panel_clear():
+    """M2 runs and classifiers: one legend under the first panel names every run once, in the colour both
+    panels give it (a classifier, drawn in the accuracy panel only, included); the accuracy panel has no
+    legend over its curves, and the legend does not reach under it, so the two panels keep equal widths."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    classifier = [{"epoch": e, "step": e, "train_loss": 1.0 / e, "test_accuracy": 0.6, "best_epoch": 150}
+                  for e in range(1, 201)]
+    m2 = [{**m, "test_accuracy": 0.5} for m in _rows(30, warmup=1)]
+    names = [f"docs/runs/m2-fair-alpha10/n100-enum-aux-s{i}" for i in range(4)]
+    runs = {"docs/runs/m2-fair/n100-classifier-s0": classifier, **{name: m2 for name in names}}
+    fig = run_curves_figure(runs)
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    bound, accuracy = fig.axes
+    assert accuracy.get_legend() is None
+    legend = bound.get_legend()
+    named = {t.get_text(): h.get_color() for t, h in zip(legend.get_texts(), legend.legend_handles,
+                                                            strict=True)}
+    assert named["docs/runs/m2-fair/n100-classifier-s0, best epoch 150"] == accuracy.lines[0].get_color()
+    for i, name in enumerate(names, start=1):
+        assert named[f"{name}, best epoch 30"] == accuracy.lines[i].get_color()
+    extent, left, right = (a.get_window_extent(renderer) for a in (legend, bound, accuracy))
+    assert extent.x1 <= right.x0 and extent.y1 < left.y0
+    assert left.width == pytest.approx(right.width, rel=0.15)

@@ -19,7 +19,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.transforms import blended_transform_factory
+from matplotlib.lines import Line2D
 from torch import Tensor
 
 from ..data import CLASS_NAMES, IMAGE_CHANNELS, Dataset
@@ -237,8 +237,6 @@ def _accuracy_panel(ax: Axes, runs: dict[str, list[dict]]) -> None:
     ax.set_xlabel("epoch (log scale)" if log else "epoch")
     ax.set_ylabel("test accuracy of q(y|x)")
     ax.set_title("test accuracy per epoch (most likely class of q(y|x))", fontsize="medium")
-    if len(runs) > 1:
-        ax.legend(fontsize="small")
 
 
 def plot_run_curves(runs: dict[str, list[dict]], path: Path) -> Path:
@@ -252,8 +250,10 @@ def run_curves_figure(runs: dict[str, list[dict]]) -> Figure:
     ELBO (dotted, where recorded) and the test ELBO (dashed) per epoch, in nats per example, and a
     vertical line at each run's best epoch (early stopping); autoencoders give log p(x|z) instead of
     the ELBO. Where runs record a test accuracy (M2, the classifier), a second panel with it per
-    epoch; a run without a bound (the classifier) is in that panel alone. `runs` maps a run's name
-    ("" for a lone run) to its metrics.jsonl rows."""
+    epoch; a run without a bound (the classifier) is in that panel alone. One run's legend names its
+    curves; several runs' legend, under the first panel, names each run once in its colour (the same in
+    both panels) with its best epoch, after a key of the line styles. `runs` maps a run's name ("" for a
+    lone run) to its metrics.jsonl rows."""
     accuracy = any(m.get("test_accuracy") is not None for rows in runs.values() for m in rows)
     fig, axes = subplots(1, 2 if accuracy else 1, figsize=(12 if accuracy else 7, 4.5), squeeze=False)
     ax = axes[0][0]
@@ -280,30 +280,47 @@ def run_curves_figure(runs: dict[str, list[dict]]) -> Figure:
     ax.set_ylabel(f"{quantity} (nats per example)")
     ax.set_title("learning curves: -train loss solid, validation dotted, test dashed", fontsize="medium")
     ax.xaxis.get_major_locator().set_params(integer=True)
+    if len(runs) > 1:
+        _legend_below(fig, ax, _run_key(ax, runs))
+    elif ax.lines:
+        ax.legend(fontsize="small")
     if ax.lines:
-        if len(ax.lines) > 4:
-            _legend_below(fig, ax)
-        else:
-            ax.legend(fontsize="small")
         _clip_warmup(ax, bounded, lambda m: (-m["train_loss"], m.get("validation_elbo"), m.get(test_key)))
     if accuracy:
         _accuracy_panel(axes[0][1], runs)
     return fig
 
 
-def _legend_below(fig: Figure, ax: Axes) -> None:
-    """ax's legend under the axes, below the x axis's ticks and label and centred on the figure, in two
-    columns past 8 entries where two columns fit the figure's width (measured); the figure is made taller
-    by the legend's height, so the axes keep their width and height however many runs and however long
-    their names."""
-    n, (width, height) = len(ax.get_legend_handles_labels()[1]), fig.get_size_inches()
+def _run_key(ax: Axes, runs: dict[str, list[dict]]) -> list[Line2D]:
+    """Legend handles for several runs: a grey line per style drawn in `ax` (labels "name, kind"), then a
+    line per run in its colour (C0, C1, ... in the order of `runs`, as both panels draw them) named with
+    its best epoch."""
+    styles: dict[str, Line2D] = {}
+    for line in ax.lines:
+        kind = line.get_label().rpartition(", ")[2]
+        kind = "best epoch (vertical)" if kind.startswith("best epoch") else kind
+        styles.setdefault(kind, Line2D([], [], color="0.4", linestyle=line.get_linestyle(),
+                                       linewidth=line.get_linewidth(), label=kind))
+    named = []
+    for i, (name, rows) in enumerate(runs.items()):
+        best = rows[-1].get("best_epoch") if rows else None
+        label = name if best is None else f"{name}, best epoch {best}"
+        named.append(Line2D([], [], color=f"C{i % 10}", label=label))
+    return [*styles.values(), *named]
+
+
+def _legend_below(fig: Figure, ax: Axes, handles: list[Line2D]) -> None:
+    """A legend of `handles` under `ax`, below its x axis's ticks and label and centred on it, in two
+    columns past 8 entries where two columns fit its width (measured); the figure is made taller by the
+    legend's height, so the axes keep their width and height however many runs and however long their
+    names."""
+    width, height = fig.get_size_inches()
     renderer = FigureCanvasAgg(fig).get_renderer()
-    under_axes = blended_transform_factory(fig.transFigure, ax.transAxes)  # x across the figure, y the axes'
-    for columns in (2, 1) if n > 8 else (1,):
-        legend = ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, 0), ncol=columns,
-                           bbox_transform=under_axes, borderaxespad=LEGEND_BELOW_AXIS_PAD)
+    for columns in (2, 1) if len(handles) > 8 else (1,):
+        legend = ax.legend(handles=handles, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, 0),
+                           ncol=columns, borderaxespad=LEGEND_BELOW_AXIS_PAD)
         extent = legend.get_window_extent(renderer)  # measured, not guessed
-        if extent.width <= fig.bbox.width:
+        if extent.width <= ax.get_window_extent(renderer).width:
             break
     fig.set_size_inches(width, height + extent.height / fig.dpi)
 
