@@ -295,3 +295,12 @@ def test_several_labelled_runs_name_each_run_once_under_the_curves_and_leave_the
     extent, left, right = (a.get_window_extent(renderer) for a in (legend, bound, accuracy))
     assert extent.x1 <= right.x0 and extent.y1 < left.y0
     assert left.width == pytest.approx(right.width, rel=0.15)
+
+
+def test_up_to_twenty_runs_each_get_a_colour_of_their_own():
+    """Seventeen runs (the M2 table's): no two share a colour in the accuracy panel, past the ten of C0-C9."""
+    from matplotlib.colors import to_hex
+
+    runs = {f"run-s{i}": [{**m, "test_accuracy": 0.5} for m in _rows(3, warmup=1)] for i in range(17)}
+    colours = [to_hex(line.get_color()) for line in run_curves_figure(runs).axes[1].lines]
+    assert len(colours) == 17 and len(set(colours)) == 17

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -220,6 +221,12 @@ def _plot_points(ax: Axes, points: list[tuple[int, float]], style: str, colour: 
             label=label)
 
 
+def run_colour(i: int, n: int) -> str | tuple[float, float, float]:
+    """The colour of the i-th of n runs or groups: matplotlib's ten (C0 ... C9) up to ten, past ten the
+    twenty of the tab20 map, so that up to twenty share no colour."""
+    return f"C{i}" if n <= 10 else colormaps["tab20"].colors[i % 20]
+
+
 def _accuracy_panel(ax: Axes, runs: dict[str, list[dict]]) -> None:
     """Test accuracy of q(y|x) per epoch into `ax`, a colour per run (`runs`: name -> metrics rows);
     the epoch axis is logarithmic when the runs' lengths differ tenfold (M2 and the classifier)."""
@@ -228,7 +235,7 @@ def _accuracy_panel(ax: Axes, runs: dict[str, list[dict]]) -> None:
         points = [(m["epoch"], m["test_accuracy"]) for m in metrics if m.get("test_accuracy") is not None]
         if points:
             lengths.append(points[-1][0])
-            _plot_points(ax, points, "-", f"C{i % 10}", name)
+            _plot_points(ax, points, "-", run_colour(i, len(runs)), name)
     log = bool(lengths) and max(lengths) >= 10 * max(min(lengths), 1)
     if log:
         ax.set_xscale("log")
@@ -267,7 +274,7 @@ def run_curves_figure(runs: dict[str, list[dict]]) -> Figure:
     for i, (name, metrics) in enumerate(runs.items()):
         if name not in bounded:
             continue  # no bound: its loss is not in nats of x
-        colour = f"C{i % 10}"
+        colour = run_colour(i, len(runs))
         for kind, value, style in styles:
             points = [(m["epoch"], value(m)) for m in metrics if value(m) is not None]
             if points:
@@ -293,7 +300,7 @@ def run_curves_figure(runs: dict[str, list[dict]]) -> Figure:
 
 def _run_key(ax: Axes, runs: dict[str, list[dict]]) -> list[Line2D]:
     """Legend handles for several runs: a grey line per style drawn in `ax` (labels "name, kind"), then a
-    line per run in its colour (C0, C1, ... in the order of `runs`, as both panels draw them) named with
+    line per run in its colour (run_colour, in the order of `runs`, as both panels draw them) named with
     its best epoch."""
     styles: dict[str, Line2D] = {}
     for line in ax.lines:
@@ -305,7 +312,7 @@ def _run_key(ax: Axes, runs: dict[str, list[dict]]) -> list[Line2D]:
     for i, (name, rows) in enumerate(runs.items()):
         best = rows[-1].get("best_epoch") if rows else None
         label = name if best is None else f"{name}, best epoch {best}"
-        named.append(Line2D([], [], color=f"C{i % 10}", label=label))
+        named.append(Line2D([], [], color=run_colour(i, len(runs)), label=label))
     return [*styles.values(), *named]
 
 
@@ -456,7 +463,7 @@ def _draw_seconds_groups(axes: Sequence[Axes], groups: dict[str, list[TimedRun]]
     plotted: list[Curve] = []
     t_max = 0.0
     for i, (label, runs) in enumerate(groups.items()):
-        colour = f"C{i % 10}"
+        colour = run_colour(i, len(groups))
         curves = [curve for run in runs if run.metrics and (curve := bound_curve(run.metrics)) is not None]
         for j, run in enumerate(runs):  # what the zoom spans: the value drawn, per epoch
             if (found := bound_key(run.metrics)) is not None:
