@@ -333,7 +333,7 @@ def test_report_groups_give_accuracy_over_seeds_and_paired_by_seed(seeded_runs, 
 
 
 def test_group_labels_name_what_differs_and_fall_back_to_the_run_names(seeded_runs, tmp_path):
-    from pyro_vae.evaluation.report import read_run, seed_groups
+    from pyro_vae.evaluation.report import names_label, read_run, seed_groups
 
     runs = [read_run(r) for r in seeded_runs]
     configs = [json.loads((r / "config.json").read_text()) for r in seeded_runs]
@@ -342,7 +342,10 @@ def test_group_labels_name_what_differs_and_fall_back_to_the_run_names(seeded_ru
     assert labels == ["estimator mc, particles 1", "estimator analytic, particles 1",
                       "estimator iwae, particles 5"]
     same = seed_groups([runs[0], runs[2]], [configs[0], configs[2]])  # one group: nothing differs
-    assert [(g.label, g.seeds) for g in same] == [("mc-s1 + mc-s2", [1, 2])]
+    assert [(g.label, g.seeds) for g in same] == [("mc-s{1,2}", [1, 2])]
+    assert names_label(["runs/mc-s0", "runs/mc-s10", "runs/mc-s2"]) == "runs/mc-s{0,10,2}"
+    assert names_label(["mc-s1", "analytic-s1"]) == "mc-s1 + analytic-s1"  # not one stem
+    assert names_label(["mc", "mc-s1"]) == "mc + mc-s1"  # one has no number
     other = {**configs[1], "dataset": "mnist", "hidden": [300, 300], "validation_size": 10}
     many = seed_groups(runs[:2], [configs[0], other])  # four settings differ: the runs' names
     assert [g.label for g in many] == ["mc-s1", "analytic-s1"]

@@ -27,6 +27,7 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -322,6 +323,16 @@ NOT_GROUPED = frozenset({"seed", "data_dir", "device", "checkpoint_every", "eval
                          "cuda_graph"})
 
 
+def names_label(names: list[str]) -> str:
+    """Runs' names as one label: "runs/mc-s{0,1,2}" where they differ only in a trailing number, else
+    joined by " + "."""
+    stems = {re.sub(r"\d+$", "", name) for name in names}
+    numbers = [name[len(next(iter(stems))):] for name in names]
+    if len(names) > 1 and len(stems) == 1 and all(numbers):
+        return f"{stems.pop()}{{{','.join(numbers)}}}"
+    return " + ".join(names)
+
+
 def seed_groups(runs: list[EvaluatedRun], configs: list[dict]) -> list[SeedGroup]:
     """Group runs whose configs (config.json, one per run) are equal once `seed` and the settings that do
     not change what is trained (NOT_GROUPED: where the data live, the device, checkpoint interval, the
@@ -329,7 +340,7 @@ def seed_groups(runs: list[EvaluatedRun], configs: list[dict]) -> list[SeedGroup
     value it ran under (ADDED_SETTINGS), in the order of each group's first run. Each group is labelled
     by the settings that differ between the groups
     ("estimator iwae, particles 5"; up to MAX_LABEL_SETTINGS of them), else (one group, or more settings
-    differing) by its runs' names."""
+    differing) by its runs' names (names_label)."""
     members: dict[str, list[tuple[EvaluatedRun, dict]]] = {}
     for run, config in zip(runs, configs, strict=True):
         rest = json.dumps({k: v for k, v in {**ADDED_SETTINGS, **config}.items() if k not in NOT_GROUPED},
@@ -340,7 +351,7 @@ def seed_groups(runs: list[EvaluatedRun], configs: list[dict]) -> list[SeedGroup
     differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in settings}) > 1]
     by_setting = 0 < len(differ) <= MAX_LABEL_SETTINGS
     return [SeedGroup(", ".join(f"{k} {_setting(setting.get(k))}" for k in differ) if by_setting
-                      else " + ".join(run.name for run, _ in group),
+                      else names_label([run.name for run, _ in group]),
                       [run for run, _ in group], [config.get("seed") for _, config in group])
             for setting, group in zip(settings, members.values(), strict=True)]
 
