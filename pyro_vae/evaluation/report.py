@@ -326,10 +326,11 @@ NOT_GROUPED = frozenset({"seed", "data_dir", "device", "checkpoint_every", "eval
 def names_label(names: list[str]) -> str:
     """Runs' names as one label: "runs/mc-s{0,1,2}" where they differ only in a trailing number, else
     joined by " + "."""
-    stems = {re.sub(r"\d+$", "", name) for name in names}
-    numbers = [name[len(next(iter(stems))):] for name in names]
-    if len(names) > 1 and len(stems) == 1 and all(numbers):
-        return f"{stems.pop()}{{{','.join(numbers)}}}"
+    stem = re.sub(r"\d+$", "", names[0])
+    numbers = [name[len(stem):] for name in names]
+    if len(names) > 1 and all(name.startswith(stem) and re.fullmatch(r"\d+", number)
+                              for name, number in zip(names, numbers, strict=True)):
+        return f"{stem}{{{','.join(numbers)}}}"
     return " + ".join(names)
 
 
