@@ -182,7 +182,8 @@ def markdown(table: dict, labels: list[int], rows: list[str]) -> str:
             paired = (f"; {cell['vs_classifier']:+.3f} ± {cell['vs_classifier_se']:.3f} vs classifier"
                       if "vs_classifier" in cell else "")
             best = f", best {cell['best_epochs']}" if cell.get("best_epochs") is not None else ""
-            budget = f"{cell['seeds']} seeds, {cell['epochs']} ep{best}"
+            seeds = f"{cell['seeds']} seed" + ("" if cell["seeds"] == 1 else "s")
+            budget = f"{seeds}, {cell['epochs']} ep{best}"
             cells.append(f"{cell['accuracy']:.3f}{se} ({budget}{paired})")
             cells.append("" if cell["test_elbo"] is None else f"{cell['test_elbo']:.1f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")

@@ -145,3 +145,5 @@ def test_cells_give_the_range_of_epochs_and_best_epochs_over_the_seeds(tmp_path)
     cell = script.summarize(tmp_path, ["enum"], [100], [0, 1, 2])["100/enum"]
     assert (cell["epochs"], cell["best_epochs"]) == ("41-100", "21-88")
     assert "3 seeds, 41-100 ep, best 21-88" in script.markdown({"100/enum": cell}, [100], ["enum"])
+    one = script.summarize(tmp_path, ["enum"], [100], [1])["100/enum"]
+    assert "(1 seed, 100 ep, best 88" in script.markdown({"100/enum": one}, [100], ["enum"])
