@@ -13,6 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from pyro_vae.evaluation.report import load_checkpoint_values
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
@@ -29,7 +31,7 @@ def _study(out: Path, eval_k: int = 5) -> list[str]:
 
 
 def _examples(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "eval_examples.pt", weights_only=True)
+    return load_checkpoint_values(run / "eval_examples.pt")
 
 
 def test_the_study_trains_evaluates_tabulates_and_continues(tmp_path, monkeypatch):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pyro_vae.cli import main
-from pyro_vae.evaluation.report import CURVES, paired_difference
+from pyro_vae.evaluation.report import CURVES, load_checkpoint_values, paired_difference
+from pyro_vae.training.eval_record import compact_values
 
 NO_LATENT = ["--train-size", "200", "--test-size", "40", "--hidden", "32", "--quiet"]
 TINY = [*NO_LATENT, "--eval-k", "5", "--z-dim", "4"]
@@ -57,10 +58,25 @@ def test_compare_records_the_model_it_measured(two_runs, tmp_path):
     assert json.loads((out / "compare.json").read_text())["model_checkpoint"]["epoch"] == 1
 
 
+def test_per_example_values_are_stored_as_float32_where_exact_and_read_back_as_float64(two_runs, tmp_path):
+    """eval_examples.pt keeps a value in float32 only where float32 holds it exactly (an evaluation's
+    values are float32 numbers: half the bytes), else in float64; the report reads both as float64."""
+    trained = torch.load(two_runs[0] / "eval_examples.pt", weights_only=True)
+    assert trained and all(value.dtype == torch.float32 for value in trained.values())
+    exact = torch.tensor([-230.125, -228.3], dtype=torch.float32).double()
+    inexact = torch.tensor([-230.1, 0.1], dtype=torch.float64)  # not float32 numbers
+    stored = compact_values({"log_px": exact, "elbo": inexact})
+    assert (stored["log_px"].dtype, stored["elbo"].dtype) == (torch.float32, torch.float64)
+    torch.save(stored, tmp_path / "examples.pt")
+    back = load_checkpoint_values(tmp_path / "examples.pt")
+    assert all(value.dtype == torch.float64 for value in back.values())
+    assert torch.equal(back["log_px"], exact) and torch.equal(back["elbo"], inexact)
+
+
 def test_paired_standard_error_is_that_of_the_per_example_difference(two_runs, tmp_path, capsys):
     assert main(["report", *map(str, two_runs), "--out", str(tmp_path / "rep")]) == 0
     rows = json.loads((tmp_path / "rep" / "report.json").read_text())["runs"]
-    a, b = (torch.load(r / "eval_examples.pt", weights_only=True)["log_px"].numpy() for r in two_runs)
+    a, b = (load_checkpoint_values(r / "eval_examples.pt")["log_px"].numpy() for r in two_runs)
     d = b - a
     assert rows[0]["diff_log_px"] is None
     assert math.isclose(rows[1]["diff_log_px"], d.mean(), rel_tol=1e-9)

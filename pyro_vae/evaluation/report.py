@@ -145,15 +145,16 @@ def _evaluate_hint(path: Path) -> str:
 
 
 def load_checkpoint_values(path: Path, needed: tuple[str, ...] = ("log_px", "elbo")) -> dict[str, Tensor]:
-    """The per-example values of eval_examples.pt (weights-only load), each of shape (N,); those
-    `needed` must be there."""
+    """The per-example values of eval_examples.pt (weights-only load), each of shape (N,) as float64
+    (stored as float32 where that is exact, eval_record.compact_values); those `needed` must be there."""
     try:
         values = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a corrupt file fails in any way the unpickler likes
         raise InputError(f"{path} is corrupt ({type(err).__name__}); evaluate the run again") from None
-    if not isinstance(values, dict) or not set(needed) <= set(values):
+    if (not isinstance(values, dict) or not set(needed) <= set(values)
+            or not all(isinstance(value, Tensor) for value in values.values())):
         raise InputError(f"{path} lacks per-example {', '.join(needed)}; evaluate the run again")
-    return values
+    return {name: value.double() for name, value in values.items()}
 
 
 def check_same_test_set(runs: list[EvaluatedRun]) -> None:

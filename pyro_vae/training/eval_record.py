@@ -27,17 +27,29 @@ def test_fingerprint(x: Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
+def compact_values(values: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The per-example values as eval_examples.pt stores them: float32 where that holds each value
+    exactly (the model computes in float32, so the evaluation's values are), else float64; half the
+    bytes of float64, the same numbers (report.load_checkpoint_values reads them back as float64)."""
+    stored = {}
+    for name, value in values.items():
+        value = value.detach().double().cpu()
+        single = value.float()
+        stored[name] = single if torch.equal(single.double(), value) else value
+    return stored
+
+
 def write_evaluation(run: str | Path, result: dict, values: dict[str, Tensor], x: Tensor,
                      model: dict | None = None) -> tuple[Path, Path]:
     """Write RUN/eval.json (`result`, the test set's fingerprint and size, and `model`: which checkpoint
     it describes, see run_dir.model_stamp) and the per-example values behind it, RUN/eval_examples.pt
-    (a dict of float64 tensors of shape (N,), loadable with torch.load(weights_only=True)): both or none."""
+    (a dict of tensors of shape (N,), loadable with torch.load(weights_only=True); see compact_values
+    for their dtype): both or none."""
     record = {**result, "test_fingerprint": test_fingerprint(x), "examples_file": EVAL_EXAMPLES,
               **({"model_checkpoint": model} if model is not None else {})}
 
     def write(folder: Path) -> list[Path]:
-        save_checkpoint(folder / EVAL_EXAMPLES,
-                        {name: v.detach().double().cpu() for name, v in values.items()})
+        save_checkpoint(folder / EVAL_EXAMPLES, compact_values(values))
         write_json(folder / EVAL, record)
         return [folder / EVAL, folder / EVAL_EXAMPLES]
 
